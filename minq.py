@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import bisect
 import collections
+import errno
+import fcntl
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
 import platform
 import queue
 import re
+import shutil
 import struct
 import threading
 import time
@@ -38,9 +42,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 __all__ = [
     # errors
     "MinqError", "InvalidName", "InvalidMessage", "InvalidArgument", "NotInFlight",
-    "PublishFailed", "TopicNotFound", "ChannelNotFound", "BrokerClosed",
+    "PublishFailed", "TopicNotFound", "ChannelNotFound", "BrokerClosed", "DataPathInUse",
     # core
-    "Message", "Channel", "Topic", "Broker", "Consumer",
+    "Message", "SegmentLog", "Channel", "Topic", "Broker", "Consumer",
     "SystemClock", "FakeClock",
     # in-process clients
     "PullConsumer", "Subscription",
@@ -113,6 +117,10 @@ class ChannelNotFound(MinqError, KeyError):
 
 class BrokerClosed(MinqError):
     """The broker (or the consumer) has been closed."""
+
+
+class DataPathInUse(MinqError):
+    """Another broker holds the lock of this data path."""
 
 
 def validate_name(name: str, kind: str = "topic") -> str:
@@ -194,13 +202,15 @@ class Message:
     and ``touch()``; on any other message these raise NotInFlight.
     """
 
-    __slots__ = ("id", "body", "timestamp", "attempts")
+    # _pos: where the message is stored in its queue's log (durable mode), else None.
+    __slots__ = ("id", "body", "timestamp", "attempts", "_pos")
 
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int = 0) -> None:
         self.id = id
         self.body = body
         self.timestamp = timestamp
         self.attempts = attempts
+        self._pos: Optional[int] = None
 
     def __repr__(self) -> str:
         return (f"<Message id={self.id.decode()} attempts={self.attempts} "
@@ -243,6 +253,7 @@ class _Delivery(Message):
         self.body = msg.body
         self.timestamp = msg.timestamp
         self.attempts = msg.attempts + 1
+        self._pos = msg._pos
         self.consumer = consumer
         self.deadline = deadline
         self.delivered_at = delivered_at
@@ -258,6 +269,537 @@ class _Delivery(Message):
 
 
 # =============================================================================
+# Segment log
+#
+# Bytes in, bytes out: an append-only log of CRC-framed records in numbered
+# segment files, a read cursor, and a commit point before which everything
+# may be deleted.  In ack mode (minq's durable mode) records are acknowledged
+# in any order and the commit point trails the oldest unacknowledged one.
+# Knows nothing about messages, topics or channels.
+# =============================================================================
+
+DEFAULT_MAX_BYTES_PER_FILE = 100 * 1024 * 1024
+DEFAULT_SYNC_EVERY = 2500
+DEFAULT_SYNC_TIMEOUT = 2.0
+
+_REC = struct.Struct(">II")          # payload length, crc32(payload)
+_REC_SIZE = _REC.size
+_ACK = struct.Struct(">Q")           # an acknowledged record position
+_SEG_SHIFT = 40                      # position = segment number << 40 | offset
+_SEG_MASK = (1 << _SEG_SHIFT) - 1
+_READ_AHEAD = 256 * 1024
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Replace *path* with *data*: temp file, fsync, rename, fsync the directory."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+class SegmentLog:
+    """An append-only record log in ``<name>.NNNNNN.seg`` files under *directory*.
+
+    ``append`` writes records to the OS at once (a killed process loses none);
+    ``sync`` fsyncs and saves the metadata (``<name>.meta``) atomically;
+    ``sync_to`` is a group commit: concurrent callers share one fsync.
+    Opening costs O(segments) plus a scan of what was written after the last
+    metadata sync.  A torn tail is cut off; a record whose CRC fails is
+    skipped, its segment copied aside as ``.bad`` and the loss counted.
+    Every method is thread-safe (one lock, never held across an fsync).
+    """
+
+    def __init__(self, directory: str, name: str, *, ack_mode: bool = False,
+                 max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
+                 max_record_size: int = 1 << 30) -> None:
+        self.directory = directory
+        self.name = name
+        self.ack_mode = ack_mode
+        self.max_bytes_per_file = max_bytes_per_file
+        self.max_record_size = max_record_size
+        # _lock guards all state below; _fsync_lock serialises fsyncs and is
+        # never taken while _lock is held.
+        self._lock = threading.Lock()
+        self._fsync_lock = threading.Lock()
+        self._meta_path = os.path.join(directory, f"{name}.meta")
+        self._acks_path = os.path.join(directory, f"{name}.acks")
+        self.bytes_written = 0
+        self.fsync_count = 0
+        self.corrupt_count = 0
+        self.ops = 0                       # appends + reads since the last sync
+        self._retired: List[int] = []      # fds of rolled segments, closed at sync
+        self._read_fd: Optional[int] = None
+        self._read_fd_num = -1
+        self._rbuf = b""                   # read-ahead: bytes at [_rbuf_pos, ...)
+        self._rbuf_pos = 0
+        self._skip: set = set()            # records at >= cursor consumed elsewhere
+        self._unacked: List[int] = []      # heap of consumed, unacknowledged positions
+        self._acked: set = set()           # lazily removed from _unacked
+        self._restart_acks: set = set()    # acks of records not yet read since open
+        self._acks_fd: Optional[int] = None
+        self._pending_acks: Optional[List[int]] = None   # acks during a rewrite
+        self._durable_pos = 0              # everything before it is fsynced
+        self._open()
+
+    # -- positions and files ---------------------------------------------------
+    def _seg_path(self, num: int) -> str:
+        return os.path.join(self.directory, f"{self.name}.{num:06d}.seg")
+
+    def _segment_numbers(self) -> List[int]:
+        prefix, out = f"{self.name}.", []
+        for fn in os.listdir(self.directory):
+            if fn.startswith(prefix) and fn.endswith(".seg"):
+                mid = fn[len(prefix):-4]
+                if len(mid) == 6 and mid.isdigit():
+                    out.append(int(mid))
+        return sorted(out)
+
+    @staticmethod
+    def _pos(num: int, off: int) -> int:
+        return (num << _SEG_SHIFT) | off
+
+    # -- open and recovery -----------------------------------------------------
+    def _open(self) -> None:
+        meta = {}
+        if os.path.exists(self._meta_path):
+            try:
+                with open(self._meta_path, "rb") as f:
+                    meta = json.loads(f.read())
+            except (OSError, ValueError) as e:
+                log.error("segment log %s: unreadable metadata (%s); rescanning", self.name, e)
+                meta = {}
+        nums = self._segment_numbers()
+        read_pos = int(meta.get("read", 0))
+        write_num, write_off = divmod(int(meta.get("write", 0)), 1 << _SEG_SHIFT)
+        depth = int(meta.get("depth", 0))
+        if not meta and nums:   # no metadata: everything on disk is unread
+            read_pos = self._pos(nums[0], 0)
+            write_num, write_off = nums[0], 0
+        # Salvage records written after the last metadata sync (crash).
+        for num in nums:
+            if num < write_num:
+                continue
+            start = write_off if num == write_num else 0
+            end, count = self._scan(num, start)
+            depth += count
+            write_num, write_off = num, end
+        acked_since = 0
+        if self.ack_mode and os.path.exists(self._acks_path):
+            with open(self._acks_path, "rb") as f:
+                data = f.read()
+            n = len(data) // _ACK.size      # a torn last entry is ignored
+            acks = {_ACK.unpack_from(data, i * _ACK.size)[0] for i in range(n)}
+            self._restart_acks = {p for p in acks if p >= read_pos}
+            acked_since = max(n - int(meta.get("acks_base", 0)), 0)
+        self.depth = max(depth - acked_since, 0)   # unread, unacknowledged records
+        if write_num not in nums:
+            write_off = 0
+        self._read_pos = read_pos
+        self._commit = read_pos
+        self._write_num, self._write_off = write_num, write_off
+        path = self._seg_path(write_num)
+        self._write_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._write_fd).st_size > write_off:
+            os.ftruncate(self._write_fd, write_off)     # cut a torn tail
+        if not nums:
+            _fsync_dir(self.directory)
+        self._durable_pos = self.write_pos
+        if self.ack_mode:
+            self._acks_fd = os.open(self._acks_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                    0o600)
+        self._save_meta()
+
+    def _scan(self, num: int, start: int) -> Tuple[int, int]:
+        """Count whole, valid records in segment *num* from *start*; return (end, count)."""
+        with open(self._seg_path(num), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < start:
+                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
+                          "says (%d)", self.name, num, size, start)
+                return size, 0
+            f.seek(start)
+            data = f.read()
+        count, off = 0, start
+        view = memoryview(data)
+        while len(view) - (off - start) >= _REC_SIZE:
+            i = off - start
+            size, crc = _REC.unpack_from(view, i)
+            if size == 0 or size > self.max_record_size or i + _REC_SIZE + size > len(view):
+                break
+            if zlib.crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) != crc:
+                break
+            off += _REC_SIZE + size
+            count += 1
+        if off - start < len(data):
+            log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
+                        self.name, len(data) - (off - start), num)
+            with open(self._seg_path(num), "r+b") as f:
+                f.truncate(off)
+        return off, count
+
+    # -- writing ---------------------------------------------------------------
+    @property
+    def write_pos(self) -> int:
+        return self._pos(self._write_num, self._write_off)
+
+    @property
+    def unread(self) -> bool:
+        """Whether records lie past the cursor (``depth`` is only an estimate)."""
+        return self._read_pos < self.write_pos
+
+    def append(self, payloads: List[bytes], consume: bool = False) -> List[int]:
+        """Write records; return their positions.  Raises OSError with nothing written.
+
+        With *consume* the records are taken as already read (their data lives
+        in memory): the cursor, which must be at the end, moves past them.
+        """
+        with self._lock:
+            at_end = self._read_pos == self.write_pos
+            total = sum(_REC_SIZE + len(p) for p in payloads)
+            # A batch never spans segments (so it is written whole or not at
+            # all); a batch bigger than a segment gets a segment of its own.
+            if self._write_off > 0 and self._write_off + total > self.max_bytes_per_file:
+                self._roll()
+            off = self._write_off
+            positions: List[int] = []
+            chunks: List[bytes] = []
+            for p in payloads:
+                positions.append(self._pos(self._write_num, off))
+                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
+                chunks.append(p)
+                off += _REC_SIZE + len(p)
+            self._write_chunks(chunks, self._write_off)
+            self.ops += len(payloads)
+            if not consume:
+                self.depth += len(payloads)
+            else:
+                if at_end:
+                    self._read_pos = self.write_pos
+                else:
+                    self._skip.update(positions)
+                if self.ack_mode:
+                    for p in positions:
+                        heapq.heappush(self._unacked, p)
+            return positions
+
+    def unappend(self, positions: List[int], consume: bool = False) -> None:
+        """Undo the last ``append`` (nothing may have been appended since)."""
+        with self._lock:
+            first = positions[0]
+            num, off = first >> _SEG_SHIFT, first & _SEG_MASK
+            if num != self._write_num:
+                raise ValueError("unappend of a batch that is not the last one")
+            os.ftruncate(self._write_fd, off)
+            self._write_off = off
+            self.ops -= len(positions)
+            if not consume:
+                self.depth -= len(positions)
+                return
+            gone = set(positions)
+            self._skip -= gone
+            if self._read_pos > first:
+                self._read_pos = first
+            if self.ack_mode:
+                self._unacked = [p for p in self._unacked if p not in gone]
+                heapq.heapify(self._unacked)
+
+    def _write_chunks(self, chunks: List[bytes], offset: int) -> None:
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        try:
+            done = 0
+            while done < len(data):
+                n = os.pwrite(self._write_fd, memoryview(data)[done:], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+        except OSError:
+            try:
+                os.ftruncate(self._write_fd, offset)   # nothing half-written stays
+            except OSError:
+                pass
+            raise
+        self.bytes_written += len(data)
+        self._write_off = offset + len(data)
+
+    def _roll(self) -> None:
+        os.fsync(self._write_fd)       # a finished segment is durable, as nsqd
+        self.fsync_count += 1
+        self._retired.append(self._write_fd)
+        self._write_num += 1
+        self._write_off = 0
+        self._write_fd = os.open(self._seg_path(self._write_num),
+                                 os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        _fsync_dir(self.directory)
+
+    # -- reading ---------------------------------------------------------------
+    def read(self) -> Optional[Tuple[int, bytes]]:
+        """The next unread record as (position, payload), or None at the end."""
+        with self._lock:
+            while self._read_pos < self.write_pos:
+                pos = self._read_pos
+                rec = self._read_record(pos)
+                if rec is None:
+                    continue          # moved to the next segment or skipped damage
+                payload, nxt = rec
+                self._read_pos = nxt
+                self.ops += 1
+                if pos in self._skip:
+                    self._skip.discard(pos)
+                    continue
+                if pos in self._restart_acks:    # acked before a restart
+                    continue      # (kept until the commit point passes it)
+                self.depth -= 1
+                if self.ack_mode:
+                    heapq.heappush(self._unacked, pos)
+                else:
+                    self._advance_commit_locked()
+                return pos, payload
+            self._advance_commit_locked()
+            return None
+
+    def _read_record(self, pos: int) -> Optional[Tuple[bytes, int]]:
+        num, off = pos >> _SEG_SHIFT, pos & _SEG_MASK
+        header = self._read_bytes(num, off, _REC_SIZE)
+        if header is None:      # end of a finished segment: go to the next one
+            self._next_segment(num)
+            return None
+        size, crc = _REC.unpack(header)
+        payload = None
+        if 0 < size <= self.max_record_size:
+            payload = self._read_bytes(num, off + _REC_SIZE, size)
+        if payload is None:
+            self._damaged(num, off, "bad record length")
+            return None
+        if zlib.crc32(payload) != crc:
+            self._damaged(num, off, "CRC mismatch", skip_to=off + _REC_SIZE + size)
+            return None
+        return payload, self._pos(num, off + _REC_SIZE + size)
+
+    def _read_bytes(self, num: int, off: int, n: int) -> Optional[bytes]:
+        if self._read_fd_num != num:
+            self._close_read_fd()
+            try:
+                self._read_fd = os.open(self._seg_path(num), os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            self._read_fd_num = num
+            self._rbuf, self._rbuf_pos = b"", 0
+        i = off - self._rbuf_pos
+        if i < 0 or i + n > len(self._rbuf):
+            self._rbuf = os.pread(self._read_fd, max(n, _READ_AHEAD), off)
+            self._rbuf_pos = off
+            i = 0
+        if i + n > len(self._rbuf):
+            return None
+        return self._rbuf[i:i + n]
+
+    def _next_segment(self, num: int) -> None:
+        if num >= self._write_num:    # the write segment ended early: torn data
+            self._read_pos = self.write_pos
+            return
+        self._read_pos = self._pos(num + 1, 0)
+
+    def _damaged(self, num: int, off: int, why: str, skip_to: Optional[int] = None) -> None:
+        self.corrupt_count += 1
+        bad = self._seg_path(num) + ".bad"
+        if not os.path.exists(bad):
+            try:
+                shutil.copyfile(self._seg_path(num), bad)
+            except OSError:
+                log.exception("segment log %s: could not keep a copy of damaged segment %d",
+                              self.name, num)
+        end = self._write_off if num == self._write_num else None
+        size = os.fstat(self._read_fd).st_size if self._read_fd is not None else 0
+        limit = end if end is not None else size
+        if skip_to is not None and skip_to <= limit:
+            log.error("segment log %s: %s at segment %d offset %d; record skipped, "
+                      "copy kept as %s", self.name, why, num, off, bad)
+            self._read_pos = self._pos(num, skip_to)
+        else:
+            log.error("segment log %s: %s at segment %d offset %d; rest of the segment "
+                      "lost, copy kept as %s", self.name, why, num, off, bad)
+            self._next_segment(num)
+        if self.depth > 0:
+            self.depth -= 1
+
+    def _close_read_fd(self) -> None:
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+        self._read_fd, self._read_fd_num = None, -1
+
+    # -- consuming and acknowledging ------------------------------------------
+    def ack(self, pos: int) -> None:
+        """Acknowledge a consumed record (ack mode): it will not be read again."""
+        with self._lock:
+            if not self.ack_mode:
+                return
+            self._acked.add(pos)
+            if self._pending_acks is not None:
+                self._pending_acks.append(pos)
+            if self._acks_fd is not None:
+                try:
+                    os.write(self._acks_fd, _ACK.pack(pos))
+                except OSError as e:   # the record may be redelivered after a crash
+                    log.error("segment log %s: could not record an ack (%s)", self.name, e)
+            self._advance_commit_locked()
+
+    def _advance_commit_locked(self) -> None:
+        heap, acked = self._unacked, self._acked
+        # Acked records past the cursor (deferred ones) stay until the cursor
+        # passes them: their acks must outlive a restart.
+        while heap and heap[0] in acked and heap[0] < self._read_pos:
+            acked.discard(heapq.heappop(heap))
+        commit = min(heap[0], self._read_pos) if heap else self._read_pos
+        if commit >> _SEG_SHIFT > self._commit >> _SEG_SHIFT:
+            for num in range(self._commit >> _SEG_SHIFT, commit >> _SEG_SHIFT):
+                self._delete_segment(num)
+        self._commit = commit
+
+    def _delete_segment(self, num: int) -> None:
+        if num == self._read_fd_num:
+            self._close_read_fd()
+        try:
+            os.unlink(self._seg_path(num))
+        except FileNotFoundError:
+            pass
+
+    # -- syncing ---------------------------------------------------------------
+    def sync_to(self, pos: int) -> None:
+        """Return once every record before *pos* is fsynced (group commit)."""
+        if self._durable_pos >= pos:
+            return
+        with self._fsync_lock:
+            if self._durable_pos >= pos:
+                return
+            with self._lock:
+                target, fd = self.write_pos, self._write_fd
+            os.fsync(fd)
+            self.fsync_count += 1
+            self._durable_pos = max(self._durable_pos, target)
+
+    def sync(self) -> None:
+        """fsync the data and save the metadata (nsqd's sync_every / sync_timeout)."""
+        with self._fsync_lock:
+            with self._lock:
+                target, fd = self.write_pos, self._write_fd
+                retired, self._retired = self._retired, []
+            os.fsync(fd)
+            self.fsync_count += 1
+            self._durable_pos = max(self._durable_pos, target)
+            for rfd in retired:
+                os.close(rfd)
+            self._save_meta()
+
+    def _save_meta(self) -> None:
+        # Order matters for a crash in between: the metadata first (the old
+        # acks file still holds every ack), then the acks file is rewritten
+        # with what lies past the new commit point, plus the acks made while
+        # it was being written, and swapped in atomically.
+        with self._lock:
+            self.ops = 0
+            meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth}
+            if self.ack_mode:
+                self._restart_acks = {p for p in self._restart_acks if p >= self._commit}
+                live = sorted(self._restart_acks | {p for p in self._acked if p >= self._commit})
+                meta["depth"] = self.depth + len(self._unacked) - len(self._acked)
+                meta["acks_base"] = len(live)
+                self._pending_acks = []
+        _write_atomic(self._meta_path, json.dumps(meta).encode())
+        if not self.ack_mode:
+            return
+        tmp = f"{self._acks_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, b"".join(_ACK.pack(p) for p in live))
+            os.fsync(fd)
+            with self._lock:
+                if self._pending_acks:
+                    os.write(fd, b"".join(_ACK.pack(p) for p in self._pending_acks))
+                self._pending_acks = None
+                os.replace(tmp, self._acks_path)
+                if self._acks_fd is not None:
+                    os.close(self._acks_fd)
+                self._acks_fd, fd = fd, -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        _fsync_dir(self.directory)
+
+    # -- life cycle --------------------------------------------------------------
+    def empty(self) -> None:
+        """Drop every record: delete the segments and start a new one."""
+        with self._lock:
+            first = self._commit >> _SEG_SHIFT
+            self._close_read_fd()
+            for num in range(first, self._write_num + 1):
+                if num != self._write_num:
+                    self._delete_segment(num)
+            self._retired.append(self._write_fd)
+            self._write_num += 1
+            self._write_off = 0
+            self._write_fd = os.open(self._seg_path(self._write_num),
+                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._delete_segment(self._write_num - 1)
+            self._read_pos = self._commit = self.write_pos
+            self.depth = 0
+            self._skip.clear()
+            self._unacked.clear()
+            self._acked.clear()
+            self._restart_acks.clear()
+        self.sync()
+
+    def close(self) -> None:
+        """Sync and release the files."""
+        self.sync()
+        with self._lock:
+            self._close_read_fd()
+            os.close(self._write_fd)
+            if self._acks_fd is not None:
+                os.close(self._acks_fd)
+                self._acks_fd = None
+
+    def destroy(self) -> None:
+        """Close and delete every file of the log."""
+        with self._lock:
+            self._close_read_fd()
+            for fd in self._retired + [self._write_fd]:
+                os.close(fd)
+            self._retired = []
+            if self._acks_fd is not None:
+                os.close(self._acks_fd)
+                self._acks_fd = None
+        for num in self._segment_numbers():
+            self._delete_segment(num)
+        for path in (self._meta_path, self._acks_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def stats(self) -> Dict[str, int]:
+        return {"bytes_written": self.bytes_written, "fsync_count": self.fsync_count,
+                "corrupt_count": self.corrupt_count, "depth": self.depth}
+
+
+# =============================================================================
 # Channel
 #
 # Owns message state for one consumer group: the ready queue, the in-flight
@@ -265,6 +807,167 @@ class _Delivery(Message):
 # message picks one of them.  One lock per channel guards all of it; user
 # code and consumer delivery callbacks always run after it is released.
 # =============================================================================
+
+_RECORD_DUE = struct.Struct(">q")   # due time (wall-clock ns, 0 = not deferred), then the message
+
+
+def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
+    return _RECORD_DUE.pack(due_ns) + _MSG_HEADER.pack(msg.timestamp, msg.attempts,
+                                                      msg.id) + msg.body
+
+
+def _decode_record(payload: bytes) -> Tuple[Message, int]:
+    (due_ns,) = _RECORD_DUE.unpack_from(payload)
+    return Message.decode(memoryview(payload)[_RECORD_DUE.size:]), due_ns
+
+
+class _MessageQueue:
+    """The ready queue of a channel or topic: memory first, then a SegmentLog.
+
+    Up to ``mem_limit`` messages live in memory; beyond that (or while the log
+    holds older ones, to keep FIFO order) they go to the log.  In durable mode
+    every message is written to the log and the memory part is a cache; a
+    message leaves the log when ``done`` acknowledges it.  Without a log the
+    queue is memory only (ephemeral ones drop beyond ``mem_limit``).
+    Called with the owner's lock held.
+    """
+
+    def __init__(self, seglog: Optional[SegmentLog], mem_limit: int, durable: bool,
+                 ephemeral: bool, on_deferred: Callable[[Message, int], None],
+                 on_write: Callable[[SegmentLog], None]) -> None:
+        self.log = seglog
+        self.mem: Deque[Message] = collections.deque()
+        self.mem_limit = mem_limit
+        self.durable = durable and seglog is not None
+        self.ephemeral = ephemeral
+        self.drop_count = 0
+        self._on_deferred = on_deferred   # a record read from disk is due later
+        self._on_write = on_write         # tell the broker a log was written
+
+    def __len__(self) -> int:
+        return len(self.mem) + (self.log.depth if self.log is not None else 0)
+
+    @property
+    def backlog(self) -> int:
+        """How many queued messages are only on disk (nsqd's backend_depth)."""
+        return self.log.depth if self.log is not None else 0
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether unread records wait in the log."""
+        return self.log is not None and self.log.unread
+
+    # -- putting: prepare (may fail, nothing visible) then commit ---------------
+    def prepare(self, msgs: List[Message], due_ns: int = 0) -> Tuple[Any, ...]:
+        """Write what must be written; raise OSError with nothing written.
+
+        Deferred messages (*due_ns* > 0) are held by the caller in memory; in
+        durable mode their records are written too.
+        """
+        seglog = self.log
+        if seglog is None:
+            return (msgs, None, False, not due_ns)
+        to_mem = (not due_ns and not seglog.unread
+                  and len(self.mem) + len(msgs) <= self.mem_limit)
+        if self.durable:
+            consume = to_mem or bool(due_ns)
+        elif to_mem or due_ns:
+            return (msgs, None, False, to_mem)
+        else:
+            consume = False
+        records = [_encode_record(m, due_ns) for m in msgs]
+        positions = seglog.append(records, consume=consume)
+        self._on_write(seglog)
+        return (msgs, positions, consume, to_mem)
+
+    def abort(self, token: Tuple[Any, ...]) -> None:
+        msgs, positions, consume, _ = token
+        if positions:
+            self.log.unappend(positions, consume)
+
+    def commit(self, token: Tuple[Any, ...]) -> None:
+        msgs, positions, _, to_mem = token
+        if positions is not None and self.durable:
+            for m, p in zip(msgs, positions):
+                m._pos = p
+        if to_mem:
+            self.push(msgs)
+
+    def push(self, msgs: List[Message]) -> None:
+        """Put messages (already stored, if they need to be) in memory."""
+        if self.ephemeral:
+            room = max(self.mem_limit - len(self.mem), 0)
+            if room < len(msgs):
+                self.drop_count += len(msgs) - room
+                log.warning("ephemeral queue is full: dropped %d message(s)",
+                            len(msgs) - room)
+                msgs = msgs[:room]
+        self.mem.extend(msgs)
+
+    # -- taking ------------------------------------------------------------------
+    def pop(self, now_ns: int) -> Optional[Message]:
+        """The next message due now, or None; deferred ones found go to on_deferred."""
+        if self.mem:
+            return self.mem.popleft()
+        seglog = self.log
+        while seglog is not None and seglog.unread:
+            rec = seglog.read()
+            if rec is None:
+                return None
+            pos, payload = rec
+            try:
+                msg, due_ns = _decode_record(payload)
+            except (InvalidMessage, struct.error):
+                log.error("segment log %s: record at %d is not a message; skipped",
+                          seglog.name, pos)
+                seglog.corrupt_count += 1
+                seglog.ack(pos)
+                continue
+            if self.durable:
+                msg._pos = pos
+            if due_ns > now_ns:
+                self._on_deferred(msg, due_ns)
+                continue
+            return msg
+        return None
+
+    def fill(self, n: int, now_ns: int) -> None:
+        """Bring up to *n* messages into memory (for look-ahead)."""
+        while len(self.mem) < n and self.on_disk:
+            m = self.pop(now_ns)
+            if m is None:
+                return
+            self.mem.append(m)
+
+    def done(self, msg: Message) -> None:
+        """The message left the queue for good (finished, dead-lettered, dropped)."""
+        if msg._pos is not None and self.durable:
+            self.log.ack(msg._pos)
+
+    # -- life cycle ----------------------------------------------------------------
+    def clear(self) -> None:
+        self.mem.clear()
+        if self.log is not None:
+            self.log.empty()
+
+    def persist(self, extra: List[Tuple[Message, int]]) -> None:
+        """At a clean close: store what lives only in memory (with due times)."""
+        if self.log is None:
+            return
+        items = [(m, 0) for m in self.mem] + extra
+        self.mem.clear()
+        if not items:
+            return
+        records = [_encode_record(m, due) for m, due in items]
+        try:
+            self.log.append(records)
+        except OSError as e:
+            log.error("could not persist %d message(s) to %s: %s", len(items),
+                      self.log.name, e)
+            return
+        for m, _ in items:     # the new records supersede the old ones
+            self.done(m)
+
 
 Deliveries = List[Tuple["Consumer", _Delivery]]
 
@@ -375,7 +1078,8 @@ class Channel:
         # _lock guards every field below; it is never held while calling user
         # code, consumer callbacks or another topic's methods.
         self._lock = threading.Lock()
-        self._queue: Deque[Message] = collections.deque()
+        self._queue = self.broker._new_queue(f"{topic.name}:{name}", self.ephemeral,
+                                             self._defer_from_disk)
         self._in_flight: Dict[bytes, _Delivery] = {}
         self._in_flight_heap: List[Tuple[float, bytes]] = []   # (deadline, id), lazy
         self._deferred: Dict[bytes, Message] = {}
@@ -389,7 +1093,6 @@ class Channel:
         self.requeue_count = 0
         self.timeout_count = 0
         self.dead_count = 0
-        self.drop_count = 0
         self.max_attempts: Optional[int] = None
         self.dead_letter_topic: Optional[str] = None
         self.dispatch = "round_robin"
@@ -457,41 +1160,32 @@ class Channel:
     def client_count(self) -> int:
         return len(self._consumers)
 
-    # -- putting messages in (called by the topic, under the topic's lock) -----
-    def _put(self, msgs: List[Message], defer: float, out: Deliveries) -> None:
-        """Accept messages from the topic; deliveries to make are appended to *out*."""
-        with self._lock:
-            if self.deleted:
-                return
-            self.message_count += len(msgs)
-            if defer > 0:
-                due = self.broker.clock.monotonic() + defer
-                for m in msgs:
-                    self._defer_locked(m, due)
-                return
-            if self.ephemeral:
-                self._enqueue_locked(msgs)
-            else:
-                self._queue.extend(msgs)
-            if self._consumers and not self.paused:
-                self._dispatch_locked(out)
+    # -- putting messages in (the topic holds its lock and this channel's) ----
+    def _prepare_locked(self, msgs: List[Message], defer: float) -> Tuple[Any, ...]:
+        """Store messages where they must be stored; OSError means nothing was."""
+        due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
+        return self._queue.prepare(msgs, due_ns)
 
-    def _enqueue_locked(self, msgs: List[Message]) -> None:
-        q = self._queue
-        if self.ephemeral:
-            room = self.broker.mem_queue_size - len(q)
-            if room < len(msgs):
-                dropped = len(msgs) - max(room, 0)
-                self.drop_count += dropped
-                log.warning("ephemeral channel %s/%s is full: dropped %d message(s)",
-                            self.topic.name, self.name, dropped)
-                msgs = msgs[:max(room, 0)]
-        q.extend(msgs)
+    def _commit_locked(self, token: Tuple[Any, ...], defer: float, out: Deliveries) -> None:
+        """Make prepared messages visible; deliveries to make are appended to *out*."""
+        self._queue.commit(token)
+        msgs = token[0]
+        self.message_count += len(msgs)
+        if defer > 0:
+            due = self._monotonic() + defer
+            for m in msgs:
+                self._defer_locked(m, due)
+        elif self._consumers and not self.paused:
+            self._dispatch_locked(out)
 
     def _defer_locked(self, msg: Message, due: float) -> None:
         self._deferred[msg.id] = msg
         heapq.heappush(self._deferred_heap, (due, msg.id))
         self.broker._schedule(due)
+
+    def _defer_from_disk(self, msg: Message, due_ns: int) -> None:
+        # A deferred record met while reading the log (after a restart).
+        self._defer_locked(msg, self._monotonic() + (due_ns - self.broker._time_ns()) / 1e9)
 
     # -- consumers -------------------------------------------------------------
     def add_consumer(self, consumer: Consumer) -> None:
@@ -562,7 +1256,9 @@ class Channel:
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
-            if not self._queue:
+            if h._pos is not None:
+                self._queue.done(h)
+            if not self._queue.mem and not self._queue.on_disk:
                 return
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
@@ -601,10 +1297,11 @@ class Channel:
             dead.append(msg)
             return
         stored = Message(msg.id, msg.body, msg.timestamp, msg.attempts)
+        stored._pos = msg._pos     # durable: the same record stays unacknowledged
         if delay > 0:
-            self._defer_locked(stored, self.broker.clock.monotonic() + delay)
+            self._defer_locked(stored, self._monotonic() + delay)
         else:
-            self._enqueue_locked([stored])
+            self._queue.push([stored])
 
     def _timeout_for(self, consumer: Consumer) -> float:
         return consumer.msg_timeout or self.broker.msg_timeout
@@ -612,20 +1309,24 @@ class Channel:
     # -- dispatch --------------------------------------------------------------
     def _dispatch_locked(self, out: Deliveries) -> Deliveries:
         """Move queued messages into flight for ready consumers (lock held)."""
-        if self.paused or not self._consumers or not self._queue:
-            return out
         q = self._queue
+        if self.paused or not self._consumers or not (q.mem or q.on_disk):
+            return out
         now = self._monotonic()
+        now_ns = self.broker._time_ns()
         if self.dispatch == "hash":
-            self._dispatch_hash_locked(now, out)
+            self._dispatch_hash_locked(now, now_ns, out)
             return out
         pick = self._pick_weighted if self.dispatch == "weighted" else self._pick_round_robin
         start = self._start_flight_locked
-        while q:
+        while q.mem or q.on_disk:
             c = pick()
             if c is None:
                 break
-            out.append((c, start(q.popleft(), c, now)))
+            msg = q.pop(now_ns)
+            if msg is None:
+                break
+            out.append((c, start(msg, c, now)))
         return out
 
     def _start_flight_locked(self, msg: Message, c: Consumer, now: float) -> _Delivery:
@@ -669,13 +1370,14 @@ class Channel:
         best._current_weight -= total
         return best
 
-    def _dispatch_hash_locked(self, now: float, out: Deliveries) -> None:
+    def _dispatch_hash_locked(self, now: float, now_ns: int, out: Deliveries) -> None:
         # A key always maps to the same live consumer.  If that consumer is
         # full, its messages wait; others' messages behind them may pass
         # (within HASH_LOOKAHEAD), so per-key order is kept.
         if self._ring is None:
             self._ring = _HashRing([c for c in self._consumers if not c.closed])
-        q = self._queue
+        self._queue.fill(self.HASH_LOOKAHEAD, now_ns)
+        q = self._queue.mem
         i = 0
         while i < len(q) and i < self.HASH_LOOKAHEAD:
             msg = q[i]
@@ -731,7 +1433,7 @@ class Channel:
                 if msg is not None:
                     due.append(msg)
             if due:
-                self._enqueue_locked(due)
+                self._queue.push(due)
             deliveries = self._dispatch_locked([])
             nxt = min(heap[0][0] if heap else math.inf, dheap[0][0] if dheap else math.inf)
         self._hand_over(deliveries, dead)
@@ -758,7 +1460,11 @@ class Channel:
             self._empty_locked()
 
     def _empty_locked(self) -> None:
-        self._queue.clear()
+        try:
+            self._queue.clear()
+        except OSError as e:
+            log.error("channel %s/%s: could not empty its log: %s", self.topic.name,
+                      self.name, e)
         self._in_flight.clear()
         self._in_flight_heap.clear()
         self._deferred.clear()
@@ -774,11 +1480,37 @@ class Channel:
         """Mark deleted, drop messages, return the consumers to notify."""
         with self._lock:
             self.deleted = True
-            self._empty_locked()
+            self._in_flight.clear()
+            self._deferred.clear()
+            self._queue.mem.clear()
+            self.broker._drop_log(self._queue.log)
             consumers, self._consumers = self._consumers, []
             for c in consumers:
                 c.closed = True
         return consumers
+
+    def _persist(self) -> None:
+        """At a clean broker close: store in-flight and deferred messages, close the log."""
+        with self._lock:
+            if self._queue.log is None:
+                return
+            now, now_ns = self._monotonic(), self.broker._time_ns()
+            extra: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()]
+            for due, msg_id in self._deferred_heap:
+                m = self._deferred.get(msg_id)
+                if m is not None:
+                    extra.append((m, now_ns + max(int((due - now) * 1e9), 1)))
+            self._in_flight.clear()
+            self._deferred.clear()
+            self._queue.persist(extra)
+            for c in self._consumers:
+                c.in_flight_count = 0
+
+    def _dead_lettered(self, msgs: List[Message]) -> None:
+        """The dead-letter topic has these: release their records."""
+        with self._lock:
+            for m in msgs:
+                self._queue.done(m)
 
     def stats(self, include_clients: bool = True) -> Dict[str, Any]:
         """nsqd's channel object for /stats (plus minq's dead_count/drop_count)."""
@@ -787,7 +1519,7 @@ class Channel:
             return {
                 "channel_name": self.name,
                 "depth": len(self._queue),
-                "backend_depth": 0,
+                "backend_depth": self._queue.backlog,
                 "in_flight_count": len(self._in_flight),
                 "deferred_count": len(self._deferred),
                 "message_count": self.message_count,
@@ -798,7 +1530,8 @@ class Channel:
                 "paused": self.paused,
                 "e2e_processing_latency": {"count": 0, "percentiles": None},
                 "dead_count": self.dead_count,
-                "drop_count": self.drop_count,
+                "drop_count": self._queue.drop_count,
+                "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
                 "max_attempts": self.effective_max_attempts,
                 "dispatch": self.dispatch,
             }
@@ -834,28 +1567,33 @@ def dead_letter_name(topic: str, channel: str) -> str:
 class Topic:
     """A named stream of messages; create through ``broker.topic(name)``."""
 
+    # How many held messages move to the channels per batch on release.
+    RELEASE_BATCH = 1024
+
     def __init__(self, broker: "Broker", name: str) -> None:
         self.broker = broker
         self.name = name
         self.ephemeral = is_ephemeral(name)
         # _lock guards the fields below.  Order: a topic's lock may be held
-        # while taking one of its channels' locks, never the reverse.
+        # while taking its channels' locks (in the order of _channels), never
+        # the reverse.
         self._lock = threading.Lock()
         self._channels: Dict[str, Channel] = {}
-        self._held: Deque[Message] = collections.deque()          # waiting for a channel
-        self._held_deferred: List[Tuple[float, Message]] = []     # (defer seconds, message)
+        # Messages waiting for a channel (or for unpause), and deferred ones
+        # among them as (due wall-clock ns, message).
+        self._queue = broker._new_queue(name, self.ephemeral, self._hold_deferred)
+        self._held_deferred: List[Tuple[int, Message]] = []
         self.paused = False
         self.deleted = False
         self.message_count = 0
         self.message_bytes = 0
-        self.drop_count = 0
 
     def __repr__(self) -> str:
         return f"<Topic {self.name} channels={list(self._channels)}>"
 
     @property
     def depth(self) -> int:
-        return len(self._held) + len(self._held_deferred)
+        return len(self._queue) + len(self._held_deferred)
 
     @property
     def channels(self) -> Dict[str, Channel]:
@@ -864,54 +1602,109 @@ class Topic:
             return dict(self._channels)
 
     # -- publishing ------------------------------------------------------------
-    def _put(self, msgs: List[Message], defer: float) -> bool:
-        """Accept messages (all or none); False if the topic was deleted meanwhile."""
+    def _put(self, msgs: List[Message], defer: float) -> Optional[List[Tuple[SegmentLog, int]]]:
+        """Accept messages, all or none (OSError: none).
+
+        Returns the (log, position) pairs written, for fsync mode; None if the
+        topic was deleted meanwhile (the caller retries on a new topic).
+        """
         deliveries: Deliveries = []
         with self._lock:
             if self.deleted:
-                return False
+                return None
+            if self.paused or not self._channels:
+                written = self._hold_locked(msgs, defer)
+            else:
+                written = self._fan_out_locked(msgs, defer, deliveries)
             self.message_count += len(msgs)
             self.message_bytes += sum(len(m.body) for m in msgs)
-            if self.paused or not self._channels:
-                self._hold_locked(msgs, defer)
-            else:
-                self._fan_out_locked(msgs, defer, deliveries)
         if deliveries:
             _hand_over_all(deliveries)
-        return True
+        return written
 
-    def _hold_locked(self, msgs: List[Message], defer: float) -> None:
-        if defer > 0:
-            self._held_deferred.extend((defer, m) for m in msgs)
-            return
-        if self.ephemeral:
-            room = max(self.broker.mem_queue_size - len(self._held), 0)
-            if room < len(msgs):
-                self.drop_count += len(msgs) - room
-                log.warning("ephemeral topic %s is full: dropped %d message(s)",
-                            self.name, len(msgs) - room)
-                msgs = msgs[:room]
-        self._held.extend(msgs)
+    def _hold_locked(self, msgs: List[Message], defer: float) -> List[Tuple[SegmentLog, int]]:
+        # Deferral of held messages counts from publish (nsqd starts it at hand-off).
+        due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
+        token = self._queue.prepare(msgs, due_ns)
+        self._queue.commit(token)
+        if due_ns:
+            self._held_deferred.extend((due_ns, m) for m in msgs)
+        return _written(self._queue, token)
 
-    def _fan_out_locked(self, msgs: List[Message], defer: float, out: Deliveries) -> None:
-        first = True
-        for ch in self._channels.values():
-            if first:
-                ch._put(msgs, defer, out)
-                first = False
-            else:
-                ch._put([Message(m.id, m.body, m.timestamp) for m in msgs], defer, out)
+    def _hold_deferred(self, msg: Message, due_ns: int) -> None:
+        self._held_deferred.append((due_ns, msg))
+
+    def _fan_out_locked(self, msgs: List[Message], defer: float,
+                        out: Deliveries) -> List[Tuple[SegmentLog, int]]:
+        """Give every channel its copy: stored everywhere first, then made visible.
+
+        The channels' locks are taken in order and held until all stores
+        succeeded, so a failure can undo the stores already made.
+        """
+        chans = list(self._channels.values())
+        batches = [msgs] + [[Message(m.id, m.body, m.timestamp) for m in msgs]
+                            for _ in chans[1:]]
+        tokens: List[Tuple[Any, ...]] = []
+        try:
+            for ch, batch in zip(chans, batches):
+                ch._lock.acquire()
+                try:
+                    tokens.append(ch._prepare_locked(batch, defer))
+                except BaseException:
+                    ch._lock.release()
+                    raise
+        except BaseException:
+            for ch, token in zip(chans, tokens):
+                try:
+                    ch._queue.abort(token)
+                finally:
+                    ch._lock.release()
+            raise
+        written: List[Tuple[SegmentLog, int]] = []
+        for ch, token in zip(chans, tokens):
+            try:
+                ch._commit_locked(token, defer, out)
+            finally:
+                ch._lock.release()
+            written += _written(ch._queue, token)
+        return written
 
     def _release_held_locked(self, out: Deliveries) -> None:
-        """Hand held messages to the channels (when the first appears or on unpause)."""
-        if self.paused or not self._channels:
+        """Hand held messages to the channels (first channel, unpause, restart)."""
+        if self.paused or not self._channels or self.broker._loading:
             return
-        held, self._held = list(self._held), collections.deque()
-        if held:
-            self._fan_out_locked(held, 0.0, out)
+        now_ns = self.broker._time_ns()
+        q = self._queue
+        while q.mem or q.on_disk:
+            batch: List[Message] = []
+            while len(batch) < self.RELEASE_BATCH:
+                m = q.pop(now_ns)
+                if m is None:
+                    break
+                batch.append(m)
+            if not batch:
+                break
+            if not self._release_batch_locked(batch, 0.0, out):
+                q.mem.extendleft(reversed(batch))
+                return
         deferred, self._held_deferred = self._held_deferred, []
-        for defer, m in deferred:
-            self._fan_out_locked([m], defer, out)
+        for i, (due_ns, m) in enumerate(deferred):
+            if not self._release_batch_locked([m], max(due_ns - now_ns, 0) / 1e9, out):
+                self._held_deferred = deferred[i:]
+                return
+
+    def _release_batch_locked(self, batch: List[Message], defer: float,
+                              out: Deliveries) -> bool:
+        fresh = [Message(m.id, m.body, m.timestamp) for m in batch]
+        try:
+            self._fan_out_locked(fresh, defer, out)
+        except OSError as e:
+            log.error("topic %s: could not hand held messages to its channels: %s",
+                      self.name, e)
+            return False
+        for m in batch:
+            self._queue.done(m)
+        return True
 
     # -- channels --------------------------------------------------------------
     def channel(self, name: str, **options: Any) -> Channel:
@@ -992,8 +1785,11 @@ class Topic:
     def empty(self) -> None:
         """Drop the messages held at the topic itself (channels are untouched)."""
         with self._lock:
-            self._held.clear()
             self._held_deferred.clear()
+            try:
+                self._queue.clear()
+            except OSError as e:
+                log.error("topic %s: could not empty its log: %s", self.name, e)
 
     def delete(self) -> None:
         """Delete the topic, all its channels and their messages."""
@@ -1004,12 +1800,21 @@ class Topic:
             self.deleted = True
             chans = list(self._channels.values())
             self._channels.clear()
-            self._held.clear()
+            self._queue.mem.clear()
             self._held_deferred.clear()
+            self.broker._drop_log(self._queue.log)
         for ch in chans:
             for c in ch._close():
                 c._on_channel_closed()
         return chans
+
+    def _persist(self) -> None:
+        """At a clean broker close: persist channels, then the topic's own queue."""
+        for ch in self.channels.values():
+            ch._persist()
+        with self._lock:
+            held, self._held_deferred = self._held_deferred, []
+            self._queue.persist([(m, due) for due, m in held])
 
     def stats(self, channel: Optional[str] = None,
               include_clients: bool = True) -> Dict[str, Any]:
@@ -1018,20 +1823,25 @@ class Topic:
         if channel is not None:
             chans = {k: v for k, v in chans.items() if k == channel}
         with self._lock:
-            depth = len(self._held) + len(self._held_deferred)
             top = {
                 "topic_name": self.name,
                 "channels": [],
-                "depth": depth,
-                "backend_depth": 0,
+                "depth": len(self._queue) + len(self._held_deferred),
+                "backend_depth": self._queue.backlog,
                 "message_count": self.message_count,
                 "message_bytes": self.message_bytes,
                 "paused": self.paused,
                 "e2e_processing_latency": {"count": 0, "percentiles": None},
-                "drop_count": self.drop_count,
+                "drop_count": self._queue.drop_count,
             }
         top["channels"] = [chans[k].stats(include_clients) for k in sorted(chans)]
         return top
+
+
+def _written(q: _MessageQueue, token: Tuple[Any, ...]) -> List[Tuple[SegmentLog, int]]:
+    """The (log, position) a prepared put must be fsynced to, if it wrote anything."""
+    positions = token[1]
+    return [(q.log, positions[-1] + 1)] if positions else []
 
 
 def _hand_over_all(deliveries: Deliveries) -> None:
@@ -1054,8 +1864,12 @@ class Broker:
 
     Options are nsqd's flags (durations in seconds): ``mem_queue_size``,
     ``msg_timeout``, ``max_msg_timeout``, ``max_msg_size``, ``max_body_size``,
-    ``max_req_timeout``, ``max_rdy_count``; plus ``max_attempts`` (0 =
-    unlimited; beyond it messages go to a dead-letter topic) and ``clock``.
+    ``max_req_timeout``, ``max_rdy_count``, ``data_path``,
+    ``max_bytes_per_file``, ``sync_every``, ``sync_timeout``; plus
+    ``max_attempts`` (0 = unlimited; beyond it messages go to a dead-letter
+    topic), ``durable`` (every message on disk before publish returns),
+    ``fsync`` (and fsynced: group commit) and ``clock``.
+    Without ``data_path`` everything is in memory only.
     """
 
     def __init__(self, *, mem_queue_size: int = DEFAULT_MEM_QUEUE_SIZE,
@@ -1066,6 +1880,12 @@ class Broker:
                  max_req_timeout: float = DEFAULT_MAX_REQ_TIMEOUT,
                  max_rdy_count: int = DEFAULT_MAX_RDY_COUNT,
                  max_attempts: int = 0,
+                 data_path: Optional[str] = None,
+                 durable: bool = False,
+                 fsync: bool = False,
+                 max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
+                 sync_every: int = DEFAULT_SYNC_EVERY,
+                 sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
                  clock: Any = None) -> None:
         _check_range("mem_queue_size", mem_queue_size, 0, None)
         _check_range("msg_timeout", msg_timeout, 0.001, None)
@@ -1075,6 +1895,11 @@ class Broker:
         _check_range("max_req_timeout", max_req_timeout, 0, None)
         _check_range("max_rdy_count", max_rdy_count, 1, None)
         _check_range("max_attempts", max_attempts, 0, 65535)
+        _check_range("max_bytes_per_file", max_bytes_per_file, 1, None)
+        _check_range("sync_every", sync_every, 1, None)
+        _check_range("sync_timeout", sync_timeout, 0.001, None)
+        if (durable or fsync) and not data_path:
+            raise InvalidArgument("durable and fsync modes need a data_path")
         self.mem_queue_size = mem_queue_size
         self.msg_timeout = float(msg_timeout)
         self.max_msg_timeout = float(max_msg_timeout)
@@ -1083,6 +1908,12 @@ class Broker:
         self.max_req_timeout = float(max_req_timeout)
         self.max_rdy_count = max_rdy_count
         self.max_attempts = max_attempts
+        self.data_path = os.path.abspath(data_path) if data_path else None
+        self.fsync = bool(fsync)
+        self.durable = bool(durable or fsync)
+        self.max_bytes_per_file = max_bytes_per_file
+        self.sync_every = sync_every
+        self.sync_timeout = float(sync_timeout)
         self.clock = clock if clock is not None else SystemClock()
         self._time_ns = self.clock.time_ns
         self.start_time = int(time.time())
@@ -1094,6 +1925,18 @@ class Broker:
         self._closed = False
         self._id_base = self.clock.time_ns()
         self._id_seq = itertools.count()
+        self._health = "OK"
+        # Storage (data_path only).  _logs_lock guards _logs; _meta_lock
+        # serialises writes of the metadata file.  Both are leaf locks.
+        self._logs_lock = threading.Lock()
+        self._logs: Dict[str, SegmentLog] = {}
+        self._meta_lock = threading.Lock()
+        self._loading = False
+        self._lock_fd: Optional[int] = None
+        self._sync_wake = threading.Event()
+        self._syncer: Optional[threading.Thread] = None
+        if self.data_path:
+            self._open_data_path()
         # _timer_cond guards _next_due.  Channels call _schedule while holding
         # their own lock (channel lock -> timer lock); the timer thread never
         # takes a channel lock while holding it.
@@ -1103,6 +1946,9 @@ class Broker:
             self.clock.add_listener(self._on_clock_advance)
         self._timer = threading.Thread(target=self._timer_loop, name="minq-timer")
         self._timer.start()
+        if self.data_path:
+            self._syncer = threading.Thread(target=self._sync_loop, name="minq-sync")
+            self._syncer.start()
 
     def __enter__(self) -> "Broker":
         return self
@@ -1199,9 +2045,7 @@ class Broker:
                           body, self._time_ns())
         else:
             msg = self._new_message(body)
-        t = self._topics.get(topic)
-        if self._closed or t is None or not t._put([msg], defer):
-            self._put(topic, [msg], defer)
+        self._put(topic, [msg], defer)
         return msg
 
     def publish_many(self, topic: str, bodies: Iterable[bytes],
@@ -1219,8 +2063,22 @@ class Broker:
 
     def _put(self, topic: str, msgs: List[Message], defer: float) -> None:
         for _ in range(3):  # a topic deleted under our feet is recreated
-            self._check_open()
-            if self.topic(topic)._put(msgs, defer):
+            if self._closed:
+                raise BrokerClosed("the broker is closed")
+            t = self._topics.get(topic) or self.topic(topic)
+            try:
+                written = t._put(msgs, defer)
+                if written and self.fsync:
+                    for seglog, pos in written:
+                        seglog.sync_to(pos)
+            except OSError as e:
+                self._health = f"NOK - {e}"
+                log.error("publish of %d message(s) to %s failed: %s", len(msgs), topic, e)
+                raise PublishFailed(f"publish to topic {topic!r} failed: {e}") from e
+            if written is not None:
+                if self._health != "OK":
+                    self._health = "OK"
+                    log.warning("storage writes succeed again")
                 return
         raise PublishFailed(f"topic {topic!r} kept being deleted during publish")
 
@@ -1273,6 +2131,8 @@ class Broker:
         except MinqError:
             log.exception("could not dead-letter %d message(s) of %s/%s", len(msgs),
                           ch.topic.name, ch.name)
+            return
+        ch._dead_lettered(msgs)
 
     # -- timers ----------------------------------------------------------------
     def _schedule(self, due: float) -> None:
@@ -1313,9 +2173,137 @@ class Broker:
         if not self._closed:
             self._process_due()
 
-    # -- persistence hook (the disk issue fills this in) -----------------------
+    # -- storage ---------------------------------------------------------------
+    def _open_data_path(self) -> None:
+        os.makedirs(self.data_path, exist_ok=True)
+        lock_path = os.path.join(self.data_path, "minq.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DataPathInUse(f"data path {self.data_path} is in use by another broker "
+                                f"(lock {lock_path} is held)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        try:
+            self._restore()
+        except BaseException:
+            self._release_data_path()
+            raise
+
+    def _restore(self) -> None:
+        """Recreate topics and channels (and their pause flags) from minq.dat."""
+        path = os.path.join(self.data_path, "minq.dat")
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise MinqError(f"cannot read {path}: {e}") from e
+        self._loading = True
+        try:
+            for td in meta.get("topics") or []:
+                try:
+                    t = self.topic(td["name"])
+                    for cd in td.get("channels") or []:
+                        t.channel(cd["name"]).paused = bool(cd.get("paused"))
+                    t.paused = bool(td.get("paused"))
+                except (MinqError, KeyError, TypeError) as e:
+                    log.error("skipping a topic of %s: %s", path, e)
+        finally:
+            self._loading = False
+        for t in list(self._topics.values()):
+            deliveries: Deliveries = []
+            with t._lock:
+                t._release_held_locked(deliveries)
+            _hand_over_all(deliveries)
+
+    def _new_queue(self, name: str, ephemeral: bool,
+                   on_deferred: Callable[[Message, int], None]) -> _MessageQueue:
+        seglog = None
+        if self.data_path and not ephemeral:
+            seglog = SegmentLog(self.data_path, name, ack_mode=self.durable,
+                                max_bytes_per_file=self.max_bytes_per_file,
+                                max_record_size=max(self.max_msg_size, self.max_body_size) + 64)
+            with self._logs_lock:
+                self._logs[name] = seglog
+        return _MessageQueue(seglog, self.mem_queue_size, self.durable, ephemeral,
+                             on_deferred, self._log_written)
+
+    def _log_written(self, seglog: SegmentLog) -> None:
+        if seglog.ops >= self.sync_every:
+            self._sync_wake.set()
+
+    def _drop_log(self, seglog: Optional[SegmentLog]) -> None:
+        """A topic or channel was deleted: delete its files."""
+        if seglog is None:
+            return
+        with self._logs_lock:
+            if self._logs.get(seglog.name) is seglog:
+                del self._logs[seglog.name]
+        try:
+            seglog.destroy()
+        except OSError as e:
+            log.error("could not delete the files of %s: %s", seglog.name, e)
+
+    def _sync_loop(self) -> None:
+        # nsqd's sync policy: every sync_timeout, or after sync_every operations.
+        while not self._closed:
+            self._sync_wake.wait(self.sync_timeout)
+            self._sync_wake.clear()
+            self._sync_logs()
+
+    def _sync_logs(self) -> None:
+        with self._logs_lock:
+            logs = list(self._logs.values())
+        for seglog in logs:
+            if seglog.ops:
+                try:
+                    seglog.sync()
+                except (OSError, ValueError) as e:
+                    log.error("sync of %s failed: %s", seglog.name, e)
+
     def _metadata_changed(self) -> None:
-        pass
+        """Save topics, channels and pause flags (like nsqd.dat), atomically."""
+        if not self.data_path or self._loading or self._lock_fd is None:
+            return
+        topics = []
+        for name, t in sorted(self.topics.items()):
+            if t.ephemeral:
+                continue
+            chans = [{"name": cn, "paused": ch.paused}
+                     for cn, ch in sorted(t.channels.items()) if not ch.ephemeral]
+            topics.append({"name": name, "paused": t.paused, "channels": chans})
+        data = json.dumps({"topics": topics, "version": NSQ_VERSION}).encode()
+        with self._meta_lock:
+            try:
+                _write_atomic(os.path.join(self.data_path, "minq.dat"), data)
+            except OSError as e:
+                log.error("could not save minq.dat: %s", e)
+
+    def _release_data_path(self) -> None:
+        with self._logs_lock:
+            logs, self._logs = list(self._logs.values()), {}
+        for seglog in logs:
+            try:
+                seglog.close()
+            except OSError as e:
+                log.error("closing %s failed: %s", seglog.name, e)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def storage_stats(self) -> Dict[str, int]:
+        """Totals over every segment log: bytes written, fsyncs, corrupt records."""
+        with self._logs_lock:
+            logs = list(self._logs.values())
+        return {"bytes_written": sum(lg.bytes_written for lg in logs),
+                "fsync_count": sum(lg.fsync_count for lg in logs),
+                "corrupt_count": sum(lg.corrupt_count for lg in logs),
+                "logs": len(logs)}
 
     # -- stats and life cycle --------------------------------------------------
     def stats(self, topic: Optional[str] = None, channel: Optional[str] = None,
@@ -1329,10 +2317,11 @@ class Broker:
             tstats = [t for t in tstats if t["channels"]]
         return {
             "version": NSQ_VERSION,
-            "health": "OK",
+            "health": self._health,
             "start_time": self.start_time,
             "topics": tstats if (topic is None or tstats) else None,
             "producers": None,
+            "storage": self.storage_stats() if self.data_path else None,
         }
 
     @property
@@ -1344,7 +2333,12 @@ class Broker:
             raise BrokerClosed("the broker is closed")
 
     def close(self) -> None:
-        """Stop consumers and subscriptions, stop the timer thread and join it."""
+        """Stop consumers and subscriptions, join the threads, persist to disk.
+
+        With a data path, queued, in-flight and deferred messages are written
+        to the logs (deferred ones keep their due time) and restored by the
+        next Broker on the same folder.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -1355,8 +2349,16 @@ class Broker:
         with self._timer_cond:
             self._timer_cond.notify_all()
         self._timer.join()
+        if self._syncer is not None:
+            self._sync_wake.set()
+            self._syncer.join()
         if hasattr(self.clock, "remove_listener"):
             self.clock.remove_listener(self._on_clock_advance)
+        if self.data_path:
+            for t in self.topics.values():
+                t._persist()
+            self._metadata_changed()
+            self._release_data_path()
 
 
 def _check_range(name: str, value: Any, low: Optional[float], high: Optional[float]) -> None:
