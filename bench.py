@@ -5,9 +5,13 @@
     python bench.py --scale 0.1          # smaller runs (quick look)
 
 Sections:
-  core   in-process: publish->deliver->finish throughput (1 publisher, 1 consumer),
-         fan-out to 3 channels, end-to-end latency percentiles, memory per queued
-         message; beside queue.Queue measured in the same run.
+  core     in-process: publish->deliver->finish throughput (1 publisher, 1 consumer),
+           fan-out to 3 channels, end-to-end latency percentiles, memory per queued
+           message; beside queue.Queue measured in the same run.
+  storage  durable publish->finish beside memory mode; fsync-mode publish with 1, 4
+           and 16 publishers beside raw append+fsync per record; overflow through disk
+           (mem_queue_size=0) beside raw sequential appends; restart time of a 1 GB
+           log; RSS while 2 M messages overflow.  Uses a temporary folder (--dir).
 
 Numbers depend on the machine and its load: compare ratios, not absolutes.
 """
@@ -16,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import queue
+import shutil
+import struct
+import tempfile
 import statistics
 import sys
 import threading
@@ -216,7 +224,148 @@ def section_core(scale: float) -> None:
            higher_is_better=False)
 
 
-SECTIONS = {"core": section_core}
+# =============================================================================
+# storage: the segment log beside raw file appends
+# =============================================================================
+
+def pub_finish_throughput(n: int, **options) -> float:
+    with minq.Broker(**options) as b:
+        c = b.consumer("bench", "c", max_in_flight=1000)
+
+        def consume() -> None:
+            for _ in range(n):
+                c.get().finish()
+        t = threading.Thread(target=consume)
+        t0 = time.perf_counter()
+        t.start()
+        for _ in range(n):
+            b.publish("bench", BODY)
+        t.join()
+        return n / (time.perf_counter() - t0)
+
+
+def raw_append_fsync(path: str, n: int) -> float:
+    record = struct.pack(">II", len(BODY) + 34, 0) + b"\0" * 34 + BODY
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.write(fd, record)
+        os.fsync(fd)
+    rate = n / (time.perf_counter() - t0)
+    os.close(fd)
+    os.unlink(path)
+    return rate
+
+
+def fsync_publish(path: str, n: int, publishers: int) -> float:
+    with minq.Broker(data_path=path, durable=True, fsync=True) as b:
+        b.topic("bench").channel("c")
+        per = max(1, n // publishers)
+
+        def publish() -> None:
+            for _ in range(per):
+                b.publish("bench", BODY)
+        ts = [threading.Thread(target=publish) for _ in range(publishers)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        rate = per * publishers / (time.perf_counter() - t0)
+        b.topic("bench").get_channel("c").empty()
+    shutil.rmtree(path)
+    return rate
+
+
+def raw_append(path: str, n: int) -> float:
+    record = struct.pack(">II", len(BODY) + 34, 0) + b"\0" * 34 + BODY
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.write(fd, record)
+    rate = n / (time.perf_counter() - t0)
+    os.close(fd)
+    os.unlink(path)
+    return rate
+
+
+def overflow_publish(path: str, n: int) -> float:
+    with minq.Broker(data_path=path, mem_queue_size=0) as b:
+        b.topic("bench").channel("c")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            b.publish("bench", BODY)
+        rate = n / (time.perf_counter() - t0)
+        b.topic("bench").get_channel("c").empty()
+    shutil.rmtree(path)
+    return rate
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def section_storage(scale: float, base: str) -> None:
+    print("== storage: segment log vs raw file appends (100-byte bodies) ==")
+    n = max(1000, int(100_000 * scale))
+    d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+    try:
+        progress(f"durable publish->finish, {n:,} messages")
+        mem = best_of(2, lambda: pub_finish_throughput(n))
+        dur = []
+        for i in range(2):
+            path = os.path.join(d, f"durable{i}")
+            dur.append(pub_finish_throughput(n, data_path=path, durable=True))
+            shutil.rmtree(path)
+        report("durable publish->deliver->finish", max(dur), "msg/s", "memory mode", mem)
+        nf = max(200, int(3000 * scale))
+        raw = raw_append_fsync(os.path.join(d, "raw.fsync"), nf)
+        for pubs in (1, 4, 16):
+            progress(f"fsync mode, {pubs} publisher(s), {nf * pubs:,} messages")
+            rate = fsync_publish(os.path.join(d, f"fsync{pubs}"), nf * pubs, pubs)
+            report(f"fsync-mode publish, {pubs:>2} publisher(s)", rate, "msg/s",
+                   "raw append+fsync/record", raw)
+        progress(f"overflow through disk, {n:,} messages")
+        raw = best_of(2, lambda: raw_append(os.path.join(d, "raw.append"), n))
+        ovf = best_of(2, lambda: overflow_publish(os.path.join(d, "overflow"), n))
+        report("overflow publish, mem_queue_size=0", ovf, "msg/s", "raw os.write/record", raw)
+        gb = int((1 << 30) * scale)
+        progress(f"restart time of a {gb / 2**20:,.0f} MiB log")
+        path = os.path.join(d, "restart")
+        body = b"r" * 1000
+        with minq.Broker(data_path=path, mem_queue_size=0) as b:
+            b.topic("bench").channel("c")
+            for _ in range(max(1, gb // (1000 * 1034))):
+                b.publish_many("bench", [body] * 1000)
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        t0 = time.perf_counter()
+        b = minq.Broker(data_path=path)
+        opened = time.perf_counter() - t0
+        depth = b.stats()["topics"][0]["channels"][0]["depth"]
+        b.close()
+        shutil.rmtree(path)
+        print(f"{'restart: open ' + f'{size / 2**20:,.0f} MiB, {depth:,} messages':<44} "
+              f"{opened * 1000:>14,.1f} ms", flush=True)
+        nr = max(10_000, int(2_000_000 * scale))
+        progress(f"RSS while {nr:,} messages overflow (mem_queue_size=1000)")
+        path = os.path.join(d, "rss")
+        with minq.Broker(data_path=path, mem_queue_size=1000) as b:
+            b.topic("bench").channel("c")
+            b.publish_many("bench", [BODY] * 1000)
+            gc.collect()
+            start = rss_bytes()
+            for _ in range(nr // 1000):
+                b.publish_many("bench", [BODY] * 1000)
+            grown = rss_bytes() - start
+        shutil.rmtree(path)
+        print(f"{'RSS growth while ' + f'{nr:,} messages overflow':<44} "
+              f"{grown / 2**20:>14,.1f} MiB", flush=True)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+SECTIONS = {"core": section_core, "storage": section_storage}
 
 
 def main(argv: List[str] = None) -> int:
@@ -226,6 +375,8 @@ def main(argv: List[str] = None) -> int:
                    help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every message count by this (default 1.0)")
+    p.add_argument("--dir", default=None,
+                   help="where the storage section writes (default: the system temp dir)")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
@@ -233,7 +384,10 @@ def main(argv: List[str] = None) -> int:
         p.error(f"unknown section(s): {', '.join(unknown)}")
     print(f"minq {minq.VERSION} on Python {sys.version.split()[0]}")
     for name in names:
-        SECTIONS[name](args.scale)
+        if name == "storage":
+            section_storage(args.scale, args.dir)
+        else:
+            SECTIONS[name](args.scale)
     return 0
 
 

@@ -288,6 +288,7 @@ _ACK = struct.Struct(">Q")           # an acknowledged record position
 _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
+_COMMIT_DELAY = 0.0      # a group-commit leader yields this long when others wait
 
 
 def _fsync_dir(path: str) -> None:
@@ -355,6 +356,11 @@ class SegmentLog:
         self._acks_fd: Optional[int] = None
         self._pending_acks: Optional[List[int]] = None   # acks during a rewrite
         self._durable_pos = 0              # everything before it is fsynced
+        # _commit_cond guards _committing / _commit_waiters (group commit):
+        # followers wait on it for the leader's fsync.
+        self._commit_cond = threading.Condition(threading.Lock())
+        self._committing = False
+        self._commit_waiters = 0
         self._open()
 
     # -- positions and files ---------------------------------------------------
@@ -683,17 +689,40 @@ class SegmentLog:
 
     # -- syncing ---------------------------------------------------------------
     def sync_to(self, pos: int) -> None:
-        """Return once every record before *pos* is fsynced (group commit)."""
+        """Return once every record before *pos* is fsynced (group commit).
+
+        One caller leads an fsync while the others wait for it; the leader
+        first yields briefly when others are waiting, so that writers already
+        on their way join this fsync instead of needing the next one.
+        """
         if self._durable_pos >= pos:
             return
-        with self._fsync_lock:
-            if self._durable_pos >= pos:
-                return
-            with self._lock:
-                target, fd = self.write_pos, self._write_fd
-            os.fsync(fd)
-            self.fsync_count += 1
-            self._durable_pos = max(self._durable_pos, target)
+        cond = self._commit_cond
+        with cond:
+            self._commit_waiters += 1
+            try:
+                while self._durable_pos < pos and self._committing:
+                    cond.wait()
+                if self._durable_pos >= pos:
+                    return
+                self._committing = True
+                crowd = self._commit_waiters > 1
+            finally:
+                self._commit_waiters -= 1
+        try:
+            if crowd:
+                time.sleep(_COMMIT_DELAY)
+            with self._fsync_lock:
+                with self._lock:
+                    target, fd = self.write_pos, self._write_fd
+                os.fsync(fd)
+                self.fsync_count += 1
+        finally:
+            with cond:
+                self._committing = False
+                if self._durable_pos < target:
+                    self._durable_pos = target
+                cond.notify_all()
 
     def sync(self) -> None:
         """fsync the data and save the metadata (nsqd's sync_every / sync_timeout)."""
