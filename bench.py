@@ -25,7 +25,6 @@ import queue
 import shutil
 import struct
 import tempfile
-import statistics
 import sys
 import threading
 import time
@@ -81,8 +80,9 @@ def queue_throughput(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def minq_throughput(n: int) -> float:
-    with minq.Broker() as b:
+def pub_finish_throughput(n: int, **options) -> float:
+    """publish->deliver->finish with 1 publisher and 1 consumer thread."""
+    with minq.Broker(**options) as b:
         c = b.consumer("bench", "c", max_in_flight=1000)
 
         def consume() -> None:
@@ -203,7 +203,7 @@ def section_core(scale: float) -> None:
     n = max(1000, int(200_000 * scale))
     progress(f"throughput, {n:,} messages, 1 publisher + 1 consumer thread")
     q = best_of(3, lambda: queue_throughput(n))
-    m = best_of(3, lambda: minq_throughput(n))
+    m = best_of(3, lambda: pub_finish_throughput(n))
     report("publish->deliver->finish, 1P+1C", m, "msg/s", "queue.Queue put/get", q)
     progress(f"fan-out to 3 channels, {n // 2:,} messages")
     q = best_of(3, lambda: queue_fanout(n // 2))
@@ -227,22 +227,6 @@ def section_core(scale: float) -> None:
 # =============================================================================
 # storage: the segment log beside raw file appends
 # =============================================================================
-
-def pub_finish_throughput(n: int, **options) -> float:
-    with minq.Broker(**options) as b:
-        c = b.consumer("bench", "c", max_in_flight=1000)
-
-        def consume() -> None:
-            for _ in range(n):
-                c.get().finish()
-        t = threading.Thread(target=consume)
-        t0 = time.perf_counter()
-        t.start()
-        for _ in range(n):
-            b.publish("bench", BODY)
-        t.join()
-        return n / (time.perf_counter() - t0)
-
 
 def raw_append_fsync(path: str, n: int) -> float:
     record = struct.pack(">II", len(BODY) + 34, 0) + b"\0" * 34 + BODY

@@ -823,10 +823,6 @@ class SegmentLog:
             except FileNotFoundError:
                 pass
 
-    def stats(self) -> Dict[str, int]:
-        return {"bytes_written": self.bytes_written, "fsync_count": self.fsync_count,
-                "corrupt_count": self.corrupt_count, "depth": self.depth}
-
 
 # =============================================================================
 # Channel
@@ -1207,6 +1203,23 @@ class Channel:
         elif self._consumers and not self.paused:
             self._dispatch_locked(out)
 
+    def _put_memory(self, msgs: List[Message], defer: float, out: Deliveries) -> None:
+        """The fast path of prepare+commit for a channel without a log (cannot fail)."""
+        with self._lock:
+            self.message_count += len(msgs)
+            if defer > 0:
+                due = self._monotonic() + defer
+                for m in msgs:
+                    self._defer_locked(m, due)
+                return
+            q = self._queue
+            if q.ephemeral:
+                q.push(msgs)
+            else:
+                q.mem.extend(msgs)
+            if self._consumers and not self.paused:
+                self._dispatch_locked(out)
+
     def _defer_locked(self, msg: Message, due: float) -> None:
         self._deferred[msg.id] = msg
         heapq.heappush(self._deferred_heap, (due, msg.id))
@@ -1285,9 +1298,10 @@ class Channel:
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
+            q = self._queue
             if h._pos is not None:
-                self._queue.done(h)
-            if not self._queue.mem and not self._queue.on_disk:
+                q.done(h)
+            if not q.mem and (q.log is None or not q.log.unread):
                 return
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
@@ -1339,7 +1353,7 @@ class Channel:
     def _dispatch_locked(self, out: Deliveries) -> Deliveries:
         """Move queued messages into flight for ready consumers (lock held)."""
         q = self._queue
-        if self.paused or not self._consumers or not (q.mem or q.on_disk):
+        if self.paused or not self._consumers or not (q.mem or q.log is not None and q.on_disk):
             return out
         now = self._monotonic()
         now_ns = self.broker._time_ns()
@@ -1348,7 +1362,7 @@ class Channel:
             return out
         pick = self._pick_weighted if self.dispatch == "weighted" else self._pick_round_robin
         start = self._start_flight_locked
-        while q.mem or q.on_disk:
+        while q.mem or q.log is not None and q.log.unread:
             c = pick()
             if c is None:
                 break
@@ -1427,12 +1441,8 @@ class Channel:
 
     def _hand_over(self, deliveries: Deliveries, dead: Optional[List[Message]] = None) -> None:
         """Run consumer callbacks and dead-lettering, with no lock held."""
-        for c, h in deliveries:
-            try:
-                c._deliver(h)
-            except Exception:
-                log.exception("consumer %s failed to take message %s", c.client_id,
-                              h.id.decode())
+        if deliveries:
+            _hand_over_all(deliveries)
         if dead:
             self.broker._dead_letter(self, dead)
 
@@ -1646,7 +1656,8 @@ class Topic:
             else:
                 written = self._fan_out_locked(msgs, defer, deliveries)
             self.message_count += len(msgs)
-            self.message_bytes += sum(len(m.body) for m in msgs)
+            self.message_bytes += (len(msgs[0].body) if len(msgs) == 1
+                                   else sum(len(m.body) for m in msgs))
         if deliveries:
             _hand_over_all(deliveries)
         return written
@@ -1671,8 +1682,15 @@ class Topic:
         succeeded, so a failure can undo the stores already made.
         """
         chans = list(self._channels.values())
+        if len(chans) == 1 and chans[0]._queue.log is None:
+            chans[0]._put_memory(msgs, defer, out)
+            return []
         batches = [msgs] + [[Message(m.id, m.body, m.timestamp) for m in msgs]
                             for _ in chans[1:]]
+        if self.broker.data_path is None:       # memory only: nothing can fail
+            for ch, batch in zip(chans, batches):
+                ch._put_memory(batch, defer, out)
+            return []
         tokens: List[Tuple[Any, ...]] = []
         try:
             for ch, batch in zip(chans, batches):
