@@ -288,7 +288,6 @@ _ACK = struct.Struct(">Q")           # an acknowledged record position
 _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
-_COMMIT_DELAY = 0.0      # a group-commit leader yields this long when others wait
 
 
 def _fsync_dir(path: str) -> None:
@@ -398,13 +397,19 @@ class SegmentLog:
             read_pos = self._pos(nums[0], 0)
             write_num, write_off = nums[0], 0
         # Salvage records written after the last metadata sync (crash).
+        short = False
         for num in nums:
             if num < write_num:
                 continue
             start = write_off if num == write_num else 0
             end, count = self._scan(num, start)
+            short = short or end < start
             depth += count
             write_num, write_off = num, end
+        if short:
+            # Data the metadata counted did not survive (power loss): never
+            # reuse those positions (old acks may name them); write anew.
+            write_num, write_off = write_num + 1, 0
         acked_since = 0
         if self.ack_mode and os.path.exists(self._acks_path):
             with open(self._acks_path, "rb") as f:
@@ -513,6 +518,7 @@ class SegmentLog:
                 raise ValueError("unappend of a batch that is not the last one")
             os.ftruncate(self._write_fd, off)
             self._write_off = off
+            self._rbuf = b""          # it may hold the bytes just cut off
             self.ops -= len(positions)
             if not consume:
                 self.depth -= len(positions)
@@ -692,7 +698,7 @@ class SegmentLog:
         """Return once every record before *pos* is fsynced (group commit).
 
         One caller leads an fsync while the others wait for it; the leader
-        first yields briefly when others are waiting, so that writers already
+        first yields the GIL when others are waiting, so that writers already
         on their way join this fsync instead of needing the next one.
         """
         if self._durable_pos >= pos:
@@ -711,7 +717,7 @@ class SegmentLog:
                 self._commit_waiters -= 1
         try:
             if crowd:
-                time.sleep(_COMMIT_DELAY)
+                time.sleep(0)
             with self._fsync_lock:
                 with self._lock:
                     target, fd = self.write_pos, self._write_fd
