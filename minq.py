@@ -49,7 +49,7 @@ __all__ = [
     # in-process clients
     "PullConsumer", "Subscription",
     # constants
-    "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES",
+    "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
 
 log = logging.getLogger("minq")
@@ -288,6 +288,7 @@ _ACK = struct.Struct(">Q")           # an acknowledged record position
 _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
+ACK_BUFFER = 64          # durable mode: finishes written per batch (lost at most on a crash)
 
 
 def _fsync_dir(path: str) -> None:
@@ -333,8 +334,11 @@ class SegmentLog:
         self.ack_mode = ack_mode
         self.max_bytes_per_file = max_bytes_per_file
         self.max_record_size = max_record_size
-        # _lock guards all state below; _fsync_lock serialises fsyncs and is
-        # never taken while _lock is held.
+        # _lock guards all state below and is held only briefly.
+        # _append_lock serialises writers and is held across the write itself
+        # (taken before _lock, never after); _fsync_lock serialises fsyncs and
+        # is never taken while _lock is held.
+        self._append_lock = threading.Lock()
         self._lock = threading.Lock()
         self._fsync_lock = threading.Lock()
         self._meta_path = os.path.join(directory, f"{name}.meta")
@@ -343,6 +347,7 @@ class SegmentLog:
         self.fsync_count = 0
         self.corrupt_count = 0
         self.ops = 0                       # appends + reads since the last sync
+        self.sync_requested = False        # the broker was asked to sync this log
         self._retired: List[int] = []      # fds of rolled segments, closed at sync
         self._read_fd: Optional[int] = None
         self._read_fd_num = -1
@@ -353,7 +358,8 @@ class SegmentLog:
         self._acked: set = set()           # lazily removed from _unacked
         self._restart_acks: set = set()    # acks of records not yet read since open
         self._acks_fd: Optional[int] = None
-        self._pending_acks: Optional[List[int]] = None   # acks during a rewrite
+        self._ack_buf: List[int] = []      # acks not yet written to the acks file
+        self._pending_acks: Optional[List[int]] = None   # acks written during a rewrite
         self._durable_pos = 0              # everything before it is fsynced
         # _commit_cond guards _committing / _commit_waiters (group commit):
         # followers wait on it for the leader's fsync.
@@ -470,9 +476,14 @@ class SegmentLog:
         return self._pos(self._write_num, self._write_off)
 
     @property
+    def needs_sync(self) -> bool:
+        """Whether anything happened since the last sync (writes, reads, acks)."""
+        return bool(self.ops or self._ack_buf)
+
+    @property
     def unread(self) -> bool:
         """Whether records lie past the cursor (``depth`` is only an estimate)."""
-        return self._read_pos < self.write_pos
+        return self._read_pos < (self._write_num << _SEG_SHIFT) | self._write_off
 
     def append(self, payloads: List[bytes], consume: bool = False) -> List[int]:
         """Write records; return their positions.  Raises OSError with nothing written.
@@ -480,38 +491,60 @@ class SegmentLog:
         With *consume* the records are taken as already read (their data lives
         in memory): the cursor, which must be at the end, moves past them.
         """
-        with self._lock:
-            at_end = self._read_pos == self.write_pos
-            total = sum(_REC_SIZE + len(p) for p in payloads)
-            # A batch never spans segments (so it is written whole or not at
-            # all); a batch bigger than a segment gets a segment of its own.
-            if self._write_off > 0 and self._write_off + total > self.max_bytes_per_file:
-                self._roll()
-            off = self._write_off
-            positions: List[int] = []
-            chunks: List[bytes] = []
-            for p in payloads:
-                positions.append(self._pos(self._write_num, off))
-                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
-                chunks.append(p)
-                off += _REC_SIZE + len(p)
-            self._write_chunks(chunks, self._write_off)
-            self.ops += len(payloads)
+        n = len(payloads)
+        positions: List[int] = []
+        chunks: List[bytes] = []
+        if not n:
+            return positions
+        with self._append_lock:
+            with self._lock:
+                num, off = self._write_num, self._write_off
+                at_end = self._read_pos == (num << _SEG_SHIFT) | off
+                total = sum(map(len, payloads)) + _REC_SIZE * n
+                # A batch never spans segments (so it is written whole or not
+                # at all); a batch bigger than a segment gets one of its own.
+                if off > 0 and off + total > self.max_bytes_per_file:
+                    self._roll()
+                    num, off = self._write_num, 0
+            base = num << _SEG_SHIFT
+            if n == 1:
+                p = payloads[0]
+                data = _REC.pack(len(p), zlib.crc32(p)) + p
+                positions.append(base | off)
+            else:
+                end = off
+                for p in payloads:
+                    positions.append(base | end)
+                    chunks.append(_REC.pack(len(p), zlib.crc32(p)))
+                    chunks.append(p)
+                    end += _REC_SIZE + len(p)
+                data = b"".join(chunks)
+            end = off + len(data)
+            # Written with only _append_lock held: readers and acks go on.
+            # Nothing past _write_off is read, so the records appear at once
+            # when it moves, below.
+            self._write_data(data, off)
+            self._lock.acquire()
+        try:
+            self._write_off = end
+            self.ops += n
             if not consume:
-                self.depth += len(payloads)
+                self.depth += n
             else:
                 if at_end:
-                    self._read_pos = self.write_pos
+                    self._read_pos = base | end
                 else:
                     self._skip.update(positions)
                 if self.ack_mode:
                     for p in positions:
                         heapq.heappush(self._unacked, p)
             return positions
+        finally:
+            self._lock.release()
 
     def unappend(self, positions: List[int], consume: bool = False) -> None:
         """Undo the last ``append`` (nothing may have been appended since)."""
-        with self._lock:
+        with self._append_lock, self._lock:
             first = positions[0]
             num, off = first >> _SEG_SHIFT, first & _SEG_MASK
             if num != self._write_num:
@@ -531,13 +564,10 @@ class SegmentLog:
                 self._unacked = [p for p in self._unacked if p not in gone]
                 heapq.heapify(self._unacked)
 
-    def _write_chunks(self, chunks: List[bytes], offset: int) -> None:
-        if not chunks:
-            return
-        data = b"".join(chunks)
+    def _write_data(self, data: bytes, offset: int) -> None:
         try:
-            done = 0
-            while done < len(data):
+            done = os.pwrite(self._write_fd, data, offset)
+            while done < len(data):      # short writes are rare: finish them
                 n = os.pwrite(self._write_fd, memoryview(data)[done:], offset + done)
                 if n <= 0:
                     raise OSError(errno.EIO, "short write")
@@ -549,7 +579,6 @@ class SegmentLog:
                 pass
             raise
         self.bytes_written += len(data)
-        self._write_off = offset + len(data)
 
     def _roll(self) -> None:
         os.fsync(self._write_fd)       # a finished segment is durable, as nsqd
@@ -664,14 +693,24 @@ class SegmentLog:
             if not self.ack_mode:
                 return
             self._acked.add(pos)
-            if self._pending_acks is not None:
-                self._pending_acks.append(pos)
-            if self._acks_fd is not None:
-                try:
-                    os.write(self._acks_fd, _ACK.pack(pos))
-                except OSError as e:   # the record may be redelivered after a crash
-                    log.error("segment log %s: could not record an ack (%s)", self.name, e)
+            self._ack_buf.append(pos)
+            if len(self._ack_buf) >= ACK_BUFFER:
+                self._flush_acks_locked()
             self._advance_commit_locked()
+
+    def _flush_acks_locked(self) -> None:
+        # Acks are written in batches: a crash loses at most ACK_BUFFER of them
+        # (those since the last flush or sync), which only causes redelivery.
+        buf, self._ack_buf = self._ack_buf, []
+        if not buf or self._acks_fd is None:
+            return
+        if self._pending_acks is not None:
+            self._pending_acks.extend(buf)
+        try:
+            os.write(self._acks_fd, b"".join([_ACK.pack(p) for p in buf]))
+        except OSError as e:   # the records may be redelivered after a crash
+            log.error("segment log %s: could not record %d ack(s) (%s)", self.name,
+                      len(buf), e)
 
     def _advance_commit_locked(self) -> None:
         heap, acked = self._unacked, self._acked
@@ -750,8 +789,10 @@ class SegmentLog:
         # it was being written, and swapped in atomically.
         with self._lock:
             self.ops = 0
+            self.sync_requested = False
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth}
             if self.ack_mode:
+                self._flush_acks_locked()
                 self._restart_acks = {p for p in self._restart_acks if p >= self._commit}
                 live = sorted(self._restart_acks | {p for p in self._acked if p >= self._commit})
                 meta["depth"] = self.depth + len(self._unacked) - len(self._acked)
@@ -781,7 +822,7 @@ class SegmentLog:
     # -- life cycle --------------------------------------------------------------
     def empty(self) -> None:
         """Drop every record: delete the segments and start a new one."""
-        with self._lock:
+        with self._append_lock, self._lock:
             first = self._commit >> _SEG_SHIFT
             self._close_read_fd()
             for num in range(first, self._write_num + 1):
@@ -804,7 +845,7 @@ class SegmentLog:
     def close(self) -> None:
         """Sync and release the files."""
         self.sync()
-        with self._lock:
+        with self._append_lock, self._lock:
             self._close_read_fd()
             os.close(self._write_fd)
             if self._acks_fd is not None:
@@ -813,7 +854,7 @@ class SegmentLog:
 
     def destroy(self) -> None:
         """Close and delete every file of the log."""
-        with self._lock:
+        with self._append_lock, self._lock:
             self._close_read_fd()
             for fd in self._retired + [self._write_fd]:
                 os.close(fd)
@@ -840,11 +881,11 @@ class SegmentLog:
 # =============================================================================
 
 _RECORD_DUE = struct.Struct(">q")   # due time (wall-clock ns, 0 = not deferred), then the message
+_RECORD_HEAD = struct.Struct(">q" + _MSG_HEADER.format[1:])   # due + nsqd's message header
 
 
 def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
-    return _RECORD_DUE.pack(due_ns) + _MSG_HEADER.pack(msg.timestamp, msg.attempts,
-                                                      msg.id) + msg.body
+    return _RECORD_HEAD.pack(due_ns, msg.timestamp, msg.attempts, msg.id) + msg.body
 
 
 def _decode_record(payload: bytes) -> Tuple[Message, int]:
@@ -1193,7 +1234,11 @@ class Channel:
 
     # -- putting messages in (the topic holds its lock and this channel's) ----
     def _prepare_locked(self, msgs: List[Message], defer: float) -> Tuple[Any, ...]:
-        """Store messages where they must be stored; OSError means nothing was."""
+        """Store messages where they must be stored; OSError means nothing was.
+
+        Called with the topic's lock held, and with this channel's lock held
+        unless the topic has no other channel (the log has its own locks).
+        """
         due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
         return self._queue.prepare(msgs, due_ns)
 
@@ -1688,9 +1733,18 @@ class Topic:
         succeeded, so a failure can undo the stores already made.
         """
         chans = list(self._channels.values())
-        if len(chans) == 1 and chans[0]._queue.log is None:
-            chans[0]._put_memory(msgs, defer, out)
-            return []
+        if len(chans) == 1:
+            ch = chans[0]
+            if ch._queue.log is None:
+                ch._put_memory(msgs, defer, out)
+                return []
+            # Stored before taking the channel's lock, so its consumers are
+            # not held up by the write; the topic's lock keeps publishers (and
+            # channel deletion) out meanwhile.  OSError: nothing stored.
+            token = ch._prepare_locked(msgs, defer)
+            with ch._lock:
+                ch._commit_locked(token, defer, out)
+            return _written(ch._queue, token)
         batches = [msgs] + [[Message(m.id, m.body, m.timestamp) for m in msgs]
                             for _ in chans[1:]]
         if self.broker.data_path is None:       # memory only: nothing can fail
@@ -2287,7 +2341,8 @@ class Broker:
                              on_deferred, self._log_written)
 
     def _log_written(self, seglog: SegmentLog) -> None:
-        if seglog.ops >= self.sync_every:
+        if seglog.ops >= self.sync_every and not seglog.sync_requested:
+            seglog.sync_requested = True     # once per crossing, not per write
             self._sync_wake.set()
 
     def _drop_log(self, seglog: Optional[SegmentLog]) -> None:
@@ -2313,7 +2368,7 @@ class Broker:
         with self._logs_lock:
             logs = list(self._logs.values())
         for seglog in logs:
-            if seglog.ops:
+            if seglog.needs_sync:
                 try:
                     seglog.sync()
                 except (OSError, ValueError) as e:

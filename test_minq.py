@@ -261,13 +261,28 @@ def test_crc_mismatch_mid_segment_skips_record_and_keeps_copy(tmp_path):
 
 def test_ack_mode_rereads_unacked_after_reopen(tmp_path):
     lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
-    pos = lg.append([b"a", b"b", b"c"])
-    assert [lg.read()[1] for _ in range(3)] == [b"a", b"b", b"c"]
-    lg.ack(pos[0])
-    lg.ack(pos[2])               # acked out of order; b stays
+    n = 2 * minq.ACK_BUFFER + 1
+    pos = lg.append([b"r%d" % i for i in range(n)])
+    assert [lg.read()[1] for _ in range(n)] == [b"r%d" % i for i in range(n)]
+    for i in range(n):
+        if i != 1:
+            lg.ack(pos[i])       # out of order; two full batches reach the file
     lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)   # crash: no sync
     assert lg2.depth == 1
-    assert lg2.read()[1] == b"b" and lg2.read() is None
+    assert lg2.read()[1] == b"r1" and lg2.read() is None
+    lg2.close()
+    os.close(lg._write_fd)
+
+
+def test_ack_mode_sync_writes_buffered_acks(tmp_path):
+    lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
+    pos = lg.append([b"a", b"b"])
+    lg.read()
+    lg.read()
+    lg.ack(pos[1])
+    lg.sync()                    # a sync writes acks still in the buffer
+    lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
+    assert lg2.read()[1] == b"a" and lg2.read() is None
     lg2.close()
     os.close(lg._write_fd)
 
@@ -586,14 +601,15 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, fsync):
     delivered = {n for k, n in events if k in ("P", "R")}
     assert len(acked) > 100
     assert acked <= delivered, f"lost: {sorted(acked - delivered)[:10]}"
-    # A finish that returned was recorded: that message is never delivered again.
+    # A finish that returned is recorded, in batches: a crash may lose at most
+    # ACK_BUFFER of them per channel, and only those cause redelivery.
     confirmed, duplicates = set(), []
     for kind, n in events:
         if kind == "F":
             confirmed.add(n)
         elif kind in ("P", "R") and n in confirmed:
             duplicates.append(n)
-    assert duplicates == []
+    assert len(duplicates) <= minq.ACK_BUFFER * cycles
 
 
 def test_memory_stays_bounded_while_overflowing(tmp_path):
