@@ -37,17 +37,29 @@ import struct
 import threading
 import time
 import zlib
+import argparse
+import random
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import urllib.parse
+import urllib.request
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = [
     # errors
     "MinqError", "InvalidName", "InvalidMessage", "InvalidArgument", "NotInFlight",
     "PublishFailed", "TopicNotFound", "ChannelNotFound", "BrokerClosed", "DataPathInUse",
+    "ProtocolError", "ConnectionLost",
     # core
     "Message", "SegmentLog", "Channel", "Topic", "Broker", "Consumer",
     "SystemClock", "FakeClock",
-    # in-process clients
-    "PullConsumer", "Subscription",
+    # clients: in-process, and over TCP
+    "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
+    # servers and the command line
+    "TCPServer", "Authorizer", "parse_duration", "main",
     # constants
     "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
@@ -71,6 +83,19 @@ DEFAULT_MAX_MSG_SIZE = 1024 * 1024
 DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
 DEFAULT_MAX_REQ_TIMEOUT = 60 * 60.0
 DEFAULT_MAX_RDY_COUNT = 2500
+DEFAULT_TCP_ADDRESS = "127.0.0.1:4150"   # nsqd binds 0.0.0.0; minq stays on loopback
+DEFAULT_DATA_PATH = "minq-data"
+DEFAULT_HEARTBEAT_INTERVAL = 30.0         # nsqd: ClientTimeout / 2
+DEFAULT_MAX_HEARTBEAT_INTERVAL = 60.0
+DEFAULT_OUTPUT_BUFFER_SIZE = 16 * 1024
+DEFAULT_MAX_OUTPUT_BUFFER_SIZE = 64 * 1024
+DEFAULT_OUTPUT_BUFFER_TIMEOUT = 0.25
+DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT = 0.025
+DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT = 30.0
+DEFAULT_MAX_DEFLATE_LEVEL = 6
+MAX_LINE_LENGTH = 16 * 1024               # nsqd's read buffer: longer lines close the connection
+MAGIC_V2 = b"  V2"
+FRAME_TYPE_RESPONSE, FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE = 0, 1, 2
 
 EPHEMERAL_SUFFIX = "#ephemeral"
 MAX_NAME_LENGTH = 64
@@ -121,6 +146,23 @@ class BrokerClosed(MinqError):
 
 class DataPathInUse(MinqError):
     """Another broker holds the lock of this data path."""
+
+
+class ProtocolError(MinqError):
+    """An NSQ server answered with an error frame, or broke the protocol.
+
+    ``code`` is nsqd's error code (``E_INVALID``, ``E_BAD_BODY``, ...), or
+    ``E_PROTOCOL`` for a malformed reply.
+    """
+
+    def __init__(self, code: str, text: str = "") -> None:
+        super().__init__(f"{code} {text}".strip())
+        self.code = code
+        self.text = text
+
+
+class ConnectionLost(MinqError, ConnectionError):
+    """A client's connection to the server closed, or could not be opened."""
 
 
 def validate_name(name: str, kind: str = "topic") -> str:
@@ -2029,6 +2071,7 @@ class Broker:
         self._lock = threading.Lock()
         self._topics: Dict[str, Topic] = {}
         self._clients: List[Any] = []          # in-process consumers to close with us
+        self._producers: List[Any] = []        # front-end clients that published (stats)
         self._closed = False
         self._id_base = self.clock.time_ns()
         self._id_seq = itertools.count()
@@ -2218,6 +2261,17 @@ class Broker:
         with self._lock:
             if client in self._clients:
                 self._clients.remove(client)
+
+    def add_producer(self, producer: Any) -> None:
+        """List a front end's publishing client (anything with ``client_stats()``) in stats."""
+        with self._lock:
+            if producer not in self._producers:
+                self._producers.append(producer)
+
+    def remove_producer(self, producer: Any) -> None:
+        with self._lock:
+            if producer in self._producers:
+                self._producers.remove(producer)
 
     def _check_consumer_options(self, max_in_flight: int, msg_timeout: Optional[float],
                                 weight: int) -> None:
@@ -2428,7 +2482,8 @@ class Broker:
             "health": self._health,
             "start_time": self.start_time,
             "topics": tstats if (topic is None or tstats) else None,
-            "producers": None,
+            "producers": ([p.client_stats() for p in self._producers]
+                          if include_clients and self._producers else None),
             "storage": self.storage_stats() if self.data_path else None,
         }
 
@@ -2567,30 +2622,36 @@ class PullConsumer(Consumer):
         self.close()
 
 
-class Subscription(PullConsumer):
-    """Push-style consumer: worker threads call ``handler(message)``.
+class _HandlerPool:
+    """Worker threads that run a handler on each message ``self.get()`` returns.
 
-    Returning finishes the message; raising logs the exception and requeues
-    it with exponential backoff.  ``close()`` stops delivery, lets running
-    handlers finish, joins the workers and requeues what was not handled.
+    Shared by Subscription (in-process) and RemoteSubscription (TCP): a handler
+    that returns finishes the message; one that raises requeues it after
+    ``backoff * 2**(attempts-1)`` seconds, at most *max_backoff*.
     """
 
-    def __init__(self, broker: Broker, topic: str, channel: str,
-                 handler: Callable[[Message], Any], max_in_flight: int = 32,
-                 workers: int = 4, *, msg_timeout: Optional[float] = None, weight: int = 1,
-                 backoff: float = 1.0, max_backoff: float = 60.0) -> None:
+    handler: Callable[[Message], Any]
+    get: Callable[..., Optional[Message]]
+
+    def _init_pool(self, handler: Callable[[Message], Any], workers: int,
+                   backoff: float, max_backoff: float) -> None:
         _check_range("workers", workers, 1, 1024)
         _check_range("backoff", backoff, 0, None)
         _check_range("max_backoff", max_backoff, 0, None)
         self.handler = handler
         self.backoff = backoff
         self.max_backoff = max_backoff
-        super().__init__(broker, topic, channel, max_in_flight,
-                         msg_timeout=msg_timeout, weight=weight)
-        self._workers = [threading.Thread(target=self._work, name=f"minq-sub-{self.id}-{i}")
+        self._workers = [threading.Thread(target=self._work, name=f"minq-handler-{i}")
                          for i in range(workers)]
+
+    def _start_workers(self) -> None:
         for w in self._workers:
             w.start()
+
+    def _join_workers(self) -> None:
+        for w in self._workers:
+            if w is not threading.current_thread() and w.ident is not None:
+                w.join()
 
     def _work(self) -> None:
         while True:
@@ -2617,8 +2678,26 @@ class Subscription(PullConsumer):
                 msg.finish()
             else:
                 msg.requeue(delay)
-        except NotInFlight:
-            pass  # the handler settled it itself, or it timed out meanwhile
+        except (NotInFlight, ConnectionLost):
+            pass  # settled by the handler itself, timed out, or its connection is gone
+
+
+class Subscription(_HandlerPool, PullConsumer):
+    """Push-style consumer: worker threads call ``handler(message)``.
+
+    Returning finishes the message; raising logs the exception and requeues
+    it with exponential backoff.  ``close()`` stops delivery, lets running
+    handlers finish, joins the workers and requeues what was not handled.
+    """
+
+    def __init__(self, broker: Broker, topic: str, channel: str,
+                 handler: Callable[[Message], Any], max_in_flight: int = 32,
+                 workers: int = 4, *, msg_timeout: Optional[float] = None, weight: int = 1,
+                 backoff: float = 1.0, max_backoff: float = 60.0) -> None:
+        self._init_pool(handler, workers, backoff, max_backoff)
+        super().__init__(broker, topic, channel, max_in_flight,
+                         msg_timeout=msg_timeout, weight=weight)
+        self._start_workers()
 
     def close(self) -> None:
         """Stop delivering, let running handlers end, join workers, requeue the rest."""
@@ -2627,7 +2706,1694 @@ class Subscription(PullConsumer):
             ch.set_ready(self, 0)
         self._stopping = True
         self._buffer.put(None)
-        for w in self._workers:
-            if w is not threading.current_thread():
-                w.join()
+        self._join_workers()
         super().close()
+
+
+# -- the wire: frames and the connection stream (used by Client and TCPServer)
+
+_FRAME_HEAD = struct.Struct(">lL")   # size = 4 + len(data), frame type
+_LEN = struct.Struct(">l")
+_HEARTBEAT = b"_heartbeat_"
+
+
+def _frame(frame_type: int, data: bytes) -> bytes:
+    """A server frame: ``[size][type][data]``, size counting the type word."""
+    return _FRAME_HEAD.pack(len(data) + 4, frame_type) + data
+
+
+def _body(data: bytes) -> bytes:
+    """A command body: 4-byte length, then the bytes."""
+    return _LEN.pack(len(data)) + data
+
+
+class _Stream:
+    """One TCP connection as a byte stream, with NSQ's optional TLS and deflate layers.
+
+    ``send`` is called by one thread at a time (callers serialise it with a
+    send lock of their own); ``recv`` only by the connection's reader.  TLS
+    runs over memory BIOs on the plain socket so that a reading thread and a
+    writing thread never share an SSL socket; ``_tls_lock`` guards the
+    SSLObject and is held only for CPU work, never across socket I/O.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._tls: Optional[ssl.SSLObject] = None
+        self._tls_in: Optional[ssl.MemoryBIO] = None
+        self._tls_out: Optional[ssl.MemoryBIO] = None
+        self._tls_lock = threading.Lock()
+        self._compress: Any = None
+        self._decompress: Any = None
+        self._backlog = b""   # received bytes an upgrade left for the new layer
+
+    @property
+    def tls(self) -> Optional[ssl.SSLObject]:
+        return self._tls
+
+    def send(self, data: bytes) -> None:
+        if self._compress is not None:
+            data = self._compress.compress(data) + self._compress.flush(zlib.Z_SYNC_FLUSH)
+        if self._tls is not None:
+            with self._tls_lock:
+                self._tls.write(data)
+                data = self._tls_out.read()  # type: ignore[union-attr]
+        self.sock.sendall(data)
+
+    def recv(self, limit: int = 65536) -> bytes:
+        """Up to *limit* bytes from the peer; b'' at end of stream.
+
+        Inflating is bounded by *limit* per call, so a small compressed
+        input can never make us allocate without bound.
+        """
+        while True:
+            d = self._decompress
+            if d is None:
+                if self._backlog:
+                    data, self._backlog = self._backlog, b""
+                    return data
+                return self._recv_plain(limit)
+            if d.unconsumed_tail:
+                src = d.unconsumed_tail
+            elif self._backlog:
+                src, self._backlog = self._backlog, b""
+            else:
+                src = self._recv_plain(limit)
+                if not src:
+                    return b""
+            data = d.decompress(src, limit)
+            if data:
+                return data
+
+    def _recv_plain(self, limit: int) -> bytes:
+        if self._tls is None:
+            return self.sock.recv(limit)
+        while True:
+            with self._tls_lock:
+                try:
+                    return self._tls.read(limit)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return b""
+            raw = self.sock.recv(65536)
+            if not raw:
+                return b""
+            with self._tls_lock:
+                self._tls_in.write(raw)  # type: ignore[union-attr]
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool, leftover: bytes = b"",
+                  server_hostname: Optional[str] = None, timeout: float = 5.0) -> None:
+        """Run the TLS handshake now; *leftover* is raw data already read past the upgrade."""
+        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(inb, outb, server_side=server_side,
+                               server_hostname=server_hostname)
+        inb.write(leftover)
+        saved = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    out = outb.read()
+                    if out:
+                        self.sock.sendall(out)
+                    raw = self.sock.recv(65536)
+                    if not raw:
+                        raise ConnectionLost("connection closed during the TLS handshake")
+                    inb.write(raw)
+            out = outb.read()
+            if out:
+                self.sock.sendall(out)
+        finally:
+            self.sock.settimeout(saved)
+        self._tls, self._tls_in, self._tls_out = obj, inb, outb
+
+    def start_deflate(self, level: int, leftover: bytes = b"") -> None:
+        """Raw DEFLATE both ways from now on (sync flush after every send)."""
+        self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self._decompress = zlib.decompressobj(-15)
+        self._backlog = leftover
+
+    def tls_stats(self) -> Dict[str, Any]:
+        """nsqd's tls fields of a client object."""
+        obj = self._tls
+        if obj is None:
+            return {"tls": False, "tls_cipher_suite": "", "tls_version": ""}
+        cipher = obj.cipher()
+        version = (obj.version() or "").replace("TLSv", "TLS")
+        return {"tls": True, "tls_cipher_suite": cipher[0] if cipher else "",
+                "tls_version": version}
+
+
+class _FrameBuffer:
+    """Bytes read from a _Stream, consumed as lines, exact-size pieces or frames.
+
+    A read offset avoids shifting the buffer for every command; it is
+    compacted whenever more data is read.
+    """
+
+    def __init__(self, stream: _Stream, on_timeout: Callable[[], None]) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pos = 0
+        self._on_timeout = on_timeout   # called on a socket timeout; raises to give up
+
+    def fill(self) -> None:
+        while True:
+            try:
+                data = self.stream.recv()
+            except socket.timeout:
+                self._on_timeout()
+                continue
+            if not data:
+                raise ConnectionLost("connection closed by the peer")
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            self.buf += data
+            return
+
+    def take_leftover(self) -> bytes:
+        """Everything read but not consumed (handed to a new TLS/deflate layer)."""
+        data = bytes(self.buf[self.pos:])
+        self.buf.clear()
+        self.pos = 0
+        return data
+
+    def line(self, limit: int = MAX_LINE_LENGTH) -> bytes:
+        while True:
+            i = self.buf.find(b"\n", self.pos)
+            if i >= 0:
+                line = bytes(self.buf[self.pos:i])
+                self.pos = i + 1
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buf) - self.pos > limit:
+                raise _LineTooLong(f"command line longer than {limit} bytes")
+            self.fill()
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            self.fill()
+        data = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return data
+
+    def int32(self) -> int:
+        return _LEN.unpack(self.exact(4))[0]
+
+    def frame(self, max_size: int) -> Tuple[int, bytes]:
+        """One server frame (client side): (type, data)."""
+        size = self.int32()
+        if not 4 <= size <= max_size:
+            raise ProtocolError("E_PROTOCOL", f"frame size {size} out of range 4-{max_size}")
+        data = self.exact(size)
+        return struct.unpack_from(">L", data)[0], data[4:]
+
+
+class _LineTooLong(MinqError):
+    """A command line exceeded MAX_LINE_LENGTH (the server closes the connection)."""
+
+
+# -- Client: the same publish/consume API over NSQ's TCP protocol -------------
+
+_PUBLISH_ERRORS: Dict[str, type] = {
+    "E_BAD_TOPIC": InvalidName, "E_BAD_CHANNEL": InvalidName,
+    "E_BAD_MESSAGE": InvalidMessage, "E_BAD_BODY": InvalidMessage,
+    "E_INVALID": InvalidArgument,
+    "E_PUB_FAILED": PublishFailed, "E_MPUB_FAILED": PublishFailed,
+    "E_DPUB_FAILED": PublishFailed,
+}
+
+
+def _split_address(address: Any, default_port: int) -> Tuple[str, int]:
+    """``"host:port"``, ``":port"`` or a (host, port) tuple -> (host, port)."""
+    if isinstance(address, tuple):
+        return str(address[0]), int(address[1])
+    host, sep, port = str(address).rpartition(":")
+    if not sep:
+        return str(address), default_port
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port)
+    except ValueError:
+        raise InvalidArgument(f"address {address!r} is not host:port") from None
+
+
+class _Connection:
+    """A client connection, ready for SUB/PUB: magic, IDENTIFY, upgrades, AUTH done.
+
+    ``serve(on_frame)`` reads frames until the connection ends, answering
+    heartbeats with NOP and passing every other frame to *on_frame*.
+    """
+
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+        host, port = _split_address(client.address, 4150)
+        try:
+            sock = socket.create_connection((host, port), timeout=client.timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to {host}:{port}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.stream = _Stream(sock)
+        self.reader = _FrameBuffer(self.stream, self._read_timeout)
+        self._send_lock = threading.Lock()   # serialises writes to the stream
+        self.closed = False
+        self.server_info: Dict[str, Any] = {}
+        try:
+            self._handshake(host)
+        except BaseException:
+            self.close()
+            raise
+        # Reads block for up to two heartbeat intervals, then the peer is dead.
+        sock.settimeout(2 * client.heartbeat_interval if client.heartbeat_interval > 0 else None)
+
+    def _read_timeout(self) -> None:
+        raise ConnectionLost("no data from the server within two heartbeat intervals")
+
+    def _handshake(self, host: str) -> None:
+        c = self.client
+        ident = {
+            "client_id": c.client_id, "hostname": platform.node(),
+            "user_agent": f"minq/{VERSION}", "feature_negotiation": True,
+            "heartbeat_interval": int(c.heartbeat_interval * 1000) if c.heartbeat_interval > 0 else -1,
+            "tls_v1": c.tls is not None, "deflate": c.deflate, "deflate_level": c.deflate_level,
+            "snappy": False, "output_buffer_size": c.output_buffer_size,
+            "output_buffer_timeout": int(c.output_buffer_timeout * 1000),
+        }
+        if c.msg_timeout:
+            ident["msg_timeout"] = int(c.msg_timeout * 1000)
+        self.send(MAGIC_V2 + b"IDENTIFY\n" + _body(json.dumps(ident).encode()))
+        reply = self.expect_response()
+        if reply.startswith(b"{"):
+            try:
+                self.server_info = json.loads(reply)
+            except ValueError as e:
+                raise ProtocolError("E_PROTOCOL", f"IDENTIFY reply is not JSON: {e}") from e
+        if self.server_info.get("tls_v1"):
+            self.stream.start_tls(c.tls, False, self.reader.take_leftover(),  # type: ignore[arg-type]
+                                  server_hostname=host if c.tls.check_hostname else None,
+                                  timeout=c.timeout)
+            self._expect_ok("TLS")
+        if self.server_info.get("deflate"):
+            level = int(self.server_info.get("deflate_level") or c.deflate_level)
+            self.stream.start_deflate(level, self.reader.take_leftover())
+            self._expect_ok("deflate")
+        if self.server_info.get("auth_required"):
+            if c.auth_secret is None:
+                raise ProtocolError("E_AUTH_FIRST", "the server requires AUTH: pass auth_secret")
+            self.send(b"AUTH\n" + _body(c.auth_secret.encode()))
+            self.auth_info = json.loads(self.expect_response())
+
+    def _expect_ok(self, what: str) -> None:
+        reply = self.expect_response()
+        if reply != b"OK":
+            raise ProtocolError("E_PROTOCOL", f"expected OK after the {what} upgrade, got {reply!r}")
+
+    def read_frame(self) -> Tuple[int, bytes]:
+        return self.reader.frame(self.client.max_frame_size)
+
+    def expect_response(self) -> bytes:
+        """The next non-heartbeat frame, which must be a response; errors raise."""
+        while True:
+            ftype, data = self.read_frame()
+            if ftype == FRAME_TYPE_RESPONSE and data == _HEARTBEAT:
+                self.send(b"NOP\n")
+                continue
+            if ftype == FRAME_TYPE_ERROR:
+                code, _, text = data.decode(errors="replace").partition(" ")
+                raise ProtocolError(code, text)
+            if ftype != FRAME_TYPE_RESPONSE:
+                raise ProtocolError("E_PROTOCOL", f"unexpected frame type {ftype}")
+            return data
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionLost("the connection is closed")
+        try:
+            with self._send_lock:
+                self.stream.send(data)
+        except (OSError, ssl.SSLError) as e:
+            self.close()
+            raise ConnectionLost(f"send failed: {e}") from e
+
+    def serve(self, on_frame: Callable[[int, bytes], None]) -> Optional[BaseException]:
+        """Read frames until the connection ends; return why it ended."""
+        try:
+            while not self.closed:
+                ftype, data = self.read_frame()
+                if ftype == FRAME_TYPE_RESPONSE and data == _HEARTBEAT:
+                    self.send(b"NOP\n")
+                else:
+                    on_frame(ftype, data)
+            return None
+        except (MinqError, OSError, ssl.SSLError, zlib.error) as e:
+            return e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _RemoteMessage(Message):
+    """A message received over TCP; finish/requeue/touch send FIN/REQ/TOUCH."""
+
+    __slots__ = ("_conn", "_settled")
+
+    def __init__(self, conn: _Connection, data: bytes) -> None:
+        timestamp, attempts, msg_id = _MSG_HEADER.unpack_from(data)
+        super().__init__(msg_id, data[MSG_HEADER_SIZE:], timestamp, attempts)
+        self._conn = conn
+        self._settled = False
+
+    def _command(self, line: bytes, final: bool) -> None:
+        if self._settled or self._conn.closed:
+            raise NotInFlight(f"message {self.id.decode()} is not in flight "
+                              f"(already settled, or its connection was lost)")
+        self._settled = final
+        self._conn.send(line)
+
+    def finish(self) -> None:
+        self._command(b"FIN %s\n" % self.id, True)
+
+    def requeue(self, delay: float = 0.0) -> None:
+        self._command(b"REQ %s %d\n" % (self.id, max(0, int(delay * 1000))), True)
+
+    def touch(self) -> None:
+        self._command(b"TOUCH %s\n" % self.id, False)
+
+
+class Client:
+    """Publish to and consume from minq or nsqd over TCP, with the Broker's API.
+
+    ``publish``, ``publish_many``, ``consumer`` and ``subscribe`` behave as on
+    ``Broker`` (``publish`` returns None: NSQ does not tell the message id).
+    Connections are opened lazily, negotiate features with IDENTIFY (TLS when
+    *tls* is an ``ssl.SSLContext``, deflate when *deflate* is true), answer
+    heartbeats, send AUTH when the server asks for it, and reconnect with
+    exponential backoff (at most *max_backoff* seconds).
+    """
+
+    def __init__(self, address: Any = DEFAULT_TCP_ADDRESS, *,
+                 tls: Optional[ssl.SSLContext] = None, deflate: bool = False,
+                 deflate_level: int = 6, auth_secret: Optional[str] = None,
+                 client_id: Optional[str] = None,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 output_buffer_size: int = DEFAULT_OUTPUT_BUFFER_SIZE,
+                 output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
+                 msg_timeout: Optional[float] = None,
+                 timeout: float = 5.0, max_backoff: float = 10.0,
+                 max_frame_size: int = DEFAULT_MAX_BODY_SIZE + 64) -> None:
+        _check_range("deflate_level", deflate_level, 1, 9)
+        _check_range("timeout", timeout, 0.001, None)
+        self.address = address
+        self.tls = tls
+        self.deflate = deflate
+        self.deflate_level = deflate_level
+        self.auth_secret = auth_secret
+        self.client_id = client_id if client_id is not None else platform.node().split(".")[0]
+        self.heartbeat_interval = heartbeat_interval
+        self.output_buffer_size = output_buffer_size
+        self.output_buffer_timeout = output_buffer_timeout
+        self.msg_timeout = msg_timeout
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.max_frame_size = max_frame_size
+        # _pub_lock serialises publishes: one command, one reply, in order.
+        self._pub_lock = threading.Lock()
+        self._pub_conn: Optional[_Connection] = None
+        self._pub_thread: Optional[threading.Thread] = None
+        self._replies: "queue.SimpleQueue[Optional[Tuple[int, bytes]]]" = queue.SimpleQueue()
+        self._consumers: List["RemoteConsumer"] = []
+        self._closed = False
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- publishing --------------------------------------------------------------
+    def publish(self, topic: str, body: bytes, defer: float = 0.0) -> None:
+        """PUB (or DPUB when *defer* > 0 seconds); returns once the server said OK."""
+        validate_name(topic)
+        _check_body(body)
+        if defer:
+            _check_range("defer", defer, 0, None)
+            cmd = b"DPUB %s %d\n" % (topic.encode(), int(defer * 1000))
+        else:
+            cmd = b"PUB %s\n" % topic.encode()
+        self._request(cmd + _body(body))
+
+    def publish_many(self, topic: str, bodies: Iterable[bytes], defer: float = 0.0) -> None:
+        """MPUB: all messages are accepted or none."""
+        validate_name(topic)
+        if defer:
+            raise InvalidArgument("NSQ's MPUB cannot defer; publish deferred messages one by one")
+        parts = []
+        for b in bodies:
+            _check_body(b)
+            parts.append(_body(b))
+        if not parts:
+            raise InvalidMessage("publish_many needs at least one message")
+        payload = _LEN.pack(len(parts)) + b"".join(parts)
+        self._request(b"MPUB %s\n" % topic.encode() + _body(payload))
+
+    def _request(self, data: bytes) -> None:
+        with self._pub_lock:
+            conn = self._producer()
+            try:
+                conn.send(data)
+            except ConnectionLost:
+                # The server may have refused the command (an error frame, then
+                # close) while we were still sending: report its reason.
+                try:
+                    reply = self._replies.get(timeout=self.timeout)
+                except queue.Empty:
+                    reply = None
+                if reply is None or reply[0] != FRAME_TYPE_ERROR:
+                    raise
+            else:
+                reply = self._replies.get()
+            if reply is None:
+                raise ConnectionLost("connection lost before the reply: the message may "
+                                     "or may not have been published")
+            ftype, payload = reply
+            if ftype == FRAME_TYPE_ERROR:
+                code, _, text = payload.decode(errors="replace").partition(" ")
+                if code in _PUBLISH_ERRORS:
+                    raise _PUBLISH_ERRORS[code](f"{code} {text}")
+                raise ProtocolError(code, text)
+
+    def _producer(self) -> _Connection:
+        """The publishing connection, (re)connected with backoff within *timeout*."""
+        if self._closed:
+            raise BrokerClosed("the client is closed")
+        conn = self._pub_conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._pub_thread is not None:
+            self._pub_thread.join()
+        conn = _retry(lambda: _Connection(self), self.timeout, self.max_backoff)
+        self._replies = queue.SimpleQueue()
+        replies = self._replies
+        self._pub_conn = conn
+        self._pub_thread = threading.Thread(target=self._read_replies, args=(conn, replies),
+                                            name="minq-client-pub")
+        self._pub_thread.start()
+        return conn
+
+    @staticmethod
+    def _read_replies(conn: _Connection, replies: "queue.SimpleQueue[Any]") -> None:
+        why = conn.serve(lambda ftype, data: replies.put((ftype, data)))
+        if why is not None:
+            log.debug("publishing connection closed: %s", why)
+        replies.put(None)
+
+    # -- consuming ---------------------------------------------------------------
+    def consumer(self, topic: str, channel: str, max_in_flight: int = 1) -> "RemoteConsumer":
+        """A pull consumer of *topic*/*channel* over TCP (SUB + RDY max_in_flight)."""
+        return RemoteConsumer(self, topic, channel, max_in_flight)
+
+    def subscribe(self, topic: str, channel: str, handler: Callable[[Message], Any],
+                  max_in_flight: int = 32, workers: int = 4, *,
+                  backoff: float = 1.0, max_backoff: float = 60.0) -> "RemoteSubscription":
+        """Run *handler* on every message in *workers* threads (see Broker.subscribe)."""
+        return RemoteSubscription(self, topic, channel, handler, max_in_flight, workers,
+                                  backoff=backoff, max_backoff=max_backoff)
+
+    def close(self) -> None:
+        """Close every consumer and the publishing connection; join their threads."""
+        self._closed = True
+        for c in list(self._consumers):
+            c.close()
+        with self._pub_lock:
+            if self._pub_conn is not None:
+                self._pub_conn.close()
+            if self._pub_thread is not None:
+                self._pub_thread.join()
+                self._pub_thread = None
+
+
+def _check_body(body: Any) -> None:
+    if not isinstance(body, bytes) or not body:
+        raise InvalidMessage(f"message body must be non-empty bytes, not {body!r:.40}")
+
+
+def _retry(connect: Callable[[], _Connection], timeout: float, max_backoff: float,
+           stop: Optional[threading.Event] = None) -> _Connection:
+    """Call *connect* until it succeeds, backing off exponentially, within *timeout*."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return connect()
+        except ConnectionLost:
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                raise
+            wait = min(delay, left, max_backoff)
+            if stop is not None:
+                stop.wait(wait)
+            else:
+                time.sleep(wait)
+            delay *= 2
+
+
+class RemoteConsumer:
+    """A pull consumer over TCP: ``get()``, iteration, ``set_max_in_flight()``, ``close()``.
+
+    One connection, kept by a thread that reconnects with backoff (SUB and
+    RDY again) when it is lost.  Messages of a lost connection can no longer
+    be settled (the server requeued them); ``get()`` skips them.
+    """
+
+    def __init__(self, client: Client, topic: str, channel: str, max_in_flight: int = 1) -> None:
+        validate_name(topic)
+        validate_name(channel, "channel")
+        _check_range("max_in_flight", max_in_flight, 0, None)
+        self.client = client
+        self.topic = topic
+        self.channel = channel
+        self.max_in_flight = max_in_flight
+        self._buffer: "queue.SimpleQueue[Optional[_RemoteMessage]]" = queue.SimpleQueue()
+        self._conn: Optional[_Connection] = None
+        self._stop = threading.Event()
+        self._stopping = False
+        self.connected = threading.Event()   # set while subscribed
+        client._consumers.append(self)
+        self._thread = threading.Thread(target=self._run, name=f"minq-consumer-{topic}-{channel}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                conn = _Connection(self.client)
+            except (MinqError, OSError, ssl.SSLError) as e:
+                log.warning("consumer %s/%s: cannot connect to %s: %s",
+                            self.topic, self.channel, self.client.address, e)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.client.max_backoff)
+                continue
+            self._conn = conn
+            try:
+                conn.send(b"SUB %s %s\n" % (self.topic.encode(), self.channel.encode()))
+                conn.send(b"RDY %d\n" % self.max_in_flight)
+            except ConnectionLost:
+                continue
+            if self._stop.is_set():
+                conn.close()
+                break
+            why = conn.serve(self._on_frame)
+            self.connected.clear()
+            if not self._stop.is_set():
+                log.warning("consumer %s/%s: connection lost (%s); reconnecting",
+                            self.topic, self.channel, why)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.client.max_backoff)
+        self._buffer.put(None)
+
+    def _on_frame(self, ftype: int, data: bytes) -> None:
+        if ftype == FRAME_TYPE_MESSAGE:
+            self._buffer.put(_RemoteMessage(self._conn, data))  # type: ignore[arg-type]
+        elif ftype == FRAME_TYPE_ERROR:
+            log.warning("consumer %s/%s: %s", self.topic, self.channel,
+                        data.decode(errors="replace"))
+        elif data == b"OK":
+            self.connected.set()
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message, waiting up to *timeout* seconds; None on timeout or close."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping:
+            try:
+                if deadline is None:
+                    msg = self._buffer.get()
+                else:
+                    msg = self._buffer.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                return None
+            if msg is None:
+                self._buffer.put(None)
+                return None
+            if not msg._conn.closed:
+                return msg
+        return None
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            msg = self.get()
+            if msg is None:
+                return
+            yield msg
+
+    def set_max_in_flight(self, n: int) -> None:
+        """Send a new RDY window (0 pauses delivery)."""
+        _check_range("max_in_flight", n, 0, None)
+        self.max_in_flight = n
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.send(b"RDY %d\n" % n)
+
+    def close(self) -> None:
+        """Disconnect: the server requeues whatever this consumer held in flight."""
+        self._stopping = True
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._buffer.put(None)
+        if self in self.client._consumers:
+            self.client._consumers.remove(self)
+
+    def __enter__(self) -> "RemoteConsumer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RemoteSubscription(_HandlerPool, RemoteConsumer):
+    """Worker threads run ``handler(message)`` on messages received over TCP."""
+
+    def __init__(self, client: Client, topic: str, channel: str,
+                 handler: Callable[[Message], Any], max_in_flight: int = 32,
+                 workers: int = 4, *, backoff: float = 1.0, max_backoff: float = 60.0) -> None:
+        self._init_pool(handler, workers, backoff, max_backoff)
+        super().__init__(client, topic, channel, max_in_flight)
+        self._start_workers()
+
+    def close(self) -> None:
+        """Stop receiving, let running handlers finish, then disconnect."""
+        try:
+            self.set_max_in_flight(0)
+        except ConnectionLost:
+            pass
+        self._stopping = True
+        self._buffer.put(None)
+        self._join_workers()
+        super().close()
+
+
+# =============================================================================
+# TCP protocol V2
+#
+# nsqd's client protocol on socketserver, one thread per connection reading
+# and running commands, plus one writer thread per connection for message
+# frames, output buffering and heartbeats.  Only the core's public methods
+# are called; the core sees each connection as a Consumer.
+# =============================================================================
+
+STATE_INIT, STATE_SUBSCRIBED, STATE_CLOSING = 0, 3, 4
+_NON_FATAL = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+
+
+class _ClientError(Exception):
+    """An error frame to send; fatal unless the code is one of _NON_FATAL."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.fatal = code not in _NON_FATAL
+
+
+def _parse_uint(value: bytes, what: str) -> int:
+    """nsqd parses numbers as unsigned decimal digits only."""
+    if not _DIGITS.fullmatch(value):
+        raise _ClientError("E_INVALID", f"{what} {value.decode(errors='replace')}")
+    return int(value)
+
+
+class _AuthState:
+    """What an AUTH secret allows: nsqd's authorizations, with an expiry."""
+
+    def __init__(self, reply: Dict[str, Any], now: float) -> None:
+        self.identity = str(reply.get("identity", ""))
+        self.identity_url = str(reply.get("identity_url", ""))
+        ttl = reply.get("ttl")
+        self.expires = now + ttl if ttl is not None else math.inf
+        self.rules: List[Tuple[Any, List[Any], frozenset]] = []
+        for a in reply.get("authorizations") or []:
+            perms = frozenset(a.get("permissions") or [])
+            if not perms or not perms <= {"subscribe", "publish"}:
+                raise ValueError(f"unknown permissions {sorted(perms)}")
+            self.rules.append((re.compile(a["topic"]),
+                               [re.compile(c) for c in a.get("channels") or []], perms))
+
+    def allows(self, permission: str, topic: str, channel: str) -> bool:
+        # Regexes are unanchored, as nsqd's MatchString; PUB checks channel "".
+        return any(permission in perms and t.search(topic) and any(c.search(channel) for c in chans)
+                   for t, chans, perms in self.rules)
+
+
+class Authorizer:
+    """Answers AUTH: from nsqd's auth servers (``--auth-http-address``) or a secrets file.
+
+    The secrets file is JSON mapping each secret to what an auth server would
+    reply: ``{"s3cret": {"identity": "ingest", "authorizations": [{"topic":
+    "^orders$", "channels": [".*"], "permissions": ["publish"]}]}}``.
+    """
+
+    def __init__(self, http_addresses: Iterable[str] = (), secrets_file: Optional[str] = None,
+                 timeout: float = 5.0) -> None:
+        self.urls = [a if "://" in a else f"http://{a}/auth" for a in http_addresses]
+        self.timeout = timeout
+        self.secrets: Dict[str, Dict[str, Any]] = {}
+        if secrets_file:
+            with open(secrets_file, "rb") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise InvalidArgument(f"{secrets_file}: expected a JSON object of secrets")
+            for secret, reply in data.items():
+                _AuthState(reply, 0.0)  # fail now on a bad rule, not at AUTH time
+            self.secrets = data
+        if not self.urls and not self.secrets:
+            raise InvalidArgument("an Authorizer needs auth server addresses or a secrets file")
+
+    def authorize(self, secret: str, remote_ip: str, tls: bool,
+                  common_name: str = "") -> Optional[_AuthState]:
+        """The grant for *secret*, or None if it is unknown; raises OSError/ValueError."""
+        now = time.monotonic()
+        if secret in self.secrets:
+            return _AuthState(self.secrets[secret], now)
+        if not self.urls:
+            return None
+        query = urllib.parse.urlencode({"remote_ip": remote_ip, "tls": str(tls).lower(),
+                                        "secret": secret, "common_name": common_name})
+        last: Optional[BaseException] = None
+        for url in random.sample(self.urls, len(self.urls)):
+            try:
+                with urllib.request.urlopen(f"{url}?{query}", timeout=self.timeout) as r:
+                    reply = json.loads(r.read(DEFAULT_MAX_BODY_SIZE))
+                if not isinstance(reply, dict) or not reply.get("ttl", 0) > 0:
+                    raise ValueError(f"auth server reply without a positive ttl: {reply!r:.200}")
+                return _AuthState(reply, now)
+            except (OSError, ValueError) as e:
+                last = e
+                log.warning("auth server %s failed: %s", url, e)
+        raise last if last is not None else OSError("no auth server answered")
+
+
+class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """nsqd's TCP front end (protocol V2) for a Broker.
+
+    ``start()`` serves from a background thread; ``close()`` stops accepting,
+    closes every connection (requeueing what they held in flight) and joins
+    all threads.  The broker stays open: its owner closes it.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, broker: Broker, address: Any = DEFAULT_TCP_ADDRESS, *,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 max_heartbeat_interval: float = DEFAULT_MAX_HEARTBEAT_INTERVAL,
+                 output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
+                 max_output_buffer_size: int = DEFAULT_MAX_OUTPUT_BUFFER_SIZE,
+                 max_output_buffer_timeout: float = DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_required: bool = False, deflate: bool = True,
+                 max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
+                 authorizer: Optional[Authorizer] = None) -> None:
+        _check_range("max_deflate_level", max_deflate_level, 1, 9)
+        _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
+        self.broker = broker
+        self.heartbeat_interval = heartbeat_interval
+        self.max_heartbeat_interval = max_heartbeat_interval
+        self.output_buffer_timeout = output_buffer_timeout
+        self.max_output_buffer_size = max_output_buffer_size
+        self.max_output_buffer_timeout = max_output_buffer_timeout
+        self.deflate = deflate
+        self.max_deflate_level = max_deflate_level
+        self.authorizer = authorizer
+        self.tls_context: Optional[ssl.SSLContext] = None
+        if tls_cert or tls_key:
+            if not (tls_cert and tls_key):
+                raise InvalidArgument("TLS needs both tls_cert and tls_key")
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(tls_cert, tls_key)
+        if tls_required and self.tls_context is None:
+            raise InvalidArgument("tls_required needs tls_cert and tls_key")
+        self.tls_required = tls_required
+        # _conns_lock guards _conns, the live connections, and _closing.
+        self._conns_lock = threading.Lock()
+        self._conns: List["_ClientV2"] = []
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        super().__init__(_split_address(address, 4150), _V2Handler)
+
+    @property
+    def address(self) -> str:
+        """Where the server listens, as ``host:port`` (useful with port 0)."""
+        host, port = self.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> "TCPServer":
+        """Serve connections from a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="minq-tcp",
+                                        kwargs={"poll_interval": 0.1})
+        self._thread.start()
+        return self
+
+    def _track(self, conn: "_ClientV2") -> bool:
+        with self._conns_lock:
+            if self._closing:
+                return False
+            self._conns.append(conn)
+            return True
+
+    def _untrack(self, conn: "_ClientV2") -> None:
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+
+    def connections(self) -> List["_ClientV2"]:
+        with self._conns_lock:
+            return list(self._conns)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection, join every thread."""
+        with self._conns_lock:
+            if self._closing:
+                return
+            self._closing = True
+            conns = list(self._conns)
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        for c in conns:
+            c.close()
+        self.server_close()   # joins the connection threads (block_on_close)
+
+    def __enter__(self) -> "TCPServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _V2Handler(socketserver.BaseRequestHandler):
+    """socketserver's per-connection hook: hands the socket to a _ClientV2."""
+
+    server: TCPServer
+
+    def handle(self) -> None:
+        conn = _ClientV2(self.server, self.request, self.client_address)
+        if self.server._track(conn):
+            try:
+                conn.run()
+            finally:
+                self.server._untrack(conn)
+
+
+class _ClientV2(Consumer):
+    """One TCP connection speaking protocol V2: reads commands, writes frames.
+
+    The connection's thread runs commands and writes their replies at once,
+    in order.  Message frames from deliveries are buffered and written by the
+    writer thread, which also sends heartbeats and flushes the buffer after
+    ``output_buffer_timeout`` or as soon as the client cannot take more.
+    """
+
+    def __init__(self, server: TCPServer, sock: socket.socket, address: Tuple[str, int]) -> None:
+        super().__init__(ready_count=0, client_id=str(address[0]))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server = server
+        self.broker = server.broker
+        self.sock = sock
+        self.stream = _Stream(sock)
+        self.remote_address = f"{address[0]}:{address[1]}"
+        self.remote_ip = str(address[0])
+        self.hostname = str(address[0])
+        self.user_agent = ""
+        self.state = STATE_INIT
+        self.heartbeat_interval = server.heartbeat_interval
+        self.output_buffer_size = DEFAULT_OUTPUT_BUFFER_SIZE
+        self.output_buffer_timeout = server.output_buffer_timeout
+        self.sample_rate = 0
+        self.deflate = False
+        self.identified = False
+        self.auth: Optional[_AuthState] = None
+        self.pub_counts: Dict[str, int] = {}
+        self.reader = _FrameBuffer(self.stream, self._read_timeout)
+        self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+        # _out_cond guards _out, _out_bytes, _flush_at, _flush_now, _drops,
+        # _heartbeat_reset and _stopping.  Deliveries (any thread) append under
+        # it; the writer thread waits on it.  Never held across socket I/O.
+        self._out_cond = threading.Condition(threading.Lock())
+        self._out: List[bytes] = []
+        self._out_bytes = 0
+        self._flush_at = math.inf
+        self._flush_now = False
+        self._drops: List[Message] = []
+        self._heartbeat_reset = False
+        self._stopping = False
+        # _send_lock serialises writes to the stream, so frames never interleave.
+        self._send_lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop,
+                                        name=f"minq-tcp-writer-{self.id}")
+        self._set_socket_timeout()
+
+    # -- the connection's life ---------------------------------------------------
+    def run(self) -> None:
+        self._writer.start()
+        try:
+            magic = self.reader.exact(4)
+            if magic != MAGIC_V2:
+                log.info("client %s: bad protocol magic %r", self.remote_address, magic)
+                self._send(_frame(FRAME_TYPE_ERROR, b"E_BAD_PROTOCOL"))
+                return
+            self._command_loop()
+        except _LineTooLong as e:
+            log.warning("client %s: %s; closing", self.remote_address, e)
+        except ConnectionLost as e:
+            log.debug("client %s: %s", self.remote_address, e)
+        except (OSError, ssl.SSLError, zlib.error) as e:
+            log.info("client %s: connection error: %s", self.remote_address, e)
+        finally:
+            self._teardown()
+
+    def _command_loop(self) -> None:
+        commands = self._COMMANDS
+        while not self._stopping:
+            line = self.reader.line()
+            if self.heartbeat_interval > 0:
+                self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+            params = line.split(b" ")
+            try:
+                cmd = commands.get(params[0])
+                if cmd is None:
+                    raise _ClientError("E_INVALID",
+                                       f"invalid command {params[0].decode(errors='replace')}")
+                if self.server.tls_required and self.stream.tls is None and cmd is not _ClientV2._identify:
+                    raise _ClientError("E_INVALID", f"cannot {params[0].decode()} in current "
+                                                    f"state (TLS required)")
+                reply = cmd(self, params)
+            except _ClientError as e:
+                log.log(logging.WARNING if e.fatal else logging.DEBUG,
+                        "client %s: %s", self.remote_address, e)
+                self._send(_frame(FRAME_TYPE_ERROR, str(e).encode()))
+                if e.fatal:
+                    return
+                continue
+            if reply is not None:
+                self._send(_frame(FRAME_TYPE_RESPONSE, reply))
+
+    def _read_timeout(self) -> None:
+        # A socket timeout while waiting for bytes: give up after two missed heartbeats.
+        if self._stopping:
+            raise ConnectionLost("connection closing")
+        if self.heartbeat_interval > 0 and time.monotonic() >= self._read_deadline:
+            raise ConnectionLost("no command within two heartbeat intervals")
+
+    def _set_socket_timeout(self) -> None:
+        # One timeout for both directions: the read poll and nsqd's write deadline.
+        hb = self.heartbeat_interval
+        self.sock.settimeout(hb if hb > 0 else DEFAULT_MAX_HEARTBEAT_INTERVAL)
+
+    def close(self) -> None:
+        """Close from outside (server shutdown, channel deleted): the reader ends soon."""
+        with self._out_cond:
+            self._stopping = True
+            self._out_cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _on_channel_closed(self) -> None:
+        # nsqd closes the connections of a deleted channel.
+        self.closed = True
+        self.close()
+
+    def _teardown(self) -> None:
+        self.close()
+        ch = self.channel
+        if ch is not None:
+            ch.remove_consumer(self)    # requeues what it held in flight
+        self._writer.join()
+        self.broker.remove_producer(self)
+        with self._out_cond:
+            drops, self._drops = self._drops, []
+        self._finish_dropped(drops)
+
+    # -- writing -----------------------------------------------------------------
+    def _send(self, frame: bytes) -> None:
+        """Write buffered message frames and then *frame*, now, in order."""
+        with self._send_lock:
+            with self._out_cond:
+                if self._out:
+                    self._out.append(frame)
+                    frame = b"".join(self._out)
+                    self._out.clear()
+                    self._out_bytes = 0
+                self._flush_at = math.inf
+                self._flush_now = False
+            if frame:
+                self.stream.send(frame)
+
+    def _deliver(self, msg: _Delivery) -> None:
+        # Called by the core on whatever thread dispatched; must not block.
+        body = msg.body
+        frame = _FRAME_HEAD.pack(len(body) + 30, FRAME_TYPE_MESSAGE) + msg.encode()
+        with self._out_cond:
+            if self._stopping:
+                return   # still in flight: requeued when the connection is torn down
+            rate = self.sample_rate
+            if rate and random.randrange(100) > rate:
+                self._drops.append(msg)   # nsqd drops it for this channel
+                self._out_cond.notify()
+                return
+            self._out.append(frame)
+            self._out_bytes += len(frame)
+            if self._out_bytes >= self.output_buffer_size or self.in_flight_count >= self.ready_count:
+                self._flush_now = True
+                self._out_cond.notify()
+            elif self._flush_at == math.inf and self.output_buffer_timeout > 0:
+                self._flush_at = time.monotonic() + self.output_buffer_timeout
+                self._out_cond.notify()
+
+    def _write_loop(self) -> None:
+        cond = self._out_cond
+        next_beat = time.monotonic() + self.heartbeat_interval
+        try:
+            while True:
+                beat = False
+                with cond:
+                    while True:
+                        if self._stopping:
+                            return
+                        now = time.monotonic()
+                        hb = self.heartbeat_interval
+                        if self._heartbeat_reset:
+                            self._heartbeat_reset = False
+                            next_beat = now + hb
+                        if self._drops:
+                            break
+                        if self._out and (self._flush_now or now >= self._flush_at):
+                            break
+                        if hb > 0 and now >= next_beat:
+                            beat = True
+                            next_beat = now + hb
+                            break
+                        wake = min(self._flush_at if self._out else math.inf,
+                                   next_beat if hb > 0 else math.inf)
+                        cond.wait(None if wake == math.inf else wake - now)
+                    drops, self._drops = self._drops, []
+                self._finish_dropped(drops)
+                self._send(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT) if beat else b"")
+        except (OSError, ssl.SSLError) as e:
+            log.info("client %s: write failed: %s", self.remote_address, e)
+            self.close()
+
+    @staticmethod
+    def _finish_dropped(drops: List[Message]) -> None:
+        for m in drops:
+            try:
+                m.finish()
+            except NotInFlight:
+                pass
+
+    # -- commands ----------------------------------------------------------------
+    def _read_body(self, cmd: str, limit: int, code: str, what: str = "body") -> bytes:
+        """A 4-byte length and that many bytes; the length is checked first."""
+        n = self.reader.int32()
+        if n <= 0:
+            raise _ClientError(code, f"{cmd} invalid {what} size {n}")
+        if n > limit:
+            raise _ClientError(code, f"{cmd} {'message' if what == 'message body' else 'body'} "
+                                     f"too big {n} > {limit}")
+        return self.reader.exact(n)
+
+    def _identify(self, params: List[bytes]) -> Optional[bytes]:
+        if self.state != STATE_INIT:
+            raise _ClientError("E_INVALID", "cannot IDENTIFY in current state")
+        body = self._read_body("IDENTIFY", self.broker.max_body_size, "E_BAD_BODY")
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise _ClientError("E_BAD_BODY", "IDENTIFY failed to decode JSON body") from None
+        self._apply_identify(data)
+        if not data.get("feature_negotiation"):
+            return b"OK"
+        srv = self.server
+        tls = bool(data.get("tls_v1")) and srv.tls_context is not None
+        deflate = bool(data.get("deflate")) and srv.deflate
+        level = _json_int(data, "deflate_level", 0) or 6
+        level = min(level, srv.max_deflate_level) if deflate else min(6, srv.max_deflate_level)
+        reply = {
+            "max_rdy_count": self.broker.max_rdy_count, "version": NSQ_VERSION,
+            "max_msg_timeout": int(self.broker.max_msg_timeout * 1000),
+            "msg_timeout": int((self.msg_timeout or self.broker.msg_timeout) * 1000),
+            "tls_v1": tls, "deflate": deflate, "deflate_level": level,
+            "max_deflate_level": srv.max_deflate_level, "snappy": False,
+            "sample_rate": self.sample_rate, "auth_required": srv.authorizer is not None,
+            "output_buffer_size": self.output_buffer_size,
+            "output_buffer_timeout": int(self.output_buffer_timeout * 1000),
+            "topology_region": "", "topology_zone": "",
+        }
+        # The reply goes out in plain text; each upgrade then answers OK inside it.
+        with self._send_lock:
+            self.stream.send(_frame(FRAME_TYPE_RESPONSE, json.dumps(reply).encode()))
+            try:
+                if tls:
+                    self.stream.start_tls(srv.tls_context, True,  # type: ignore[arg-type]
+                                          self.reader.take_leftover())
+                    self.stream.send(_frame(FRAME_TYPE_RESPONSE, b"OK"))
+                if deflate:
+                    self.stream.start_deflate(level, self.reader.take_leftover())
+                    self.deflate = True
+                    self.stream.send(_frame(FRAME_TYPE_RESPONSE, b"OK"))
+            except (ssl.SSLError, ConnectionLost, socket.timeout) as e:
+                raise _ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {e}") from e
+        return None
+
+    def _apply_identify(self, data: Dict[str, Any]) -> None:
+        srv = self.server
+        hb = _json_int(data, "heartbeat_interval", 0)
+        if hb == -1:
+            hb_s = 0.0
+        elif hb == 0:
+            hb_s = srv.heartbeat_interval
+        elif 1000 <= hb <= srv.max_heartbeat_interval * 1000:
+            hb_s = hb / 1000
+        else:
+            raise _ClientError("E_BAD_BODY", f"IDENTIFY heartbeat interval ({hb}) is invalid")
+        size = _json_int(data, "output_buffer_size", 0)
+        if size == -1:
+            size, obt_off = 1, True
+        elif size == 0:
+            size, obt_off = DEFAULT_OUTPUT_BUFFER_SIZE, False
+        elif 64 <= size <= srv.max_output_buffer_size:
+            obt_off = False
+        else:
+            raise _ClientError("E_BAD_BODY", f"IDENTIFY output buffer size ({size}) is invalid")
+        obt = _json_int(data, "output_buffer_timeout", 0)
+        if obt == -1:
+            obt_s = 0.0
+        elif obt == 0:
+            obt_s = srv.output_buffer_timeout
+        elif DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT * 1000 <= obt <= srv.max_output_buffer_timeout * 1000:
+            obt_s = obt / 1000
+        else:
+            raise _ClientError("E_BAD_BODY", f"IDENTIFY output buffer timeout ({obt}) is invalid")
+        rate = _json_int(data, "sample_rate", 0)
+        if not 0 <= rate <= 99:
+            raise _ClientError("E_BAD_BODY", f"IDENTIFY sample rate ({rate}) is invalid")
+        mt = _json_int(data, "msg_timeout", 0)
+        if mt and not 1000 <= mt <= self.broker.max_msg_timeout * 1000:
+            raise _ClientError("E_BAD_BODY", f"IDENTIFY msg timeout ({mt}) is invalid")
+        for key in ("client_id", "hostname", "user_agent"):
+            if key in data:
+                setattr(self, key, str(data[key]))
+        self.output_buffer_size = size
+        self.output_buffer_timeout = 0.0 if obt_off else obt_s
+        self.sample_rate = rate
+        if mt:
+            self.msg_timeout = mt / 1000
+        self.identified = True
+        with self._out_cond:
+            self.heartbeat_interval = hb_s
+            self._heartbeat_reset = True
+            self._out_cond.notify()
+        if hb_s > 0:
+            self._read_deadline = time.monotonic() + 2 * hb_s
+        self._set_socket_timeout()
+
+    def _auth(self, params: List[bytes]) -> bytes:
+        srv = self.server
+        if srv.authorizer is None:
+            raise _ClientError("E_AUTH_DISABLED", "AUTH disabled")
+        if self.state != STATE_INIT:
+            raise _ClientError("E_INVALID", "cannot AUTH in current state")
+        if len(params) != 1:
+            raise _ClientError("E_INVALID", "AUTH invalid number of parameters")
+        secret = self._read_body("AUTH", self.broker.max_body_size, "E_BAD_BODY")
+        if self.auth is not None:
+            raise _ClientError("E_INVALID", "AUTH already set")
+        self.auth = self._query_auth(secret.decode(errors="replace"))
+        if not self.auth.rules:
+            raise _ClientError("E_UNAUTHORIZED", "AUTH no authorizations found")
+        return json.dumps({"identity": self.auth.identity,
+                           "identity_url": self.auth.identity_url,
+                           "permission_count": len(self.auth.rules)}).encode()
+
+    def _query_auth(self, secret: str) -> _AuthState:
+        try:
+            state = self.server.authorizer.authorize(  # type: ignore[union-attr]
+                secret, self.remote_ip, self.stream.tls is not None)
+        except (OSError, ValueError) as e:
+            log.warning("client %s: AUTH failed: %s", self.remote_address, e)
+            raise _ClientError("E_AUTH_FAILED", "AUTH failed") from e
+        if state is None:
+            raise _ClientError("E_AUTH_FAILED", "AUTH failed")
+        state.secret = secret  # type: ignore[attr-defined]
+        return state
+
+    def _check_auth(self, cmd: str, permission: str, topic: str, channel: str) -> None:
+        if self.server.authorizer is None:
+            return
+        if self.auth is None:
+            raise _ClientError("E_AUTH_FIRST", f"AUTH required before {cmd}")
+        if time.monotonic() >= self.auth.expires:
+            self.auth = self._query_auth(self.auth.secret)  # type: ignore[attr-defined]
+        if not self.auth.allows(permission, topic, channel):
+            raise _ClientError("E_UNAUTHORIZED", f'AUTH failed for {cmd} on "{topic}" "{channel}"')
+
+    def _sub(self, params: List[bytes]) -> bytes:
+        if self.state != STATE_INIT:
+            raise _ClientError("E_INVALID", "cannot SUB in current state")
+        if self.heartbeat_interval <= 0:
+            raise _ClientError("E_INVALID", "cannot SUB with heartbeats disabled")
+        if len(params) < 3:
+            raise _ClientError("E_INVALID", "SUB insufficient number of parameters")
+        topic = self._name(params[1], "E_BAD_TOPIC", "SUB topic")
+        channel = self._name(params[2], "E_BAD_CHANNEL", "SUB channel")
+        self._check_auth("SUB", "subscribe", topic, channel)
+        try:
+            self.broker.topic(topic).channel(channel).add_consumer(self)
+        except BrokerClosed as e:
+            raise _ClientError("E_SUB_FAILED", f"SUB failed {e}") from e
+        self.state = STATE_SUBSCRIBED
+        return b"OK"
+
+    @staticmethod
+    def _name(raw: bytes, code: str, what: str) -> str:
+        name = raw.decode(errors="replace")
+        try:
+            return validate_name(name, what)
+        except InvalidName:
+            raise _ClientError(code, f'{what} name "{name}" is not valid') from None
+
+    def _rdy(self, params: List[bytes]) -> None:
+        if self.state == STATE_CLOSING:
+            return None
+        if self.state != STATE_SUBSCRIBED:
+            raise _ClientError("E_INVALID", "cannot RDY in current state")
+        count = 1
+        if len(params) > 1:
+            count = _parse_uint(params[1], "RDY could not parse count")
+        if count > self.broker.max_rdy_count:
+            raise _ClientError("E_INVALID",
+                               f"RDY count {count} out of range 0-{self.broker.max_rdy_count}")
+        self.channel.set_ready(self, count)  # type: ignore[union-attr]
+        return None
+
+    def _settle_params(self, cmd: str, params: List[bytes], n: int) -> bytes:
+        if self.state not in (STATE_SUBSCRIBED, STATE_CLOSING):
+            raise _ClientError("E_INVALID", f"cannot {cmd} in current state")
+        if len(params) < n:
+            raise _ClientError("E_INVALID", f"{cmd} insufficient number of params")
+        if len(params[1]) != 16:
+            raise _ClientError("E_INVALID", "invalid message ID")
+        return params[1]
+
+    def _fin(self, params: List[bytes]) -> None:
+        msg_id = self._settle_params("FIN", params, 2)
+        try:
+            self.channel.finish(self, msg_id)  # type: ignore[union-attr]
+        except NotInFlight:
+            raise _ClientError("E_FIN_FAILED",
+                               f"FIN {msg_id.decode(errors='replace')} failed ID not in flight") from None
+        return None
+
+    def _req(self, params: List[bytes]) -> None:
+        msg_id = self._settle_params("REQ", params, 3)
+        ms = _parse_uint(params[2], "REQ could not parse timeout")
+        limit = int(self.broker.max_req_timeout * 1000)
+        if ms > limit:
+            log.info("client %s: REQ timeout %d out of range 0-%d, clamped",
+                     self.remote_address, ms, limit)
+            ms = limit
+        try:
+            self.channel.requeue(self, msg_id, ms / 1000)  # type: ignore[union-attr]
+        except NotInFlight:
+            raise _ClientError("E_REQ_FAILED",
+                               f"REQ {msg_id.decode(errors='replace')} failed ID not in flight") from None
+        return None
+
+    def _touch(self, params: List[bytes]) -> None:
+        msg_id = self._settle_params("TOUCH", params, 2)
+        try:
+            self.channel.touch(self, msg_id)  # type: ignore[union-attr]
+        except NotInFlight:
+            raise _ClientError("E_TOUCH_FAILED",
+                               f"TOUCH {msg_id.decode(errors='replace')} failed ID not in flight") from None
+        return None
+
+    def _cls(self, params: List[bytes]) -> bytes:
+        if self.state != STATE_SUBSCRIBED:
+            raise _ClientError("E_INVALID", "cannot CLS in current state")
+        self.channel.set_ready(self, 0)  # type: ignore[union-attr]
+        self.state = STATE_CLOSING
+        return b"CLOSE_WAIT"
+
+    def _nop(self, params: List[bytes]) -> None:
+        return None
+
+    def _pub(self, params: List[bytes]) -> bytes:
+        if len(params) < 2:
+            raise _ClientError("E_INVALID", "PUB insufficient number of parameters")
+        topic = self._name(params[1], "E_BAD_TOPIC", "PUB topic")
+        body = self._read_body("PUB", self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
+        self._check_auth("PUB", "publish", topic, "")
+        self._publish("PUB", topic, [body], 0.0)
+        return b"OK"
+
+    def _dpub(self, params: List[bytes]) -> bytes:
+        if len(params) < 3:
+            raise _ClientError("E_INVALID", "DPUB insufficient number of parameters")
+        topic = self._name(params[1], "E_BAD_TOPIC", "DPUB topic")
+        ms = _parse_uint(params[2], "DPUB could not parse timeout")
+        limit = int(self.broker.max_req_timeout * 1000)
+        if ms > limit:
+            raise _ClientError("E_INVALID", f"DPUB timeout {ms} out of range 0-{limit}")
+        body = self._read_body("DPUB", self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
+        self._check_auth("DPUB", "publish", topic, "")
+        self._publish("DPUB", topic, [body], ms / 1000)
+        return b"OK"
+
+    def _mpub(self, params: List[bytes]) -> bytes:
+        if len(params) < 2:
+            raise _ClientError("E_INVALID", "MPUB insufficient number of parameters")
+        topic = self._name(params[1], "E_BAD_TOPIC", "E_BAD_TOPIC MPUB topic")
+        self._check_auth("MPUB", "publish", topic, "")
+        payload = self._read_body("MPUB", self.broker.max_body_size, "E_BAD_BODY")
+        self._publish("MPUB", topic, self._split_mpub(payload), 0.0)
+        return b"OK"
+
+    def _split_mpub(self, payload: bytes) -> List[bytes]:
+        """``[count][(size, bytes) x count]`` -> bodies; every size checked before use."""
+        if len(payload) < 4:
+            raise _ClientError("E_BAD_BODY", "MPUB failed to read message count")
+        count = _LEN.unpack_from(payload)[0]
+        if not 0 < count <= (self.broker.max_body_size - 4) // 5:
+            raise _ClientError("E_BAD_BODY", f"MPUB invalid message count {count}")
+        bodies, pos, limit = [], 4, self.broker.max_msg_size
+        for i in range(count):
+            if pos + 4 > len(payload):
+                raise _ClientError("E_BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
+            size = _LEN.unpack_from(payload, pos)[0]
+            pos += 4
+            if size <= 0:
+                raise _ClientError("E_BAD_MESSAGE", f"MPUB invalid message({i}) body size {size}")
+            if size > limit:
+                raise _ClientError("E_BAD_MESSAGE", f"MPUB message too big {size} > {limit}")
+            if pos + size > len(payload):
+                raise _ClientError("E_BAD_MESSAGE", "MPUB failed to read message body")
+            bodies.append(payload[pos:pos + size])
+            pos += size
+        return bodies
+
+    def _publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> None:
+        try:
+            if len(bodies) == 1:
+                self.broker.publish(topic, bodies[0], defer)
+            else:
+                self.broker.publish_many(topic, bodies, defer)
+        except (PublishFailed, BrokerClosed) as e:
+            raise _ClientError(f"E_{cmd}_FAILED", f"{cmd} failed {e}") from e
+        except InvalidMessage as e:
+            raise _ClientError("E_BAD_MESSAGE", f"{cmd} {e}") from e
+        if topic not in self.pub_counts:
+            self.broker.add_producer(self)
+        self.pub_counts[topic] = self.pub_counts.get(topic, 0) + len(bodies)
+
+    _COMMANDS: Dict[bytes, Callable[["_ClientV2", List[bytes]], Optional[bytes]]] = {
+        b"IDENTIFY": _identify, b"AUTH": _auth, b"SUB": _sub, b"RDY": _rdy,
+        b"FIN": _fin, b"REQ": _req, b"TOUCH": _touch, b"CLS": _cls, b"NOP": _nop,
+        b"PUB": _pub, b"MPUB": _mpub, b"DPUB": _dpub,
+    }
+
+    def client_stats(self) -> Dict[str, Any]:
+        stats = super().client_stats()
+        stats.update({"client_id": self.client_id, "hostname": self.hostname,
+                      "remote_address": self.remote_address, "state": self.state,
+                      "sample_rate": self.sample_rate, "deflate": self.deflate,
+                      "user_agent": self.user_agent})
+        stats.update(self.stream.tls_stats())
+        if self.auth is not None:
+            stats.update({"authed": True, "auth_identity": self.auth.identity,
+                          "auth_identity_url": self.auth.identity_url})
+        if self.pub_counts:
+            stats["pub_counts"] = [{"topic": t, "count": n} for t, n in self.pub_counts.items()]
+        return stats
+
+
+def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
+    """An integer IDENTIFY field; Go's decoder rejects floats, strings and bools."""
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _ClientError("E_BAD_BODY", "IDENTIFY failed to decode JSON body")
+    return value
+
+
+# =============================================================================
+# CLI
+#
+# ``python minq.py serve`` runs a broker with nsqd's flags (a TOML --config
+# file, keys named like the flags with underscores, gives defaults that the
+# command line overrides).  The library never configures logging; main does.
+# =============================================================================
+
+_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from nsqd's duration forms (``"60s"``, ``"15m"``, ``"1h30m"``, ``"250ms"``).
+
+    A bare number is taken as seconds.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise InvalidArgument(f"invalid duration {value!r}: use forms like 60s, 15m, 250ms, 1h30m")
+    return total
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise InvalidArgument(f"invalid boolean {value!r}: use true or false")
+
+
+def _parse_tls_required(value: Any) -> bool:
+    # nsqd's values: true, false, tcp-https (TLS required on TCP only).
+    return True if str(value).lower() == "tcp-https" else _parse_bool(value)
+
+
+# (flag, parser, default, help) for ``serve``; cfg keys are flags with "_".
+_SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
+    ("tcp-address", str, DEFAULT_TCP_ADDRESS, "<addr>:<port> to listen on for TCP clients"),
+    ("data-path", str, DEFAULT_DATA_PATH,
+     "folder for the segment logs and minq.dat ('' = memory only, nothing kept)"),
+    ("mem-queue-size", int, DEFAULT_MEM_QUEUE_SIZE,
+     "messages kept in memory per topic and channel before they overflow to disk"),
+    ("durable", _parse_bool, False,
+     "write every message to disk before PUB is answered; survive kill -9"),
+    ("fsync", _parse_bool, False, "with --durable: fsync before PUB is answered (group commit)"),
+    ("max-bytes-per-file", int, DEFAULT_MAX_BYTES_PER_FILE, "segment file size before rolling"),
+    ("sync-every", int, DEFAULT_SYNC_EVERY, "disk operations between fsyncs"),
+    ("sync-timeout", parse_duration, DEFAULT_SYNC_TIMEOUT, "longest time between fsyncs"),
+    ("msg-timeout", parse_duration, DEFAULT_MSG_TIMEOUT, "default in-flight timeout"),
+    ("max-msg-timeout", parse_duration, DEFAULT_MAX_MSG_TIMEOUT,
+     "largest msg_timeout a client may ask for"),
+    ("max-msg-size", int, DEFAULT_MAX_MSG_SIZE, "largest message body in bytes"),
+    ("max-body-size", int, DEFAULT_MAX_BODY_SIZE, "largest MPUB/IDENTIFY body in bytes"),
+    ("max-req-timeout", parse_duration, DEFAULT_MAX_REQ_TIMEOUT,
+     "longest REQ delay and DPUB deferral"),
+    ("max-rdy-count", int, DEFAULT_MAX_RDY_COUNT, "largest RDY a client may send"),
+    ("max-attempts", int, 0, "deliveries before a message goes to the dead-letter topic (0 = never)"),
+    ("max-heartbeat-interval", parse_duration, DEFAULT_MAX_HEARTBEAT_INTERVAL,
+     "largest heartbeat interval a client may ask for"),
+    ("output-buffer-timeout", parse_duration, DEFAULT_OUTPUT_BUFFER_TIMEOUT,
+     "default time message frames are buffered before a flush"),
+    ("max-output-buffer-size", int, DEFAULT_MAX_OUTPUT_BUFFER_SIZE,
+     "largest output buffer a client may ask for"),
+    ("max-output-buffer-timeout", parse_duration, DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT,
+     "largest output buffer timeout a client may ask for"),
+    ("tls-cert", str, "", "certificate file (PEM) for TLS"),
+    ("tls-key", str, "", "private key file (PEM) for TLS"),
+    ("tls-required", _parse_tls_required, False,
+     "refuse every command but IDENTIFY until the client has upgraded to TLS"),
+    ("deflate", _parse_bool, True, "let clients negotiate deflate compression"),
+    ("max-deflate-level", int, DEFAULT_MAX_DEFLATE_LEVEL, "highest deflate level (1-9)"),
+    ("auth-http-address", str, None,
+     "nsqd auth server <addr>:<port> or URL (repeatable); clients must AUTH"),
+    ("auth-secrets", str, "", "JSON file mapping AUTH secrets to authorizations"),
+    ("log-level", str, "info", "debug, info, warn, error or fatal"),
+]
+_BOOL_FLAGS = {"durable", "fsync", "deflate", "tls-required"}
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+               "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="run the broker: NSQ's TCP protocol on --tcp-address",
+        description="Run minq as a server speaking nsqd's TCP protocol, so any NSQ client "
+                    "can publish and consume. Durations take nsqd's forms: 60s, 15m, 250ms.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of options (keys like flags, with _); flags win")
+    for flag, _, default, text in _SERVE_OPTIONS:
+        shown = "" if default in (None, "") else f" (default {default})"
+        if flag in _BOOL_FLAGS:
+            p.add_argument(f"--{flag}", nargs="?", const="true", default=argparse.SUPPRESS,
+                           metavar="BOOL", help=text + shown)
+        elif flag == "auth-http-address":
+            p.add_argument(f"--{flag}", action="append", default=argparse.SUPPRESS,
+                           metavar="ADDR", help=text)
+        else:
+            p.add_argument(f"--{flag}", default=argparse.SUPPRESS, metavar="VALUE",
+                           help=text + shown)
+
+
+def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Defaults, then the --config file, then the command line; each value parsed."""
+    given: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import tomllib   # Python 3.11+; only needed for --config
+        with open(args.config, "rb") as f:
+            cfg = tomllib.load(f)
+        known = {flag.replace("-", "_") for flag, *_ in _SERVE_OPTIONS}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise InvalidArgument(f"{args.config}: unknown option(s) {', '.join(unknown)}")
+        given.update(cfg)
+    for flag, *_ in _SERVE_OPTIONS:
+        key = flag.replace("-", "_")
+        if hasattr(args, key):
+            given[key] = getattr(args, key)
+    opts: Dict[str, Any] = {}
+    for flag, parse, default, _ in _SERVE_OPTIONS:
+        key = flag.replace("-", "_")
+        if key not in given:
+            opts[key] = default
+        elif key == "auth_http_address":
+            value = given[key]
+            opts[key] = [value] if isinstance(value, str) else list(value)
+        else:
+            try:
+                opts[key] = parse(given[key])
+            except (ValueError, MinqError) as e:
+                raise InvalidArgument(f"--{flag}: {e}") from None
+    return opts
+
+
+def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = None,
+          stop: Optional[threading.Event] = None) -> int:
+    """Run broker + TCP server until *stop* is set (SIGINT/SIGTERM in main); 0 on a clean stop."""
+    stop = stop or threading.Event()
+    broker = Broker(
+        data_path=opts["data_path"] or None, mem_queue_size=opts["mem_queue_size"],
+        durable=opts["durable"] or opts["fsync"], fsync=opts["fsync"],
+        max_bytes_per_file=opts["max_bytes_per_file"], sync_every=opts["sync_every"],
+        sync_timeout=opts["sync_timeout"], msg_timeout=opts["msg_timeout"],
+        max_msg_timeout=opts["max_msg_timeout"], max_msg_size=opts["max_msg_size"],
+        max_body_size=opts["max_body_size"], max_req_timeout=opts["max_req_timeout"],
+        max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"])
+    try:
+        authorizer = None
+        if opts["auth_http_address"] or opts["auth_secrets"]:
+            authorizer = Authorizer(opts["auth_http_address"] or (), opts["auth_secrets"] or None)
+        server = TCPServer(
+            broker, opts["tcp_address"],
+            max_heartbeat_interval=opts["max_heartbeat_interval"],
+            heartbeat_interval=min(DEFAULT_HEARTBEAT_INTERVAL, opts["max_heartbeat_interval"]),
+            output_buffer_timeout=opts["output_buffer_timeout"],
+            max_output_buffer_size=opts["max_output_buffer_size"],
+            max_output_buffer_timeout=opts["max_output_buffer_timeout"],
+            tls_cert=opts["tls_cert"] or None, tls_key=opts["tls_key"] or None,
+            tls_required=opts["tls_required"], deflate=opts["deflate"],
+            max_deflate_level=opts["max_deflate_level"], authorizer=authorizer)
+    except BaseException:
+        broker.close()
+        raise
+    mode = ("memory only" if not broker.data_path else
+            f"data in {broker.data_path}" + (" (durable, fsync)" if broker.fsync else
+                                             " (durable)" if broker.durable else ""))
+    print(f"minq {VERSION} (nsqd {NSQ_VERSION} protocol) listening on "
+          f"tcp://{server.address}; {mode}", flush=True)
+    server.start()
+    if ready is not None:
+        ready(server)
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping: closing connections, persisting")
+        server.close()
+        broker.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: ``python minq.py serve [flags]``; see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="minq.py",
+        description="minq: an NSQ-compatible message broker in one file. "
+                    "Start a server with 'python minq.py serve'.")
+    parser.add_argument("--version", action="version",
+                        version=f"minq {VERSION} (nsqd {NSQ_VERSION} protocol)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        opts = _serve_options(args)
+    except (MinqError, OSError) as e:
+        parser.error(str(e))
+    level = _LOG_LEVELS.get(str(opts["log_level"]).lower())
+    if level is None:
+        parser.error(f"--log-level {opts['log_level']!r}: use debug, info, warn, error or fatal")
+    logging.basicConfig(level=level, format="[minq] %(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        return serve(opts, stop=stop)
+    except (MinqError, OSError, ssl.SSLError) as e:
+        log.critical("cannot start: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
