@@ -12,6 +12,10 @@ Sections:
            and 16 publishers beside raw append+fsync per record; overflow through disk
            (mem_queue_size=0) beside raw sequential appends; restart time of a 1 GB
            log; RSS while 2 M messages overflow.  Uses a temporary folder (--dir).
+  tcp      `python minq.py serve` in a subprocess, driven over loopback with 100-byte
+           messages: PUB one at a time, MPUB in batches of 100, consuming with RDY 200,
+           publish-to-receive latency; beside a raw socket server in a subprocess doing
+           the same framing and batching (the limit of Python sockets on this machine).
 
 Numbers depend on the machine and its load: compare ratios, not absolutes.
 """
@@ -339,7 +343,255 @@ def section_storage(scale: float, base: str) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-SECTIONS = {"core": section_core, "storage": section_storage}
+# =============================================================================
+# tcp: python minq.py serve beside a raw length-prefixed socket server
+# =============================================================================
+
+# The raw limit: a server doing the least work for the same exchanges.  The
+# client sends a 1-byte mode, then: "p" frames [len][body] answered by an OK
+# frame; "m" frames [len][count][(len, body) x count] split and answered;
+# "c" N messages pushed with a window of 200, acknowledged by 20-byte lines;
+# "l" frames answered by an OK frame and the message frame.
+RAW_SERVER = r"""
+import socket, struct, sys
+L = struct.Struct(">l")
+OK = struct.pack(">lL", 6, 0) + b"OK"
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = conn.makefile("rb")
+mode = f.read(1)
+def frames():
+    while True:
+        head = f.read(4)
+        if len(head) < 4:
+            return
+        yield f.read(L.unpack(head)[0])
+if mode in (b"p", b"l"):
+    for body in frames():
+        if mode == b"p":
+            conn.sendall(OK)
+        else:
+            conn.sendall(OK + struct.pack(">lL", len(body) + 30, 2) + b"\0" * 26 + body)
+elif mode == b"m":
+    for body in frames():
+        count, pos, out = L.unpack_from(body)[0], 4, []
+        for _ in range(count):
+            n = L.unpack_from(body, pos)[0]
+            out.append(body[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        conn.sendall(OK)
+elif mode == b"c":
+    n = int(f.readline())
+    frame = struct.pack(">lL", 130, 2) + b"\0" * 26 + b"x" * 100
+    sent = acked = 0
+    while acked < n:
+        k = min(200 - (sent - acked), n - sent)
+        if k > 0:
+            conn.sendall(frame * k)
+            sent += k
+        data = conn.recv(65536)
+        if not data:
+            break
+        acked += data.count(b"\n")
+"""
+
+
+class TCPPeer:
+    """A blocking socket with a read buffer, reading NSQ-style frames."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def frame(self):
+        while True:
+            if len(self.buf) >= 4:
+                size = struct.unpack_from(">l", self.buf)[0]
+                if len(self.buf) >= 4 + size:
+                    data, self.buf = self.buf[4:4 + size], self.buf[4 + size:]
+                    if data[4:] != b"_heartbeat_":
+                        return data
+                    self.sock.sendall(b"NOP\n")
+                    continue
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def frames_available(self):
+        """Every complete frame already received, reading once if there is none."""
+        out = []
+        while True:
+            if len(self.buf) >= 4:
+                size = struct.unpack_from(">l", self.buf)[0]
+                if len(self.buf) >= 4 + size:
+                    out.append(self.buf[4:4 + size])
+                    self.buf = self.buf[4 + size:]
+                    continue
+            if out:
+                return out
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_raw_server():
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", RAW_SERVER], stdout=subprocess.PIPE, text=True)
+    return p, f"127.0.0.1:{p.stdout.readline().strip()}"
+
+
+def start_minq_server():
+    import re
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen([sys.executable, os.path.join(here, "minq.py"), "serve",
+                          "--tcp-address", "127.0.0.1:0", "--data-path", "",
+                          "--log-level", "error"], stdout=subprocess.PIPE, text=True)
+    m = re.search(r"tcp://(\S+);", p.stdout.readline())
+    return p, m.group(1)
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+    proc.stdout.close()
+
+
+def nsq_connect(address: str) -> TCPPeer:
+    peer = TCPPeer(address)
+    ident = b'{"output_buffer_size": -1}'
+    peer.sock.sendall(b"  V2IDENTIFY\n" + struct.pack(">l", len(ident)) + ident)
+    assert peer.frame()[4:] == b"OK"
+    return peer
+
+
+def tcp_pub(address: str, n: int, raw: bool) -> float:
+    peer = TCPPeer(address) if raw else nsq_connect(address)
+    head = b"" if raw else b"PUB bench\n"
+    frame = head + struct.pack(">l", len(BODY)) + BODY
+    if raw:
+        peer.sock.sendall(b"p")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        peer.sock.sendall(frame)
+        peer.frame()
+    rate = n / (time.perf_counter() - t0)
+    peer.close()
+    return rate
+
+
+def mpub_payload(batch: int) -> bytes:
+    parts = struct.pack(">l", batch) + (struct.pack(">l", len(BODY)) + BODY) * batch
+    return struct.pack(">l", len(parts)) + parts
+
+
+def tcp_mpub(address: str, n: int, batch: int, raw: bool) -> float:
+    peer = TCPPeer(address) if raw else nsq_connect(address)
+    frame = (b"" if raw else b"MPUB bench\n") + mpub_payload(batch)
+    if raw:
+        peer.sock.sendall(b"m")
+    t0 = time.perf_counter()
+    for _ in range(n // batch):
+        peer.sock.sendall(frame)
+        peer.frame()
+    rate = (n // batch) * batch / (time.perf_counter() - t0)
+    peer.close()
+    return rate
+
+
+def tcp_consume(address: str, n: int, raw: bool) -> float:
+    if raw:
+        peer = TCPPeer(address)
+        peer.sock.sendall(b"c%d\n" % n)
+        t0 = time.perf_counter()
+    else:
+        pub = nsq_connect(address)
+        for _ in range(n // 100):
+            pub.sock.sendall(b"MPUB consume\n" + mpub_payload(100))
+            pub.frame()
+        pub.close()
+        peer = TCPPeer(address)   # default IDENTIFY: nsqd's 16 KiB / 250 ms buffering
+        peer.sock.sendall(b"  V2SUB consume c\n")
+        assert peer.frame()[4:] == b"OK"
+        t0 = time.perf_counter()
+        peer.sock.sendall(b"RDY 200\n")
+    got = 0
+    while got < n:
+        frames = [f for f in peer.frames_available() if f[3] == 2]   # message frames
+        got += len(frames)
+        peer.sock.sendall(b"".join(b"FIN %s\n" % f[14:30] for f in frames))
+    rate = n / (time.perf_counter() - t0)
+    peer.close()
+    return rate
+
+
+def tcp_latency(address: str, n: int, raw: bool) -> List[float]:
+    if raw:
+        pub = TCPPeer(address)
+        pub.sock.sendall(b"l")
+        sub = pub
+    else:
+        pub = nsq_connect(address)
+        sub = nsq_connect(address)       # unbuffered output, as a latency-minded client
+        sub.sock.sendall(b"SUB latency c\nRDY 200\n")
+        assert sub.frame()[4:] == b"OK"
+    frame = (b"" if raw else b"PUB latency\n") + struct.pack(">l", len(BODY)) + BODY
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        pub.sock.sendall(frame)
+        pub.frame()                      # OK
+        msg = sub.frame()                # the message
+        samples.append((time.perf_counter() - t0) * 1e6)
+        if not raw:
+            sub.sock.sendall(b"FIN %s\n" % msg[14:30])
+    pub.close()
+    if sub is not pub:
+        sub.close()
+    return samples
+
+
+def section_tcp(scale: float) -> None:
+    print("\n[tcp] python minq.py serve (subprocess) vs a raw socket server (subprocess), "
+          "100-byte bodies, loopback")
+    n = max(2000, int(20_000 * scale))
+    runs = (
+        ("PUB one at a time", "msg/s", lambda a, raw: tcp_pub(a, n, raw)),
+        ("MPUB batches of 100", "msg/s", lambda a, raw: tcp_mpub(a, n * 10, 100, raw)),
+        ("consume, RDY 200, FIN each", "msg/s", lambda a, raw: tcp_consume(a, n * 5, raw)),
+    )
+    for name, unit, fn in runs:
+        progress(name)
+        proc, addr = start_raw_server()
+        raw = fn(addr, True)
+        stop(proc)
+        proc, addr = start_minq_server()
+        value = fn(addr, False)
+        stop(proc)
+        report(f"tcp {name}", value, unit, "raw socket, same framing", raw)
+    progress("latency")
+    proc, addr = start_raw_server()
+    raw = percentiles(tcp_latency(addr, n // 2, True))
+    stop(proc)
+    proc, addr = start_minq_server()
+    lat = percentiles(tcp_latency(addr, n // 2, False))
+    stop(proc)
+    for q in ("p50", "p99"):
+        report(f"tcp publish->receive latency {q}", lat[q], "us", "raw socket round trip",
+               raw[q], higher_is_better=False)
+
+
+SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp}
 
 
 def main(argv: List[str] = None) -> int:

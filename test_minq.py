@@ -1867,9 +1867,11 @@ def test_pub_failed_when_storage_fails(tmp_path, monkeypatch):
 
 # -- interop with a real NSQ client ----------------------------------------------
 
-def test_pynsq_writer_and_reader_work_unchanged(server):
+def pynsq_round_trip(address, **writer_options):
+    """pynsq's Writer publishes PUB, MPUB and DPUB; its Reader consumes them all."""
     nsq = pytest.importorskip("nsq")
     tornado_ioloop = pytest.importorskip("tornado.ioloop")
+    tornado_gen = pytest.importorskip("tornado.gen")
     got, replies = [], []
     loop = tornado_ioloop.IOLoop.current()
 
@@ -1879,9 +1881,9 @@ def test_pynsq_writer_and_reader_work_unchanged(server):
             loop.add_callback(loop.stop)
         return True
 
-    reader = nsq.Reader(message_handler=handler, nsqd_tcp_addresses=[server.address],
+    reader = nsq.Reader(message_handler=handler, nsqd_tcp_addresses=[address],
                         topic="interop", channel="py", max_in_flight=10)
-    writer = nsq.Writer([server.address], deflate=True)
+    writer = nsq.Writer([address], **writer_options)
 
     def publish():
         writer.pub("interop", b"one", lambda conn, data: replies.append(data))
@@ -1895,11 +1897,25 @@ def test_pynsq_writer_and_reader_work_unchanged(server):
     reader.close()
     for conn in list(writer.conns.values()):
         conn.close()
-    loop.run_sync(lambda: __import__("tornado.gen").gen.sleep(0.1))
+    loop.run_sync(lambda: tornado_gen.sleep(0.1))
     assert replies == [b"OK", b"OK", b"OK"]
     assert sorted(got) == [b"four", b"one", b"three", b"two"]
+
+
+def test_pynsq_writer_and_reader_work_unchanged(server):
+    pynsq_round_trip(server.address, deflate=True)
     stats = channel_stats(server.broker, "interop", "py")
     assert stats["depth"] == 0 and stats["in_flight_count"] == 0
+    assert stats["message_count"] == 4
+
+
+def test_pynsq_against_python_minq_py_serve_defaults(tmp_path):
+    pytest.importorskip("nsq")
+    s = Served(cwd=tmp_path)            # default flags; only the port is free-picked
+    try:
+        pynsq_round_trip(s.address)
+    finally:
+        assert s.stop() == 0
 
 
 # =============================================================================
