@@ -1628,6 +1628,32 @@ def test_not_ready_client_gets_frame_at_once(server):
     assert c.message()[2] == b"now"          # not 30 s later: RDY 1 is full, so flush
 
 
+def test_per_client_msg_timeout_requeues(server):
+    c = subscribed(server, rdy=1, msg_timeout=1000)
+    c.cmd("PUB t", b"slow")
+    first = c.reply_and_message()
+    start = time.monotonic()
+    again = c.message()                      # not finished within 1 s: timed out, redelivered
+    assert again[0] == first[0] and again[1] == 2
+    assert 0.9 < time.monotonic() - start < 5
+    assert channel_stats(server.broker, "t", "c")["timeout_count"] == 1
+
+
+def test_sample_rate_drops_most_messages_for_that_client(server):
+    c = subscribed(server, rdy=200, sample_rate=1, output_buffer_size=-1)
+    p = Raw(server)
+    p.cmd("MPUB t", struct.pack(">l", 200) + b"".join(struct.pack(">l", 1) + b"x" for _ in range(200)))
+    assert p.response() == b"OK"
+    deadline = time.monotonic() + 5
+    while channel_stats(server.broker, "t", "c")["depth"] or \
+            channel_stats(server.broker, "t", "c")["clients"][0]["finish_count"] + \
+            channel_stats(server.broker, "t", "c")["in_flight_count"] < 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    received = channel_stats(server.broker, "t", "c")["in_flight_count"]
+    assert received < 50                     # ~2 % kept (nsqd: rand(100) <= 1)
+
+
 def test_disconnect_requeues_in_flight_at_once(server):
     p = Raw(server)
     p.cmd("PUB t", b"x")
@@ -1764,6 +1790,20 @@ def test_tls_upgrade_and_tls_required(tmp_path):
                 client = channel_stats(b, "t", "c")["clients"][0]
                 assert client["tls"] is True and client["tls_version"].startswith("TLS1.")
                 m.finish()
+
+
+def test_failed_tls_handshake_gets_e_identify_failed(tmp_path):
+    cert, key = make_cert(tmp_path)
+    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert,
+                                            tls_key=key).start() as srv:
+        r = Raw(srv)
+        r.cmd("IDENTIFY", b'{"feature_negotiation": true, "tls_v1": true}')
+        assert json.loads(r.response())["tls_v1"] is True
+        r.send(b"this is not a TLS client hello\n" * 4)
+        assert r.error().startswith("E_IDENTIFY_FAILED IDENTIFY failed")
+        assert r.closed()
+        with minq.Client(srv.address, tls=client_tls_context()) as c:
+            c.publish("t", b"others unaffected")
 
 
 def test_deflate_upgrade_round_trip(server):
