@@ -455,7 +455,8 @@ def start_minq_server():
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.Popen([sys.executable, os.path.join(here, "minq.py"), "serve",
-                          "--tcp-address", "127.0.0.1:0", "--data-path", "",
+                          "--tcp-address", "127.0.0.1:0", "--http-address", "",
+                          "--data-path", "",
                           "--log-level", "error"], stdout=subprocess.PIPE, text=True)
     m = re.search(r"tcp://(\S+);", p.stdout.readline())
     return p, m.group(1)

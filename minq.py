@@ -24,6 +24,7 @@ import collections
 import errno
 import fcntl
 import heapq
+import http.server
 import itertools
 import json
 import logging
@@ -59,7 +60,7 @@ __all__ = [
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
     # servers and the command line
-    "TCPServer", "Authorizer", "parse_duration", "main",
+    "TCPServer", "HTTPServer", "Authorizer", "nsqd_stats", "parse_duration", "main",
     # constants
     "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
@@ -84,6 +85,7 @@ DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
 DEFAULT_MAX_REQ_TIMEOUT = 60 * 60.0
 DEFAULT_MAX_RDY_COUNT = 2500
 DEFAULT_TCP_ADDRESS = "127.0.0.1:4150"   # nsqd binds 0.0.0.0; minq stays on loopback
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:4151"
 DEFAULT_DATA_PATH = "minq-data"
 DEFAULT_HEARTBEAT_INTERVAL = 30.0         # nsqd: ClientTimeout / 2
 DEFAULT_MAX_HEARTBEAT_INTERVAL = 60.0
@@ -2491,6 +2493,11 @@ class Broker:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def health(self) -> str:
+        """``OK``, or ``NOK - <last storage error>`` until writes succeed again."""
+        return self._health
+
     def _check_open(self) -> None:
         if self._closed:
             raise BrokerClosed("the broker is closed")
@@ -4169,6 +4176,468 @@ def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
 
 
 # =============================================================================
+# HTTP API
+#
+# nsqd's HTTP endpoints on http.server (threaded): publish, admin, /stats,
+# /info, /ping, /config.  Parameters come from the query string, errors are
+# {"message": "CODE"} with nsqd's status codes, and every V1 response carries
+# X-NSQ-Content-Type.  Like the TCP face, it calls only the core's API.
+# =============================================================================
+
+_NSQ_CONTENT_TYPE = "nsq; version=1.0"
+_TOPIC_KEYS = ("topic_name", "channels", "depth", "backend_depth", "message_count",
+               "message_bytes", "paused", "e2e_processing_latency")
+_CHANNEL_KEYS = ("channel_name", "depth", "backend_depth", "in_flight_count", "deferred_count",
+                 "message_count", "requeue_count", "timeout_count", "client_count", "clients",
+                 "paused", "e2e_processing_latency")
+_CLIENT_KEYS = ("client_id", "hostname", "version", "remote_address", "state", "ready_count",
+                "in_flight_count", "message_count", "finish_count", "requeue_count",
+                "connect_ts", "sample_rate", "deflate", "snappy", "user_agent", "authed",
+                "auth_identity", "auth_identity_url", "topology_zone", "topology_region",
+                "pub_counts", "tls", "tls_cipher_suite", "tls_version",
+                "tls_negotiated_protocol", "tls_negotiated_protocol_is_mutual")
+
+
+class _HTTPError(Exception):
+    """An error reply: status code and nsqd's message code."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+def _pick(d: Dict[str, Any], keys: Tuple[str, ...]) -> Dict[str, Any]:
+    """nsqd's keys of *d*, in nsqd's order (optional ones only when present)."""
+    return {k: d[k] for k in keys if k in d}
+
+
+def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any]:
+    """Broker.stats() reduced to exactly nsqd's /stats?format=json keys and order."""
+    def client(c: Dict[str, Any]) -> Dict[str, Any]:
+        return _pick(c, _CLIENT_KEYS)
+
+    def channel(c: Dict[str, Any]) -> Dict[str, Any]:
+        out = _pick(c, _CHANNEL_KEYS)
+        if out.get("clients") is not None:
+            out["clients"] = [client(x) for x in out["clients"]]
+        return out
+
+    topics = stats["topics"]
+    if topics is not None:
+        topics = [dict(_pick(t, _TOPIC_KEYS), channels=[channel(c) for c in t["channels"]])
+                  for t in topics]
+    out: Dict[str, Any] = {"version": stats["version"], "health": stats["health"],
+                           "start_time": stats["start_time"], "topics": topics}
+    if include_mem:
+        out["memory"] = _memory_stats()
+    producers = stats.get("producers")
+    out["producers"] = [client(p) for p in producers] if producers else None
+    return out
+
+
+def _memory_stats() -> Dict[str, int]:
+    # Go runtime figures in nsqd; here the closest Python ones.
+    import gc
+    counts = gc.get_stats()
+    return {"heap_objects": len(gc.get_objects()), "heap_idle_bytes": 0,
+            "heap_in_use_bytes": _rss_bytes(), "heap_released_bytes": 0,
+            "gc_pause_usec_100": 0, "gc_pause_usec_99": 0, "gc_pause_usec_95": 0,
+            "next_gc_bytes": 0, "gc_total_runs": sum(g["collections"] for g in counts)}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """nsqd's HTTP API for a Broker (``start()`` / ``close()`` like TCPServer).
+
+    *tcp_address* is what ``/info`` reports as the TCP port clients use.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, broker: Broker, address: Any = DEFAULT_HTTP_ADDRESS, *,
+                 tcp_address: Optional[str] = None,
+                 options: Optional[Dict[str, Any]] = None) -> None:
+        self.broker = broker
+        self.tcp_address = tcp_address
+        self.options = dict(options or {})
+        self._thread: Optional[threading.Thread] = None
+        super().__init__(_split_address(address, 4151), _HTTPHandler)
+
+    @property
+    def address(self) -> str:
+        host, port = self.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> "HTTPServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="minq-http",
+                                        kwargs={"poll_interval": 0.1})
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting, finish requests in progress, join every thread."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def __enter__(self) -> "HTTPServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _HTTPHandler(http.server.BaseHTTPRequestHandler):
+    """Routes one request to a ``_get_*`` / ``_post_*`` method; replies as nsqd does."""
+
+    server: HTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"minq/{VERSION}"
+
+    # (path) -> (allowed methods, handler name)
+    _ROUTES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+        "/ping": (("GET", "HEAD"), "ping"), "/info": (("GET",), "info"),
+        "/pub": (("POST", "PUT"), "pub"), "/mpub": (("POST", "PUT"), "mpub"),
+        "/stats": (("GET",), "stats"),
+        "/topic/create": (("POST",), "topic_create"), "/topic/delete": (("POST",), "topic_delete"),
+        "/topic/empty": (("POST",), "topic_empty"), "/topic/pause": (("POST",), "topic_pause"),
+        "/topic/unpause": (("POST",), "topic_unpause"),
+        "/channel/create": (("POST",), "channel_create"),
+        "/channel/delete": (("POST",), "channel_delete"),
+        "/channel/empty": (("POST",), "channel_empty"),
+        "/channel/pause": (("POST",), "channel_pause"),
+        "/channel/unpause": (("POST",), "channel_unpause"),
+    }
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _route(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        self.query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        try:
+            if url.path.startswith("/config/"):
+                if method != "GET":
+                    raise _HTTPError(405, "METHOD_NOT_ALLOWED")
+                result = self._config(url.path[len("/config/"):])
+            else:
+                route = self._ROUTES.get(url.path)
+                if route is None:
+                    raise _HTTPError(404, "NOT_FOUND")
+                if method not in route[0]:
+                    raise _HTTPError(405, "METHOD_NOT_ALLOWED")
+                result = getattr(self, "_" + route[1])()
+        except _HTTPError as e:
+            log.info("http %s %s: %d %s", method, self.path, e.status, e.code)
+            self._reply(e.status, json.dumps({"message": e.code}).encode(), "application/json")
+            return
+        except Exception:
+            log.exception("http %s %s failed", method, self.path)
+            self._reply(500, b'{"message":"INTERNAL_ERROR"}', "application/json")
+            return
+        if result is None:
+            self._reply(200, b"", "text/plain; charset=utf-8")
+        elif isinstance(result, bytes):
+            self._reply(200, result, "text/plain; charset=utf-8")
+        else:
+            self._reply(200, json.dumps(result).encode(), "application/json; charset=utf-8")
+
+    def _reply(self, status: int, body: bytes, ctype: str, v1: bool = True) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if v1:
+            self.send_header("X-NSQ-Content-Type", _NSQ_CONTENT_TYPE)
+        if self.close_connection or status >= 400 and self._unread_body:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        if self._unread_body:
+            self._linger()
+
+    _unread_body = False
+
+    def _linger(self) -> None:
+        # Closing with unread bytes makes the kernel send RST, which can
+        # destroy the reply before the client reads it: end our side first,
+        # then discard a bounded amount of the body the client is still sending.
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            for _ in range(64):
+                if not self.connection.recv(65536):
+                    break
+        except OSError:
+            pass
+
+    # -- parameters and bodies ---------------------------------------------------
+    def _arg(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def _topic_arg(self, missing: str = "MISSING_ARG_TOPIC", invalid: str = "INVALID_TOPIC") -> str:
+        name = self._arg("topic")
+        if name is None:
+            raise _HTTPError(400, missing)
+        try:
+            return validate_name(name)
+        except InvalidName:
+            raise _HTTPError(400, invalid) from None
+
+    def _channel_arg(self) -> Tuple[str, str]:
+        topic = self._topic_arg(invalid="INVALID_ARG_TOPIC")
+        name = self._arg("channel")
+        if name is None:
+            raise _HTTPError(400, "MISSING_ARG_CHANNEL")
+        try:
+            return topic, validate_name(name, "channel")
+        except InvalidName:
+            raise _HTTPError(400, "INVALID_ARG_CHANNEL") from None
+
+    def _read_body(self, limit: int, too_big: str) -> bytes:
+        """The request body, refused by its Content-Length before reading when too big."""
+        length = self.headers.get("Content-Length")
+        try:
+            n = int(length) if length is not None else 0
+        except ValueError:
+            raise _HTTPError(400, "INVALID_REQUEST") from None
+        if n < 0:
+            raise _HTTPError(400, "INVALID_REQUEST")
+        if n > limit:
+            self._unread_body = True   # not read: the connection must close
+            raise _HTTPError(413, too_big)
+        return self.rfile.read(n) if n else b""
+
+    # -- endpoints ---------------------------------------------------------------
+    def _ping(self) -> Any:
+        health = self.server.broker.health
+        if health != "OK":
+            raise _HTTPError(500, health)
+        return b"OK"
+
+    def _info(self) -> Any:
+        b, srv = self.server.broker, self.server
+        tcp_port = int(srv.tcp_address.rsplit(":", 1)[1]) if srv.tcp_address else -1
+        return {"version": NSQ_VERSION, "broadcast_address": srv.options.get(
+                    "broadcast_address", socket.gethostname()),
+                "hostname": socket.gethostname(), "http_port": srv.server_address[1],
+                "tcp_port": tcp_port, "start_time": b.start_time,
+                "max_heartbeat_interval": int(srv.options.get(
+                    "max_heartbeat_interval", DEFAULT_MAX_HEARTBEAT_INTERVAL) * 1e9),
+                "max_output_buffer_size": srv.options.get(
+                    "max_output_buffer_size", DEFAULT_MAX_OUTPUT_BUFFER_SIZE),
+                "max_output_buffer_timeout": int(srv.options.get(
+                    "max_output_buffer_timeout", DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT) * 1e9),
+                "max_deflate_level": srv.options.get("max_deflate_level",
+                                                     DEFAULT_MAX_DEFLATE_LEVEL),
+                "topology_zone": "", "topology_region": ""}
+
+    def _pub(self) -> Any:
+        b = self.server.broker
+        body = self._read_body(b.max_msg_size, "MSG_TOO_BIG")
+        topic = self._topic_arg()
+        defer = 0.0
+        raw = self._arg("defer")
+        if raw is not None:
+            if not _DIGITS.fullmatch(raw.encode()) or int(raw) > b.max_req_timeout * 1000:
+                raise _HTTPError(400, "INVALID_DEFER")
+            defer = int(raw) / 1000
+        if not body:
+            raise _HTTPError(400, "MSG_EMPTY")
+        self._publish(topic, [body], defer)
+        return b"OK"
+
+    def _mpub(self) -> Any:
+        b = self.server.broker
+        body = self._read_body(b.max_body_size, "BODY_TOO_BIG")
+        topic = self._topic_arg()
+        binary = self._arg("binary")
+        if binary is not None and binary not in ("false", "0"):
+            bodies = self._split_binary(body)
+        else:
+            bodies = [line for line in body.split(b"\n") if line]
+            if any(len(x) > b.max_msg_size for x in bodies):
+                raise _HTTPError(413, "MSG_TOO_BIG")
+        if bodies:
+            self._publish(topic, bodies, 0.0)
+        return b"OK"
+
+    def _split_binary(self, body: bytes) -> List[bytes]:
+        b = self.server.broker
+        if len(body) < 4:
+            raise _HTTPError(413, "BAD_BODY")
+        count = _LEN.unpack_from(body)[0]
+        if not 0 < count <= (b.max_body_size - 4) // 5:
+            raise _HTTPError(413, "BAD_BODY")
+        out, pos = [], 4
+        for _ in range(count):
+            if pos + 4 > len(body):
+                raise _HTTPError(413, "BAD_MESSAGE")
+            size = _LEN.unpack_from(body, pos)[0]
+            pos += 4
+            if not 0 < size <= b.max_msg_size or pos + size > len(body):
+                raise _HTTPError(413, "BAD_MESSAGE")
+            out.append(body[pos:pos + size])
+            pos += size
+        return out
+
+    def _publish(self, topic: str, bodies: List[bytes], defer: float) -> None:
+        b = self.server.broker
+        try:
+            if len(bodies) == 1:
+                b.publish(topic, bodies[0], defer)
+            else:
+                b.publish_many(topic, bodies, defer)
+        except (PublishFailed, BrokerClosed):
+            raise _HTTPError(503, "EXITING") from None
+        except InvalidMessage:
+            raise _HTTPError(413, "BODY_TOO_BIG") from None
+
+    def _stats(self) -> Any:
+        topic, channel = self._arg("topic"), self._arg("channel")
+        include_clients = _http_bool(self._arg("include_clients"), True)
+        include_mem = _http_bool(self._arg("include_mem"), True)
+        stats = nsqd_stats(self.server.broker.stats(topic, channel, include_clients), include_mem)
+        if self._arg("format") == "json":
+            return stats
+        return _stats_text(stats).encode()
+
+    def _existing_topic(self) -> Topic:
+        try:
+            return self.server.broker.get_topic(self._topic_arg())
+        except TopicNotFound:
+            raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
+
+    def _existing_channel(self) -> Channel:
+        topic, channel = self._channel_arg()
+        try:
+            t = self.server.broker.get_topic(topic)
+        except TopicNotFound:
+            raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
+        try:
+            return t.get_channel(channel)
+        except ChannelNotFound:
+            raise _HTTPError(404, "CHANNEL_NOT_FOUND") from None
+
+    def _topic_create(self) -> Any:
+        self.server.broker.topic(self._topic_arg())
+
+    def _topic_delete(self) -> Any:
+        t = self._existing_topic()
+        self.server.broker.delete_topic(t.name)
+
+    def _topic_empty(self) -> Any:
+        self._existing_topic().empty()
+
+    def _topic_pause(self) -> Any:
+        self._existing_topic().pause()
+
+    def _topic_unpause(self) -> Any:
+        self._existing_topic().unpause()
+
+    def _channel_create(self) -> Any:
+        topic, channel = self._channel_arg()
+        try:
+            self.server.broker.get_topic(topic).channel(channel)
+        except TopicNotFound:
+            raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
+
+    def _channel_delete(self) -> Any:
+        c = self._existing_channel()
+        c.topic.delete_channel(c.name)
+
+    def _channel_empty(self) -> Any:
+        self._existing_channel().empty()
+
+    def _channel_pause(self) -> Any:
+        self._existing_channel().pause()
+
+    def _channel_unpause(self) -> Any:
+        self._existing_channel().unpause()
+
+    def _config(self, name: str) -> Any:
+        opts = self.server.options
+        if name not in opts:
+            raise _HTTPError(400, "INVALID_OPTION")
+        value = opts[name]
+        if name in _DURATION_OPTIONS:
+            return int(value * 1e9)      # Go durations are nanoseconds in JSON
+        return value
+
+
+_DURATION_OPTIONS = frozenset({"msg_timeout", "max_msg_timeout", "max_req_timeout",
+                               "sync_timeout", "max_heartbeat_interval",
+                               "output_buffer_timeout", "max_output_buffer_timeout"})
+
+
+def _http_bool(value: Optional[str], default: bool) -> bool:
+    if value is None:
+        return default
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise _HTTPError(400, "INVALID_REQUEST")
+
+
+def _stats_text(stats: Dict[str, Any]) -> str:
+    """nsqd's human-readable /stats (no tool parses it)."""
+    lines = [f"nsqd v{stats['version']} (minq {VERSION})",
+             f"start_time {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(stats['start_time']))}",
+             f"uptime {int(time.time() - stats['start_time'])}s", "", f"Health: {stats['health']}",
+             ""]
+    topics = stats["topics"] or []
+    lines.append("Topics:" if topics else "   NO_TOPICS")
+    for t in topics:
+        lines.append(f"   [{t['topic_name']:<25}] depth: {t['depth']:<5} be-depth: "
+                     f"{t['backend_depth']:<5} msgs: {t['message_count']:<8}"
+                     + (" *P" if t["paused"] else ""))
+        for c in t["channels"]:
+            lines.append(f"      [{c['channel_name']:<25}] depth: {c['depth']:<5} be-depth: "
+                         f"{c['backend_depth']:<5} inflt: {c['in_flight_count']:<4} def: "
+                         f"{c['deferred_count']:<4} re-q: {c['requeue_count']:<5} timeout: "
+                         f"{c['timeout_count']:<5} msgs: {c['message_count']:<8}"
+                         + (" *P" if c["paused"] else ""))
+            for cl in c.get("clients") or []:
+                lines.append(f"        [{cl['user_agent']} {cl['client_id']}] state: "
+                             f"{cl['state']} inflt: {cl['in_flight_count']:<4} rdy: "
+                             f"{cl['ready_count']:<4} fin: {cl['finish_count']:<8} re-q: "
+                             f"{cl['requeue_count']:<8} msgs: {cl['message_count']:<8} "
+                             f"connected: {int(time.time()) - cl['connect_ts']}s")
+    return "\n".join(lines) + "\n"
+
+
+# =============================================================================
 # CLI
 #
 # ``python minq.py serve`` runs a broker with nsqd's flags (a TOML --config
@@ -4222,6 +4691,8 @@ def _parse_tls_required(value: Any) -> bool:
 # (flag, parser, default, help) for ``serve``; cfg keys are flags with "_".
 _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("tcp-address", str, DEFAULT_TCP_ADDRESS, "<addr>:<port> to listen on for TCP clients"),
+    ("http-address", str, DEFAULT_HTTP_ADDRESS,
+     "<addr>:<port> to listen on for HTTP clients ('' = no HTTP)"),
     ("data-path", str, DEFAULT_DATA_PATH,
      "folder for the segment logs and minq.dat ('' = memory only, nothing kept)"),
     ("mem-queue-size", int, DEFAULT_MEM_QUEUE_SIZE,
@@ -4346,12 +4817,24 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     except BaseException:
         broker.close()
         raise
+    http_server = None
+    if opts["http_address"]:
+        try:
+            http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
+                                     options=opts)
+        except BaseException:
+            server.server_close()
+            broker.close()
+            raise
     mode = ("memory only" if not broker.data_path else
             f"data in {broker.data_path}" + (" (durable, fsync)" if broker.fsync else
                                              " (durable)" if broker.durable else ""))
+    http_text = f", http://{http_server.address}" if http_server else ""
     print(f"minq {VERSION} (nsqd {NSQ_VERSION} protocol) listening on "
-          f"tcp://{server.address}; {mode}", flush=True)
+          f"tcp://{server.address}{http_text}; {mode}", flush=True)
     server.start()
+    if http_server is not None:
+        http_server.start()
     if ready is not None:
         ready(server)
     try:
@@ -4359,6 +4842,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     finally:
         log.info("stopping: closing connections, persisting")
         server.close()
+        if http_server is not None:
+            http_server.close()
         broker.close()
     return 0
 

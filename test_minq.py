@@ -2033,6 +2033,194 @@ def test_client_connection_refused_raises_connection_lost():
 
 
 # =============================================================================
+# HTTP API: nsqd's endpoints, parameters, status codes and error bodies
+# =============================================================================
+
+@pytest.fixture
+def web():
+    b = minq.Broker()
+    tcp = minq.TCPServer(b, "127.0.0.1:0").start()
+    srv = minq.HTTPServer(b, "127.0.0.1:0", tcp_address=tcp.address,
+                          options={"mem_queue_size": 10000, "msg_timeout": 60.0}).start()
+    yield srv
+    srv.close()
+    tcp.close()
+    b.close()
+
+
+def http(srv, method, path, body=None, headers=None):
+    import http.client
+    host, port = srv.rsplit(":", 1) if isinstance(srv, str) else srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.getheader("X-NSQ-Content-Type"), r.read()
+    finally:
+        conn.close()
+
+
+def test_http_pub_and_defer(web):
+    assert http(web, "POST", "/pub?topic=t", b"hello") == (200, "nsq; version=1.0", b"OK")
+    assert http(web, "POST", "/pub?topic=t&defer=60000", b"later")[0] == 200
+    b = web.broker
+    with b.consumer("t", "c") as c:      # created after: both wait at the topic
+        assert c.get(timeout=2).body == b"hello"
+    assert channel_stats(b, "t", "c")["deferred_count"] == 1
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/pub", b"x", 400, "MISSING_ARG_TOPIC"),
+    ("/pub?topic=bad!name", b"x", 400, "INVALID_TOPIC"),
+    ("/pub?topic=t", b"", 400, "MSG_EMPTY"),
+    ("/pub?topic=t&defer=-5", b"x", 400, "INVALID_DEFER"),
+    ("/pub?topic=t&defer=3600001", b"x", 400, "INVALID_DEFER"),
+    ("/mpub?topic=t", b"ok\n" + b"x" * (1024 * 1024 + 1), 413, "MSG_TOO_BIG"),
+    ("/mpub?topic=t&binary=true", struct.pack(">l", 10**9), 413, "BAD_BODY"),
+    ("/mpub?topic=t&binary=true", struct.pack(">ll", 1, 0), 413, "BAD_MESSAGE"),
+    ("/mpub?topic=t&binary=true", struct.pack(">ll", 1, 50) + b"short", 413, "BAD_MESSAGE"),
+    ("/nope", b"", 404, "NOT_FOUND"),
+    ("/topic/delete?topic=missing", b"", 404, "TOPIC_NOT_FOUND"),
+    ("/topic/pause", b"", 400, "MISSING_ARG_TOPIC"),
+    ("/channel/create?topic=missing&channel=c", b"", 404, "TOPIC_NOT_FOUND"),
+    ("/channel/create?topic=t", b"", 400, "MISSING_ARG_CHANNEL"),
+    ("/channel/create?topic=t&channel=bad!", b"", 400, "INVALID_ARG_CHANNEL"),
+    ("/stats?include_clients=maybe", b"", 400, "INVALID_REQUEST"),
+    ("/config/no_such_option", b"", 400, "INVALID_OPTION"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 60 else None)
+def test_http_errors_use_nsqd_codes_and_change_nothing(web, path, body, status, code):
+    method = "GET" if path.startswith(("/stats", "/config")) else "POST"
+    got = http(web, method, path, body)
+    assert got[0] == status and json.loads(got[2]) == {"message": code}
+    assert got[1] == "nsq; version=1.0"
+    assert web.broker.stats()["topics"] == []
+    assert http(web, "GET", "/ping")[2] == b"OK"
+
+
+def test_http_wrong_method_405(web):
+    status, _, body = http(web, "GET", "/pub?topic=t")
+    assert (status, json.loads(body)) == (405, {"message": "METHOD_NOT_ALLOWED"})
+
+
+@pytest.mark.parametrize("path, code", [("/pub?topic=t", "MSG_TOO_BIG"),
+                                        ("/mpub?topic=t", "BODY_TOO_BIG")])
+def test_http_oversize_body_refused_by_content_length_without_reading(web, path, code):
+    import socket
+    host, port = web.server_address[:2]
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Length: 2000000000\r\n\r\npartial")
+    reply = b""
+    while True:                              # the server closes: the body is never read
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b'"' + code.encode() + b'"' in reply
+    s.close()
+    assert web.broker.stats()["topics"] == []
+    assert http(web, "POST", "/pub?topic=t", b"next")[0] == 200
+
+
+def test_http_mpub_text_and_binary(web):
+    assert http(web, "POST", "/mpub?topic=t", b"a\nb\n\nc\n")[2] == b"OK"
+    payload = struct.pack(">l", 2) + struct.pack(">l", 2) + b"d1" + struct.pack(">l", 2) + b"d2"
+    assert http(web, "POST", "/mpub?topic=t&binary=true", payload)[2] == b"OK"
+    assert web.broker.stats()["topics"][0]["message_count"] == 5
+
+
+def test_http_stats_json_matches_nsqd_schema(web):
+    b = web.broker
+    b.publish("t", b"x")
+    with minq.Client(web.tcp_address) as client, client.consumer("t", "c") as cons:
+        cons.get(timeout=5)
+        status, header, body = http(web, "GET", "/stats?format=json")
+        stats = json.loads(body)
+        assert list(stats) == ["version", "health", "start_time", "topics", "memory", "producers"]
+        assert stats["producers"] is None               # HTTP publishes are not producers
+        (t,) = stats["topics"]
+        assert list(t) == ["topic_name", "channels", "depth", "backend_depth", "message_count",
+                           "message_bytes", "paused", "e2e_processing_latency"]
+        (c,) = t["channels"]
+        assert list(c) == ["channel_name", "depth", "backend_depth", "in_flight_count",
+                           "deferred_count", "message_count", "requeue_count", "timeout_count",
+                           "client_count", "clients", "paused", "e2e_processing_latency"]
+        assert c["in_flight_count"] == 1 and c["client_count"] == 1
+        assert list(c["clients"][0]) == [
+            "client_id", "hostname", "version", "remote_address", "state", "ready_count",
+            "in_flight_count", "message_count", "finish_count", "requeue_count", "connect_ts",
+            "sample_rate", "deflate", "snappy", "user_agent", "topology_zone",
+            "topology_region", "tls", "tls_cipher_suite", "tls_version",
+            "tls_negotiated_protocol", "tls_negotiated_protocol_is_mutual"]
+        assert list(stats["memory"]) == ["heap_objects", "heap_idle_bytes", "heap_in_use_bytes",
+                                         "heap_released_bytes", "gc_pause_usec_100",
+                                         "gc_pause_usec_99", "gc_pause_usec_95",
+                                         "next_gc_bytes", "gc_total_runs"]
+        client.publish("t", b"from tcp")
+        stats = json.loads(http(web, "GET", "/stats?format=json&include_mem=false")[2])
+        assert "memory" not in stats
+        assert stats["producers"][0]["pub_counts"] == [{"topic": "t", "count": 1}]
+        stats = json.loads(http(web, "GET", "/stats?format=json&include_clients=false")[2])
+        assert stats["topics"][0]["channels"][0]["clients"] is None
+        assert json.loads(http(web, "GET", "/stats?format=json&topic=missing")[2])["topics"] is None
+        assert json.loads(http(web, "GET", "/stats?format=json&channel=nope")[2])["topics"] == []
+        text = http(web, "GET", "/stats")[2].decode()
+        assert "Health: OK" in text and "[t" in text
+
+
+def test_http_topic_and_channel_admin(web):
+    b = web.broker
+    assert http(web, "POST", "/topic/create?topic=t")[:2] == (200, "nsq; version=1.0")
+    assert http(web, "POST", "/channel/create?topic=t&channel=c")[0] == 200
+    assert http(web, "POST", "/channel/pause?topic=t&channel=c")[0] == 200
+    assert b.get_topic("t").get_channel("c").paused
+    assert http(web, "POST", "/channel/unpause?topic=t&channel=c")[0] == 200
+    b.publish("t", b"x")
+    assert http(web, "POST", "/channel/empty?topic=t&channel=c")[0] == 200
+    assert channel_stats(b, "t", "c")["depth"] == 0
+    assert http(web, "POST", "/channel/delete?topic=t&channel=nope")[0] == 404
+    assert http(web, "POST", "/channel/delete?topic=t&channel=c")[0] == 200
+    assert http(web, "POST", "/topic/pause?topic=t")[0] == 200
+    assert b.get_topic("t").paused
+    assert http(web, "POST", "/topic/unpause?topic=t")[0] == 200
+    assert http(web, "POST", "/topic/empty?topic=t")[0] == 200
+    assert http(web, "POST", "/topic/delete?topic=t")[0] == 200
+    assert b.stats()["topics"] == []
+
+
+def test_http_info_and_config(web):
+    info = json.loads(http(web, "GET", "/info")[2])
+    assert info["version"] == "1.3.0" and info["http_port"] == web.server_address[1]
+    assert info["tcp_port"] == int(web.tcp_address.rsplit(":", 1)[1])
+    assert list(info)[:3] == ["version", "broadcast_address", "hostname"]
+    assert json.loads(http(web, "GET", "/config/mem_queue_size")[2]) == 10000
+    assert json.loads(http(web, "GET", "/config/msg_timeout")[2]) == 60 * 10**9
+
+
+def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
+    with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
+            minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
+        _failing_pwrite(monkeypatch, lambda: True)
+        status, _, body = http(srv, "POST", "/pub?topic=t", b"x")
+        assert (status, json.loads(body)) == (503, {"message": "EXITING"})
+        status, _, body = http(srv, "GET", "/ping")
+        assert status == 500 and b"NOK" in body
+        monkeypatch.undo()
+        assert http(srv, "POST", "/pub?topic=t", b"x")[0] == 200
+        assert http(srv, "GET", "/ping")[2] == b"OK"
+
+
+def test_serve_http_curl_style_publish(tmp_path):
+    s = Served("--data-path", "", cwd=tmp_path)
+    try:
+        assert http(s.http_address, "POST", "/pub?topic=t", b"via http")[2] == b"OK"
+        with minq.Client(s.address) as c, c.consumer("t", "c") as cons:
+            assert cons.get(timeout=5).body == b"via http"
+    finally:
+        assert s.stop() == 0
+
+
+# =============================================================================
 # CLI: python minq.py serve
 # =============================================================================
 
@@ -2052,7 +2240,8 @@ class Served:
 
     def __init__(self, *args, cwd):
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "minq.py"), "serve", "--tcp-address", "127.0.0.1:0", *args],
+            [sys.executable, str(HERE / "minq.py"), "serve", "--tcp-address", "127.0.0.1:0",
+             "--http-address", "127.0.0.1:0", *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         m = re.search(r"listening on tcp://([0-9.]+:\d+)", line)
@@ -2060,6 +2249,8 @@ class Served:
             self.proc.kill()
             pytest.fail(f"no banner: {line!r} {self.proc.stderr.read()}")
         self.address = m.group(1)
+        h = re.search(r"http://([0-9.]+:\d+)", line)
+        self.http_address = h.group(1) if h else None
         self.banner = line
 
     def stop(self, sig=signal.SIGTERM):
@@ -2158,6 +2349,24 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
         code = code.replace("127.0.0.1:4150", srv.address)
         exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
         assert b.stats()["topics"], "the example published nothing"
+
+
+def test_readme_curl_examples_run(tmp_path):
+    """The curl block, each line against a live server (skipped where curl is missing)."""
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    text = (HERE / "README.md").read_text()
+    lines = [ln for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+             for ln in block.splitlines() if ln.startswith("curl ")]
+    assert lines
+    with minq.Broker() as b, minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
+        for line in lines:
+            r = subprocess.run(["bash", "-c", line.replace("127.0.0.1:4151", srv.address)
+                                + " -w ' %{http_code}'"], capture_output=True, text=True,
+                               timeout=30)
+            assert r.stdout.endswith(" 200"), (line, r.stdout)
+        assert channel_stats(b, "orders", "billing")["paused"]
+        assert b.stats()["topics"][0]["message_count"] == 4
 
 
 def test_readme_go_example_runs(tmp_path):
