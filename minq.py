@@ -2734,6 +2734,29 @@ def _body(data: bytes) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
+def _end_gently(sock: socket.socket, timeout: float = 0.5, limit: int = 4 << 20) -> None:
+    """End our side of *sock*, then discard what the peer is still sending.
+
+    Closing a socket with unread bytes makes the kernel send RST, which can
+    destroy a reply (an error frame, an HTTP 413) before the peer reads it.
+    Reading is bounded by *timeout* in all and by *limit* bytes.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while limit > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                break
+            limit -= len(data)
+    except OSError:
+        pass
+
+
 class _Stream:
     """One TCP connection as a byte stream, with NSQ's optional TLS and deflate layers.
 
@@ -3197,6 +3220,10 @@ class Client:
                                      "or may not have been published")
             ftype, payload = reply
             if ftype == FRAME_TYPE_ERROR:
+                # Every publishing error is fatal in NSQ: the server closes the
+                # connection after it. Close our end now, so the next publish
+                # reconnects instead of writing to a socket that is going away.
+                conn.close()
                 code, _, text = payload.decode(errors="replace").partition(" ")
                 if code in _PUBLISH_ERRORS:
                     raise _PUBLISH_ERRORS[code](f"{code} {text}")
@@ -3717,6 +3744,7 @@ class _ClientV2(Consumer):
                         "client %s: %s", self.remote_address, e)
                 self._send(_frame(FRAME_TYPE_ERROR, str(e).encode()))
                 if e.fatal:
+                    _end_gently(self.sock)
                     return
                 continue
             if reply is not None:
@@ -4387,18 +4415,11 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
     _unread_body = False
 
     def _linger(self) -> None:
-        # Closing with unread bytes makes the kernel send RST, which can
-        # destroy the reply before the client reads it: end our side first,
-        # then discard a bounded amount of the body the client is still sending.
         try:
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.5)
-            for _ in range(64):
-                if not self.connection.recv(65536):
-                    break
         except OSError:
-            pass
+            return
+        _end_gently(self.connection)
 
     # -- parameters and bodies ---------------------------------------------------
     def _arg(self, name: str) -> Optional[str]:
