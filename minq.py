@@ -60,7 +60,8 @@ __all__ = [
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
     # servers and the command line
-    "TCPServer", "HTTPServer", "Authorizer", "nsqd_stats", "parse_duration", "main",
+    "TCPServer", "HTTPServer", "Authorizer", "LookupdRegistrar", "broadcast_address",
+    "nsqd_stats", "parse_duration", "main",
     # constants
     "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
@@ -1877,8 +1878,10 @@ class Topic:
                 else:
                     created = False
             _hand_over_all(deliveries)
-            if created and not ch.ephemeral:
-                self.broker._metadata_changed()
+            if created:
+                self.broker._announce("create", self.name, name)
+                if not ch.ephemeral:
+                    self.broker._metadata_changed()
         if options:
             ch.configure(**options)
         return ch
@@ -1915,6 +1918,7 @@ class Topic:
     def _finish_channel(self, ch: Channel) -> None:
         for c in ch._close():
             c._on_channel_closed()
+        self.broker._announce("delete", self.name, ch.name)
         if not ch.ephemeral:
             self.broker._metadata_changed()
 
@@ -2074,6 +2078,7 @@ class Broker:
         self._topics: Dict[str, Topic] = {}
         self._clients: List[Any] = []          # in-process consumers to close with us
         self._producers: List[Any] = []        # front-end clients that published (stats)
+        self._watchers: List[Callable[[str, str, Optional[str]], None]] = []
         self._closed = False
         self._id_base = self.clock.time_ns()
         self._id_seq = itertools.count()
@@ -2123,8 +2128,10 @@ class Broker:
                 created = True
             else:
                 created = False
-        if created and not t.ephemeral:
-            self._metadata_changed()
+        if created:
+            self._announce("create", name, None)
+            if not t.ephemeral:
+                self._metadata_changed()
         return t
 
     def get_topic(self, name: str) -> Topic:
@@ -2147,6 +2154,7 @@ class Broker:
         if t is None:
             raise TopicNotFound(f"topic {name!r} does not exist")
         t._close()
+        self._announce("delete", name, None)
         if not t.ephemeral:
             self._metadata_changed()
 
@@ -2156,6 +2164,27 @@ class Broker:
                 return
             del self._topics[t.name]
         t._close()
+        self._announce("delete", t.name, None)
+
+    # -- watching ----------------------------------------------------------------
+    def watch(self, callback: Callable[[str, str, Optional[str]], None]) -> None:
+        """Call ``callback(action, topic, channel)`` whenever a topic or channel is
+        created or deleted (*action* ``"create"`` or ``"delete"``; *channel* None
+        for a topic).  Front ends use it to tell nsqlookupd.  The callback runs on
+        the thread that made the change, with no lock held, and must not block.
+        """
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[str, str, Optional[str]], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _announce(self, action: str, topic: str, channel: Optional[str]) -> None:
+        for callback in list(self._watchers):
+            try:
+                callback(action, topic, channel)
+            except Exception:
+                log.exception("watcher %r failed on %s %s/%s", callback, action, topic, channel)
 
     # -- publishing ------------------------------------------------------------
     def _new_message(self, body: Any) -> Message:
@@ -4203,6 +4232,182 @@ def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
     return value
 
 
+# -- nsqlookupd registration: nsqd's lookup loop over lookupd's TCP protocol V1
+
+LOOKUPD_PING_INTERVAL = 15.0     # nsqd PINGs every lookupd this often
+_MAGIC_V1 = b"  V1"
+
+
+def broadcast_address(listen_host: str) -> str:
+    """What to tell lookupd and ``/info`` when no --broadcast-address is given.
+
+    nsqd uses the OS hostname.  minq listens on 127.0.0.1 by default, where the
+    hostname would often point elsewhere, so it uses the hostname only when
+    listening on every interface and the listening host otherwise.
+    """
+    if listen_host in ("", "0.0.0.0", "::"):
+        return socket.gethostname()
+    return listen_host
+
+
+class LookupdRegistrar:
+    """Tell nsqlookupd instances which topics and channels this broker has.
+
+    One thread per lookupd address does what nsqd's lookup loop does: connect
+    (magic ``"  V1"``), IDENTIFY with the broadcast address and ports, REGISTER
+    every topic and channel, then REGISTER / UNREGISTER as they come and go,
+    and PING every *ping_interval* seconds.  Any error closes the connection;
+    it is re-made with backoff (at most *max_backoff* s) and everything is
+    registered again, so a restarted lookupd learns the whole state.
+    """
+
+    def __init__(self, broker: Broker, addresses: Iterable[str], *,
+                 broadcast_address: str, tcp_port: int, http_port: int,
+                 ping_interval: float = LOOKUPD_PING_INTERVAL, timeout: float = 1.0,
+                 max_backoff: float = LOOKUPD_PING_INTERVAL) -> None:
+        self.broker = broker
+        self.identity = {
+            "version": NSQ_VERSION, "tcp_port": tcp_port, "http_port": http_port,
+            "hostname": socket.gethostname(), "broadcast_address": broadcast_address,
+            "topology_zone": "", "topology_region": ""}
+        self.ping_interval = ping_interval
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self.peers = [_LookupdPeer(self, a) for a in addresses]
+
+    def start(self) -> "LookupdRegistrar":
+        self.broker.watch(self._on_change)
+        for p in self.peers:
+            p.thread.start()
+        return self
+
+    def _on_change(self, action: str, topic: str, channel: Optional[str]) -> None:
+        for p in self.peers:
+            p.events.put((action, topic, channel))
+
+    def close(self) -> None:
+        """Stop every peer thread; lookupd drops our registrations on disconnect."""
+        self.broker.unwatch(self._on_change)
+        self._stop.set()
+        for p in self.peers:
+            p.events.put(None)
+        for p in self.peers:
+            if p.thread.is_alive():
+                p.thread.join()
+
+    def __enter__(self) -> "LookupdRegistrar":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _LookupdPeer:
+    """One lookupd: a connection, the events to send it, and its thread."""
+
+    def __init__(self, registrar: LookupdRegistrar, address: str) -> None:
+        self.registrar = registrar
+        self.address = address
+        self.events: "queue.SimpleQueue[Optional[Tuple[str, str, Optional[str]]]]" = \
+            queue.SimpleQueue()
+        self.info: Dict[str, Any] = {}     # lookupd's IDENTIFY reply
+        self.connected = False
+        self.sock: Optional[socket.socket] = None
+        self.thread = threading.Thread(target=self._run, name=f"minq-lookupd-{address}")
+
+    def _run(self) -> None:
+        reg = self.registrar
+        backoff = 0.0
+        while not reg._stop.is_set():
+            try:
+                self._connect()
+                backoff = 0.0
+                self._serve()
+            except (OSError, MinqError, ValueError) as e:
+                if not reg._stop.is_set():
+                    log.warning("lookupd %s: %s", self.address, e)
+            finally:
+                self._disconnect()
+            backoff = min(max(1.0, 2 * backoff), reg.max_backoff)
+            reg._stop.wait(backoff)
+
+    def _connect(self) -> None:
+        reg = self.registrar
+        host, port = _split_address(self.address, 4160)
+        self.sock = socket.create_connection((host, port), timeout=reg.timeout)
+        self.sock.sendall(_MAGIC_V1)
+        reply = self._command(b"IDENTIFY\n" + _body(json.dumps(reg.identity).encode()))
+        self.info = json.loads(reply)
+        # Events queued so far are covered by the snapshot taken next.
+        while True:
+            try:
+                if self.events.get_nowait() is None:
+                    return
+            except queue.Empty:
+                break
+        self.connected = True
+        log.info("lookupd %s: connected (lookupd %s)", self.address, self.info.get("version"))
+        for name, topic in reg.broker.topics.items():
+            channels = list(topic.channels)
+            if not channels:
+                self._command(b"REGISTER %s\n" % name.encode())
+            for ch in channels:
+                self._command(b"REGISTER %s %s\n" % (name.encode(), ch.encode()))
+
+    def _serve(self) -> None:
+        reg = self.registrar
+        next_ping = time.monotonic() + reg.ping_interval
+        while not reg._stop.is_set():
+            try:
+                event = self.events.get(timeout=max(0.0, next_ping - time.monotonic()))
+            except queue.Empty:
+                self._command(b"PING\n")
+                next_ping = time.monotonic() + reg.ping_interval
+                continue
+            if event is None:
+                return
+            action, topic, channel = event
+            verb = b"REGISTER" if action == "create" else b"UNREGISTER"
+            line = b"%s %s" % (verb, topic.encode())
+            if channel is not None:
+                line += b" " + channel.encode()
+            self._command(line + b"\n")
+
+    def _command(self, data: bytes) -> bytes:
+        """Send one command and read lookupd's reply: [4-byte size][data]."""
+        sock = self.sock
+        assert sock is not None
+        sock.sendall(data)
+        size = _LEN.unpack(self._read(4))[0]
+        if not 0 <= size <= self.registrar.broker.max_body_size:
+            raise ProtocolError("E_PROTOCOL", f"lookupd reply of {size} bytes")
+        reply = self._read(size)
+        if reply.startswith(b"E_"):
+            code, _, text = reply.decode(errors="replace").partition(" ")
+            verb = data.partition(b"\n")[0].partition(b" ")[0].decode()
+            raise ProtocolError(code, f"{text} (lookupd's answer to {verb})")
+        return reply
+
+    def _read(self, n: int) -> bytes:
+        sock = self.sock
+        assert sock is not None
+        chunks = []
+        while n:
+            data = sock.recv(n)
+            if not data:
+                raise ConnectionLost("lookupd closed the connection")
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def _disconnect(self) -> None:
+        self.connected = False
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 # =============================================================================
 # HTTP API
 #
@@ -4300,6 +4505,20 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.options = dict(options or {})
         self._thread: Optional[threading.Thread] = None
         super().__init__(_split_address(address, 4151), _HTTPHandler)
+        listen = _split_address(tcp_address, 4150)[0] if tcp_address else self.server_address[0]
+        #: what /info and the lookupd endpoints tell clients to connect to
+        self.broadcast_address: str = (self.options.get("broadcast_address")
+                                       or broadcast_address(listen))
+        self.tcp_port = (self.options.get("broadcast_tcp_port")
+                         or (_split_address(tcp_address, 4150)[1] if tcp_address else -1))
+        self.http_port = self.options.get("broadcast_http_port") or self.server_address[1]
+
+    def producer(self) -> Dict[str, Any]:
+        """This server as nsqlookupd describes a producer (``/lookup``, ``/nodes``)."""
+        return {"remote_address": f"{self.broadcast_address}:{self.tcp_port}",
+                "hostname": socket.gethostname(), "broadcast_address": self.broadcast_address,
+                "tcp_port": self.tcp_port, "http_port": self.http_port, "version": NSQ_VERSION,
+                "topology_zone": "", "topology_region": ""}
 
     @property
     def address(self) -> str:
@@ -4347,6 +4566,9 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         "/channel/empty": (("POST",), "channel_empty"),
         "/channel/pause": (("POST",), "channel_pause"),
         "/channel/unpause": (("POST",), "channel_unpause"),
+        # nsqlookupd's read endpoints, with this server as the only producer
+        "/lookup": (("GET",), "lookup"), "/topics": (("GET",), "topics"),
+        "/channels": (("GET",), "channels"), "/nodes": (("GET",), "nodes"),
     }
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -4392,6 +4614,8 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             return
         if result is None:
             self._reply(200, b"", "text/plain; charset=utf-8")
+        elif isinstance(result, tuple):                 # (body, content type)
+            self._reply(200, result[0], result[1], v1=False)
         elif isinstance(result, bytes):
             self._reply(200, result, "text/plain; charset=utf-8")
         else:
@@ -4468,11 +4692,9 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def _info(self) -> Any:
         b, srv = self.server.broker, self.server
-        tcp_port = int(srv.tcp_address.rsplit(":", 1)[1]) if srv.tcp_address else -1
-        return {"version": NSQ_VERSION, "broadcast_address": srv.options.get(
-                    "broadcast_address", socket.gethostname()),
-                "hostname": socket.gethostname(), "http_port": srv.server_address[1],
-                "tcp_port": tcp_port, "start_time": b.start_time,
+        return {"version": NSQ_VERSION, "broadcast_address": srv.broadcast_address,
+                "hostname": socket.gethostname(), "http_port": srv.http_port,
+                "tcp_port": srv.tcp_port, "start_time": b.start_time,
                 "max_heartbeat_interval": int(srv.options.get(
                     "max_heartbeat_interval", DEFAULT_MAX_HEARTBEAT_INTERVAL) * 1e9),
                 "max_output_buffer_size": srv.options.get(
@@ -4552,6 +4774,24 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         if self._arg("format") == "json":
             return stats
         return _stats_text(stats).encode()
+
+    # -- nsqlookupd's read endpoints -----------------------------------------------
+    def _lookup(self) -> Any:
+        t = self._existing_topic()
+        return {"channels": sorted(t.channels), "producers": [self.server.producer()]}
+
+    def _topics(self) -> Any:
+        return {"topics": sorted(self.server.broker.topics)}
+
+    def _channels(self) -> Any:
+        name = self._topic_arg()
+        t = self.server.broker.topics.get(name)
+        return {"channels": sorted(t.channels) if t is not None else []}
+
+    def _nodes(self) -> Any:
+        topics = sorted(self.server.broker.topics)
+        return {"producers": [dict(self.server.producer(), tombstones=[False] * len(topics),
+                                   topics=topics)]}
 
     def _existing_topic(self) -> Topic:
         try:
@@ -4750,9 +4990,17 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("auth-http-address", str, None,
      "nsqd auth server <addr>:<port> or URL (repeatable); clients must AUTH"),
     ("auth-secrets", str, "", "JSON file mapping AUTH secrets to authorizations"),
+    ("lookupd-tcp-address", str, None,
+     "nsqlookupd <addr>:<port> to register topics and channels with (repeatable)"),
+    ("broadcast-address", str, "",
+     "address given to lookupd and clients (default: the OS hostname when listening on "
+     "0.0.0.0, else the listening host)"),
+    ("broadcast-tcp-port", int, 0, "TCP port given to lookupd (default: the listening port)"),
+    ("broadcast-http-port", int, 0, "HTTP port given to lookupd (default: the listening port)"),
     ("log-level", str, "info", "debug, info, warn, error or fatal"),
 ]
 _BOOL_FLAGS = {"durable", "fsync", "deflate", "tls-required"}
+_LIST_FLAGS = {"auth-http-address", "lookupd-tcp-address"}
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
 
@@ -4769,7 +5017,7 @@ def _serve_parser(sub: Any) -> None:
         if flag in _BOOL_FLAGS:
             p.add_argument(f"--{flag}", nargs="?", const="true", default=argparse.SUPPRESS,
                            metavar="BOOL", help=text + shown)
-        elif flag == "auth-http-address":
+        elif flag in _LIST_FLAGS:
             p.add_argument(f"--{flag}", action="append", default=argparse.SUPPRESS,
                            metavar="ADDR", help=text)
         else:
@@ -4798,7 +5046,7 @@ def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
         key = flag.replace("-", "_")
         if key not in given:
             opts[key] = default
-        elif key == "auth_http_address":
+        elif flag in _LIST_FLAGS:
             value = given[key]
             opts[key] = [value] if isinstance(value, str) else list(value)
         else:
@@ -4856,12 +5104,24 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     server.start()
     if http_server is not None:
         http_server.start()
+    registrar = None
+    if opts["lookupd_tcp_address"]:
+        registrar = LookupdRegistrar(
+            broker, opts["lookupd_tcp_address"],
+            broadcast_address=(http_server.broadcast_address if http_server else
+                               opts["broadcast_address"] or broadcast_address(
+                                   _split_address(server.address, 4150)[0])),
+            tcp_port=opts["broadcast_tcp_port"] or _split_address(server.address, 4150)[1],
+            http_port=(opts["broadcast_http_port"] or
+                       (http_server.server_address[1] if http_server else 0))).start()
     if ready is not None:
         ready(server)
     try:
         stop.wait()
     finally:
         log.info("stopping: closing connections, persisting")
+        if registrar is not None:
+            registrar.close()
         server.close()
         if http_server is not None:
             http_server.close()

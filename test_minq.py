@@ -2036,6 +2036,162 @@ def test_client_connection_refused_raises_connection_lost():
             c.publish("t", b"x")
 
 
+# -- nsqlookupd registration, against a fake lookupd speaking TCP protocol V1 --
+
+class FakeLookupd:
+    """A real TCP listener speaking nsqlookupd's V1 protocol; records what it hears.
+
+    ``reply_error`` makes it answer the next IDENTIFY with that error and close.
+    """
+
+    def __init__(self, port=0):
+        import socket
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.heard = __import__("queue").Queue()      # (connection number, line, body)
+        self.reply_error = None
+        self.conns, self.threads = [], []
+        self.accepter = threading.Thread(target=self._accept)
+        self.accepter.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn, len(self.conns)))
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn, n):
+        f = conn.makefile("rb")
+        try:
+            assert f.read(4) == b"  V1"
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                line = line.decode().strip()
+                body = None
+                if line == "IDENTIFY":
+                    body = json.loads(f.read(struct.unpack(">l", f.read(4))[0]))
+                    if self.reply_error:
+                        err, self.reply_error = self.reply_error.encode(), None
+                        conn.sendall(struct.pack(">l", len(err)) + err)
+                        return
+                    reply = json.dumps({"tcp_port": 4160, "http_port": 4161, "version": "1.3.0",
+                                        "broadcast_address": "fake", "hostname": "fake"}).encode()
+                else:
+                    reply = b"OK"
+                self.heard.put((n, line, body))
+                conn.sendall(struct.pack(">l", len(reply)) + reply)
+        except (OSError, ValueError, AssertionError):
+            pass
+        finally:
+            f.close()
+            conn.close()
+
+    def next(self, timeout=10):
+        return self.heard.get(timeout=timeout)
+
+    def lines(self, count, timeout=10):
+        return [self.next(timeout)[1] for _ in range(count)]
+
+    def close(self):
+        import socket
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)     # wakes the blocked accept()
+        except OSError:
+            pass
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.accepter.join(5)
+        for t in self.threads:
+            t.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.fixture
+def registered():
+    """A broker with two topics, registered with a fake lookupd that PINGs fast."""
+    b = minq.Broker()
+    b.topic("existing").channel("ch")
+    b.topic("lonely")
+    lk = FakeLookupd()
+    reg = minq.LookupdRegistrar(b, [lk.address], broadcast_address="10.0.0.7",
+                                tcp_port=4150, http_port=4151, ping_interval=0.2)
+    reg.start()
+    yield b, lk, reg
+    reg.close()
+    lk.close()
+    b.close()
+
+
+def test_lookupd_identify_then_register_everything(registered):
+    b, lk, reg = registered
+    n, line, ident = lk.next()
+    assert line == "IDENTIFY"
+    assert {k: ident[k] for k in ("version", "broadcast_address", "tcp_port", "http_port")} == \
+        {"version": minq.NSQ_VERSION, "broadcast_address": "10.0.0.7",
+         "tcp_port": 4150, "http_port": 4151}
+    assert ident["hostname"]
+    assert sorted(lk.lines(2)) == ["REGISTER existing ch", "REGISTER lonely"]
+    assert reg.peers[0].info["broadcast_address"] == "fake"
+
+
+def test_lookupd_hears_creates_deletes_and_pings(registered):
+    b, lk, reg = registered
+    lk.lines(3)                                   # IDENTIFY and the two REGISTERs
+    b.topic("new").channel("c2")
+    assert lk.lines(2) == ["REGISTER new", "REGISTER new c2"]
+    b.get_topic("new").delete_channel("c2")
+    assert lk.lines(1) == ["UNREGISTER new c2"]
+    b.delete_topic("lonely")
+    assert lk.lines(1) == ["UNREGISTER lonely"]
+    assert lk.lines(2) == ["PING", "PING"]         # every ping_interval while idle
+
+
+def test_lookupd_restart_gets_everything_registered_again(registered):
+    b, lk, reg = registered
+    lk.lines(3)
+    port = lk.port
+    lk.close()
+    b.topic("while_down")                          # happens while lookupd is away
+    lk2 = FakeLookupd(port)
+    try:
+        n, line, _ = lk2.next()
+        assert line == "IDENTIFY"
+        assert sorted(lk2.lines(3)) == ["REGISTER existing ch", "REGISTER lonely",
+                                        "REGISTER while_down"]
+        assert reg.peers[0].connected
+    finally:
+        reg.close()
+        lk2.close()
+
+
+def test_lookupd_error_reply_is_logged_and_retried(caplog):
+    b = minq.Broker()
+    with FakeLookupd() as lk:
+        lk.reply_error = "E_BAD_BODY IDENTIFY missing fields"
+        with minq.LookupdRegistrar(b, [lk.address], broadcast_address="h", tcp_port=1,
+                                   http_port=2, ping_interval=0.2):
+            assert lk.next()[1] == "IDENTIFY"      # the second attempt, after the refusal
+        assert "E_BAD_BODY" in caplog.text
+    b.close()
+
+
 # =============================================================================
 # HTTP API: nsqd's endpoints, parameters, status codes and error bodies
 # =============================================================================
@@ -2201,6 +2357,69 @@ def test_http_info_and_config(web):
     assert json.loads(http(web, "GET", "/config/msg_timeout")[2]) == 60 * 10**9
 
 
+def test_http_lookupd_endpoints_name_this_server(web):
+    b = web.broker
+    b.topic("t").channel("c2")
+    b.topic("t").channel("c1")
+    b.topic("u")
+    status, _, body = http(web, "GET", "/lookup?topic=t")
+    data = json.loads(body)
+    assert status == 200 and data["channels"] == ["c1", "c2"]
+    [p] = data["producers"]
+    assert list(p) == ["remote_address", "hostname", "broadcast_address", "tcp_port",
+                       "http_port", "version", "topology_zone", "topology_region"]
+    # Listening on 127.0.0.1, minq hands out that address (nsqd would give the hostname).
+    assert (p["broadcast_address"], p["tcp_port"], p["http_port"], p["version"]) == \
+        ("127.0.0.1", int(web.tcp_address.rsplit(":", 1)[1]), web.server_address[1], "1.3.0")
+    status, _, body = http(web, "GET", "/lookup?topic=nope")
+    assert (status, json.loads(body)) == (404, {"message": "TOPIC_NOT_FOUND"})
+    status, _, body = http(web, "GET", "/lookup")
+    assert (status, json.loads(body)) == (400, {"message": "MISSING_ARG_TOPIC"})
+    assert json.loads(http(web, "GET", "/topics")[2]) == {"topics": ["t", "u"]}
+    assert json.loads(http(web, "GET", "/channels?topic=t")[2]) == {"channels": ["c1", "c2"]}
+    assert json.loads(http(web, "GET", "/channels?topic=nope")[2]) == {"channels": []}
+    [node] = json.loads(http(web, "GET", "/nodes")[2])["producers"]
+    assert (node["topics"], node["tombstones"]) == (["t", "u"], [False, False])
+    assert node["broadcast_address"] == "127.0.0.1"
+
+
+def test_http_broadcast_address_option_is_what_clients_are_told(web):
+    b = web.broker
+    with minq.HTTPServer(b, "127.0.0.1:0", tcp_address=web.tcp_address,
+                         options={"broadcast_address": "mq.example.com",
+                                  "broadcast_tcp_port": 14150}).start() as srv:
+        info = json.loads(http(srv, "GET", "/info")[2])
+        assert (info["broadcast_address"], info["tcp_port"]) == ("mq.example.com", 14150)
+        b.topic("t")
+        [p] = json.loads(http(srv, "GET", "/lookup?topic=t")[2])["producers"]
+        assert (p["broadcast_address"], p["tcp_port"]) == ("mq.example.com", 14150)
+
+
+def test_pynsq_reader_finds_minq_through_its_lookupd_endpoints(web):
+    nsq = pytest.importorskip("nsq")
+    tornado_ioloop = pytest.importorskip("tornado.ioloop")
+    assert http(web, "POST", "/pub?topic=found", b"via lookup")[2] == b"OK"
+    got = []
+    loop = tornado_ioloop.IOLoop.current()
+
+    def handler(msg):
+        got.append(msg.body)
+        loop.add_callback(loop.stop)
+        return True
+
+    reader = nsq.Reader(message_handler=handler, topic="found", channel="c",
+                        lookupd_http_addresses=[f"http://{web.address}"],
+                        lookupd_poll_interval=1, lookupd_poll_jitter=0.0)
+    timeout = loop.call_later(15, loop.stop)
+    loop.start()
+    loop.remove_timeout(timeout)
+    reader.close()
+    loop.run_sync(lambda: __import__("tornado.gen").gen.sleep(0.1))
+    # The HTTP lookup resolved the address on asyncio's executor thread: end it.
+    loop.asyncio_loop.run_until_complete(loop.asyncio_loop.shutdown_default_executor())
+    assert got == [b"via lookup"]
+
+
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
@@ -2279,6 +2498,23 @@ def test_serve_banner_sigterm_exit_0_and_restart_keeps_messages(tmp_path):
         assert (m.body, m.attempts) == (b"kept", 2)
         m.finish()
     assert s.stop() == 0
+
+
+def test_serve_registers_with_lookupd_tcp_address(tmp_path):
+    with FakeLookupd() as lk:
+        s = Served("--lookupd-tcp-address", lk.address, "--broadcast-address", "127.0.0.1",
+                   "--data-path", "", cwd=tmp_path)
+        try:
+            _, line, ident = lk.next()
+            assert line == "IDENTIFY"
+            assert ident["broadcast_address"] == "127.0.0.1"
+            assert ident["tcp_port"] == int(s.address.rsplit(":", 1)[1])
+            assert ident["http_port"] == int(s.http_address.rsplit(":", 1)[1])
+            with minq.Client(s.address) as c:
+                c.publish("from_serve", b"x")
+            assert lk.lines(1) == ["REGISTER from_serve"]
+        finally:
+            assert s.stop() == 0
 
 
 def test_serve_durable_ok_means_survives_kill9(tmp_path):
