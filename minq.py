@@ -19,6 +19,7 @@ Quick start::
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import collections
 import errno
@@ -32,21 +33,20 @@ import math
 import os
 import platform
 import queue
+import random
 import re
 import shutil
-import struct
-import threading
-import time
-import zlib
-import argparse
-import random
 import signal
 import socket
 import socketserver
 import ssl
+import struct
 import sys
+import threading
+import time
 import urllib.parse
 import urllib.request
+import zlib
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = [
@@ -61,7 +61,7 @@ __all__ = [
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
     # servers and the command line
     "TCPServer", "HTTPServer", "Authorizer", "LookupdRegistrar", "broadcast_address",
-    "nsqd_stats", "parse_duration", "main",
+    "nsqd_stats", "prometheus_metrics", "parse_duration", "main",
     # constants
     "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
@@ -104,6 +104,11 @@ EPHEMERAL_SUFFIX = "#ephemeral"
 MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[.a-zA-Z0-9_-]+(#ephemeral)?")
 DISPATCH_POLICIES = ("round_robin", "weighted", "hash")
+
+# End-to-end latency (publish to FIN) is counted per channel in these buckets
+# (upper bounds, seconds), for /metrics' histograms.
+E2E_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
+_E2E_BOUNDS_NS = tuple(int(b * 1e9) for b in E2E_LATENCY_BUCKETS)
 
 # How long the timer thread may sleep when nothing is due; it is woken early
 # whenever a sooner deadline is scheduled, so this only bounds idle wake-ups.
@@ -1210,6 +1215,8 @@ class Channel:
         self.requeue_count = 0
         self.timeout_count = 0
         self.dead_count = 0
+        self._e2e_counts = [0] * (len(_E2E_BOUNDS_NS) + 1)   # the last one: over 300 s
+        self._e2e_sum_ns = 0
         self.max_attempts: Optional[int] = None
         self.dead_letter_topic: Optional[str] = None
         self.dispatch = "round_robin"
@@ -1394,6 +1401,9 @@ class Channel:
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
+            latency = self.broker._time_ns() - h.timestamp
+            self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
+            self._e2e_sum_ns += latency
             q = self._queue
             if h._pos is not None:
                 q.done(h)
@@ -1669,6 +1679,9 @@ class Channel:
                 "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
                 "max_attempts": self.effective_max_attempts,
                 "dispatch": self.dispatch,
+                "e2e_latency": {"buckets": dict(zip(E2E_LATENCY_BUCKETS, self._e2e_counts)),
+                                "count": sum(self._e2e_counts),
+                                "sum": self._e2e_sum_ns / 1e9},
             }
 
 
@@ -4469,6 +4482,106 @@ def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any
     return out
 
 
+# -- /metrics: Prometheus text exposition (format 0.0.4) -----------------------
+
+# (metric, type, help, stats key): one sample per topic, then per channel.
+_TOPIC_METRICS = (
+    ("minq_topic_depth", "gauge", "Messages queued at the topic (memory + disk).", "depth"),
+    ("minq_topic_backend_depth", "gauge", "Messages of the topic's queue on disk.",
+     "backend_depth"),
+    ("minq_topic_messages_total", "counter", "Messages published to the topic.",
+     "message_count"),
+    ("minq_topic_message_bytes_total", "counter", "Bytes published to the topic.",
+     "message_bytes"),
+    ("minq_topic_dropped_total", "counter",
+     "Messages an ephemeral topic dropped beyond its memory queue.", "drop_count"),
+    ("minq_topic_paused", "gauge", "1 when the topic is paused.", "paused"),
+)
+_CHANNEL_METRICS = (
+    ("minq_channel_depth", "gauge", "Messages queued in the channel (memory + disk).", "depth"),
+    ("minq_channel_backend_depth", "gauge", "Messages of the channel's queue on disk.",
+     "backend_depth"),
+    ("minq_channel_in_flight", "gauge", "Messages delivered and not yet finished.",
+     "in_flight_count"),
+    ("minq_channel_deferred", "gauge", "Messages waiting for their deferral or requeue delay.",
+     "deferred_count"),
+    ("minq_channel_clients", "gauge", "Consumers connected to the channel.", "client_count"),
+    ("minq_channel_paused", "gauge", "1 when the channel is paused.", "paused"),
+    ("minq_channel_messages_total", "counter", "Messages the channel received.",
+     "message_count"),
+    ("minq_channel_requeued_total", "counter", "Messages requeued by consumers.",
+     "requeue_count"),
+    ("minq_channel_timed_out_total", "counter", "Messages whose in-flight deadline passed.",
+     "timeout_count"),
+    ("minq_channel_dead_letters_total", "counter",
+     "Messages moved to the dead-letter topic after max_attempts.", "dead_count"),
+    ("minq_channel_dropped_total", "counter",
+     "Messages an ephemeral channel dropped beyond its memory queue.", "drop_count"),
+    ("minq_channel_corrupt_total", "counter", "Records lost to corruption in the channel's log.",
+     "corrupt_count"),
+)
+_STORAGE_METRICS = (
+    ("minq_storage_bytes_written_total", "counter", "Bytes written to segment logs.",
+     "bytes_written"),
+    ("minq_storage_fsyncs_total", "counter", "fsync calls on segment logs.", "fsync_count"),
+    ("minq_storage_corrupt_records_total", "counter",
+     "Damaged records skipped when reading segment logs.", "corrupt_count"),
+    ("minq_storage_logs", "gauge", "Open segment logs.", "logs"),
+)
+
+
+def _labels(**labels: str) -> str:
+    def escape(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def prometheus_metrics(stats: Dict[str, Any]) -> str:
+    """``Broker.stats()`` as Prometheus text: gauges, counters, latency histograms."""
+    out: List[str] = []
+
+    def family(name: str, kind: str, text: str, samples: Iterable[Tuple[str, Any]]) -> None:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix_labels, value in samples:
+            out.append(f"{name}{suffix_labels} {float(value):g}" if isinstance(value, float)
+                       else f"{name}{suffix_labels} {int(value)}")
+
+    topics = stats.get("topics") or []
+    family("minq_up", "gauge", "1 while the broker is healthy (storage writes succeed).",
+           [("", 1 if stats.get("health") == "OK" else 0)])
+    family("minq_start_time_seconds", "gauge", "When the broker started (Unix time).",
+           [("", stats["start_time"])])
+    family("minq_producers", "gauge", "TCP clients that have published.",
+           [("", len(stats.get("producers") or []))])
+    for name, kind, text, key in _TOPIC_METRICS:
+        family(name, kind, text, [(_labels(topic=t["topic_name"]), t[key]) for t in topics])
+    channels = [(t["topic_name"], c) for t in topics for c in t["channels"]]
+    for name, kind, text, key in _CHANNEL_METRICS:
+        family(name, kind, text, [(_labels(topic=t, channel=c["channel_name"]), c[key])
+                                  for t, c in channels])
+    name = "minq_channel_e2e_latency_seconds"
+    out.append(f"# HELP {name} Time from publish to FIN.")
+    out.append(f"# TYPE {name} histogram")
+    for t, c in channels:
+        e2e = c["e2e_latency"]
+        total = 0
+        for bound, count in e2e["buckets"].items():
+            total += count
+            out.append(f"{name}_bucket{_labels(topic=t, channel=c['channel_name'], le=f'{bound:g}')}"
+                       f" {total}")
+        out.append(f"{name}_bucket{_labels(topic=t, channel=c['channel_name'], le='+Inf')}"
+                   f" {e2e['count']}")
+        lbl = _labels(topic=t, channel=c["channel_name"])
+        out.append(f"{name}_sum{lbl} {e2e['sum']:g}")
+        out.append(f"{name}_count{lbl} {e2e['count']}")
+    storage = stats.get("storage")
+    if storage:
+        for name, kind, text, key in _STORAGE_METRICS:
+            family(name, kind, text, [("", storage[key])])
+    return "\n".join(out) + "\n"
+
+
 def _memory_stats() -> Dict[str, int]:
     # Go runtime figures in nsqd; here the closest Python ones.
     import gc
@@ -4569,6 +4682,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         # nsqlookupd's read endpoints, with this server as the only producer
         "/lookup": (("GET",), "lookup"), "/topics": (("GET",), "topics"),
         "/channels": (("GET",), "channels"), "/nodes": (("GET",), "nodes"),
+        "/metrics": (("GET",), "metrics"),
     }
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -4774,6 +4888,10 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         if self._arg("format") == "json":
             return stats
         return _stats_text(stats).encode()
+
+    def _metrics(self) -> Any:
+        text = prometheus_metrics(self.server.broker.stats(include_clients=False))
+        return text.encode(), "text/plain; version=0.0.4; charset=utf-8"
 
     # -- nsqlookupd's read endpoints -----------------------------------------------
     def _lookup(self) -> Any:

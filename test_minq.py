@@ -2420,6 +2420,54 @@ def test_pynsq_reader_finds_minq_through_its_lookupd_endpoints(web):
     assert got == [b"via lookup"]
 
 
+_PROM_LINE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
+                        r'[-+]?(\d+(\.\d*)?([eE][-+]?\d+)?|Inf|NaN)')
+
+
+def test_http_metrics_are_prometheus_text_with_e2e_latency(tmp_path, clock):
+    with minq.Broker(clock=clock, data_path=str(tmp_path)) as b, \
+            minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
+        b.publish("t", b"x")
+        b.publish("t", b"y")
+        with b.consumer("t", "c", max_in_flight=2) as cons:
+            m = cons.get(timeout=5)
+            clock.advance(0.02)
+            m.finish()                                   # 20 ms from publish to FIN
+            cons.get(timeout=5)                          # one left in flight
+            import http.client
+            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            ctype, text = r.getheader("Content-Type"), r.read().decode()
+            conn.close()
+    assert ctype.startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) [a-z_0-9]+ .+", line), line
+            continue
+        assert _PROM_LINE.fullmatch(line), line
+        key, value = line.rsplit(" ", 1)
+        samples[key] = float(value)
+    ch = 'topic="t",channel="c"'
+    assert samples['minq_topic_messages_total{topic="t"}'] == 2
+    assert samples[f"minq_channel_in_flight{{{ch}}}"] == 1
+    assert samples[f"minq_channel_clients{{{ch}}}"] == 1
+    assert samples[f"minq_channel_depth{{{ch}}}"] == 0
+    assert samples[f'minq_channel_e2e_latency_seconds_bucket{{{ch},le="0.01"}}'] == 0
+    assert samples[f'minq_channel_e2e_latency_seconds_bucket{{{ch},le="0.05"}}'] == 1
+    assert samples[f'minq_channel_e2e_latency_seconds_bucket{{{ch},le="+Inf"}}'] == 1
+    assert samples[f"minq_channel_e2e_latency_seconds_sum{{{ch}}}"] == pytest.approx(0.02)
+    assert samples["minq_up"] == 1 and samples["minq_storage_logs"] >= 1
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["minq_channel_e2e_latency_seconds"].type == "histogram"
+    assert families["minq_topic_messages"].type == "counter"
+
+
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
