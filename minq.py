@@ -5247,20 +5247,194 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     return 0
 
 
+# -- the tools: pub (like to_nsq), tail (like nsq_tail), stats (like nsq_stat) --
+# They speak only NSQ's wire protocols, so they work against nsqd as well.
+
+def _tool_parsers(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "pub", help="publish a message, or each line of stdin, to a topic",
+        formatter_class=fmt,
+        description="Publish to TOPIC on minq or nsqd over TCP (like NSQ's to_nsq).",
+        epilog="examples:\n"
+               "  python minq.py pub orders '{\"id\": 1}'      one message\n"
+               "  cat events.txt | python minq.py pub events   one message per line\n"
+               "  python minq.py pub later hi --defer 30s      delivered in 30 seconds")
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("message", metavar="MSG", nargs="?", default="-",
+                   help="the message body; '-' or nothing reads stdin, one message per line")
+    p.add_argument("--nsqd-tcp-address", default=DEFAULT_TCP_ADDRESS, metavar="ADDR",
+                   help=f"server to publish to (default {DEFAULT_TCP_ADDRESS})")
+    p.add_argument("--defer", default="0", metavar="DURATION",
+                   help="deliver after this long (DPUB), e.g. 500ms, 30s, 5m")
+    p.add_argument("--batch", type=int, default=100, metavar="N",
+                   help="stdin lines sent per MPUB (default 100; 1 = one PUB each)")
+
+    t = sub.add_parser(
+        "tail", help="print the messages of a topic as they arrive",
+        formatter_class=fmt,
+        description="Subscribe to TOPIC and print each message body on its own line "
+                    "(like NSQ's nsq_tail). By default it uses a new ephemeral channel, so "
+                    "it sees only new messages, takes none from other consumers, and "
+                    "leaves nothing behind when it exits.",
+        epilog="examples:\n"
+               "  python minq.py tail orders            follow until Ctrl-C\n"
+               "  python minq.py tail orders -n 10      stop after 10 messages\n"
+               "  python minq.py tail orders --channel billing   take from a real channel")
+    t.add_argument("topic", metavar="TOPIC")
+    t.add_argument("--channel", default=None, metavar="NAME",
+                   help="channel to read (default: tail<random>#ephemeral)")
+    t.add_argument("-n", type=int, default=0, metavar="N",
+                   help="exit after N messages (default 0: run until Ctrl-C)")
+    t.add_argument("--nsqd-tcp-address", default=DEFAULT_TCP_ADDRESS, metavar="ADDR",
+                   help=f"server to read from (default {DEFAULT_TCP_ADDRESS})")
+    t.add_argument("--max-in-flight", type=int, default=200, metavar="N",
+                   help="messages the server may send before they are finished (default 200)")
+    t.add_argument("--print-topic", action="store_true", help="prefix each line with the topic")
+
+    s = sub.add_parser(
+        "stats", help="show a live table of depths and rates",
+        formatter_class=fmt,
+        description="Poll /stats on minq or nsqd and print one row per topic and channel "
+                    "each interval (like NSQ's nsq_stat): queue depth (in memory and on "
+                    "disk), in flight, deferred, requeued, timed out, messages and "
+                    "messages per second since the last row.",
+        epilog="examples:\n"
+               "  python minq.py stats                    every topic, every 2 s\n"
+               "  python minq.py stats --topic orders --interval 1s --count 5")
+    s.add_argument("--topic", default=None, metavar="T", help="only this topic")
+    s.add_argument("--channel", default=None, metavar="C", help="only this channel")
+    s.add_argument("--nsqd-http-address", default=DEFAULT_HTTP_ADDRESS, metavar="ADDR",
+                   help=f"server's HTTP address (default {DEFAULT_HTTP_ADDRESS})")
+    s.add_argument("--interval", default="2s", metavar="DURATION",
+                   help="time between rows (default 2s)")
+    s.add_argument("--count", type=int, default=0, metavar="N",
+                   help="stop after N reports (default 0: run until Ctrl-C)")
+
+
+def _pub(args: argparse.Namespace) -> int:
+    defer = parse_duration(args.defer)
+    _check_range("--batch", args.batch, 1, None)
+    sent = 0
+    with Client(args.nsqd_tcp_address) as client:
+        if args.message != "-":
+            client.publish(args.topic, args.message.encode(), defer)
+            sent = 1
+        else:
+            batch: List[bytes] = []
+            for line in sys.stdin.buffer:
+                body = line.rstrip(b"\r\n")
+                if not body:
+                    continue
+                if defer or args.batch == 1:
+                    client.publish(args.topic, body, defer)
+                    sent += 1
+                    continue
+                batch.append(body)
+                if len(batch) >= args.batch:
+                    client.publish_many(args.topic, batch)
+                    sent, batch = sent + len(batch), []
+            if batch:
+                client.publish_many(args.topic, batch)
+                sent += len(batch)
+    print(f"published {sent} message(s) to {args.topic}", file=sys.stderr)
+    return 0
+
+
+def _tail(args: argparse.Namespace, stop: threading.Event) -> int:
+    channel = args.channel or f"tail{random.randrange(1000000):06d}{EPHEMERAL_SUFFIX}"
+    _check_range("-n", args.n, 0, None)
+    out = sys.stdout.buffer
+    prefix = args.topic.encode() + b" | " if args.print_topic else b""
+    seen = 0
+    with Client(args.nsqd_tcp_address) as client, \
+            client.consumer(args.topic, channel, max(1, args.max_in_flight)) as cons:
+        while not stop.is_set() and (not args.n or seen < args.n):
+            msg = cons.get(timeout=0.2)
+            if msg is None:
+                continue
+            out.write(prefix + msg.body + b"\n")
+            out.flush()
+            msg.finish()
+            seen += 1
+    return 0
+
+
+_STATS_HEADER = (f"{'topic/channel':<32} {'depth':>8} {'mem':>8} {'disk':>8} {'inflt':>6} "
+                 f"{'def':>6} {'req':>8} {'t-o':>6} {'msgs':>10} {'msg/s':>9} {'clients':>7}")
+
+
+def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
+    interval = parse_duration(args.interval)
+    _check_range("--interval", interval, 0.01, None)
+    query = {"format": "json", "include_clients": "false", "include_mem": "false"}
+    if args.topic:
+        query["topic"] = args.topic
+    if args.channel:
+        query["channel"] = args.channel
+    url = f"http://{args.nsqd_http_address}/stats?{urllib.parse.urlencode(query)}"
+    last: Dict[str, Tuple[float, int]] = {}
+    reports = 0
+    while not stop.is_set():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            data = json.loads(r.read())
+        now = time.monotonic()
+        if reports % 20 == 0:
+            print(_STATS_HEADER)
+        rows = []
+        for t in data.get("topics") or []:
+            rows.append((t["topic_name"], t, len(t["channels"])))
+            rows.extend((f"{t['topic_name']}/{c['channel_name']}", c, c["client_count"])
+                        for c in t["channels"])
+        if not rows:
+            print("(no topics)")
+        for name, d, clients in rows:
+            before = last.get(name)
+            rate = (f"{(d['message_count'] - before[1]) / (now - before[0]):9.1f}"
+                    if before else f"{'-':>9}")
+            last[name] = (now, d["message_count"])
+            print(f"{name:<32} {d['depth']:>8} {d['depth'] - d['backend_depth']:>8} "
+                  f"{d['backend_depth']:>8} {d.get('in_flight_count', ''):>6} "
+                  f"{d.get('deferred_count', ''):>6} {d.get('requeue_count', ''):>8} "
+                  f"{d.get('timeout_count', ''):>6} {d['message_count']:>10} {rate} "
+                  f"{clients:>7}")
+        sys.stdout.flush()
+        reports += 1
+        if args.count and reports >= args.count:
+            break
+        stop.wait(interval)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: ``python minq.py serve [flags]``; see ``--help``."""
+    """The command line: ``python minq.py serve|pub|tail|stats``; see ``--help``."""
     parser = argparse.ArgumentParser(
         prog="minq.py",
         description="minq: an NSQ-compatible message broker in one file. "
-                    "Start a server with 'python minq.py serve'.")
+                    "Start a server with 'python minq.py serve'; then publish with "
+                    "'python minq.py pub', read with 'python minq.py tail', watch with "
+                    "'python minq.py stats', or use any NSQ client.")
     parser.add_argument("--version", action="version",
                         version=f"minq {VERSION} (nsqd {NSQ_VERSION} protocol)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    _tool_parsers(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    stop = threading.Event()
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING, format="[minq] %(levelname)s %(message)s")
+        try:
+            if args.command == "pub":
+                return _pub(args)
+            return (_tail if args.command == "tail" else _stats)(args, stop)
+        except KeyboardInterrupt:
+            return 0
+        except (MinqError, OSError, ValueError) as e:
+            print(f"minq {args.command}: {e}", file=sys.stderr)
+            return 1
     try:
         opts = _serve_options(args)
     except (MinqError, OSError) as e:
@@ -5269,7 +5443,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if level is None:
         parser.error(f"--log-level {opts['log_level']!r}: use debug, info, warn, error or fatal")
     logging.basicConfig(level=level, format="[minq] %(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:

@@ -2614,6 +2614,93 @@ def test_serve_port_in_use_exits_1(server, tmp_path):
     assert r.returncode == 1 and "cannot start" in r.stderr
 
 
+# -- the tools: pub, tail, stats, end to end against a live server -----------
+
+def run_tool(*args, input=None, timeout=30):
+    return subprocess.run([sys.executable, str(HERE / "minq.py"), *args], input=input,
+                          capture_output=True, timeout=timeout)
+
+
+def test_pub_tool_one_message_and_stdin_lines(web):
+    b = web.broker
+    r = run_tool("pub", "t", "hello", "--nsqd-tcp-address", web.tcp_address)
+    assert r.returncode == 0, r.stderr
+    r = run_tool("pub", "t", "--nsqd-tcp-address", web.tcp_address, "--batch", "2",
+                 input=b"a\nb\n\nc\r\n")
+    assert r.returncode == 0, r.stderr
+    assert b"published 3 message(s) to t" in r.stderr
+    with b.consumer("t", "c", max_in_flight=10) as cons:
+        assert [m.body for m in drain(cons, 4, timeout=5)] == [b"hello", b"a", b"b", b"c"]
+
+
+def test_pub_tool_defer_and_errors(web):
+    ch = web.broker.topic("t").channel("c")
+    r = run_tool("pub", "t", "later", "--defer", "30m", "--nsqd-tcp-address", web.tcp_address)
+    assert r.returncode == 0, r.stderr
+    assert (ch.stats()["deferred_count"], ch.stats()["depth"]) == (1, 0)   # held back
+    r = run_tool("pub", "bad topic!", "x", "--nsqd-tcp-address", web.tcp_address)
+    assert r.returncode == 1 and b"minq pub:" in r.stderr and b"topic" in r.stderr
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    free = f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    r = run_tool("pub", "t", "x", "--nsqd-tcp-address", free, timeout=60)
+    assert r.returncode == 1 and b"cannot connect" in r.stderr
+
+
+def test_tail_tool_prints_new_messages_on_an_ephemeral_channel(web):
+    b = web.broker
+    b.topic("t").channel("work")                  # a real consumer group, untouched by tail
+    proc = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "tail", "t", "-n", "2",
+                             "--print-topic", "--nsqd-tcp-address", web.tcp_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")]:
+            assert time.monotonic() < deadline, proc.stderr.read1()
+            time.sleep(0.02)
+        for body in (b"one", b"two", b"three"):
+            b.publish("t", body)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [b"t | one", b"t | two"]
+    assert b.get_topic("t").get_channel("work").stats()["depth"] == 3
+    deadline = time.monotonic() + 5                # its ephemeral channel went with it
+    while [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_stats_tool_prints_depths_and_rates(web):
+    b = web.broker
+    b.topic("orders").channel("billing")
+    b.publish_many("orders", [b"x"] * 5)
+    r = run_tool("stats", "--nsqd-http-address", web.address, "--interval", "100ms",
+                 "--count", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["topic/channel", "depth", "mem", "disk", "inflt", "def",
+                                "req", "t-o", "msgs", "msg/s", "clients"]
+    rows = [line.split() for line in lines if line.startswith("orders/billing")]
+    assert len(rows) == 2
+    assert rows[0][1:4] == ["5", "5", "0"] and rows[0][8:10] == ["5", "-"]
+    assert float(rows[1][9]) == 0.0                # no new messages between the two reports
+    r = run_tool("stats", "--nsqd-http-address", web.address, "--topic", "nope", "--count", "1")
+    assert r.returncode == 0 and b"(no topics)" in r.stdout
+
+
+def test_tools_help_explains_with_examples():
+    for tool in ("pub", "tail", "stats"):
+        r = run_tool(tool, "--help")
+        assert r.returncode == 0 and b"examples:" in r.stdout and b"NSQ" in r.stdout
+    r = run_tool("--help")
+    assert all(t in r.stdout for t in (b"serve", b"pub", b"tail", b"stats"))
+
+
 # =============================================================================
 # Docs: every code example in README.md runs
 # =============================================================================
