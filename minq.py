@@ -4482,6 +4482,139 @@ def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any
     return out
 
 
+# -- the admin page at / : HTML and a little JavaScript, no external assets ----
+
+_ADMIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>minq</title>
+<style>
+ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+ h1 { font-size: 1.3em; margin: 0 0 .2em; } h1 small { color: #777; font-weight: normal; }
+ #status { color: #666; margin-bottom: 1em; } #status.error { color: #b00; }
+ table { border-collapse: collapse; min-width: 60em; }
+ th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; text-align: right; }
+ th { background: #f4f4f4; font-weight: 600; } td.name, th.name { text-align: left; }
+ tr.topic td { background: #fafafa; font-weight: 600; border-top: 2px solid #ccc; }
+ tr.channel td.name { padding-left: 2em; }
+ .paused { color: #b60; font-weight: 600; } button { font-size: .85em; margin-left: .2em; }
+ button.danger { color: #a00; } #empty { color: #777; padding: 1em 0; }
+</style></head>
+<body>
+<h1>minq <small id="version"></small></h1>
+<div id="status">loading&hellip;</div>
+<table id="stats"><thead><tr>
+ <th class="name">topic / channel</th><th>depth</th><th>on disk</th><th>in flight</th>
+ <th>deferred</th><th>requeued</th><th>timed out</th><th>messages</th><th>msg/s</th>
+ <th>clients</th><th>state</th><th>actions</th>
+</tr></thead><tbody></tbody></table>
+<div id="empty" hidden>No topics yet. Publish one:
+ <code>curl -d hello 'http://HOST/pub?topic=test'</code></div>
+<script>
+"use strict";
+const REFRESH_MS = 2000;
+let last = {};            // name -> [time, message_count], for rates
+
+function cell(row, field, value, cls) {
+  const td = document.createElement("td");
+  td.dataset.field = field;
+  if (cls) td.className = cls;
+  td.textContent = value;
+  row.appendChild(td);
+  return td;
+}
+
+function button(td, label, kind, action, topic, channel, danger) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.dataset.action = action;
+  if (danger) b.className = "danger";
+  b.onclick = () => act(kind, action, topic, channel);
+  td.appendChild(b);
+}
+
+function row(tbody, kind, topic, channel, s, now) {
+  const name = channel === null ? topic : topic + "/" + channel;
+  const tr = document.createElement("tr");
+  tr.className = kind;
+  tr.dataset.topic = topic;
+  if (channel !== null) tr.dataset.channel = channel;
+  cell(tr, "name", channel === null ? topic : channel, "name");
+  cell(tr, "depth", s.depth);
+  cell(tr, "backend_depth", s.backend_depth);
+  cell(tr, "in_flight_count", kind === "channel" ? s.in_flight_count : "");
+  cell(tr, "deferred_count", kind === "channel" ? s.deferred_count : "");
+  cell(tr, "requeue_count", kind === "channel" ? s.requeue_count : "");
+  cell(tr, "timeout_count", kind === "channel" ? s.timeout_count : "");
+  cell(tr, "message_count", s.message_count);
+  const prev = last[name];
+  const rate = prev ? (s.message_count - prev[1]) / ((now - prev[0]) / 1000) : null;
+  last[name] = [now, s.message_count];
+  cell(tr, "rate", rate === null ? "-" : rate.toFixed(1));
+  cell(tr, "clients", kind === "channel" ? s.client_count : s.channels.length + " ch");
+  cell(tr, "state", s.paused ? "paused" : "", s.paused ? "paused" : "");
+  const td = cell(tr, "actions", "");
+  if (s.paused) button(td, "unpause", kind, "unpause", topic, channel);
+  else button(td, "pause", kind, "pause", topic, channel);
+  button(td, "empty", kind, "empty", topic, channel, true);
+  button(td, "delete", kind, "delete", topic, channel, true);
+  tbody.appendChild(tr);
+}
+
+async function refresh() {
+  const status = document.getElementById("status");
+  try {
+    const r = await fetch("/stats?format=json&include_clients=false&include_mem=false");
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    const data = await r.json();
+    const now = Date.now();
+    document.getElementById("version").textContent =
+      "nsqd " + data.version + " protocol, health: " + data.health;
+    const tbody = document.querySelector("#stats tbody");
+    tbody.replaceChildren();
+    const topics = data.topics || [];
+    for (const t of topics) {
+      row(tbody, "topic", t.topic_name, null, t, now);
+      for (const c of t.channels) row(tbody, "channel", t.topic_name, c.channel_name, c, now);
+    }
+    document.getElementById("empty").hidden = topics.length > 0;
+    status.className = "";
+    status.textContent = "updated " + new Date(now).toLocaleTimeString() +
+      " \\u00b7 refreshes every " + REFRESH_MS / 1000 + " s";
+  } catch (e) {
+    status.className = "error";
+    status.textContent = "cannot read /stats: " + e.message;
+  }
+}
+
+async function act(kind, action, topic, channel) {
+  const name = channel === null ? topic : topic + "/" + channel;
+  if ((action === "empty" || action === "delete") &&
+      !confirm(action === "delete"
+        ? "Delete " + kind + " " + name + " and every message in it?"
+        : "Empty " + kind + " " + name + "? Its queued messages are lost.")) return;
+  let url = "/" + kind + "/" + action + "?topic=" + encodeURIComponent(topic);
+  if (channel !== null) url += "&channel=" + encodeURIComponent(channel);
+  const r = await fetch(url, {method: "POST"});
+  if (!r.ok) {
+    const status = document.getElementById("status");
+    status.className = "error";
+    status.textContent = action + " " + name + " failed: HTTP " + r.status + " " +
+      (await r.text());
+    return;
+  }
+  await refresh();
+}
+
+document.querySelector("#empty code").textContent =
+  "curl -d hello 'http://" + location.host + "/pub?topic=test'";
+refresh();
+setInterval(refresh, REFRESH_MS);
+</script>
+</body></html>
+"""
+
+
 # -- /metrics: Prometheus text exposition (format 0.0.4) -----------------------
 
 # (metric, type, help, stats key): one sample per topic, then per channel.
@@ -4683,6 +4816,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         "/lookup": (("GET",), "lookup"), "/topics": (("GET",), "topics"),
         "/channels": (("GET",), "channels"), "/nodes": (("GET",), "nodes"),
         "/metrics": (("GET",), "metrics"),
+        "/": (("GET", "HEAD"), "admin_page"),
     }
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -4888,6 +5022,9 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         if self._arg("format") == "json":
             return stats
         return _stats_text(stats).encode()
+
+    def _admin_page(self) -> Any:
+        return _ADMIN_PAGE.encode(), "text/html; charset=utf-8"
 
     def _metrics(self) -> Any:
         text = prometheus_metrics(self.server.broker.stats(include_clients=False))

@@ -2468,6 +2468,78 @@ def test_http_metrics_are_prometheus_text_with_e2e_latency(tmp_path, clock):
     assert families["minq_topic_messages"].type == "counter"
 
 
+def _chromium():
+    """Playwright driving Debian's Chromium, or a skip saying what is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+    return sync_api, exe
+
+
+def test_admin_page_in_headless_chromium(web, tmp_path):
+    sync_api, exe = _chromium()
+    b = web.broker
+    b.topic("orders").channel("billing")
+    b.topic("orders").channel("audit")
+    b.publish_many("orders", [b"x"] * 7)
+    with b.consumer("orders", "audit", max_in_flight=3) as cons:
+        drain(cons, 3, timeout=5)                       # 3 in flight on audit
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://{web.address}/")
+                page.wait_for_selector('tr[data-channel="billing"]', timeout=10000)
+
+                def shown(channel, field):
+                    return page.inner_text(f'tr[data-channel="{channel}"] td[data-field="{field}"]')
+
+                stats = {c["channel_name"]: c for c in json.loads(
+                    http(web, "GET", "/stats?format=json&topic=orders")[2])["topics"][0]["channels"]}
+                for ch in ("billing", "audit"):
+                    for field in ("depth", "in_flight_count", "deferred_count", "message_count"):
+                        assert shown(ch, field) == str(stats[ch][field]), (ch, field)
+                assert shown("audit", "in_flight_count") == "3"
+                assert shown("billing", "depth") == "7"
+                assert shown("audit", "clients") == "1"
+                # It refreshes by itself.
+                b.publish("orders", b"y")
+                page.wait_for_function(
+                    """() => document.querySelector(
+                        'tr[data-channel="billing"] td[data-field="depth"]').textContent === '8'""",
+                    timeout=10000)
+                # Pause, seen by the broker and on the page.
+                page.click('tr[data-channel="billing"] button[data-action="pause"]')
+                page.wait_for_selector('tr[data-channel="billing"] button[data-action="unpause"]',
+                                       timeout=10000)
+                assert b.get_topic("orders").get_channel("billing").paused
+                assert shown("billing", "state") == "paused"
+                # Destructive actions ask first: dismissing keeps the messages ...
+                page.once("dialog", lambda d: d.dismiss())
+                page.click('tr[data-channel="billing"] button[data-action="empty"]')
+                page.wait_for_timeout(300)
+                assert b.get_topic("orders").get_channel("billing").stats()["depth"] == 8
+                # ... accepting empties the channel.
+                messages = []
+                page.once("dialog", lambda d: (messages.append(d.message), d.accept()))
+                page.click('tr[data-channel="billing"] button[data-action="empty"]')
+                page.wait_for_function(
+                    """() => document.querySelector(
+                        'tr[data-channel="billing"] td[data-field="depth"]').textContent === '0'""",
+                    timeout=10000)
+                assert "billing" in messages[0]
+                assert b.get_topic("orders").get_channel("billing").stats()["depth"] == 0
+                out = Path(os.environ.get("MINQ_ARTIFACTS") or tmp_path)
+                out.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(out / "admin-page.png"), full_page=True)
+            finally:
+                browser.close()
+
+
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
