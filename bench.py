@@ -16,6 +16,10 @@ Sections:
            messages: PUB one at a time, MPUB in batches of 100, consuming with RDY 200,
            publish-to-receive latency; beside a raw socket server in a subprocess doing
            the same framing and batching (the limit of Python sockets on this machine).
+  http     the same server's HTTP API: POST /pub one message per request and /mpub
+           with 100 lines per request, over one keep-alive connection; beside a raw
+           http.server (threaded, HTTP/1.1) in a subprocess that reads the body and
+           answers OK.
 
 Numbers depend on the machine and its load: compare ratios, not absolutes.
 """
@@ -450,15 +454,17 @@ def start_raw_server():
     return p, f"127.0.0.1:{p.stdout.readline().strip()}"
 
 
-def start_minq_server():
+def start_minq_server(http: bool = False):
+    """``minq.py serve`` in a subprocess: (process, TCP address or HTTP address)."""
     import re
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.Popen([sys.executable, os.path.join(here, "minq.py"), "serve",
-                          "--tcp-address", "127.0.0.1:0", "--http-address", "",
+                          "--tcp-address", "127.0.0.1:0",
+                          "--http-address", "127.0.0.1:0" if http else "",
                           "--data-path", "",
                           "--log-level", "error"], stdout=subprocess.PIPE, text=True)
-    m = re.search(r"tcp://(\S+);", p.stdout.readline())
+    m = re.search(r"http://(\S+);" if http else r"tcp://(\S+?)[;,]", p.stdout.readline())
     return p, m.group(1)
 
 
@@ -592,7 +598,74 @@ def section_tcp(scale: float) -> None:
                raw[q], higher_is_better=False)
 
 
-SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp}
+# =============================================================================
+# http: the HTTP API beside a raw http.server
+# =============================================================================
+
+RAW_HTTP_SERVER = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    wbufsize = 64 * 1024              # one write per response, as minq does
+    disable_nagle_algorithm = True
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def start_raw_http_server():
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", RAW_HTTP_SERVER], stdout=subprocess.PIPE,
+                         text=True)
+    return p, f"127.0.0.1:{p.stdout.readline().strip()}"
+
+
+def http_post(address: str, path: str, body: bytes, requests: int) -> float:
+    """Requests per second over one keep-alive connection; each must answer 200 OK."""
+    import http.client
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    t0 = time.perf_counter()
+    for _ in range(requests):
+        conn.request("POST", path, body=body)
+        r = conn.getresponse()
+        if r.status != 200 or r.read() != b"OK":
+            raise RuntimeError(f"{path}: HTTP {r.status}")
+    rate = requests / (time.perf_counter() - t0)
+    conn.close()
+    return rate
+
+
+def section_http(scale: float) -> None:
+    print("\n[http] python minq.py serve's HTTP API vs a raw http.server (both subprocesses), "
+          "100-byte bodies, one keep-alive connection")
+    n = max(1000, int(10_000 * scale))
+    lines = b"\n".join([BODY] * 100)
+    runs = (("POST /pub, one message each", "/pub?topic=bench", BODY, n, 1),
+            ("POST /mpub, 100 lines each", "/mpub?topic=bench", lines, n // 10, 100))
+    for name, path, body, requests, per in runs:
+        progress(name)
+        proc, addr = start_raw_http_server()
+        raw = http_post(addr, path, body, requests) * per
+        stop(proc)
+        proc, addr = start_minq_server(http=True)
+        value = http_post(addr, path, body, requests) * per
+        stop(proc)
+        report(f"http {name}", value, "msg/s", "raw http.server, same body", raw)
+
+
+SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp,
+            "http": section_http}
 
 
 def main(argv: List[str] = None) -> int:
