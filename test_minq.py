@@ -2816,6 +2816,25 @@ def test_readme_curl_examples_run(tmp_path):
         assert b.stats()["topics"][0]["message_count"] == 4
 
 
+def test_readme_tool_examples_run(web):
+    """The pub/tail/stats block, each line against a live server."""
+    text = (HERE / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "minq.py pub" in b]
+    web.broker.topic("orders").channel("billing")
+    outputs = []
+    for line in block.splitlines():
+        line = re.sub(r"\s{2,}#.*$", "", line)
+        flag = (f"--nsqd-http-address {web.address}" if "minq.py stats" in line
+                else f"--nsqd-tcp-address {web.tcp_address}")
+        line = line.replace("python minq.py", f"{sys.executable} {HERE / 'minq.py'}")
+        r = subprocess.run(["bash", "-c", f"{line} {flag}"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, (line, r.stderr)
+        outputs.append(r.stdout)
+    assert outputs[2].splitlines() == ["order #3", "order #4", "order #5"]
+    assert "orders/billing" in outputs[3]
+
+
 def test_readme_go_example_runs(tmp_path):
     """The go-nsq block, where Go and the go-nsq module can be had (not on our CI machines)."""
     if not shutil.which("go"):
