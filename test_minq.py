@@ -2328,6 +2328,30 @@ def test_http_stats_json_matches_nsqd_schema(web):
         assert "Health: OK" in text and "[t" in text
 
 
+def test_http_what_nsqadmin_reads_and_does(web):
+    """nsqadmin's calls (clusterinfo): V1 negotiation, semver /info, /stats, /nodes, actions."""
+    b = web.broker
+    b.topic("t").channel("c")
+    v1 = {"Accept": "application/vnd.nsq; version=1.0"}
+    for path in ("/info", "/stats?format=json", "/stats?format=json&topic=t&channel=c",
+                 "/stats?format=json&include_clients=false", "/nodes", "/topics",
+                 "/channels?topic=t", "/lookup?topic=t"):
+        status, header, body = http(web, "GET", path, headers=v1)
+        # With this header nsqadmin reads the body as is (no {"data": ...} envelope).
+        assert (status, header) == (200, "nsq; version=1.0"), path
+        assert "data" not in json.loads(body)
+    info = json.loads(http(web, "GET", "/info", headers=v1)[2])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"])      # else "out of date"
+    assert {"broadcast_address", "hostname", "http_port", "tcp_port"} <= set(info)
+    [node] = json.loads(http(web, "GET", "/nodes")[2])["producers"]
+    assert len(node["tombstones"]) == len(node["topics"])
+    for action in ("channel/pause", "channel/unpause", "channel/empty", "topic/pause",
+                   "topic/unpause", "topic/empty", "channel/delete", "topic/delete"):
+        q = "topic=t&channel=c" if action.startswith("channel") else "topic=t"
+        assert http(web, "POST", f"/{action}?{q}", headers=v1)[0] == 200, action
+    assert b.topics == {}
+
+
 def test_http_topic_and_channel_admin(web):
     b = web.broker
     assert http(web, "POST", "/topic/create?topic=t")[:2] == (200, "nsq; version=1.0")
