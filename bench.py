@@ -474,6 +474,17 @@ def stop(proc) -> None:
     proc.stdout.close()
 
 
+def side_by_side(start_raw: Callable, start_minq: Callable, fn: Callable):
+    """(minq's figure, the raw server's figure): *fn(address, raw)* against each."""
+    proc, addr = start_raw()
+    raw = fn(addr, True)
+    stop(proc)
+    proc, addr = start_minq()
+    value = fn(addr, False)
+    stop(proc)
+    return value, raw
+
+
 def nsq_connect(address: str) -> TCPPeer:
     peer = TCPPeer(address)
     ident = b'{"output_buffer_size": -1}'
@@ -579,20 +590,11 @@ def section_tcp(scale: float) -> None:
     )
     for name, unit, fn in runs:
         progress(name)
-        proc, addr = start_raw_server()
-        raw = fn(addr, True)
-        stop(proc)
-        proc, addr = start_minq_server()
-        value = fn(addr, False)
-        stop(proc)
+        value, raw = side_by_side(start_raw_server, start_minq_server, fn)
         report(f"tcp {name}", value, unit, "raw socket, same framing", raw)
     progress("latency")
-    proc, addr = start_raw_server()
-    raw = percentiles(tcp_latency(addr, n // 2, True))
-    stop(proc)
-    proc, addr = start_minq_server()
-    lat = percentiles(tcp_latency(addr, n // 2, False))
-    stop(proc)
+    lat, raw = side_by_side(start_raw_server, start_minq_server,
+                            lambda a, raw: percentiles(tcp_latency(a, n // 2, raw)))
     for q in ("p50", "p99"):
         report(f"tcp publish->receive latency {q}", lat[q], "us", "raw socket round trip",
                raw[q], higher_is_better=False)
@@ -655,12 +657,8 @@ def section_http(scale: float) -> None:
             ("POST /mpub, 100 lines each", "/mpub?topic=bench", lines, n // 10, 100))
     for name, path, body, requests, per in runs:
         progress(name)
-        proc, addr = start_raw_http_server()
-        raw = http_post(addr, path, body, requests) * per
-        stop(proc)
-        proc, addr = start_minq_server(http=True)
-        value = http_post(addr, path, body, requests) * per
-        stop(proc)
+        value, raw = side_by_side(start_raw_http_server, lambda: start_minq_server(http=True),
+                                  lambda a, _: http_post(a, path, body, requests) * per)
         report(f"http {name}", value, "msg/s", "raw http.server, same body", raw)
 
 
