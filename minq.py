@@ -2091,7 +2091,8 @@ class Broker:
         self._topics: Dict[str, Topic] = {}
         self._clients: List[Any] = []          # in-process consumers to close with us
         self._producers: List[Any] = []        # front-end clients that published (stats)
-        self._watchers: List[Callable[[str, str, Optional[str]], None]] = []
+        # Replaced, never changed in place (under _lock), so _announce reads it lock-free.
+        self._watchers: Tuple[Callable[[str, str, Optional[str]], None], ...] = ()
         self._closed = False
         self._id_base = self.clock.time_ns()
         self._id_seq = itertools.count()
@@ -2186,14 +2187,15 @@ class Broker:
         for a topic).  Front ends use it to tell nsqlookupd.  The callback runs on
         the thread that made the change, with no lock held, and must not block.
         """
-        self._watchers.append(callback)
+        with self._lock:
+            self._watchers += (callback,)
 
     def unwatch(self, callback: Callable[[str, str, Optional[str]], None]) -> None:
-        if callback in self._watchers:
-            self._watchers.remove(callback)
+        with self._lock:
+            self._watchers = tuple(w for w in self._watchers if w != callback)
 
     def _announce(self, action: str, topic: str, channel: Optional[str]) -> None:
-        for callback in list(self._watchers):
+        for callback in self._watchers:
             try:
                 callback(action, topic, channel)
             except Exception:
