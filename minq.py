@@ -5527,7 +5527,7 @@ def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
             print(_STATS_HEADER)
         rows = []
         for t in data.get("topics") or []:
-            rows.append((t["topic_name"], t, len(t["channels"])))
+            rows.append((t["topic_name"], t, sum(c["client_count"] for c in t["channels"])))
             rows.extend((f"{t['topic_name']}/{c['channel_name']}", c, c["client_count"])
                         for c in t["channels"])
         if not rows:
@@ -5570,6 +5570,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stop = threading.Event()
     if args.command != "serve":
         logging.basicConfig(level=logging.WARNING, format="[minq] %(levelname)s %(message)s")
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())    # tail, stats: end cleanly
         try:
             if args.command == "pub":
                 return _pub(args)

@@ -2771,6 +2771,29 @@ def test_tail_tool_prints_new_messages_on_an_ephemeral_channel(web):
         time.sleep(0.02)
 
 
+def test_tail_tool_ends_cleanly_on_sigterm(web):
+    b = web.broker
+    proc = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "tail", "t",
+                             "--nsqd-tcp-address", web.tcp_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while "t" not in b.topics or not b.get_topic("t").channels:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    deadline = time.monotonic() + 5     # its ephemeral channel went with it
+    while b.get_topic("t").channels:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_stats_tool_prints_depths_and_rates(web):
     b = web.broker
     b.topic("orders").channel("billing")
@@ -2781,6 +2804,12 @@ def test_stats_tool_prints_depths_and_rates(web):
     lines = r.stdout.decode().splitlines()
     assert lines[0].split() == ["topic/channel", "depth", "mem", "disk", "inflt", "def",
                                 "req", "t-o", "msgs", "msg/s", "clients"]
+    with b.consumer("orders", "billing") as cons:
+        cons.get(timeout=5)
+        r = run_tool("stats", "--nsqd-http-address", web.address, "--count", "1")
+    topic_row = [line.split() for line in r.stdout.decode().splitlines()
+                 if line.startswith("orders ")][0]
+    assert topic_row[-1] == "1"                    # the topic's clients: those of its channels
     rows = [line.split() for line in lines if line.startswith("orders/billing")]
     assert len(rows) == 2
     assert rows[0][1:4] == ["5", "5", "0"] and rows[0][8:10] == ["5", "-"]
