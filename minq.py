@@ -4289,6 +4289,8 @@ class LookupdRegistrar:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self._stop = threading.Event()
+        for a in addresses:
+            _split_address(a, 4160)          # a malformed address fails now, not forever later
         self.peers = [_LookupdPeer(self, a) for a in addresses]
 
     def start(self) -> "LookupdRegistrar":
@@ -4905,10 +4907,14 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         values = self.query.get(name)
         return values[0] if values else None
 
-    def _topic_arg(self, missing: str = "MISSING_ARG_TOPIC", invalid: str = "INVALID_TOPIC") -> str:
-        name = self._arg("topic")
-        if name is None:
+    def _required(self, name: str, missing: str) -> str:
+        value = self._arg(name)
+        if value is None:
             raise _HTTPError(400, missing)
+        return value
+
+    def _topic_arg(self, missing: str = "MISSING_ARG_TOPIC", invalid: str = "INVALID_TOPIC") -> str:
+        name = self._required("topic", missing)
         try:
             return validate_name(name)
         except InvalidName:
@@ -4916,9 +4922,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def _channel_arg(self) -> Tuple[str, str]:
         topic = self._topic_arg(invalid="INVALID_ARG_TOPIC")
-        name = self._arg("channel")
-        if name is None:
-            raise _HTTPError(400, "MISSING_ARG_CHANNEL")
+        name = self._required("channel", "MISSING_ARG_CHANNEL")
         try:
             return topic, validate_name(name, "channel")
         except InvalidName:
@@ -5037,17 +5041,18 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         text = prometheus_metrics(self.server.broker.stats(include_clients=False))
         return text.encode(), "text/plain; version=0.0.4; charset=utf-8"
 
-    # -- nsqlookupd's read endpoints -----------------------------------------------
+    # -- nsqlookupd's read endpoints (which, like lookupd, do not validate names) ----
     def _lookup(self) -> Any:
-        t = self._existing_topic()
+        t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
+        if t is None:
+            raise _HTTPError(404, "TOPIC_NOT_FOUND")
         return {"channels": sorted(t.channels), "producers": [self.server.producer()]}
 
     def _topics(self) -> Any:
         return {"topics": sorted(self.server.broker.topics)}
 
     def _channels(self) -> Any:
-        name = self._topic_arg()
-        t = self.server.broker.topics.get(name)
+        t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
         return {"channels": sorted(t.channels) if t is not None else []}
 
     def _nodes(self) -> Any:
@@ -5348,15 +5353,26 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     except BaseException:
         broker.close()
         raise
-    http_server = None
-    if opts["http_address"]:
-        try:
+    http_server = registrar = None
+    try:
+        if opts["http_address"]:
             http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
                                      options=opts)
-        except BaseException:
-            server.server_close()
-            broker.close()
-            raise
+        if opts["lookupd_tcp_address"]:
+            tcp_host, tcp_port = _split_address(server.address, 4150)
+            registrar = LookupdRegistrar(
+                broker, opts["lookupd_tcp_address"],
+                broadcast_address=(http_server.broadcast_address if http_server else
+                                   opts["broadcast_address"] or broadcast_address(tcp_host)),
+                tcp_port=opts["broadcast_tcp_port"] or tcp_port,
+                http_port=(opts["broadcast_http_port"] or
+                           (http_server.server_address[1] if http_server else 0)))
+    except BaseException:
+        if http_server is not None:
+            http_server.server_close()
+        server.server_close()
+        broker.close()
+        raise
     mode = ("memory only" if not broker.data_path else
             f"data in {broker.data_path}" + (" (durable, fsync)" if broker.fsync else
                                              " (durable)" if broker.durable else ""))
@@ -5366,16 +5382,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     server.start()
     if http_server is not None:
         http_server.start()
-    registrar = None
-    if opts["lookupd_tcp_address"]:
-        registrar = LookupdRegistrar(
-            broker, opts["lookupd_tcp_address"],
-            broadcast_address=(http_server.broadcast_address if http_server else
-                               opts["broadcast_address"] or broadcast_address(
-                                   _split_address(server.address, 4150)[0])),
-            tcp_port=opts["broadcast_tcp_port"] or _split_address(server.address, 4150)[1],
-            http_port=(opts["broadcast_http_port"] or
-                       (http_server.server_address[1] if http_server else 0))).start()
+    if registrar is not None:
+        registrar.start()
     if ready is not None:
         ready(server)
     try:

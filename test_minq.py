@@ -2397,7 +2397,11 @@ def test_http_lookupd_endpoints_name_this_server(web):
         ("127.0.0.1", int(web.tcp_address.rsplit(":", 1)[1]), web.server_address[1], "1.3.0")
     status, _, body = http(web, "GET", "/lookup?topic=nope")
     assert (status, json.loads(body)) == (404, {"message": "TOPIC_NOT_FOUND"})
+    status, _, body = http(web, "GET", "/lookup?topic=bad%20name")   # lookupd: not found
+    assert (status, json.loads(body)) == (404, {"message": "TOPIC_NOT_FOUND"})
     status, _, body = http(web, "GET", "/lookup")
+    assert (status, json.loads(body)) == (400, {"message": "MISSING_ARG_TOPIC"})
+    status, _, body = http(web, "GET", "/channels")
     assert (status, json.loads(body)) == (400, {"message": "MISSING_ARG_TOPIC"})
     assert json.loads(http(web, "GET", "/topics")[2]) == {"topics": ["t", "u"]}
     assert json.loads(http(web, "GET", "/channels?topic=t")[2]) == {"channels": ["c1", "c2"]}
@@ -2644,6 +2648,13 @@ def test_serve_banner_sigterm_exit_0_and_restart_keeps_messages(tmp_path):
     assert s.stop() == 0
 
 
+def test_lookupd_malformed_address_fails_at_once():
+    with minq.Broker() as b:
+        with pytest.raises(minq.InvalidArgument):
+            minq.LookupdRegistrar(b, ["lookupd:port"], broadcast_address="h", tcp_port=1,
+                                  http_port=2)
+
+
 def test_serve_registers_with_lookupd_tcp_address(tmp_path):
     with FakeLookupd() as lk:
         s = Served("--lookupd-tcp-address", lk.address, "--broadcast-address", "127.0.0.1",
@@ -2708,6 +2719,14 @@ def test_serve_port_in_use_exits_1(server, tmp_path):
                         "--tcp-address", server.address], cwd=tmp_path,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot start" in r.stderr
+
+
+def test_serve_bad_lookupd_address_exits_1_and_frees_its_ports(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "minq.py"), "serve", "--data-path", "",
+                        "--tcp-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0",
+                        "--lookupd-tcp-address", "lookupd:port"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot start" in r.stderr and "lookupd:port" in r.stderr
 
 
 # -- the tools: pub, tail, stats, end to end against a live server -----------
