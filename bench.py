@@ -9,7 +9,8 @@ Sections:
            fan-out to 3 channels, end-to-end latency percentiles, memory per queued
            message; beside queue.Queue measured in the same run.
   storage  durable publish->finish beside memory mode; fsync-mode publish with 1, 4
-           and 16 publishers beside raw append+fsync per record; overflow through disk
+           and 16 publishers beside raw append+fsync per record (and, for scale, a bare
+           Python group commit with 16 threads and no broker); overflow through disk
            (mem_queue_size=0) beside raw sequential appends; restart time of a 1 GB
            log; RSS while 2 M messages overflow.  Uses a temporary folder (--dir).
   tcp      `python minq.py serve` in a subprocess, driven over loopback with 100-byte
@@ -271,6 +272,49 @@ def fsync_publish(path: str, n: int, publishers: int) -> float:
     return rate
 
 
+def python_group_commit(path: str, n: int, threads: int) -> float:
+    """The floor of group commit in CPython: threads hand records to whoever is
+    leading, who writes them in one os.write and fsyncs; no broker at all."""
+    record = struct.pack(">II", len(BODY) + 34, 0) + b"\0" * 34 + BODY
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    cond = threading.Condition()
+    state = {"pending": [], "seq": 0, "synced": 0, "leading": False}
+
+    def publish() -> None:
+        with cond:
+            state["pending"].append(record)
+            state["seq"] += 1
+            mine = state["seq"]
+            while state["synced"] < mine:
+                if state["leading"]:
+                    cond.wait()
+                    continue
+                state["leading"] = True
+                batch, upto = state["pending"], state["seq"]
+                state["pending"] = []
+                cond.release()
+                try:
+                    os.write(fd, b"".join(batch))
+                    os.fsync(fd)
+                finally:
+                    cond.acquire()
+                state["leading"], state["synced"] = False, upto
+                cond.notify_all()
+
+    per = max(1, n // threads)
+    ts = [threading.Thread(target=lambda: [publish() for _ in range(per)])
+          for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    rate = per * threads / (time.perf_counter() - t0)
+    os.close(fd)
+    os.unlink(path)
+    return rate
+
+
 def overflow_publish(path: str, n: int) -> float:
     with minq.Broker(data_path=path, mem_queue_size=0) as b:
         b.topic("bench").channel("c")
@@ -308,6 +352,10 @@ def section_storage(scale: float, base: str) -> None:
             rate = fsync_publish(os.path.join(d, f"fsync{pubs}"), nf * pubs, pubs)
             report(f"fsync-mode publish, {pubs:>2} publisher(s)", rate, "msg/s",
                    "raw append+fsync/record", raw)
+        progress("bare Python group commit, 16 threads")
+        floor = python_group_commit(os.path.join(d, "group"), nf * 16, 16)
+        report("  (bare Python group commit, 16 threads)", floor, "msg/s",
+               "raw append+fsync/record", raw)
         progress(f"overflow through disk, {n:,} messages")
         raw = best_of(2, lambda: raw_append(os.path.join(d, "raw.append"), n))
         ovf = best_of(2, lambda: overflow_publish(os.path.join(d, "overflow"), n))
