@@ -3492,7 +3492,9 @@ class RemoteSubscription(_HandlerPool, RemoteConsumer):
 # nsqd's client protocol on socketserver, one thread per connection reading
 # and running commands, plus one writer thread per connection for message
 # frames, output buffering and heartbeats.  Only the core's public methods
-# are called; the core sees each connection as a Consumer.
+# are called; the core sees each connection as a Consumer.  At the end, the
+# nsqlookupd registration loop (lookupd's TCP protocol V1), which follows the
+# broker's topics and channels through Broker.watch.
 # =============================================================================
 
 STATE_INIT, STATE_SUBSCRIBED, STATE_CLOSING = 0, 3, 4
@@ -4429,7 +4431,9 @@ class _LookupdPeer:
 # HTTP API
 #
 # nsqd's HTTP endpoints on http.server (threaded): publish, admin, /stats,
-# /info, /ping, /config.  Parameters come from the query string, errors are
+# /info, /ping, /config; nsqlookupd's read endpoints (/lookup, /topics,
+# /channels, /nodes) naming this server; /metrics (Prometheus text); and the
+# admin page at /.  Parameters come from the query string, errors are
 # {"message": "CODE"} with nsqd's status codes, and every V1 response carries
 # X-NSQ-Content-Type.  Like the TCP face, it calls only the core's API.
 # =============================================================================
@@ -5170,7 +5174,9 @@ def _stats_text(stats: Dict[str, Any]) -> str:
 #
 # ``python minq.py serve`` runs a broker with nsqd's flags (a TOML --config
 # file, keys named like the flags with underscores, gives defaults that the
-# command line overrides).  The library never configures logging; main does.
+# command line overrides); ``pub``, ``tail`` and ``stats`` are the small tools
+# NSQ ships as to_nsq, nsq_tail and nsq_stat.  The library never configures
+# logging; main does.
 # =============================================================================
 
 _DURATION_RE = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")

@@ -1087,6 +1087,27 @@ def test_topic_delete_removes_channels_and_closes_consumers(broker):
 # Broker: stats, stress, close
 # =============================================================================
 
+def test_broker_watch_reports_creates_and_deletes(broker):
+    seen = []
+
+    def watcher(*event):
+        seen.append(event)
+    broker.watch(watcher)
+    broker.publish("t", b"x")
+    broker.topic("t").channel("c")
+    with broker.consumer("t", "tmp#ephemeral"):
+        pass                                    # vanishes with its last consumer
+    broker.get_topic("t").delete_channel("c")
+    broker.delete_topic("t")
+    assert seen == [("create", "t", None), ("create", "t", "c"),
+                    ("create", "t", "tmp#ephemeral"), ("delete", "t", "tmp#ephemeral"),
+                    ("delete", "t", "c"), ("delete", "t", None)]
+    broker.unwatch(watcher)
+    broker.watch(lambda *e: 1 / 0)              # a failing watcher is logged, not raised
+    broker.topic("u")
+    assert len(seen) == 6                       # unwatched: told nothing more
+
+
 def test_stats_use_nsqd_field_names(broker):
     with broker.consumer("t", "c"):
         broker.publish("t", b"x")
