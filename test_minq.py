@@ -596,7 +596,7 @@ def crash_cycles(tmp_path, fsync, cycles):
 
 @pytest.mark.parametrize("fsync", [False, True], ids=["durable", "fsync"])
 def test_kill9_loses_no_acknowledged_message(tmp_path, fsync):
-    cycles = int(os.environ.get("MINQ_CRASH_CYCLES", "10"))
+    cycles = int(os.environ.get("MINQ_CRASH_CYCLES", "20"))
     events = crash_cycles(tmp_path, fsync, cycles)
     acked = {n for k, n in events if k == "A"}
     delivered = {n for k, n in events if k in ("P", "R")}
