@@ -2585,6 +2585,13 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                 out = Path(os.environ.get("MINQ_ARTIFACTS") or tmp_path)
                 out.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(out / "admin-page.png"), full_page=True)
+                # Delete asks too, then the channel is gone from the broker and the page.
+                page.once("dialog", lambda d: (messages.append(d.message), d.accept()))
+                page.click('tr[data-channel="billing"] button[data-action="delete"]')
+                page.wait_for_selector('tr[data-channel="billing"]', state="detached",
+                                       timeout=10000)
+                assert messages[1].startswith("Delete channel orders/billing")
+                assert "billing" not in b.get_topic("orders").channels
             finally:
                 browser.close()
 
