@@ -4559,7 +4559,8 @@ function row(tbody, kind, topic, channel, s, now) {
   const rate = prev ? (s.message_count - prev[1]) / ((now - prev[0]) / 1000) : null;
   last[name] = [now, s.message_count];
   cell(tr, "rate", rate === null ? "-" : rate.toFixed(1));
-  cell(tr, "clients", kind === "channel" ? s.client_count : s.channels.length + " ch");
+  cell(tr, "clients", kind === "channel" ? s.client_count
+                                         : s.channels.reduce((n, c) => n + c.client_count, 0));
   cell(tr, "state", s.paused ? "paused" : "", s.paused ? "paused" : "");
   const td = cell(tr, "actions", "");
   if (s.paused) button(td, "unpause", kind, "unpause", topic, channel);

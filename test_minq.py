@@ -2555,6 +2555,7 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                 assert shown("audit", "in_flight_count") == "3"
                 assert shown("billing", "depth") == "7"
                 assert shown("audit", "clients") == "1"
+                assert page.inner_text('tr.topic[data-topic="orders"] td[data-field="clients"]') == "1"
                 # It refreshes by itself.
                 b.publish("orders", b"y")
                 page.wait_for_function(
