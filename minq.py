@@ -4252,6 +4252,7 @@ def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
 # -- nsqlookupd registration: nsqd's lookup loop over lookupd's TCP protocol V1
 
 LOOKUPD_PING_INTERVAL = 15.0     # nsqd PINGs every lookupd this often
+_NSQ_ACCEPT = "application/vnd.nsq; version=1.0"   # V1 answers without {"data": ...}
 _MAGIC_V1 = b"  V1"
 
 
@@ -4276,6 +4277,11 @@ class LookupdRegistrar:
     and PING every *ping_interval* seconds.  Any error closes the connection;
     it is re-made with backoff (at most *max_backoff* s) and everything is
     registered again, so a restarted lookupd learns the whole state.
+
+    Like nsqd, a topic created while lookupds are connected first gets the
+    channels they know of (``GET /channels`` on each lookupd's HTTP port, from
+    its IDENTIFY reply; ephemeral ones skipped), before its first message, so
+    consumers that found the topic elsewhere miss nothing here.
     """
 
     def __init__(self, broker: Broker, addresses: Iterable[str], *,
@@ -4304,6 +4310,32 @@ class LookupdRegistrar:
     def _on_change(self, action: str, topic: str, channel: Optional[str]) -> None:
         for p in self.peers:
             p.events.put((action, topic, channel))
+        if action == "create" and channel is None:
+            self._precreate_channels(topic)
+
+    def _precreate_channels(self, topic: str) -> None:
+        # Runs on the thread creating the topic, before its first message is
+        # put (nsqd does this synchronously too); lookupd errors only log.
+        names: set = set()
+        query = urllib.parse.urlencode({"topic": topic})
+        for p in self.peers:
+            info = p.info if p.connected else {}
+            if not info.get("broadcast_address") or not info.get("http_port"):
+                continue
+            url = f"http://{info['broadcast_address']}:{info['http_port']}/channels?{query}"
+            request = urllib.request.Request(url, headers={"Accept": _NSQ_ACCEPT})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as r:
+                    names.update(json.loads(r.read()).get("channels") or [])
+            except (OSError, ValueError, AttributeError) as e:
+                log.warning("lookupd %s: cannot list the channels of %s: %s", url, topic, e)
+        try:
+            t = self.broker.get_topic(topic)
+            for name in sorted(names):
+                if isinstance(name, str) and not is_ephemeral(name):
+                    t.channel(name)
+        except (TopicNotFound, BrokerClosed, InvalidName) as e:
+            log.warning("cannot pre-create the channels of %s: %s", topic, e)
 
     def close(self) -> None:
         """Stop every peer thread; lookupd drops our registrations on disconnect."""

@@ -2065,8 +2065,9 @@ class FakeLookupd:
     ``reply_error`` makes it answer the next IDENTIFY with that error and close.
     """
 
-    def __init__(self, port=0):
+    def __init__(self, port=0, http_port=None):
         import socket
+        self.http_port = http_port        # reported in IDENTIFY's reply, with 127.0.0.1
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -2103,8 +2104,11 @@ class FakeLookupd:
                         err, self.reply_error = self.reply_error.encode(), None
                         conn.sendall(struct.pack(">l", len(err)) + err)
                         return
-                    reply = json.dumps({"tcp_port": 4160, "http_port": 4161, "version": "1.3.0",
-                                        "broadcast_address": "fake", "hostname": "fake"}).encode()
+                    reply = json.dumps({
+                        "tcp_port": 4160, "http_port": self.http_port or 4161, "version": "1.3.0",
+                        # no address unless asked: then nobody looks up a name
+                        "broadcast_address": "127.0.0.1" if self.http_port else "",
+                        "hostname": "fake"}).encode()
                 else:
                     reply = b"OK"
                 self.heard.put((n, line, body))
@@ -2169,7 +2173,7 @@ def test_lookupd_identify_then_register_everything(registered):
          "tcp_port": 4150, "http_port": 4151}
     assert ident["hostname"]
     assert sorted(lk.lines(2)) == ["REGISTER existing ch", "REGISTER lonely"]
-    assert reg.peers[0].info["broadcast_address"] == "fake"
+    assert reg.peers[0].info["hostname"] == "fake"
 
 
 def test_lookupd_hears_creates_deletes_and_pings(registered):
@@ -2675,6 +2679,45 @@ def test_serve_banner_sigterm_exit_0_and_restart_keeps_messages(tmp_path):
         assert (m.body, m.attempts) == (b"kept", 2)
         m.finish()
     assert s.stop() == 0
+
+
+def test_lookupd_channels_exist_before_a_new_topics_first_message():
+    import http.server
+    asked = []
+
+    class LookupdHTTP(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Accept")))
+            body = json.dumps({"channels": ["archive", "live#ephemeral"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LookupdHTTP)
+    serving = threading.Thread(target=web.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    b = minq.Broker()
+    try:
+        with FakeLookupd(http_port=web.server_address[1]) as lk, \
+                minq.LookupdRegistrar(b, [lk.address], broadcast_address="h", tcp_port=1,
+                                      http_port=2) as reg:
+            deadline = time.monotonic() + 10
+            while not reg.peers[0].connected:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            b.publish("new", b"first")
+            assert sorted(b.get_topic("new").channels) == ["archive"]   # ephemeral skipped
+            assert b.get_topic("new").get_channel("archive").stats()["depth"] == 1
+            assert asked == [("/channels?topic=new", "application/vnd.nsq; version=1.0")]
+    finally:
+        b.close()
+        web.shutdown()
+        web.server_close()
+        serving.join()
 
 
 def test_lookupd_malformed_address_fails_at_once():
