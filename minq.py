@@ -4718,7 +4718,7 @@ def prometheus_metrics(stats: Dict[str, Any]) -> str:
         out.append(f"# HELP {name} {text}")
         out.append(f"# TYPE {name} {kind}")
         for suffix_labels, value in samples:
-            out.append(f"{name}{suffix_labels} {float(value):g}" if isinstance(value, float)
+            out.append(f"{name}{suffix_labels} {value!r}" if isinstance(value, float)
                        else f"{name}{suffix_labels} {int(value)}")
 
     topics = stats.get("topics") or []
@@ -4747,7 +4747,7 @@ def prometheus_metrics(stats: Dict[str, Any]) -> str:
         out.append(f"{name}_bucket{_labels(topic=t, channel=c['channel_name'], le='+Inf')}"
                    f" {e2e['count']}")
         lbl = _labels(topic=t, channel=c["channel_name"])
-        out.append(f"{name}_sum{lbl} {e2e['sum']:g}")
+        out.append(f"{name}_sum{lbl} {e2e['sum']!r}")     # repr: every digit kept
         out.append(f"{name}_count{lbl} {e2e['count']}")
     storage = stats.get("storage")
     if storage:

@@ -2601,6 +2601,20 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                 browser.close()
 
 
+def test_metrics_keep_every_digit_of_large_latency_sums(clock):
+    with minq.Broker(clock=clock, msg_timeout=3000, max_msg_timeout=3000) as b, \
+            b.consumer("t", "c") as cons:
+        b.publish("t", b"x")
+        m = cons.get(timeout=5)
+        clock.advance(1234.567891)
+        m.finish()
+        text = minq.prometheus_metrics(b.stats())
+    [line] = [ln for ln in text.splitlines()
+              if ln.startswith("minq_channel_e2e_latency_seconds_sum")]
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(1234.567891, rel=1e-9)
+    assert 'le="+Inf"} 1' in text and 'le="300"} 0' in text
+
+
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
