@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import platform
 import queue
@@ -339,6 +340,13 @@ _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
 ACK_BUFFER = 64          # durable mode: finishes written per batch (lost at most on a crash)
+_ACKS_SLACK = 65536      # acks file entries beyond twice the live ones before it is compacted
+# Records are copied into a window of the segment mapped in memory, its space
+# reserved first with posix_fallocate (so a full disk is an OSError there, not
+# a SIGBUS later).  A copy releases no GIL, where a pwrite per record would
+# hand the GIL to a waiting consumer thread for every message.  Linux only:
+# there fsync also covers what was written through the mapping.
+_MAP_OK = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
 
 
 def _fsync_dir(path: str) -> None:
@@ -374,7 +382,13 @@ class SegmentLog:
     metadata sync.  A torn tail is cut off; a record whose CRC fails is
     skipped, its segment copied aside as ``.bad`` and the loss counted.
     Every method is thread-safe (one lock, never held across an fsync).
+
+    Records are written through a mapped window of ``map_window`` bytes
+    (0: plain pwrite); the space of the window is reserved beforehand, so the
+    write segment is longer than its records until it is rolled or closed.
     """
+
+    map_window = 256 * 1024
 
     def __init__(self, directory: str, name: str, *, ack_mode: bool = False,
                  max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
@@ -399,6 +413,8 @@ class SegmentLog:
         self.ops = 0                       # appends + reads since the last sync
         self.sync_requested = False        # the broker was asked to sync this log
         self._retired: List[int] = []      # fds of rolled segments, closed at sync
+        self._map: Optional[mmap.mmap] = None   # the write window (under _append_lock)
+        self._map_start = self._map_end = 0
         self._read_fd: Optional[int] = None
         self._read_fd_num = -1
         self._rbuf = b""                   # read-ahead: bytes at [_rbuf_pos, ...)
@@ -410,6 +426,8 @@ class SegmentLog:
         self._acks_fd: Optional[int] = None
         self._ack_buf: List[int] = []      # acks not yet written to the acks file
         self._pending_acks: Optional[List[int]] = None   # acks written during a rewrite
+        self._acks_count = 0               # entries in the acks file
+        self._acks_compact = False         # rewrite it at the next sync (a write failed)
         self._durable_pos = 0              # everything before it is fsynced
         # _commit_cond guards _committing / _commit_waiters (group commit):
         # followers wait on it for the leader's fsync.
@@ -471,6 +489,7 @@ class SegmentLog:
             with open(self._acks_path, "rb") as f:
                 data = f.read()
             n = len(data) // _ACK.size      # a torn last entry is ignored
+            self._acks_count = n
             acks = {_ACK.unpack_from(data, i * _ACK.size)[0] for i in range(n)}
             self._restart_acks = {p for p in acks if p >= read_pos}
             acked_since = max(n - int(meta.get("acks_base", 0)), 0)
@@ -513,9 +532,11 @@ class SegmentLog:
                 break
             off += _REC_SIZE + size
             count += 1
-        if off - start < len(data):
-            log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
-                        self.name, len(data) - (off - start), num)
+        rest = len(data) - (off - start)
+        if rest:
+            if data.count(0, off - start) != rest:     # zeros are reserved space
+                log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
+                            self.name, rest, num)
             with open(self._seg_path(num), "r+b") as f:
                 f.truncate(off)
         return off, count
@@ -599,6 +620,7 @@ class SegmentLog:
             num, off = first >> _SEG_SHIFT, first & _SEG_MASK
             if num != self._write_num:
                 raise ValueError("unappend of a batch that is not the last one")
+            self._unmap()          # never truncate under a mapping (SIGBUS)
             os.ftruncate(self._write_fd, off)
             self._write_off = off
             self._rbuf = b""          # it may hold the bytes just cut off
@@ -615,6 +637,14 @@ class SegmentLog:
                 heapq.heapify(self._unacked)
 
     def _write_data(self, data: bytes, offset: int) -> None:
+        end = offset + len(data)
+        if self._map is None or offset < self._map_start or end > self._map_end:
+            self._remap(offset, end)
+        if self._map is not None:
+            start = self._map_start
+            self._map[offset - start:end - start] = data
+            self.bytes_written += len(data)
+            return
         try:
             done = os.pwrite(self._write_fd, data, offset)
             while done < len(data):      # short writes are rare: finish them
@@ -630,7 +660,39 @@ class SegmentLog:
             raise
         self.bytes_written += len(data)
 
+    def _remap(self, offset: int, end: int) -> None:
+        """Map a fresh window holding [offset, end), or leave none (use pwrite).
+
+        The window's space is reserved first; when that fails (a full disk, a
+        file size limit, a file system without fallocate) writes go through
+        pwrite, which fails or not on its own, and a later write tries again.
+        """
+        self._unmap()
+        window = self.map_window
+        if not _MAP_OK or window <= 0 or end - offset > window // 2:
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            os.posix_fallocate(self._write_fd, start, window)
+            self._map = mmap.mmap(self._write_fd, window, offset=start)
+        except (OSError, ValueError) as e:
+            log.debug("segment log %s: no mapped window at %d (%s)", self.name, start, e)
+            return
+        self._map_start, self._map_end = start, start + window
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def _trim(self) -> None:
+        """Unmap, and cut the reserved space past the records off the write segment."""
+        self._unmap()
+        if os.fstat(self._write_fd).st_size > self._write_off:
+            os.ftruncate(self._write_fd, self._write_off)
+
     def _roll(self) -> None:
+        self._trim()
         os.fsync(self._write_fd)       # a finished segment is durable, as nsqd
         self.fsync_count += 1
         self._retired.append(self._write_fd)
@@ -695,7 +757,10 @@ class SegmentLog:
             self._rbuf, self._rbuf_pos = b"", 0
         i = off - self._rbuf_pos
         if i < 0 or i + n > len(self._rbuf):
-            self._rbuf = os.pread(self._read_fd, max(n, _READ_AHEAD), off)
+            ahead = max(n, _READ_AHEAD)
+            if num == self._write_num:   # never cache what lies past the records
+                ahead = max(min(ahead, self._write_off - off), n)
+            self._rbuf = os.pread(self._read_fd, ahead, off)
             self._rbuf_pos = off
             i = 0
         if i + n > len(self._rbuf):
@@ -758,9 +823,11 @@ class SegmentLog:
             self._pending_acks.extend(buf)
         try:
             os.write(self._acks_fd, b"".join([_ACK.pack(p) for p in buf]))
+            self._acks_count += len(buf)
         except OSError as e:   # the records may be redelivered after a crash
             log.error("segment log %s: could not record %d ack(s) (%s)", self.name,
                       len(buf), e)
+            self._acks_compact = True   # a part may have been written: start afresh
 
     def _advance_commit_locked(self) -> None:
         heap, acked = self._unacked, self._acked
@@ -833,37 +900,61 @@ class SegmentLog:
             self._save_meta()
 
     def _save_meta(self) -> None:
+        # The acks file is appended to, and compacted only once it holds many
+        # more entries than are live (acks past the commit point), so a sync
+        # costs the same however far one old message holds the commit point.
+        # "acks_base" is how many entries the file held when the metadata was
+        # taken: those after it are acks the metadata's depth does not know.
         # Order matters for a crash in between: the metadata first (the old
-        # acks file still holds every ack), then the acks file is rewritten
-        # with what lies past the new commit point, plus the acks made while
-        # it was being written, and swapped in atomically.
+        # acks file still holds every ack), then a compacted acks file holding
+        # what lies past the new commit point, plus the acks made while it
+        # was being written, is swapped in atomically.
+        live: Optional[List[int]] = None
         with self._lock:
             self.ops = 0
             self.sync_requested = False
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth}
             if self.ack_mode:
                 self._flush_acks_locked()
-                self._restart_acks = {p for p in self._restart_acks if p >= self._commit}
-                live = sorted(self._restart_acks | {p for p in self._acked if p >= self._commit})
+                if self._restart_acks:
+                    self._restart_acks = {p for p in self._restart_acks if p >= self._commit}
                 meta["depth"] = self.depth + len(self._unacked) - len(self._acked)
-                meta["acks_base"] = len(live)
-                self._pending_acks = []
+                bound = 2 * (len(self._acked) + len(self._restart_acks)) + _ACKS_SLACK
+                if self._acks_compact or self._acks_count > bound:
+                    live = sorted(self._restart_acks
+                                  | {p for p in self._acked if p >= self._commit})
+                    meta["acks_base"] = len(live)
+                    self._pending_acks = []
+                else:
+                    meta["acks_base"] = self._acks_count
+                    acks_fd = self._acks_fd
+        if self.ack_mode and live is None and acks_fd is not None:
+            os.fsync(acks_fd)       # the acks the metadata counts come first
         _write_atomic(self._meta_path, json.dumps(meta).encode())
-        if not self.ack_mode:
+        if live is None:
             return
         tmp = f"{self._acks_path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = -1
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             os.write(fd, b"".join(_ACK.pack(p) for p in live))
             os.fsync(fd)
             with self._lock:
-                if self._pending_acks:
-                    os.write(fd, b"".join(_ACK.pack(p) for p in self._pending_acks))
+                pending = self._pending_acks or []
+                if pending:
+                    os.write(fd, b"".join(_ACK.pack(p) for p in pending))
                 self._pending_acks = None
+                self._acks_count = len(live) + len(pending)
+                self._acks_compact = False
                 os.replace(tmp, self._acks_path)
                 if self._acks_fd is not None:
                     os.close(self._acks_fd)
                 self._acks_fd, fd = fd, -1
+        except BaseException:
+            with self._lock:    # the old file stays; try again at the next sync
+                self._pending_acks = None
+                self._acks_compact = True
+            raise
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -878,6 +969,7 @@ class SegmentLog:
             for num in range(first, self._write_num + 1):
                 if num != self._write_num:
                     self._delete_segment(num)
+            self._unmap()
             self._retired.append(self._write_fd)
             self._write_num += 1
             self._write_off = 0
@@ -897,6 +989,11 @@ class SegmentLog:
         self.sync()
         with self._append_lock, self._lock:
             self._close_read_fd()
+            try:
+                self._trim()
+            except OSError as e:     # only reserved space is left over
+                log.warning("segment log %s: could not trim its last segment: %s",
+                            self.name, e)
             os.close(self._write_fd)
             if self._acks_fd is not None:
                 os.close(self._acks_fd)
@@ -906,6 +1003,7 @@ class SegmentLog:
         """Close and delete every file of the log."""
         with self._append_lock, self._lock:
             self._close_read_fd()
+            self._unmap()
             for fd in self._retired + [self._write_fd]:
                 os.close(fd)
             self._retired = []

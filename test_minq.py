@@ -241,6 +241,36 @@ def test_torn_tail_is_cut_silently(tmp_path, caplog):
     lg.close()
 
 
+def test_mapped_window_reserves_space_and_is_trimmed(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(minq.SegmentLog, "map_window", 8192)
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    # Small records cross many windows; ones over half a window take pwrite.
+    payloads = [b"%04d" % i + b"s" * (50 + 37 * (i % 40)) for i in range(300)]
+    payloads[7] = payloads[150] = b"B" * 6000
+    got = []
+    for i, p in enumerate(payloads):
+        lg.append([p])
+        if i % 3 == 0:                      # the reader keeps pace: what it reads
+            got.append(lg.read()[1])        # ahead must not be the reserved zeros
+    seg = next(tmp_path.glob("q.*.seg"))
+    written = sum(len(p) + 8 for p in payloads)
+    assert seg.stat().st_size > written     # space reserved past the records
+    # A crash (no close): the reserved zeros are not a torn tail.
+    caplog.set_level(logging.WARNING)
+    lg2 = minq.SegmentLog(str(tmp_path), "q")
+    rest = []
+    while (rec := lg2.read()) is not None:
+        rest.append(rec[1])
+    assert got + rest[-(300 - len(got)):] == payloads
+    assert lg2.corrupt_count == 0 and "torn" not in caplog.text
+    lg2.append([b"tail"])                   # reserves a new window
+    assert seg.stat().st_size > written + 12
+    lg2.close()
+    assert seg.stat().st_size == written + 12    # a clean close trims the reserve
+    lg._unmap()
+    os.close(lg._write_fd)
+
+
 def test_crc_mismatch_mid_segment_skips_record_and_keeps_copy(tmp_path):
     lg = minq.SegmentLog(str(tmp_path), "q")
     positions = lg.append([b"rec%d" % i for i in range(10)])
@@ -286,6 +316,32 @@ def test_ack_mode_sync_writes_buffered_acks(tmp_path):
     assert lg2.read()[1] == b"a" and lg2.read() is None
     lg2.close()
     os.close(lg._write_fd)
+
+
+def test_ack_file_is_appended_and_compacted_only_when_mostly_dead(tmp_path, monkeypatch):
+    monkeypatch.setattr(minq, "_ACKS_SLACK", 100)
+    lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
+    acks = tmp_path / "q.acks"
+    stuck = lg.append([b"stuck"])[0]           # never acked: holds the commit point
+    lg.read()
+    inode, sizes = acks.stat().st_ino, []
+    for round_ in range(3):
+        pos = lg.append([b"r%d-%d" % (round_, i) for i in range(40)])
+        for _ in pos:
+            lg.read()
+        for p in pos:
+            lg.ack(p)
+        lg.sync()                              # appends the acks: no rewrite
+        sizes.append(acks.stat().st_size)
+    assert acks.stat().st_ino == inode and sizes == [40 * 8, 80 * 8, 120 * 8]
+    lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)     # a crash
+    assert lg2.depth == 1
+    assert lg2.read() == (stuck, b"stuck") and lg2.read() is None
+    lg2.close()
+    lg.ack(stuck)                              # now every entry is dead
+    lg.sync()
+    assert acks.stat().st_ino != inode and acks.stat().st_size == 0
+    lg.close()
 
 
 def test_power_loss_short_segment_never_reuses_acked_positions(tmp_path):
@@ -420,24 +476,35 @@ def test_deleted_channel_and_topic_remove_their_files(tmp_path):
         assert not list(tmp_path.glob("t.*"))
 
 
-def _failing_pwrite(monkeypatch, fail_when):
-    real = os.pwrite
+def _failing_disk(monkeypatch, fail_when):
+    """A full disk while fail_when(): reserving space (posix_fallocate) fails,
+    and a pwrite writes half its data, then fails."""
+    real_pwrite, real_fallocate = os.pwrite, os.posix_fallocate
 
     def pwrite(fd, data, offset):
         if fail_when():
-            real(fd, bytes(data)[:len(data) // 2], offset)    # a partial write first
+            real_pwrite(fd, bytes(data)[:len(data) // 2], offset)    # a partial write first
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
+        return real_pwrite(fd, data, offset)
+
+    def fallocate(fd, offset, length):
+        if fail_when():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fallocate(fd, offset, length)
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
 
 
 def test_write_error_fails_publish_whole_and_recovers(tmp_path, monkeypatch, caplog):
+    # Records go through pwrite here (no mapped window); a full disk met while
+    # reserving a window has its own test below.
+    monkeypatch.setattr(minq.SegmentLog, "map_window", 0)
     failing = [False]
     with disk_broker(tmp_path, mem_queue_size=0) as b:
         b.topic("t").channel("a")
         b.topic("t").channel("b")
         b.publish("t", b"before")
-        _failing_pwrite(monkeypatch, lambda: failing[0])
+        _failing_disk(monkeypatch, lambda: failing[0])
         failing[0] = True
         with pytest.raises(minq.PublishFailed, match="No space"):
             b.publish_many("t", [b"lost1", b"lost2"])
@@ -453,16 +520,44 @@ def test_write_error_fails_publish_whole_and_recovers(tmp_path, monkeypatch, cap
                 assert [m.body for m in drain(c)] == [b"before", b"after"]
 
 
+def test_full_disk_while_reserving_a_window_fails_publish_and_recovers(tmp_path, monkeypatch):
+    monkeypatch.setattr(minq.SegmentLog, "map_window", 8192)
+    full = [False]
+    accepted = []
+    with disk_broker(tmp_path, mem_queue_size=0) as b:
+        b.topic("t").channel("a")
+        b.topic("t").channel("b")
+        for i in range(20):
+            accepted.append(b.publish("t", b"%03d" % i + b"x" * 997).body)
+        _failing_disk(monkeypatch, lambda: full[0])
+        full[0] = True
+        # Space already reserved still takes records; the next window fails.
+        with pytest.raises(minq.PublishFailed, match="No space"):
+            for i in range(20, 40):
+                accepted.append(b.publish("t", b"%03d" % i + b"x" * 997).body)
+        assert len(accepted) < 20 + 8
+        with pytest.raises(minq.PublishFailed):
+            b.publish_many("t", [b"lost1", b"lost2"])
+        full[0] = False
+        accepted.append(b.publish("t", b"after").body)
+        for ch in ("a", "b"):
+            assert channel_stats(b, "t", ch)["depth"] == len(accepted)
+    with disk_broker(tmp_path, mem_queue_size=0) as b:
+        for ch in ("a", "b"):
+            with b.consumer("t", ch, max_in_flight=100) as c:
+                assert [m.body for m in drain(c)] == accepted
+
+
 def test_failure_on_second_channel_undoes_first(tmp_path, monkeypatch):
     calls = [0]
     with disk_broker(tmp_path, mem_queue_size=0, durable=True) as b:
         b.topic("t").channel("a")
         b.topic("t").channel("b")
 
-        def second_call():
+        def from_second_call():          # channel a's write succeeds, b's fails
             calls[0] += 1
-            return calls[0] == 2
-        _failing_pwrite(monkeypatch, second_call)
+            return calls[0] >= 2
+        _failing_disk(monkeypatch, from_second_call)
         with pytest.raises(minq.PublishFailed):
             b.publish("t", b"x")
         monkeypatch.undo()
@@ -1920,7 +2015,7 @@ def test_auth_with_http_auth_server(tmp_path):
 def test_pub_failed_when_storage_fails(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.TCPServer(b, "127.0.0.1:0").start() as srv:
-        _failing_pwrite(monkeypatch, lambda: True)
+        _failing_disk(monkeypatch, lambda: True)
         r = Raw(srv)
         r.cmd("PUB t", b"x")
         assert r.error().startswith("E_PUB_FAILED PUB failed")
@@ -2618,7 +2713,7 @@ def test_metrics_keep_every_digit_of_large_latency_sums(clock):
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
-        _failing_pwrite(monkeypatch, lambda: True)
+        _failing_disk(monkeypatch, lambda: True)
         status, _, body = http(srv, "POST", "/pub?topic=t", b"x")
         assert (status, json.loads(body)) == (503, {"message": "EXITING"})
         status, _, body = http(srv, "GET", "/ping")
