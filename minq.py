@@ -563,55 +563,66 @@ class SegmentLog:
         in memory): the cursor, which must be at the end, moves past them.
         """
         n = len(payloads)
-        positions: List[int] = []
-        chunks: List[bytes] = []
         if not n:
-            return positions
-        with self._append_lock:
-            with self._lock:
-                num, off = self._write_num, self._write_off
-                at_end = self._read_pos == (num << _SEG_SHIFT) | off
-                total = sum(map(len, payloads)) + _REC_SIZE * n
-                # A batch never spans segments (so it is written whole or not
-                # at all); a batch bigger than a segment gets one of its own.
-                if off > 0 and off + total > self.max_bytes_per_file:
-                    self._roll()
-                    num, off = self._write_num, 0
-            base = num << _SEG_SHIFT
-            if n == 1:
-                p = payloads[0]
-                data = _REC.pack(len(p), zlib.crc32(p)) + p
-                positions.append(base | off)
-            else:
-                end = off
-                for p in payloads:
-                    positions.append(base | end)
-                    chunks.append(_REC.pack(len(p), zlib.crc32(p)))
-                    chunks.append(p)
-                    end += _REC_SIZE + len(p)
-                data = b"".join(chunks)
-            end = off + len(data)
-            # Written with only _append_lock held: readers and acks go on.
-            # Nothing past _write_off is read, so the records appear at once
-            # when it moves, below.
-            self._write_data(data, off)
-            self._lock.acquire()
+            return []
+        rel: List[int] = []
+        if n == 1:
+            p = payloads[0]
+            data = _REC.pack(len(p), zlib.crc32(p)) + p
+        else:
+            chunks: List[bytes] = []
+            size = 0
+            for p in payloads:
+                rel.append(size)
+                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
+                chunks.append(p)
+                size += _REC_SIZE + len(p)
+            data = b"".join(chunks)
+        size = len(data)
+        lock, append_lock = self._lock, self._append_lock
+        append_lock.acquire()
         try:
-            self._write_off = end
-            self.ops += n
-            if not consume:
-                self.depth += n
-            else:
-                if at_end:
-                    self._read_pos = base | end
+            # A batch never spans segments (so it is written whole or not at
+            # all); a batch bigger than a segment gets one of its own.
+            if self._write_off > 0 and self._write_off + size > self.max_bytes_per_file:
+                self._roll()
+            lock.acquire()
+            try:
+                num, off = self._write_num, self._write_off
+                base = num << _SEG_SHIFT
+                at_end = self._read_pos == base | off
+                end = off + size
+                m = self._map
+                if m is not None and self._map_start <= off and end <= self._map_end:
+                    m[off - self._map_start:end - self._map_start] = data   # a copy: no I/O
+                    self.bytes_written += size
                 else:
-                    self._skip.update(positions)
-                if self.ack_mode:
-                    for p in positions:
-                        heapq.heappush(self._unacked, p)
-            return positions
+                    # Written with only _append_lock held: readers and acks go
+                    # on.  Nothing past _write_off is read, so the records
+                    # appear at once when it moves, below.
+                    lock.release()
+                    try:
+                        self._write_data(data, off)
+                    finally:
+                        lock.acquire()
+                self._write_off = end
+                self.ops += n
+                positions = [base | off] if n == 1 else [base | (off + r) for r in rel]
+                if not consume:
+                    self.depth += n
+                else:
+                    if at_end:
+                        self._read_pos = base | end
+                    else:
+                        self._skip.update(positions)
+                    if self.ack_mode:
+                        for p in positions:
+                            heapq.heappush(self._unacked, p)
+                return positions
+            finally:
+                lock.release()
         finally:
-            self._lock.release()
+            append_lock.release()
 
     def unappend(self, positions: List[int], consume: bool = False) -> None:
         """Undo the last ``append`` (nothing may have been appended since)."""
@@ -692,14 +703,17 @@ class SegmentLog:
             os.ftruncate(self._write_fd, self._write_off)
 
     def _roll(self) -> None:
+        # Called with _append_lock held (not _lock): readers go on meanwhile.
         self._trim()
         os.fsync(self._write_fd)       # a finished segment is durable, as nsqd
         self.fsync_count += 1
-        self._retired.append(self._write_fd)
-        self._write_num += 1
-        self._write_off = 0
-        self._write_fd = os.open(self._seg_path(self._write_num),
-                                 os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self._seg_path(self._write_num + 1),
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        with self._lock:
+            self._retired.append(self._write_fd)
+            self._write_num += 1
+            self._write_off = 0
+            self._write_fd = fd
         _fsync_dir(self.directory)
 
     # -- reading ---------------------------------------------------------------
@@ -808,10 +822,11 @@ class SegmentLog:
             if not self.ack_mode:
                 return
             self._acked.add(pos)
-            self._ack_buf.append(pos)
-            if len(self._ack_buf) >= ACK_BUFFER:
+            buf = self._ack_buf
+            buf.append(pos)
+            if len(buf) >= ACK_BUFFER:      # the commit point moves per batch too
                 self._flush_acks_locked()
-            self._advance_commit_locked()
+                self._advance_commit_locked()
 
     def _flush_acks_locked(self) -> None:
         # Acks are written in batches: a crash loses at most ACK_BUFFER of them
@@ -913,6 +928,8 @@ class SegmentLog:
         with self._lock:
             self.ops = 0
             self.sync_requested = False
+            if self.ack_mode:
+                self._advance_commit_locked()
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth}
             if self.ack_mode:
                 self._flush_acks_locked()
