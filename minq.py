@@ -1112,7 +1112,10 @@ class _MessageQueue:
             return (msgs, None, False, to_mem)
         else:
             consume = False
-        records = [_encode_record(m, due_ns) for m in msgs]
+        if len(msgs) == 1:
+            records = [_encode_record(msgs[0], due_ns)]
+        else:
+            records = [_encode_record(m, due_ns) for m in msgs]
         positions = seglog.append(records, consume=consume)
         self._on_write(seglog)
         return (msgs, positions, consume, to_mem)
@@ -1128,7 +1131,10 @@ class _MessageQueue:
             for m, p in zip(msgs, positions):
                 m._pos = p
         if to_mem:
-            self.push(msgs)
+            if self.ephemeral:
+                self.push(msgs)
+            else:
+                self.mem.extend(msgs)
 
     def push(self, msgs: List[Message]) -> None:
         """Put messages (already stored, if they need to be) in memory."""
