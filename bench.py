@@ -273,33 +273,53 @@ def fsync_publish(path: str, n: int, publishers: int) -> float:
 
 
 def python_group_commit(path: str, n: int, threads: int) -> float:
-    """The floor of group commit in CPython: threads hand records to whoever is
-    leading, who writes them in one os.write and fsyncs; no broker at all."""
+    """The ceiling of group commit in CPython: minq's algorithm with no broker.
+
+    Threads append a record each, then wait on a lock of their own; a leader
+    fsyncs for everyone queued, releases them, and goes on (a few rounds) with
+    those who came meanwhile.  Records are written with os.write.
+    """
     record = struct.pack(">II", len(BODY) + 34, 0) + b"\0" * 34 + BODY
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    cond = threading.Condition()
-    state = {"pending": [], "seq": 0, "synced": 0, "leading": False}
+    mu = threading.Lock()
+    state = {"waiters": [], "leading": False}
+
+    def lead(batch: list) -> None:
+        rounds = 4
+        while True:
+            os.fsync(fd)
+            rounds -= 1
+            with mu:
+                for w in batch:
+                    w[1] = False
+                    w[0].release()
+                batch, state["waiters"] = state["waiters"], []
+                if not batch:
+                    state["leading"] = False
+                    return
+                if rounds <= 0:
+                    nxt = batch.pop(0)
+                    nxt[1] = True
+                    state["waiters"] = batch
+                    nxt[0].release()
+                    return
 
     def publish() -> None:
-        with cond:
-            state["pending"].append(record)
-            state["seq"] += 1
-            mine = state["seq"]
-            while state["synced"] < mine:
-                if state["leading"]:
-                    cond.wait()
-                    continue
-                state["leading"] = True
-                batch, upto = state["pending"], state["seq"]
-                state["pending"] = []
-                cond.release()
-                try:
-                    os.write(fd, b"".join(batch))
-                    os.fsync(fd)
-                finally:
-                    cond.acquire()
-                state["leading"], state["synced"] = False, upto
-                cond.notify_all()
+        with mu:
+            os.write(fd, record)
+            if state["leading"]:
+                me = [threading.Lock(), False]
+                me[0].acquire()
+                state["waiters"].append(me)
+            else:
+                state["leading"], me = True, None
+        if me is not None:
+            me[0].acquire()
+            if not me[1]:
+                return
+        with mu:
+            batch, state["waiters"] = state["waiters"], []
+        lead(batch)
 
     per = max(1, n // threads)
     ts = [threading.Thread(target=lambda: [publish() for _ in range(per)])

@@ -340,6 +340,7 @@ _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
 ACK_BUFFER = 64          # durable mode: finishes written per batch (lost at most on a crash)
+_LEAD = object()          # group commit: a follower's turn to lead the next fsync
 _ACKS_SLACK = 65536      # acks file entries beyond twice the live ones before it is compacted
 # Records are copied into a window of the segment mapped in memory, its space
 # reserved first with posix_fallocate (so a full disk is an OSError there, not
@@ -429,11 +430,11 @@ class SegmentLog:
         self._acks_count = 0               # entries in the acks file
         self._acks_compact = False         # rewrite it at the next sync (a write failed)
         self._durable_pos = 0              # everything before it is fsynced
-        # _commit_cond guards _committing / _commit_waiters (group commit):
-        # followers wait on it for the leader's fsync.
-        self._commit_cond = threading.Condition(threading.Lock())
+        # _commit_lock guards _committing / _commit_waiters (group commit):
+        # each follower waits on a lock of its own, released by the leader.
+        self._commit_lock = threading.Lock()
         self._committing = False
-        self._commit_waiters = 0
+        self._commit_waiters: List[List[Any]] = []   # [pos, lock, outcome]
         self._open()
 
     # -- positions and files ---------------------------------------------------
@@ -868,38 +869,68 @@ class SegmentLog:
     def sync_to(self, pos: int) -> None:
         """Return once every record before *pos* is fsynced (group commit).
 
-        One caller leads an fsync while the others wait for it; the leader
-        first yields the GIL when others are waiting, so that writers already
-        on their way join this fsync instead of needing the next one.
+        One caller leads an fsync while the others queue; when it ends, the
+        leader releases each follower it covered (a lock per follower, so
+        none waits on a shared lock to wake) and hands the lead to the first
+        of those who came during the fsync, who takes them all in the next.
         """
         if self._durable_pos >= pos:
             return
-        cond = self._commit_cond
-        with cond:
-            self._commit_waiters += 1
-            try:
-                while self._durable_pos < pos and self._committing:
-                    cond.wait()
-                if self._durable_pos >= pos:
-                    return
+        with self._commit_lock:
+            if self._durable_pos >= pos:
+                return
+            if self._committing:
+                me = [pos, threading.Lock(), None]
+                me[1].acquire()
+                self._commit_waiters.append(me)
+            else:
                 self._committing = True
-                crowd = self._commit_waiters > 1
-            finally:
-                self._commit_waiters -= 1
-        try:
-            if crowd:
-                time.sleep(0)
-            with self._fsync_lock:
-                with self._lock:
-                    target, fd = self.write_pos, self._write_fd
-                os.fsync(fd)
-                self.fsync_count += 1
-        finally:
-            with cond:
-                self._committing = False
-                if self._durable_pos < target:
+                me = None
+        if me is not None:
+            me[1].acquire()              # until the leader says how it went
+            if me[2] is not _LEAD:
+                if me[2] is not None:          # the fsync failed: each caller gets its own
+                    raise OSError(me[2].errno, me[2].strerror)
+                return
+        self._lead_commits()
+
+    def _lead_commits(self, rounds: int = 4) -> None:
+        # The leader goes on with those who came during its fsync, for a few
+        # rounds, before it hands the lead on: getting the GIL back after an
+        # fsync is the slow part with many publishers, so the fewer threads
+        # need it between two fsyncs the better.
+        with self._commit_lock:
+            batch, self._commit_waiters = self._commit_waiters, []
+        while True:
+            error: Optional[OSError] = None
+            try:
+                with self._fsync_lock:
+                    with self._lock:
+                        target, fd = self.write_pos, self._write_fd
+                    os.fsync(fd)
+                    self.fsync_count += 1
+            except OSError as e:
+                error = e
+            rounds -= 1
+            with self._commit_lock:
+                if error is None and self._durable_pos < target:
                     self._durable_pos = target
-                cond.notify_all()
+                for w in batch:
+                    w[2] = error
+                    w[1].release()
+                batch, self._commit_waiters = self._commit_waiters, []
+                if not batch:
+                    self._committing = False
+                elif error is not None or rounds <= 0:
+                    nxt = batch.pop(0)      # hand the lead on, with the rest
+                    nxt[2] = _LEAD
+                    self._commit_waiters = batch + self._commit_waiters
+                    nxt[1].release()
+                    batch = []
+            if error is not None:
+                raise error
+            if not batch:
+                return
 
     def sync(self) -> None:
         """fsync the data and save the metadata (nsqd's sync_every / sync_timeout)."""

@@ -590,6 +590,38 @@ def test_fsync_mode_concurrent_publishers_share_fsyncs(tmp_path):
     assert 0 < fsyncs < n_threads * per
 
 
+def test_fsync_failure_fails_every_waiting_publisher_and_recovers(tmp_path, monkeypatch):
+    n_threads = 8
+    with disk_broker(tmp_path, durable=True, fsync=True) as b:
+        b.topic("t").channel("c")
+        real_fsync, started = os.fsync, threading.Event()
+
+        def failing_fsync(fd):
+            started.set()
+            time.sleep(0.005)        # long enough for followers to queue behind it
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        outcomes = []
+
+        def publish():
+            try:
+                b.publish("t", b"x")
+                outcomes.append("ok")
+            except minq.PublishFailed as e:
+                outcomes.append(str(e))
+        ts = [threading.Thread(target=publish) for _ in range(n_threads)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join(timeout=10)
+        assert not any(th.is_alive() for th in ts)       # no follower left waiting
+        assert len(outcomes) == n_threads
+        assert all("Input/output error" in o for o in outcomes), outcomes
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        b.publish("t", b"y")                               # recovers by itself
+        assert b.stats()["health"] == "OK"
+
+
 # -- subprocess tests: real crashes, a real file size limit, measured RSS -----
 
 def run_child(code, timeout=60, **kw):
