@@ -11,8 +11,9 @@ Sections:
   storage  durable publish->finish beside memory mode; fsync-mode publish with 1, 4
            and 16 publishers beside raw append+fsync per record (and, for scale, a bare
            Python group commit with 16 threads and no broker); overflow through disk
-           (mem_queue_size=0) beside raw sequential appends; restart time of a 1 GB
-           log; RSS while 2 M messages overflow.  Uses a temporary folder (--dir).
+           (mem_queue_size=0) beside raw sequential appends (and, for scale, a publish
+           in memory mode, which touches no disk); restart time of a 1 GB log; RSS
+           while 2 M messages overflow.  Uses a temporary folder (--dir).
   tcp      `python minq.py serve` in a subprocess, driven over loopback with 100-byte
            messages: PUB one at a time, MPUB in batches of 100, consuming with RDY 200,
            publish-to-receive latency; beside a raw socket server in a subprocess doing
@@ -347,6 +348,16 @@ def overflow_publish(path: str, n: int) -> float:
     return rate
 
 
+def memory_publish(n: int) -> float:
+    """The ceiling of any per-message publish path: memory mode, no disk."""
+    with minq.Broker() as b:
+        b.topic("bench").channel("c")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            b.publish("bench", BODY)
+        return n / (time.perf_counter() - t0)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -380,6 +391,10 @@ def section_storage(scale: float, base: str) -> None:
         raw = best_of(2, lambda: raw_append(os.path.join(d, "raw.append"), n))
         ovf = best_of(2, lambda: overflow_publish(os.path.join(d, "overflow"), n))
         report("overflow publish, mem_queue_size=0", ovf, "msg/s", "raw os.write/record", raw)
+        progress(f"memory-mode publish (no disk), {n:,} messages")
+        mem_pub = best_of(2, lambda: memory_publish(n))
+        report("  (memory-mode publish, no disk at all)", mem_pub, "msg/s",
+               "raw os.write/record", raw)
         gb = int((1 << 30) * scale)
         progress(f"restart time of a {gb / 2**20:,.0f} MiB log")
         path = os.path.join(d, "restart")
