@@ -471,6 +471,14 @@ class SegmentLog:
         if not meta and nums:   # no metadata: everything on disk is unread
             read_pos = self._pos(nums[0], 0)
             write_num, write_off = nums[0], 0
+        # Records the metadata counts that no fsync had covered may read as
+        # zeros after a power loss (a segment's space is reserved ahead, so
+        # its length proves nothing): check them, cutting the segment at the
+        # first gap, which the loop below then finds short.
+        synced = int(meta.get("synced", meta.get("write", 0)))
+        if meta and synced < self._pos(write_num, write_off) and write_num in nums:
+            check_from = synced & _SEG_MASK if synced >> _SEG_SHIFT == write_num else 0
+            self._scan(write_num, check_from)
         # Salvage records written after the last metadata sync (crash).
         short = False
         for num in nums:
@@ -510,7 +518,8 @@ class SegmentLog:
         if self.ack_mode:
             self._acks_fd = os.open(self._acks_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                     0o600)
-        self._save_meta()
+        os.fsync(self._write_fd)        # what a killed process left is durable now
+        self._save_meta(self.write_pos)
 
     def _scan(self, num: int, start: int) -> Tuple[int, int]:
         """Count whole, valid records in segment *num* from *start*; return (end, count)."""
@@ -943,9 +952,9 @@ class SegmentLog:
             self._durable_pos = max(self._durable_pos, target)
             for rfd in retired:
                 os.close(rfd)
-            self._save_meta()
+            self._save_meta(target)
 
-    def _save_meta(self) -> None:
+    def _save_meta(self, synced: int) -> None:
         # The acks file is appended to, and compacted only once it holds many
         # more entries than are live (acks past the commit point), so a sync
         # costs the same however far one old message holds the commit point.
@@ -961,7 +970,8 @@ class SegmentLog:
             self.sync_requested = False
             if self.ack_mode:
                 self._advance_commit_locked()
-            meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth}
+            meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth,
+                    "synced": synced}      # everything before it was fsynced
             if self.ack_mode:
                 self._flush_acks_locked()
                 if self._restart_acks:
