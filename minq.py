@@ -1588,7 +1588,7 @@ class Channel:
                 now = self.broker.clock.monotonic()
                 h.deadline = min(now + self._timeout_for(c),
                                  h.delivered_at + self.broker.max_msg_timeout)
-                heapq.heappush(self._in_flight_heap, (h.deadline, h.id))
+                self._push_deadline_locked(h.deadline, h.id)
                 self.broker._schedule(h.deadline)
                 return
             del self._in_flight[h.id]
@@ -1646,10 +1646,20 @@ class Channel:
         self._in_flight[h.id] = h
         c.in_flight_count += 1
         c.message_count += 1
-        heapq.heappush(self._in_flight_heap, (deadline, h.id))
+        self._push_deadline_locked(deadline, h.id)
         if deadline < self.broker._next_due:
             self.broker._schedule(deadline)
         return h
+
+    def _push_deadline_locked(self, deadline: float, msg_id: bytes) -> None:
+        # Entries of finished, requeued or touched messages stay in the heap
+        # until they come due; rebuild it from the live ones once they are
+        # the minority, or a fast channel would keep msg_timeout's worth.
+        heap = self._in_flight_heap
+        if len(heap) > 2 * len(self._in_flight) + 1024:
+            heap[:] = [(d.deadline, i) for i, d in self._in_flight.items() if i != msg_id]
+            heapq.heapify(heap)       # (every deadline in it is scheduled already)
+        heapq.heappush(heap, (deadline, msg_id))
 
     def _pick_round_robin(self) -> Optional[Consumer]:
         cs = self._consumers

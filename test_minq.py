@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -1187,6 +1188,39 @@ def test_hash_dispatch_full_consumer_does_not_block_others(broker):
     finally:
         for c in cs:
             c.close()
+
+
+def test_finished_messages_leave_no_memory_behind_until_their_timeout(broker):
+    # The clock stands still, so no deadline comes due: what a finished
+    # message leaves behind would pile up (about 150 bytes each).
+    with broker.consumer("t", "c", max_in_flight=100) as c:
+        def cycle(n):
+            for _ in range(n // 100):
+                broker.publish_many("t", [b"x"] * 100)
+                for _ in range(100):
+                    c.get(timeout=1).finish()
+        cycle(3000)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            cycle(30000)
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+    assert grown < 1_000_000, grown
+
+
+def test_deadlines_survive_the_in_flight_heap_rebuild(broker, clock):
+    broker.publish_many("t", [b"%d" % i for i in range(3000)])
+    with broker.consumer("t", "c", max_in_flight=2) as c:
+        kept = c.get(timeout=1)                  # held through every rebuild
+        kept.touch()
+        for _ in range(2998):
+            c.get(timeout=1).finish()            # 2998 stale heap entries
+        clock.advance(broker.msg_timeout + 1)
+        again = c.get(timeout=1)
+        assert (again.body, again.attempts) == (kept.body, 2)
+        assert c.get(timeout=1).body == b"2999"
 
 
 def test_hash_dispatch_needs_key(broker):
