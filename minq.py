@@ -342,6 +342,7 @@ _READ_AHEAD = 256 * 1024
 ACK_BUFFER = 64          # durable mode: finishes written per batch (lost at most on a crash)
 _LEAD = object()          # group commit: a follower's turn to lead the next fsync
 _ACKS_SLACK = 65536      # acks file entries beyond twice the live ones before it is compacted
+_UNPIN_ACKS = 65536      # acks held behind the oldest unacknowledged record before it moves
 # Records are copied into a window of the segment mapped in memory, its space
 # reserved first with posix_fallocate (so a full disk is an OSError there, not
 # a SIGBUS later).  A copy releases no GIL, where a pwrite per record would
@@ -428,6 +429,9 @@ class SegmentLog:
         self._ack_buf: List[int] = []      # acks not yet written to the acks file
         self._pending_acks: Optional[List[int]] = None   # acks written during a rewrite
         self._acks_count = 0               # entries in the acks file
+        # Many acks wait behind the oldest unacknowledged record (a message
+        # deferred or in flight for long): its owner should rewrite it.
+        self.pinned = False
         self._acks_compact = False         # rewrite it at the next sync (a write failed)
         self._durable_pos = 0              # everything before it is fsynced
         # _commit_lock guards _committing / _commit_waiters (group commit):
@@ -499,9 +503,15 @@ class SegmentLog:
                 data = f.read()
             n = len(data) // _ACK.size      # a torn last entry is ignored
             self._acks_count = n
-            acks = {_ACK.unpack_from(data, i * _ACK.size)[0] for i in range(n)}
-            self._restart_acks = {p for p in acks if p >= read_pos}
-            acked_since = max(n - int(meta.get("acks_base", 0)), 0)
+            listed = [p for (p,) in _ACK.iter_unpack(data[:n * _ACK.size])]
+            self._restart_acks = {p for p in listed if p >= read_pos}
+            # Acks made after the metadata was saved, of records it counted
+            # (older than its write position) or the scan above counted (in
+            # segments still here); a segment written and consumed after it
+            # was deleted uncounted, and so are its acks.
+            meta_write, here = int(meta.get("write", 0)), set(nums)
+            acked_since = sum(1 for p in listed[int(meta.get("acks_base", 0)):]
+                              if p < meta_write or p >> _SEG_SHIFT in here)
         self.depth = max(depth - acked_since, 0)   # unread, unacknowledged records
         if write_num not in nums:
             write_off = 0
@@ -743,7 +753,8 @@ class SegmentLog:
                     continue
                 if pos in self._restart_acks:    # acked before a restart
                     continue      # (kept until the commit point passes it)
-                self.depth -= 1
+                if self.depth > 0:        # an estimate: never below zero
+                    self.depth -= 1
                 if self.ack_mode:
                     heapq.heappush(self._unacked, pos)
                 else:
@@ -837,6 +848,13 @@ class SegmentLog:
             if len(buf) >= ACK_BUFFER:      # the commit point moves per batch too
                 self._flush_acks_locked()
                 self._advance_commit_locked()
+                self.pinned = len(self._acked) >= _UNPIN_ACKS
+
+    @property
+    def acks_behind(self) -> int:
+        """Acknowledged records kept (in memory, and their segments on disk)
+        because an older one is not acknowledged yet."""
+        return len(self._acked)
 
     def _flush_acks_locked(self) -> None:
         # Acks are written in batches: a crash loses at most ACK_BUFFER of them
@@ -1569,6 +1587,8 @@ class Channel:
             q = self._queue
             if h._pos is not None:
                 q.done(h)
+                if q.log.pinned:
+                    self._unpin_locked()
             if not q.mem and (q.log is None or not q.log.unread):
                 return
             deliveries = self._dispatch_locked([])
@@ -1822,6 +1842,44 @@ class Channel:
             self._queue.persist(extra)
             for c in self._consumers:
                 c.in_flight_count = 0
+
+    def _unpin_locked(self) -> None:
+        """Durable mode: rewrite the records of in-flight and deferred messages
+        at the log's tail, releasing their old ones.
+
+        An old record not yet acknowledged holds back every later ack (in
+        memory) and every later segment (on disk): a message deferred for an
+        hour would keep an hour of finished messages.  Rewriting costs one
+        record per in-flight or deferred message, done only once at least
+        twice as many acks wait, so at most half a write per finish.
+        """
+        q = self._queue
+        seglog = q.log
+        waiting = [h for h in self._in_flight.values() if h._pos is not None]
+        held = len(waiting) + len(self._deferred)
+        if seglog.acks_behind < max(_UNPIN_ACKS, 2 * held):
+            return
+        now, now_ns = self._monotonic(), self.broker._time_ns()
+        items: List[Tuple[Message, int]] = [(h, 0) for h in waiting]
+        for due, msg_id in self._deferred_heap:
+            m = self._deferred.get(msg_id)
+            if m is not None and m._pos is not None:
+                items.append((m, now_ns + max(int((due - now) * 1e9), 1)))
+        if not items:
+            return
+        try:
+            positions = seglog.append([_encode_record(m, due) for m, due in items],
+                                      consume=True)
+        except OSError as e:     # the old records stay; tried again later
+            log.error("could not rewrite %d held record(s) of %s: %s", len(items),
+                      seglog.name, e)
+            return
+        seglog.pinned = False
+        for (m, _), pos in zip(items, positions):
+            old, m._pos = m._pos, pos
+            seglog.ack(old)
+        log.info("%s: rewrote %d in-flight or deferred record(s) held back by acks",
+                 seglog.name, len(items))
 
     def _dead_lettered(self, msgs: List[Message]) -> None:
         """The dead-letter topic has these: release their records."""

@@ -319,6 +319,25 @@ def test_ack_mode_sync_writes_buffered_acks(tmp_path):
     os.close(lg._write_fd)
 
 
+def test_depth_after_crash_ignores_segments_consumed_since_the_last_sync(tmp_path):
+    lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True, max_bytes_per_file=1000)
+    pos = [lg.append([b"r%03d" % i + b"x" * 96])[0] for i in range(200)]
+    for _ in range(200):
+        lg.read()
+    for p in pos[:192]:                # three full batches of acks reach the file
+        lg.ack(p)
+    assert len(list(tmp_path.glob("q.*.seg"))) < 5     # consumed segments deleted
+    lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)     # a crash: no sync
+    assert lg2.depth == 8
+    got = []
+    while (rec := lg2.read()) is not None:
+        got.append(rec[1][:4])
+    assert got == [b"r%03d" % i for i in range(192, 200)] and lg2.depth == 0
+    lg2.close()
+    lg._unmap()
+    os.close(lg._write_fd)
+
+
 def test_ack_file_is_appended_and_compacted_only_when_mostly_dead(tmp_path, monkeypatch):
     monkeypatch.setattr(minq, "_ACKS_SLACK", 100)
     lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
@@ -685,6 +704,45 @@ def test_file_size_limit_fails_publish_and_keeps_accepted(tmp_path):
         with b.consumer("t", "c", max_in_flight=2000) as c:
             got = [m.body[:6] for m in drain(c, timeout=0.2)]
     assert got == [b"%06d" % i for i in range(accepted)]
+
+
+def test_long_deferred_message_does_not_hold_back_finished_ones(tmp_path):
+    # One message deferred for an hour; thousands published and finished
+    # after it.  Its record is rewritten at the tail, so theirs are released.
+    code = f"""
+        import os, minq
+        minq._UNPIN_ACKS = 500
+        b = minq.Broker(data_path={str(tmp_path)!r}, durable=True,
+                        max_bytes_per_file=64 * 1024)
+        b.topic("t").channel("c")
+        b.publish("t", b"later", defer=3600)
+        c = b.consumer("t", "c", max_in_flight=100)
+        for i in range(50):
+            b.publish_many("t", [b"%04d" % (i * 100 + j) for j in range(100)])
+            for _ in range(100):
+                c.get(timeout=5).finish()
+        log = b.topic("t").get_channel("c")._queue.log
+        segs = len([f for f in os.listdir({str(tmp_path)!r}) if f.startswith("t:c.")
+                    and f.endswith(".seg")])
+        print(segs, log.acks_behind, flush=True)
+        os._exit(0)        # a crash: no close, nothing persisted on the way out
+    """
+    r = run_child(code)
+    assert r.returncode == 0, r.stderr
+    segs, behind = map(int, r.stdout.split())
+    assert segs <= 3 and behind < 500 + minq.ACK_BUFFER     # 5000 records: 11 segments
+    clock = minq.FakeClock(wall_ns=time.time_ns())
+    with disk_broker(tmp_path, clock, durable=True) as b:
+        with b.consumer("t", "c", max_in_flight=100) as c:
+            again = drain(c, timeout=0.2)
+            assert len(again) <= minq.ACK_BUFFER       # finishes not yet written
+            for m in again:
+                m.finish()
+            assert channel_stats(b, "t", "c")["deferred_count"] == 1
+            clock.advance(3599)
+            assert c.get(timeout=0.05) is None
+            clock.advance(2)
+            assert c.get(timeout=1).body == b"later"
 
 
 CRASH_CHILD = r"""
