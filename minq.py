@@ -1585,9 +1585,10 @@ class Channel:
             self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
             self._e2e_sum_ns += latency
             q = self._queue
-            if h._pos is not None:
-                q.done(h)
-                if q.log.pinned:
+            if h._pos is not None:        # durable: release its record
+                seglog = q.log
+                seglog.ack(h._pos)
+                if seglog.pinned:
                     self._unpin_locked()
             if not q.mem and (q.log is None or not q.log.unread):
                 return
