@@ -898,8 +898,8 @@ class SegmentLog:
 
         One caller leads an fsync while the others queue; when it ends, the
         leader releases each follower it covered (a lock per follower, so
-        none waits on a shared lock to wake) and hands the lead to the first
-        of those who came during the fsync, who takes them all in the next.
+        none waits on a shared lock to wake) and goes on with those who came
+        meanwhile; after a few rounds it hands the lead to the first of them.
         """
         if self._durable_pos >= pos:
             return
@@ -915,9 +915,12 @@ class SegmentLog:
                 me = None
         if me is not None:
             me[1].acquire()              # until the leader says how it went
-            if me[2] is not _LEAD:
-                if me[2] is not None:          # the fsync failed: each caller gets its own
-                    raise OSError(me[2].errno, me[2].strerror)
+            outcome = me[2]
+            if outcome is not _LEAD:
+                if isinstance(outcome, OSError):   # the fsync failed: each caller gets its own
+                    raise OSError(outcome.errno, outcome.strerror)
+                if outcome is not None:
+                    raise OSError(errno.EIO, f"fsync failed: {outcome!r}")
                 return
         self._lead_commits()
 
@@ -929,14 +932,15 @@ class SegmentLog:
         with self._commit_lock:
             batch, self._commit_waiters = self._commit_waiters, []
         while True:
-            error: Optional[OSError] = None
+            error: Optional[BaseException] = None
+            target = -1
             try:
                 with self._fsync_lock:
                     with self._lock:
                         target, fd = self.write_pos, self._write_fd
                     os.fsync(fd)
                     self.fsync_count += 1
-            except OSError as e:
+            except BaseException as e:   # followers must never be left waiting
                 error = e
             rounds -= 1
             with self._commit_lock:
@@ -951,7 +955,7 @@ class SegmentLog:
                 elif error is not None or rounds <= 0:
                     nxt = batch.pop(0)      # hand the lead on, with the rest
                     nxt[2] = _LEAD
-                    self._commit_waiters = batch + self._commit_waiters
+                    self._commit_waiters = batch
                     nxt[1].release()
                     batch = []
             if error is not None:
