@@ -429,9 +429,11 @@ class SegmentLog:
         self._ack_buf: List[int] = []      # acks not yet written to the acks file
         self._pending_acks: Optional[List[int]] = None   # acks written during a rewrite
         self._acks_count = 0               # entries in the acks file
-        # Many acks wait behind the oldest unacknowledged record (a message
-        # deferred or in flight for long): its owner should rewrite it.
+        # Many acks (unpin_at) wait behind the oldest unacknowledged record
+        # (a message deferred or in flight for long): its owner should
+        # rewrite it, and may raise unpin_at when that is not worth it yet.
         self.pinned = False
+        self.unpin_at = _UNPIN_ACKS
         self._acks_compact = False         # rewrite it at the next sync (a write failed)
         self._durable_pos = 0              # everything before it is fsynced
         # _commit_lock guards _committing / _commit_waiters (group commit):
@@ -848,7 +850,7 @@ class SegmentLog:
             if len(buf) >= ACK_BUFFER:      # the commit point moves per batch too
                 self._flush_acks_locked()
                 self._advance_commit_locked()
-                self.pinned = len(self._acked) >= _UNPIN_ACKS
+                self.pinned = len(self._acked) >= self.unpin_at
 
     @property
     def acks_behind(self) -> int:
@@ -987,6 +989,7 @@ class SegmentLog:
         # what lies past the new commit point, plus the acks made while it
         # was being written, is swapped in atomically.
         live: Optional[List[int]] = None
+        acks_fd: Optional[int] = None
         with self._lock:
             self.ops = 0
             self.sync_requested = False
@@ -1008,7 +1011,7 @@ class SegmentLog:
                 else:
                     meta["acks_base"] = self._acks_count
                     acks_fd = self._acks_fd
-        if self.ack_mode and live is None and acks_fd is not None:
+        if acks_fd is not None:
             os.fsync(acks_fd)       # the acks the metadata counts come first
         _write_atomic(self._meta_path, json.dumps(meta).encode())
         if live is None:
@@ -1858,14 +1861,15 @@ class Channel:
         record per in-flight or deferred message, done only once at least
         twice as many acks wait, so at most half a write per finish.
         """
-        q = self._queue
-        seglog = q.log
-        waiting = [h for h in self._in_flight.values() if h._pos is not None]
-        held = len(waiting) + len(self._deferred)
-        if seglog.acks_behind < max(_UNPIN_ACKS, 2 * held):
+        seglog = self._queue.log
+        seglog.pinned = False
+        held = len(self._in_flight) + len(self._deferred)
+        if seglog.acks_behind < 2 * held:      # not worth it yet: ask again later
+            seglog.unpin_at = 2 * held
             return
         now, now_ns = self._monotonic(), self.broker._time_ns()
-        items: List[Tuple[Message, int]] = [(h, 0) for h in waiting]
+        items: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()
+                                            if h._pos is not None]
         for due, msg_id in self._deferred_heap:
             m = self._deferred.get(msg_id)
             if m is not None and m._pos is not None:
@@ -1879,7 +1883,7 @@ class Channel:
             log.error("could not rewrite %d held record(s) of %s: %s", len(items),
                       seglog.name, e)
             return
-        seglog.pinned = False
+        seglog.unpin_at = _UNPIN_ACKS
         for (m, _), pos in zip(items, positions):
             old, m._pos = m._pos, pos
             seglog.ack(old)

@@ -745,6 +745,25 @@ def test_long_deferred_message_does_not_hold_back_finished_ones(tmp_path):
             assert c.get(timeout=1).body == b"later"
 
 
+def test_held_records_are_rewritten_only_once_twice_as_many_acks_wait(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(minq, "_UNPIN_ACKS", 64)
+    caplog.set_level(logging.INFO, logger="minq")
+    with disk_broker(tmp_path, durable=True) as b:
+        b.topic("t").channel("c")
+        b.publish_many("t", [b"later"] * 300, defer=3600)
+        with b.consumer("t", "c", max_in_flight=10) as c:
+            def finish(n):
+                b.publish_many("t", [b"x"] * n)
+                for _ in range(n):
+                    c.get(timeout=1).finish()
+            finish(64 * 9)              # 576 acks wait: fewer than 2 x 300 held
+            assert "rewrote" not in caplog.text
+            finish(64)                  # 640: now it is worth it
+            assert "rewrote 300 " in caplog.text
+        assert channel_stats(b, "t", "c")["deferred_count"] == 300
+
+
 CRASH_CHILD = r"""
     import sys, threading, minq
     b = minq.Broker(data_path=sys.argv[1], durable=True, fsync=sys.argv[2] == "1",
