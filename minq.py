@@ -349,6 +349,9 @@ _UNPIN_ACKS = 65536      # acks held behind the oldest unacknowledged record bef
 # hand the GIL to a waiting consumer thread for every message.  Linux only:
 # there fsync also covers what was written through the mapping.
 _MAP_OK = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
+# Bigger writes go through pwrite all the same: there one kernel copy beats
+# a page fault per 4 KiB page (measured: 1.6x the bytes per second at 64 KiB).
+_MAP_MAX_WRITE = 8192
 
 
 def _fsync_dir(path: str) -> None:
@@ -615,7 +618,8 @@ class SegmentLog:
                 at_end = self._read_pos == base | off
                 end = off + size
                 m = self._map
-                if m is not None and self._map_start <= off and end <= self._map_end:
+                if (m is not None and size <= _MAP_MAX_WRITE
+                        and self._map_start <= off and end <= self._map_end):
                     m[off - self._map_start:end - self._map_start] = data   # a copy: no I/O
                     self.bytes_written += size
                 else:
@@ -671,13 +675,14 @@ class SegmentLog:
 
     def _write_data(self, data: bytes, offset: int) -> None:
         end = offset + len(data)
-        if self._map is None or offset < self._map_start or end > self._map_end:
-            self._remap(offset, end)
-        if self._map is not None:
-            start = self._map_start
-            self._map[offset - start:end - start] = data
-            self.bytes_written += len(data)
-            return
+        if len(data) <= _MAP_MAX_WRITE:
+            if self._map is None or offset < self._map_start or end > self._map_end:
+                self._remap(offset, end)
+            if self._map is not None:
+                start = self._map_start
+                self._map[offset - start:end - start] = data
+                self.bytes_written += len(data)
+                return
         try:
             done = os.pwrite(self._write_fd, data, offset)
             while done < len(data):      # short writes are rare: finish them
@@ -687,6 +692,7 @@ class SegmentLog:
                 done += n
         except OSError:
             try:
+                self._unmap()          # never truncate under a mapping (SIGBUS)
                 os.ftruncate(self._write_fd, offset)   # nothing half-written stays
             except OSError:
                 pass
