@@ -595,6 +595,35 @@ def test_full_disk_while_reserving_a_window_fails_publish_and_recovers(tmp_path,
                 assert [m.body for m in drain(c)] == accepted
 
 
+def test_failed_big_write_beside_a_mapped_window_is_cut_safely(tmp_path):
+    # A big record takes pwrite while the window stays mapped; when that
+    # pwrite fails half-way, the cut must not leave mapped pages past the end
+    # of the file (the next small record would die of SIGBUS): a subprocess.
+    code = f"""
+        import errno, os, minq
+        real = os.pwrite
+        def failing(fd, data, offset):
+            real(fd, bytes(data)[:len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        b = minq.Broker(data_path={str(tmp_path)!r}, mem_queue_size=0)
+        b.topic("t").channel("c")
+        b.publish("t", b"small-1")
+        os.pwrite = failing
+        try:
+            b.publish("t", b"B" * 20000)
+        except minq.PublishFailed:
+            print("FAILED")
+        os.pwrite = real
+        b.publish("t", b"small-2")
+        b.close()
+    """
+    r = run_child(code)
+    assert r.returncode == 0 and r.stdout.split() == ["FAILED"], (r.returncode, r.stderr)
+    with disk_broker(tmp_path, mem_queue_size=0) as b:
+        with b.consumer("t", "c", max_in_flight=10) as c:
+            assert [m.body for m in drain(c)] == [b"small-1", b"small-2"]
+
+
 def test_failure_on_second_channel_undoes_first(tmp_path, monkeypatch):
     calls = [0]
     with disk_broker(tmp_path, mem_queue_size=0, durable=True) as b:
