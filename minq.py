@@ -438,6 +438,8 @@ class SegmentLog:
         self.pinned = False
         self.unpin_at = _UNPIN_ACKS
         self._acks_compact = False         # rewrite it at the next sync (a write failed)
+        self._meta_stale = False           # a sync fsynced the data only
+        self.meta_saved_at = 0.0           # time.monotonic() of the last metadata save
         self._durable_pos = 0              # everything before it is fsynced
         # _commit_lock guards _committing / _commit_waiters (group commit):
         # each follower waits on a lock of its own, released by the leader.
@@ -573,8 +575,9 @@ class SegmentLog:
 
     @property
     def needs_sync(self) -> bool:
-        """Whether anything happened since the last sync (writes, reads, acks)."""
-        return bool(self.ops or self._ack_buf)
+        """Whether anything happened since the last sync (writes, reads, acks),
+        or the last sync left the metadata for later."""
+        return bool(self.ops or self._ack_buf or self._meta_stale)
 
     @property
     def unread(self) -> bool:
@@ -971,8 +974,15 @@ class SegmentLog:
             if not batch:
                 return
 
-    def sync(self) -> None:
-        """fsync the data and save the metadata (nsqd's sync_every / sync_timeout)."""
+    def sync(self, save_meta: bool = True) -> None:
+        """fsync the data and save the metadata (nsqd's sync_every / sync_timeout).
+
+        Without *save_meta* only the data is fsynced and buffered acks are
+        written: the metadata, and the fsync of the acks file, wait for a
+        later sync.  Open copes with old metadata by scanning what was written
+        since; saving it costs three more fsyncs, each a journal commit that
+        stalls writers.
+        """
         with self._fsync_lock:
             with self._lock:
                 target, fd = self.write_pos, self._write_fd
@@ -982,7 +992,14 @@ class SegmentLog:
             self._durable_pos = max(self._durable_pos, target)
             for rfd in retired:
                 os.close(rfd)
-            self._save_meta(target)
+            if save_meta:
+                self._save_meta(target)
+                return
+            with self._lock:
+                self.ops = 0
+                self.sync_requested = False
+                self._meta_stale = True
+                self._flush_acks_locked()   # to the OS now (a crash keeps them)
 
     def _save_meta(self, synced: int) -> None:
         # The acks file is appended to, and compacted only once it holds many
@@ -999,6 +1016,8 @@ class SegmentLog:
         with self._lock:
             self.ops = 0
             self.sync_requested = False
+            self._meta_stale = False
+            self.meta_saved_at = time.monotonic()
             if self.ack_mode:
                 self._advance_commit_locked()
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth,
@@ -2712,10 +2731,13 @@ class Broker:
     def _sync_logs(self) -> None:
         with self._logs_lock:
             logs = list(self._logs.values())
+        now = time.monotonic()
         for seglog in logs:
             if seglog.needs_sync:
                 try:
-                    seglog.sync()
+                    # The data at every sync; the metadata (three more
+                    # fsyncs) at most twice per sync_timeout.
+                    seglog.sync(now - seglog.meta_saved_at >= self.sync_timeout / 2)
                 except (OSError, ValueError) as e:
                     log.error("sync of %s failed: %s", seglog.name, e)
 

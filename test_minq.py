@@ -306,13 +306,14 @@ def test_ack_mode_rereads_unacked_after_reopen(tmp_path):
     os.close(lg._write_fd)
 
 
-def test_ack_mode_sync_writes_buffered_acks(tmp_path):
+@pytest.mark.parametrize("save_meta", [True, False], ids=["full", "data-only"])
+def test_ack_mode_sync_writes_buffered_acks(tmp_path, save_meta):
     lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
     pos = lg.append([b"a", b"b"])
     lg.read()
     lg.read()
     lg.ack(pos[1])
-    lg.sync()                    # a sync writes acks still in the buffer
+    lg.sync(save_meta)           # a sync writes acks still in the buffer
     lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
     assert lg2.read()[1] == b"a" and lg2.read() is None
     lg2.close()
