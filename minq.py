@@ -1864,17 +1864,23 @@ class Channel:
         with self._lock:
             if self._queue.log is None:
                 return
-            now, now_ns = self._monotonic(), self.broker._time_ns()
-            extra: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()]
-            for due, msg_id in self._deferred_heap:
-                m = self._deferred.get(msg_id)
-                if m is not None:
-                    extra.append((m, now_ns + max(int((due - now) * 1e9), 1)))
+            extra = self._held_records_locked()
             self._in_flight.clear()
             self._deferred.clear()
             self._queue.persist(extra)
             for c in self._consumers:
                 c.in_flight_count = 0
+
+    def _held_records_locked(self) -> List[Tuple[Message, int]]:
+        """In-flight and deferred messages with the due time their record keeps
+        (wall-clock ns; 0: deliver at once)."""
+        now, now_ns = self._monotonic(), self.broker._time_ns()
+        out: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()]
+        for due, msg_id in self._deferred_heap:
+            m = self._deferred.get(msg_id)
+            if m is not None:
+                out.append((m, now_ns + max(int((due - now) * 1e9), 1)))
+        return out
 
     def _unpin_locked(self) -> None:
         """Durable mode: rewrite the records of in-flight and deferred messages
@@ -1892,13 +1898,7 @@ class Channel:
         if seglog.acks_behind < 2 * held:      # not worth it yet: ask again later
             seglog.unpin_at = 2 * held
             return
-        now, now_ns = self._monotonic(), self.broker._time_ns()
-        items: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()
-                                            if h._pos is not None]
-        for due, msg_id in self._deferred_heap:
-            m = self._deferred.get(msg_id)
-            if m is not None and m._pos is not None:
-                items.append((m, now_ns + max(int((due - now) * 1e9), 1)))
+        items = [(m, due) for m, due in self._held_records_locked() if m._pos is not None]
         if not items:
             return
         try:
