@@ -593,19 +593,32 @@ class SegmentLog:
         n = len(payloads)
         if not n:
             return []
-        rel: List[int] = []
         if n == 1:
             p = payloads[0]
-            data = _REC.pack(len(p), zlib.crc32(p)) + p
-        else:
-            chunks: List[bytes] = []
-            size = 0
-            for p in payloads:
-                rel.append(size)
-                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
-                chunks.append(p)
-                size += _REC_SIZE + len(p)
-            data = b"".join(chunks)
+            base, off, _ = self._append_framed(_REC.pack(len(p), zlib.crc32(p)) + p, 1,
+                                               consume, None)
+            return [base | off]
+        rel: List[int] = []
+        chunks: List[bytes] = []
+        size = 0
+        for p in payloads:
+            rel.append(size)
+            chunks.append(_REC.pack(len(p), zlib.crc32(p)))
+            chunks.append(p)
+            size += _REC_SIZE + len(p)
+        base, off, _ = self._append_framed(b"".join(chunks), n, consume, rel)
+        return [base | (off + r) for r in rel]
+
+    def append_framed(self, data: bytes, count: int) -> Tuple[int, int]:
+        """Write *count* records already framed as stored (``peek_framed``'s bytes),
+        unread; return the positions of the first and after the last.  Raises
+        OSError with nothing written."""
+        base, off, end = self._append_framed(data, count, False, None)
+        return base | off, base | end
+
+    def _append_framed(self, data: bytes, n: int, consume: bool,
+                       rel: Optional[List[int]]) -> Tuple[int, int, int]:
+        # Returns (segment base, offset of the first record, offset after the last).
         size = len(data)
         lock, append_lock = self._lock, self._append_lock
         append_lock.acquire()
@@ -636,18 +649,20 @@ class SegmentLog:
                         lock.acquire()
                 self._write_off = end
                 self.ops += n
-                positions = [base | off] if n == 1 else [base | (off + r) for r in rel]
                 if not consume:
                     self.depth += n
+                elif at_end:
+                    self._read_pos = base | end
+                    if self.ack_mode:
+                        for r in (rel or (0,)):
+                            heapq.heappush(self._unacked, base | (off + r))
                 else:
-                    if at_end:
-                        self._read_pos = base | end
-                    else:
-                        self._skip.update(positions)
+                    positions = [base | (off + r) for r in (rel or (0,))]
+                    self._skip.update(positions)
                     if self.ack_mode:
                         for p in positions:
                             heapq.heappush(self._unacked, p)
-                return positions
+                return base, off, end
             finally:
                 lock.release()
         finally:
@@ -656,15 +671,7 @@ class SegmentLog:
     def unappend(self, positions: List[int], consume: bool = False) -> None:
         """Undo the last ``append`` (nothing may have been appended since)."""
         with self._append_lock, self._lock:
-            first = positions[0]
-            num, off = first >> _SEG_SHIFT, first & _SEG_MASK
-            if num != self._write_num:
-                raise ValueError("unappend of a batch that is not the last one")
-            self._unmap()          # never truncate under a mapping (SIGBUS)
-            os.ftruncate(self._write_fd, off)
-            self._write_off = off
-            self._rbuf = b""          # it may hold the bytes just cut off
-            self.ops -= len(positions)
+            first = self._cut_locked(positions[0], len(positions))
             if not consume:
                 self.depth -= len(positions)
                 return
@@ -675,6 +682,23 @@ class SegmentLog:
             if self.ack_mode:
                 self._unacked = [p for p in self._unacked if p not in gone]
                 heapq.heapify(self._unacked)
+
+    def unappend_framed(self, start: int, count: int) -> None:
+        """Undo the last ``append_framed`` (nothing may have been appended since)."""
+        with self._append_lock, self._lock:
+            self._cut_locked(start, count)
+            self.depth -= count
+
+    def _cut_locked(self, first: int, count: int) -> int:
+        num, off = first >> _SEG_SHIFT, first & _SEG_MASK
+        if num != self._write_num:
+            raise ValueError("unappend of a batch that is not the last one")
+        self._unmap()          # never truncate under a mapping (SIGBUS)
+        os.ftruncate(self._write_fd, off)
+        self._write_off = off
+        self._rbuf = b""          # it may hold the bytes just cut off
+        self.ops -= count
+        return first
 
     def _write_data(self, data: bytes, offset: int) -> None:
         end = offset + len(data)
@@ -751,28 +775,165 @@ class SegmentLog:
     def read(self) -> Optional[Tuple[int, bytes]]:
         """The next unread record as (position, payload), or None at the end."""
         with self._lock:
-            while self._read_pos < self.write_pos:
-                pos = self._read_pos
-                rec = self._read_record(pos)
-                if rec is None:
-                    continue          # moved to the next segment or skipped damage
-                payload, nxt = rec
-                self._read_pos = nxt
-                self.ops += 1
-                if pos in self._skip:
-                    self._skip.discard(pos)
+            rec = self._read_one_locked()
+            if not self.ack_mode:
+                self._advance_commit_locked()
+            return rec
+
+    def read_many(self, limit: int) -> Tuple[List[bytes], Optional[List[int]]]:
+        """Up to *limit* unread records: (payloads, positions in ack mode, else None).
+
+        Whole records are parsed in one pass out of a large read-ahead buffer;
+        a segment's end, a skipped record or damage take ``read``'s path.
+        """
+        payloads: List[bytes] = []
+        positions: Optional[List[int]] = [] if self.ack_mode else None
+        with self._lock:
+            while len(payloads) < limit and self._read_pos < self.write_pos:
+                if self._take_run_locked(payloads, positions, limit):
                     continue
-                if pos in self._restart_acks:    # acked before a restart
-                    continue      # (kept until the commit point passes it)
-                if self.depth > 0:        # an estimate: never below zero
-                    self.depth -= 1
-                if self.ack_mode:
-                    heapq.heappush(self._unacked, pos)
-                else:
-                    self._advance_commit_locked()
-                return pos, payload
+                rec = self._read_one_locked()
+                if rec is None:
+                    break
+                payloads.append(rec[1])
+                if positions is not None:
+                    positions.append(rec[0])
+            if not self.ack_mode:
+                self._advance_commit_locked()
+        return payloads, positions
+
+    def _read_one_locked(self) -> Optional[Tuple[int, bytes]]:
+        while self._read_pos < self.write_pos:
+            pos = self._read_pos
+            rec = self._read_record(pos)
+            if rec is None:
+                continue          # moved to the next segment or skipped damage
+            payload, nxt = rec
+            self._read_pos = nxt
+            self.ops += 1
+            if pos in self._skip:
+                self._skip.discard(pos)
+                continue
+            if pos in self._restart_acks:    # acked before a restart
+                continue      # (kept until the commit point passes it)
+            if self.depth > 0:        # an estimate: never below zero
+                self.depth -= 1
+            if self.ack_mode:
+                heapq.heappush(self._unacked, pos)
+            return pos, payload
+        return None
+
+    def _buffered_at_cursor(self) -> Tuple[int, int, int]:
+        """(index of the cursor in the read-ahead buffer, index where what may be
+        read ends, position of the buffer's start), or (-1, -1, 0) if the
+        buffer does not hold the cursor."""
+        pos = self._read_pos
+        num, off = pos >> _SEG_SHIFT, pos & _SEG_MASK
+        i = off - self._rbuf_pos
+        if num != self._read_fd_num or i < 0:
+            return -1, -1, 0
+        end = len(self._rbuf)
+        if num == self._write_num:          # never past the records
+            end = min(end, self._write_off - self._rbuf_pos)
+        return i, end, (num << _SEG_SHIFT) + self._rbuf_pos
+
+    def _take_run_locked(self, payloads: List[bytes], positions: Optional[List[int]],
+                         limit: int) -> int:
+        """Take whole, valid, wanted records at the cursor out of the read-ahead
+        buffer; stop, taking nothing more, at anything ``read``'s path must
+        handle.  Returns how many were taken."""
+        i, end, base = self._buffered_at_cursor()
+        buf = self._rbuf
+        unpack, crc32, biggest = _REC.unpack_from, zlib.crc32, self.max_record_size
+        skip, restart = self._skip, self._restart_acks
+        found: List[int] = []
+        count = 0
+        limit -= len(payloads)
+        while count < limit and i + _REC_SIZE <= end:
+            size, crc = unpack(buf, i)
+            j = i + _REC_SIZE + size
+            if size == 0 or size > biggest or j > end:
+                break
+            payload = buf[i + _REC_SIZE:j]
+            if crc32(payload) != crc:
+                break
+            if skip or restart:
+                if base + i in skip or base + i in restart:
+                    break
+            if positions is not None or self.ack_mode:
+                found.append(base + i)
+            payloads.append(payload)
+            count += 1
+            i = j
+        if count:
+            self._consumed_locked(base + i, count, found)
+            if positions is not None:
+                positions.extend(found)
+        return count
+
+    def _consumed_locked(self, end: int, count: int, found: List[int]) -> None:
+        # The cursor passes *count* records (at positions *found*, in ack mode).
+        self._read_pos = end
+        self.ops += count
+        self.depth = max(self.depth - count, 0)
+        if self.ack_mode:
+            push, heap = heapq.heappush, self._unacked
+            for p in found:
+                push(heap, p)
+
+    def peek_framed(self, max_bytes: int) -> Optional[Tuple[bytes, List[int], int]]:
+        """The next unread records exactly as stored: (bytes, positions, end position).
+
+        The cursor stays; ``consume_framed`` moves it past them once the
+        caller has stored them elsewhere (``append_framed``).  Only lengths
+        are checked: CRCs are checked by whoever reads the copies.  None
+        when nothing is unread or the next record needs ``read``'s path (a
+        segment's end, a skipped record, a bad length): call ``read``.
+        """
+        with self._lock:
+            if self._read_pos >= self.write_pos:
+                return None
+            i, end, base = self._buffered_at_cursor()
+            if i < 0 or i + _REC_SIZE > end:
+                # Refill the read-ahead buffer at the cursor (None: next segment).
+                num, off = self._read_pos >> _SEG_SHIFT, self._read_pos & _SEG_MASK
+                if self._read_bytes(num, off, _REC_SIZE) is None:
+                    return None
+                i, end, base = self._buffered_at_cursor()
+            buf, first = self._rbuf, i
+            stop = min(end, i + max_bytes)
+            unpack, biggest = _REC.unpack_from, self.max_record_size
+            skip, restart = self._skip, self._restart_acks
+            positions: List[int] = []
+            while i + _REC_SIZE <= end:
+                size = unpack(buf, i)[0]
+                j = i + _REC_SIZE + size
+                if size == 0 or size > biggest or j > end or (j > stop and positions):
+                    break
+                if skip or restart:
+                    if base + i in skip or base + i in restart:
+                        break
+                positions.append(base + i)
+                i = j
+            if not positions:
+                return None
+            return buf[first:i], positions, base + i
+
+    def consume_framed(self, positions: List[int], end: int) -> None:
+        """Move the cursor to *end*, past the records ``peek_framed`` returned; in
+        ack mode they are acknowledged at once (a crash will not bring them back)."""
+        with self._lock:
+            self._read_pos = end
+            self.ops += len(positions)
+            self.depth = max(self.depth - len(positions), 0)
+            if self.ack_mode:
+                push, heap = heapq.heappush, self._unacked
+                for p in positions:
+                    push(heap, p)
+                self._acked.update(positions)
+                self._ack_buf.extend(positions)
+                self._flush_acks_locked()
             self._advance_commit_locked()
-            return None
 
     def _read_record(self, pos: int) -> Optional[Tuple[bytes, int]]:
         num, off = pos >> _SEG_SHIFT, pos & _SEG_MASK
@@ -857,6 +1018,19 @@ class SegmentLog:
             buf = self._ack_buf
             buf.append(pos)
             if len(buf) >= ACK_BUFFER:      # the commit point moves per batch too
+                self._flush_acks_locked()
+                self._advance_commit_locked()
+                self.pinned = len(self._acked) >= self.unpin_at
+
+    def ack_many(self, positions: List[int]) -> None:
+        """``ack`` each of *positions*, under one lock."""
+        with self._lock:
+            if not self.ack_mode:
+                return
+            self._acked.update(positions)
+            buf = self._ack_buf
+            buf.extend(positions)
+            if len(buf) >= ACK_BUFFER:
                 self._flush_acks_locked()
                 self._advance_commit_locked()
                 self.pinned = len(self._acked) >= self.unpin_at
