@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import concurrent.futures
 import errno
+import gc
 import fcntl
 import heapq
 import http.server
@@ -36,6 +38,7 @@ import platform
 import queue
 import random
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -114,6 +117,8 @@ _E2E_BOUNDS_NS = tuple(int(b * 1e9) for b in E2E_LATENCY_BUCKETS)
 # How long the timer thread may sleep when nothing is due; it is woken early
 # whenever a sooner deadline is scheduled, so this only bounds idle wake-ups.
 _TIMER_IDLE_WAIT = 1.0
+_DEADLINE_GRAIN = 0.01   # in-flight deadlines fire at most this late (seconds)
+_PUMP_RETRY = 1.0      # seconds before a topic's pump tries again after a write error
 _ID_MASK = (1 << 64) - 1
 
 
@@ -294,29 +299,43 @@ class Message:
 
 
 class _Delivery(Message):
-    """One delivery of a message to one consumer: the handle the consumer gets."""
+    """A message the broker owns: queued (``consumer`` None) or in flight.
 
-    __slots__ = ("consumer", "deadline", "delivered_at")
+    In flight it is the handle its consumer holds.  Dispatch binds a queued
+    one in place (nobody else holds it); a message that leaves flight goes
+    back to the queue as a fresh object, so a stale handle can never settle
+    a later delivery of the same message.  A plain ``Message`` (one that
+    ``Broker.publish`` returned to its caller) is copied instead.
+    """
 
-    def __init__(self, msg: Message, consumer: "Consumer", deadline: float,
-                 delivered_at: float) -> None:
-        self.id = msg.id
-        self.body = msg.body
-        self.timestamp = msg.timestamp
-        self.attempts = msg.attempts + 1
-        self._pos = msg._pos
-        self.consumer = consumer
-        self.deadline = deadline
-        self.delivered_at = delivered_at
+    # _bucket: in flight, the channel's deadline bucket that holds it.
+    __slots__ = ("consumer", "deadline", "delivered_at", "_bucket")
+
+    def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int = 0) -> None:
+        self.id = id
+        self.body = body
+        self.timestamp = timestamp
+        self.attempts = attempts
+        self._pos = None
+        self.consumer: Optional["Consumer"] = None
 
     def finish(self) -> None:
-        self.consumer.channel._finish(self)
+        c = self.consumer
+        if c is None or c.channel is None:
+            Message.finish(self)
+        c.channel._finish(self)  # type: ignore[union-attr]
 
     def requeue(self, delay: float = 0.0) -> None:
-        self.consumer.channel._settle(self, "requeue", delay)
+        c = self.consumer
+        if c is None or c.channel is None:
+            Message.requeue(self)
+        c.channel._settle(self, "requeue", delay)  # type: ignore[union-attr]
 
     def touch(self) -> None:
-        self.consumer.channel._settle(self, "touch", 0.0)
+        c = self.consumer
+        if c is None or c.channel is None:
+            Message.touch(self)
+        c.channel._settle(self, "touch", 0.0)  # type: ignore[union-attr]
 
 
 # =============================================================================
@@ -1318,9 +1337,39 @@ def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
     return _RECORD_HEAD.pack(due_ns, msg.timestamp, msg.attempts, msg.id) + msg.body
 
 
-def _decode_record(payload: bytes) -> Tuple[Message, int]:
-    (due_ns,) = _RECORD_DUE.unpack_from(payload)
-    return Message.decode(memoryview(payload)[_RECORD_DUE.size:]), due_ns
+_RECORD_HEAD_SIZE = _RECORD_HEAD.size
+
+
+def _decode_framed(data: bytes, now_ns: int) -> List[Tuple[List[Message], float]]:
+    """Records as ``peek_framed`` returns them (checked already), as messages:
+    [(those due now, 0.0)] then ([one deferred message], its delay in seconds)."""
+    now: List[Message] = []
+    out: List[Tuple[List[Message], float]] = [(now, 0.0)]
+    unpack_rec, unpack_head = _REC.unpack_from, _RECORD_HEAD.unpack_from
+    i, head = 0, _REC_SIZE + _RECORD_HEAD_SIZE
+    while i < len(data):
+        size = unpack_rec(data, i)[0]
+        if size < _RECORD_HEAD_SIZE:
+            log.error("a record of %d bytes is too short to be a message; skipped", size)
+            i += _REC_SIZE + size
+            continue
+        due_ns, timestamp, attempts, msg_id = unpack_head(data, i + _REC_SIZE)
+        m = _Delivery(msg_id, data[i + head:i + _REC_SIZE + size], timestamp, attempts)
+        if due_ns > now_ns:
+            out.append(([m], (due_ns - now_ns) / 1e9))
+        else:
+            now.append(m)
+        i += _REC_SIZE + size
+    return out
+
+
+def _decode_record(payload: bytes) -> Tuple[_Delivery, int]:
+    """(message, due time) of a record; InvalidMessage if it is too short."""
+    if len(payload) < _RECORD_HEAD_SIZE:
+        raise InvalidMessage(f"record of {len(payload)} bytes is shorter than the "
+                             f"{_RECORD_HEAD_SIZE}-byte header")
+    due_ns, timestamp, attempts, msg_id = _RECORD_HEAD.unpack_from(payload)
+    return _Delivery(msg_id, payload[_RECORD_HEAD_SIZE:], timestamp, attempts), due_ns
 
 
 class _MessageQueue:
@@ -1413,39 +1462,57 @@ class _MessageQueue:
         self.mem.extend(msgs)
 
     # -- taking ------------------------------------------------------------------
-    def pop(self, now_ns: int) -> Optional[Message]:
-        """The next message due now, or None; deferred ones found go to on_deferred."""
-        if self.mem:
-            return self.mem.popleft()
+    def take(self, n: int, now_ns: int) -> List[Message]:
+        """Up to *n* messages due now, oldest first; deferred ones found in the
+        log go to on_deferred."""
+        mem = self.mem
+        if len(mem) >= n:
+            popleft = mem.popleft
+            return [popleft() for _ in range(n)]
+        out = list(mem)
+        mem.clear()
         seglog = self.log
-        while seglog is not None and seglog.unread:
-            rec = seglog.read()
-            if rec is None:
-                return None
-            pos, payload = rec
+        while len(out) < n and seglog is not None and seglog.unread:
+            payloads, positions = seglog.read_many(n - len(out))
+            if not payloads:
+                break
+            self._decode_into(out, payloads, positions, now_ns)
+        return out
+
+    def _decode_into(self, out: List[Message], payloads: List[bytes],
+                     positions: Optional[List[int]], now_ns: int) -> None:
+        unpack, head = _RECORD_HEAD.unpack_from, _RECORD_HEAD_SIZE
+        for k, p in enumerate(payloads):
             try:
-                msg, due_ns = _decode_record(payload)
-            except (InvalidMessage, struct.error):
-                log.error("segment log %s: record at %d is not a message; skipped",
-                          seglog.name, pos)
-                seglog.corrupt_count += 1
-                seglog.ack(pos)
+                due_ns, timestamp, attempts, msg_id = unpack(p)
+            except struct.error:
+                self._not_a_message(positions[k] if positions is not None else None)
                 continue
-            if self.durable:
-                msg._pos = pos
+            m = _Delivery(msg_id, p[head:], timestamp, attempts)
+            if positions is not None:      # durable: acknowledged when finished
+                m._pos = positions[k]
             if due_ns > now_ns:
-                self._on_deferred(msg, due_ns)
-                continue
-            return msg
-        return None
+                self._on_deferred(m, due_ns)
+            else:
+                out.append(m)
+
+    def _not_a_message(self, pos: Optional[int]) -> None:
+        seglog = self.log
+        log.error("segment log %s: a record is too short to be a message; skipped",
+                  seglog.name)  # type: ignore[union-attr]
+        seglog.corrupt_count += 1  # type: ignore[union-attr]
+        if pos is not None:
+            seglog.ack(pos)  # type: ignore[union-attr]
+
+    def pop(self, now_ns: int) -> Optional[Message]:
+        """The next message due now, or None."""
+        got = self.take(1, now_ns)
+        return got[0] if got else None
 
     def fill(self, n: int, now_ns: int) -> None:
         """Bring up to *n* messages into memory (for look-ahead)."""
-        while len(self.mem) < n and self.on_disk:
-            m = self.pop(now_ns)
-            if m is None:
-                return
-            self.mem.append(m)
+        if len(self.mem) < n and self.on_disk:
+            self.mem.extend(self.take(n, now_ns))
 
     def done(self, msg: Message) -> None:
         """The message left the queue for good (finished, dead-lettered, dropped)."""
@@ -1477,7 +1544,8 @@ class _MessageQueue:
             self.done(m)
 
 
-Deliveries = List[Tuple["Consumer", _Delivery]]
+# What a dispatch hands over, once no lock is held: each consumer with its messages.
+Deliveries = List[Tuple["Consumer", List[_Delivery]]]
 
 
 class Consumer:
@@ -1510,6 +1578,11 @@ class Consumer:
     # -- hooks for front ends -------------------------------------------------
     def _deliver(self, msg: _Delivery) -> None:
         raise NotImplementedError
+
+    def _deliver_many(self, msgs: List[_Delivery]) -> None:
+        """Take several messages at once (front ends may do it faster than one by one)."""
+        for msg in msgs:
+            self._deliver(msg)
 
     def _on_channel_closed(self) -> None:
         """The channel was deleted or the broker closed: stop consuming."""
@@ -1589,7 +1662,11 @@ class Channel:
         self._queue = self.broker._new_queue(f"{topic.name}:{name}", self.ephemeral,
                                              self._defer_from_disk)
         self._in_flight: Dict[bytes, _Delivery] = {}
-        self._in_flight_heap: List[Tuple[float, bytes]] = []   # (deadline, id), lazy
+        # In-flight deadlines, in buckets _DEADLINE_GRAIN wide: bucket k holds
+        # the messages due in ((k-1)*grain, k*grain] and fires at k*grain (never
+        # early, at most a grain late); a settled message leaves its bucket.
+        self._buckets: Dict[int, Dict[bytes, _Delivery]] = {}
+        self._bucket_heap: List[int] = []
         self._deferred: Dict[bytes, Message] = {}
         self._deferred_heap: List[Tuple[float, bytes]] = []    # (due, id), lazy
         self._consumers: List[Consumer] = []
@@ -1741,7 +1818,7 @@ class Channel:
             self._ring = None
             mine = [h for h in self._in_flight.values() if h.consumer is consumer]
             for h in mine:
-                del self._in_flight[h.id]
+                self._out_of_flight_locked(h)
                 self._return_locked(h, 0.0, dead)
             consumer.in_flight_count = 0
             deliveries = self._dispatch_locked([])
@@ -1760,7 +1837,49 @@ class Channel:
     # -- settling (FIN / REQ / TOUCH) ------------------------------------------
     def finish(self, consumer: Consumer, msg_id: bytes) -> None:
         """FIN by id for *consumer*; raise NotInFlight if it does not hold it."""
-        self._settle_id(consumer, msg_id, "finish", 0.0)
+        if self.finish_many(consumer, (msg_id,)):
+            raise NotInFlight(f"FIN {msg_id!r} failed: ID not in flight for this consumer")
+
+    def finish_many(self, consumer: Consumer, msg_ids: Iterable[bytes]) -> List[bytes]:
+        """FIN each id *consumer* holds, under one lock; return those it did not hold.
+
+        The slots freed are filled once, for all of them (nsqd's FIN, batched
+        the way a busy client's FINs arrive: many per read).
+        """
+        failed: List[bytes] = []
+        with self._lock:
+            in_flight = self._in_flight
+            pop = in_flight.pop
+            counts, bounds, bisect_left = self._e2e_counts, _E2E_BOUNDS_NS, bisect.bisect_left
+            now_ns = self.broker._time_ns()
+            total = 0
+            done = 0
+            acks: List[int] = []
+            for msg_id in msg_ids:
+                h = pop(msg_id, None)
+                if h is None or h.consumer is not consumer:
+                    if h is not None:
+                        in_flight[msg_id] = h       # someone else's: put it back
+                    failed.append(msg_id)
+                    continue
+                del h._bucket[msg_id]
+                latency = now_ns - h.timestamp
+                counts[bisect_left(bounds, latency)] += 1
+                total += latency
+                done += 1
+                if h._pos is not None:        # durable: release its record
+                    acks.append(h._pos)
+            if not done:
+                return failed
+            self._e2e_sum_ns += total
+            consumer.in_flight_count -= done
+            consumer.finish_count += done
+            if acks:
+                self._ack_locked(acks)
+            deliveries = self._dispatch_locked([])
+        if deliveries:
+            _hand_over_all(deliveries)
+        return failed
 
     def requeue(self, consumer: Consumer, msg_id: bytes, delay: float = 0.0) -> None:
         """REQ by id: back to the queue, or to the deferred set if delay > 0."""
@@ -1771,35 +1890,44 @@ class Channel:
         self._settle_id(consumer, msg_id, "touch", 0.0)
 
     def _settle_id(self, consumer: Consumer, msg_id: bytes, action: str, delay: float) -> None:
-        h = self._in_flight.get(msg_id)
+        with self._lock:
+            h = self._in_flight.get(msg_id)
         if h is None or h.consumer is not consumer:
             raise NotInFlight(f"{_ACTION_CODES[action]} {msg_id!r} failed: "
                               f"ID not in flight for this consumer")
         self._settle(h, action, delay)
 
     def _finish(self, h: _Delivery) -> None:
-        # The hot path of _settle(h, "finish"): no requeue, no dead letters.
+        # The in-process hot path of _settle(h, "finish"): no requeue, no dead letters.
         with self._lock:
             if self._in_flight.get(h.id) is not h:
                 raise NotInFlight(f"FIN {h.id.decode()} failed: message not in flight "
                                   f"(finished, requeued, timed out or emptied)")
-            del self._in_flight[h.id]
+            self._out_of_flight_locked(h)
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
             latency = self.broker._time_ns() - h.timestamp
             self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
             self._e2e_sum_ns += latency
+            if h._pos is not None:
+                self._ack_locked([h._pos])
             q = self._queue
-            if h._pos is not None:        # durable: release its record
-                seglog = q.log
-                seglog.ack(h._pos)
-                if seglog.pinned:
-                    self._unpin_locked()
             if not q.mem and (q.log is None or not q.log.unread):
                 return
             deliveries = self._dispatch_locked([])
-        self._hand_over(deliveries)
+        _hand_over_all(deliveries)
+
+    def _out_of_flight_locked(self, h: _Delivery) -> None:
+        del self._in_flight[h.id]
+        del h._bucket[h.id]
+
+    def _ack_locked(self, positions: List[int]) -> None:
+        """Durable mode: release the records of finished messages."""
+        seglog = self._queue.log
+        seglog.ack_many(positions)  # type: ignore[union-attr]
+        if seglog.pinned:  # type: ignore[union-attr]
+            self._unpin_locked()
 
     def _settle(self, h: _Delivery, action: str, delay: float) -> None:
         if action == "finish":
@@ -1812,13 +1940,14 @@ class Channel:
                                   f"or emptied)")
             c = h.consumer
             if action == "touch":
-                now = self.broker.clock.monotonic()
+                now = self._monotonic()
                 h.deadline = min(now + self._timeout_for(c),
                                  h.delivered_at + self.broker.max_msg_timeout)
-                self._push_deadline_locked(h.deadline, h.id)
-                self.broker._schedule(h.deadline)
+                del h._bucket[h.id]
+                h._bucket = self._bucket_locked(h.deadline)
+                h._bucket[h.id] = h
                 return
-            del self._in_flight[h.id]
+            self._out_of_flight_locked(h)
             c.in_flight_count -= 1
             c.requeue_count += 1
             self.requeue_count += 1
@@ -1834,7 +1963,7 @@ class Channel:
             self.dead_count += 1
             dead.append(msg)
             return
-        stored = Message(msg.id, msg.body, msg.timestamp, msg.attempts)
+        stored = _Delivery(msg.id, msg.body, msg.timestamp, msg.attempts)
         stored._pos = msg._pos     # durable: the same record stays unacknowledged
         if delay > 0:
             self._defer_locked(stored, self._monotonic() + delay)
@@ -1848,58 +1977,88 @@ class Channel:
     def _dispatch_locked(self, out: Deliveries) -> Deliveries:
         """Move queued messages into flight for ready consumers (lock held)."""
         q = self._queue
-        if self.paused or not self._consumers or not (q.mem or q.log is not None and q.on_disk):
+        cs = self._consumers
+        if self.paused or not cs or not (q.mem or q.log is not None and q.log.unread):
             return out
         now = self._monotonic()
-        now_ns = self.broker._time_ns()
         if self.dispatch == "hash":
-            self._dispatch_hash_locked(now, now_ns, out)
+            self._dispatch_hash_locked(now, self.broker._time_ns(), out)
             return out
-        pick = self._pick_weighted if self.dispatch == "weighted" else self._pick_round_robin
-        start = self._start_flight_locked
-        while q.mem or q.log is not None and q.log.unread:
-            c = pick()
-            if c is None:
-                break
-            msg = q.pop(now_ns)
-            if msg is None:
-                break
-            out.append((c, start(msg, c, now)))
+        if len(cs) == 1:
+            c = cs[0]
+            room = c.ready_count - c.in_flight_count
+            if room > 0 and not c.closed:
+                self._start_flight_locked(q.take(room, self.broker._time_ns()), c, now, out)
+            return out
+        # Several consumers: take what all of them have room for, then share it.
+        room = sum(c.ready_count - c.in_flight_count for c in cs
+                   if not c.closed and c.in_flight_count < c.ready_count)
+        if room <= 0:
+            return out
+        msgs = q.take(room, self.broker._time_ns())
+        if self.dispatch == "weighted":
+            for msg in msgs:
+                self._start_flight_locked((msg,), self._pick_weighted(), now, out)  # type: ignore[arg-type]
+        else:
+            self._share_round_robin_locked(msgs, now, out)
         return out
 
-    def _start_flight_locked(self, msg: Message, c: Consumer, now: float) -> _Delivery:
-        deadline = now + (c.msg_timeout or self.broker.msg_timeout)
-        h = _Delivery(msg, c, deadline, now)
-        self._in_flight[h.id] = h
-        c.in_flight_count += 1
-        c.message_count += 1
-        self._push_deadline_locked(deadline, h.id)
-        if deadline < self.broker._next_due:
-            self.broker._schedule(deadline)
-        return h
-
-    def _push_deadline_locked(self, deadline: float, msg_id: bytes) -> None:
-        # Entries of finished, requeued or touched messages stay in the heap
-        # until they come due; rebuild it from the live ones once they are
-        # the minority, or a fast channel would keep msg_timeout's worth.
-        heap = self._in_flight_heap
-        if len(heap) > 2 * len(self._in_flight) + 1024:
-            heap[:] = [(d.deadline, i) for i, d in self._in_flight.items() if i != msg_id]
-            heapq.heapify(heap)       # (every deadline in it is scheduled already)
-        heapq.heappush(heap, (deadline, msg_id))
-
-    def _pick_round_robin(self) -> Optional[Consumer]:
+    def _share_round_robin_locked(self, msgs: List[Message], now: float,
+                                  out: Deliveries) -> None:
+        # One message each in turn, skipping those without room; then one
+        # start per consumer for its share.
         cs = self._consumers
         n = len(cs)
-        if n == 1:
-            c = cs[0]
-            return c if not c.closed and c.in_flight_count < c.ready_count else None
-        for i in range(n):
-            c = cs[(self._rr_next + i) % n]
-            if not c.closed and c.in_flight_count < c.ready_count:
-                self._rr_next = (self._rr_next + i + 1) % n
-                return c
-        return None
+        order = [cs[(self._rr_next + i) % n] for i in range(n)]
+        rooms = [0 if c.closed else max(c.ready_count - c.in_flight_count, 0) for c in order]
+        shares: List[List[Message]] = [[] for _ in order]
+        i = 0
+        for m in msgs:
+            while not rooms[i]:
+                i = (i + 1) % n
+            shares[i].append(m)
+            rooms[i] -= 1
+            i = (i + 1) % n
+        self._rr_next = (self._rr_next + i) % n
+        for c, share in zip(order, shares):
+            if share:
+                self._start_flight_locked(share, c, now, out)
+
+    def _start_flight_locked(self, msgs: Iterable[Message], c: Consumer, now: float,
+                             out: Deliveries) -> None:
+        """Put *msgs* in flight with consumer *c*; their deliveries go to *out*."""
+        deadline = now + (c.msg_timeout or self.broker.msg_timeout)
+        bucket = self._bucket_locked(deadline)
+        in_flight = self._in_flight
+        handed: List[_Delivery] = []
+        for m in msgs:
+            if m.__class__ is _Delivery:      # ours alone: bound in place
+                h = m
+                h.attempts += 1
+            else:                             # a publisher holds it: copy
+                h = _Delivery(m.id, m.body, m.timestamp, m.attempts + 1)
+                h._pos = m._pos
+            h.consumer = c
+            h.deadline = deadline
+            h.delivered_at = now
+            h._bucket = bucket
+            in_flight[h.id] = bucket[h.id] = h
+            handed.append(h)
+        if handed:
+            c.in_flight_count += len(handed)
+            c.message_count += len(handed)
+            out.append((c, handed))
+
+    def _bucket_locked(self, deadline: float) -> Dict[bytes, _Delivery]:
+        k = math.ceil(deadline / _DEADLINE_GRAIN)
+        bucket = self._buckets.get(k)
+        if bucket is None:
+            bucket = self._buckets[k] = {}
+            heapq.heappush(self._bucket_heap, k)
+            due = k * _DEADLINE_GRAIN
+            if due < self.broker._next_due:
+                self.broker._schedule(due)
+        return bucket
 
     def _pick_weighted(self) -> Optional[Consumer]:
         # Smooth weighted round-robin (as nginx): every ready consumer gains its
@@ -1940,7 +2099,7 @@ class Channel:
                 return
             if c.in_flight_count < c.ready_count and not c.closed:
                 del q[i]
-                out.append((c, self._start_flight_locked(msg, c, now)))
+                self._start_flight_locked((msg,), c, now, out)
             else:
                 i += 1
 
@@ -1959,16 +2118,13 @@ class Channel:
         """
         dead: List[Message] = []
         with self._lock:
-            heap = self._in_flight_heap
-            while heap and heap[0][0] <= now:
-                deadline, msg_id = heapq.heappop(heap)
-                h = self._in_flight.get(msg_id)
-                if h is None or h.deadline != deadline:
-                    continue  # finished, requeued or touched since: stale entry
-                del self._in_flight[msg_id]
-                h.consumer.in_flight_count -= 1
-                self.timeout_count += 1
-                self._return_locked(h, 0.0, dead)
+            heap, grain = self._bucket_heap, _DEADLINE_GRAIN
+            while heap and heap[0] * grain <= now:
+                for msg_id, h in self._buckets.pop(heapq.heappop(heap)).items():
+                    del self._in_flight[msg_id]      # (a settled message left its bucket)
+                    h.consumer.in_flight_count -= 1
+                    self.timeout_count += 1
+                    self._return_locked(h, 0.0, dead)
             dheap = self._deferred_heap
             due: List[Message] = []
             while dheap and dheap[0][0] <= now:
@@ -1979,7 +2135,7 @@ class Channel:
             if due:
                 self._queue.push(due)
             deliveries = self._dispatch_locked([])
-            nxt = min(heap[0][0] if heap else math.inf, dheap[0][0] if dheap else math.inf)
+            nxt = min(heap[0] * grain if heap else math.inf, dheap[0][0] if dheap else math.inf)
         self._hand_over(deliveries, dead)
         return nxt
 
@@ -2009,12 +2165,16 @@ class Channel:
         except OSError as e:
             log.error("channel %s/%s: could not empty its log: %s", self.topic.name,
                       self.name, e)
-        self._in_flight.clear()
-        self._in_flight_heap.clear()
+        self._clear_flight_locked()
         self._deferred.clear()
         self._deferred_heap.clear()
         for c in self._consumers:
             c.in_flight_count = 0
+
+    def _clear_flight_locked(self) -> None:
+        self._in_flight.clear()
+        self._buckets.clear()
+        self._bucket_heap.clear()
 
     def delete(self) -> None:
         """Delete the channel and its messages; its consumers are closed."""
@@ -2024,7 +2184,7 @@ class Channel:
         """Mark deleted, drop messages, return the consumers to notify."""
         with self._lock:
             self.deleted = True
-            self._in_flight.clear()
+            self._clear_flight_locked()
             self._deferred.clear()
             self._queue.mem.clear()
             self.broker._drop_log(self._queue.log)
@@ -2039,7 +2199,7 @@ class Channel:
             if self._queue.log is None:
                 return
             extra = self._held_records_locked()
-            self._in_flight.clear()
+            self._clear_flight_locked()
             self._deferred.clear()
             self._queue.persist(extra)
             for c in self._consumers:
@@ -2153,8 +2313,11 @@ def dead_letter_name(topic: str, channel: str) -> str:
 class Topic:
     """A named stream of messages; create through ``broker.topic(name)``."""
 
-    # How many held messages move to the channels per batch on release.
+    # How many held messages move to the channels per chunk of the pump, or
+    # how many bytes of them when they move straight from log to log.
     RELEASE_BATCH = 1024
+    PUMP_BYTES = 256 * 1024
+    INLINE_CHUNKS = 4     # moved at once by a new channel or unpause
 
     def __init__(self, broker: "Broker", name: str) -> None:
         self.broker = broker
@@ -2198,7 +2361,9 @@ class Topic:
         with self._lock:
             if self.deleted:
                 return None
-            if self.paused or not self._channels:
+            q = self._queue
+            if self.paused or not self._channels or q.mem or q.log is not None and q.log.unread:
+                # Held; behind a backlog the pump is moving, to keep the order.
                 written = self._hold_locked(msgs, defer)
             else:
                 written = self._fan_out_locked(msgs, defer, deliveries)
@@ -2241,7 +2406,7 @@ class Topic:
             with ch._lock:
                 ch._commit_locked(token, defer, out)
             return _written(ch._queue, token)
-        batches = [msgs] + [[Message(m.id, m.body, m.timestamp) for m in msgs]
+        batches = [msgs] + [[_Delivery(m.id, m.body, m.timestamp) for m in msgs]
                             for _ in chans[1:]]
         if self.broker.data_path is None:       # memory only: nothing can fail
             for ch, batch in zip(chans, batches):
@@ -2272,42 +2437,127 @@ class Topic:
             written += _written(ch._queue, token)
         return written
 
-    def _release_held_locked(self, out: Deliveries) -> None:
-        """Hand held messages to the channels (first channel, unpause, restart)."""
-        if self.paused or not self._channels or self.broker._loading:
-            return
-        now_ns = self.broker._time_ns()
-        q = self._queue
-        while q.mem or q.on_disk:
-            batch: List[Message] = []
-            while len(batch) < self.RELEASE_BATCH:
-                m = q.pop(now_ns)
-                if m is None:
-                    break
-                batch.append(m)
-            if not batch:
-                break
-            if not self._release_batch_locked(batch, 0.0, out):
-                q.mem.extendleft(reversed(batch))
-                return
-        deferred, self._held_deferred = self._held_deferred, []
-        for i, (due_ns, m) in enumerate(deferred):
-            if not self._release_batch_locked([m], max(due_ns - now_ns, 0) / 1e9, out):
-                self._held_deferred = deferred[i:]
-                return
+    # -- the pump: held messages to the channels, one bounded chunk at a time --
+    def _pump(self) -> bool:
+        """Move one chunk of held messages to the channels; return whether more wait.
 
-    def _release_batch_locked(self, batch: List[Message], defer: float,
-                              out: Deliveries) -> bool:
-        fresh = [Message(m.id, m.body, m.timestamp) for m in batch]
+        Run by the broker's pump thread (nsqd's topic message pump), so that a
+        SUB on a topic holding a million messages is answered at once while
+        they flow to the channels; the lock is held for one chunk at a time,
+        and publishers queue behind the backlog meanwhile, in order.
+        Raises OSError if a chunk could not be stored (nothing of it moved).
+        """
+        deliveries: Deliveries = []
+        with self._lock:
+            more = self._pump_locked(deliveries)
+        _hand_over_all(deliveries)
+        return more
+
+    def _start_pump_locked(self, out: Deliveries) -> None:
+        # On a new channel or unpause: the first few chunks at once (a small
+        # backlog is there when the call returns), the rest in the background.
         try:
-            self._fan_out_locked(fresh, defer, out)
+            more = True
+            for _ in range(self.INLINE_CHUNKS):
+                more = self._pump_locked(out)
+                if not more:
+                    break
         except OSError as e:
             log.error("topic %s: could not hand held messages to its channels: %s",
                       self.name, e)
+            self.broker._schedule_pump(self, retry=True)
+            return
+        if more:
+            self.broker._schedule_pump(self)
+
+    def _pump_locked(self, out: Deliveries) -> bool:
+        if self.deleted or self.paused or not self._channels or self.broker._loading:
             return False
+        q = self._queue
+        if q.mem:
+            mem = q.mem
+            batch = [mem.popleft() for _ in range(min(len(mem), self.RELEASE_BATCH))]
+            try:
+                self._release_batch_locked(batch, 0.0, out)
+            except OSError:
+                mem.extendleft(reversed(batch))
+                raise
+        elif q.log is not None and q.log.unread:
+            framed = q.log.peek_framed(self.PUMP_BYTES)
+            if framed is not None:
+                self._release_framed_locked(*framed, out)
+            else:   # a segment's end, a skipped or damaged record: the slow path
+                batch = q.take(1, self.broker._time_ns())
+                if batch:
+                    try:
+                        self._release_batch_locked(batch, 0.0, out)
+                    except OSError:
+                        q.mem.extendleft(batch)
+                        raise
+        elif self._held_deferred:
+            now_ns = self.broker._time_ns()
+            chunk = self._held_deferred[:self.RELEASE_BATCH]
+            for i, (due_ns, m) in enumerate(chunk):
+                try:
+                    self._release_batch_locked([m], max(due_ns - now_ns, 0) / 1e9, out)
+                except OSError:
+                    del self._held_deferred[:i]
+                    raise
+            del self._held_deferred[:len(chunk)]
+        return bool(q.mem or q.log is not None and q.log.unread or self._held_deferred)
+
+    def _release_batch_locked(self, batch: List[Message], defer: float,
+                              out: Deliveries) -> None:
+        # Durable: the channels' copies are stored before the topic's records
+        # are released, so a crash in between duplicates, never loses.
+        if self._queue.durable:
+            fresh: List[Message] = [_Delivery(m.id, m.body, m.timestamp) for m in batch]
+        else:
+            fresh = batch
+        written = self._fan_out_locked(fresh, defer, out)
+        if self.broker.fsync:
+            for seglog, pos in written:
+                seglog.sync_to(pos)
         for m in batch:
             self._queue.done(m)
-        return True
+
+    def _release_framed_locked(self, data: bytes, positions: List[int], end: int,
+                               out: Deliveries) -> None:
+        """Hand records read from the topic's log to every channel as they are:
+        copied unchanged into the logs of channels that have one, decoded once
+        for those that live in memory."""
+        count = len(positions)
+        chans = list(self._channels.values())
+        logged = [ch for ch in chans if ch._queue.log is not None]
+        appended: List[Tuple[Channel, int]] = []
+        locked = logged if len(logged) > 1 else []
+        for ch in locked:           # in order; held so a failure can be undone
+            ch._lock.acquire()
+        try:
+            try:
+                for ch in logged:
+                    appended.append((ch, ch._queue.log.append_framed(data, count)))  # type: ignore[union-attr]
+            except BaseException:
+                for ch, (start, _) in appended:
+                    ch._queue.log.unappend_framed(start, count)  # type: ignore[union-attr]
+                raise
+        finally:
+            for ch in locked:
+                ch._lock.release()
+        if self.broker.fsync:
+            for ch, (_, stop) in appended:
+                ch._queue.log.sync_to(stop)  # type: ignore[union-attr]
+        self._queue.log.consume_framed(positions, end)  # type: ignore[union-attr]
+        for ch in logged:
+            with ch._lock:
+                ch.message_count += count
+                ch._dispatch_locked(out)
+        in_memory = [ch for ch in chans if ch._queue.log is None]
+        if in_memory:
+            now_ns = self.broker._time_ns()
+            for ch in in_memory:
+                for msgs, defer in _decode_framed(data, now_ns):
+                    ch._put_memory(msgs, defer, out)
 
     # -- channels --------------------------------------------------------------
     def channel(self, name: str, **options: Any) -> Channel:
@@ -2324,7 +2574,7 @@ class Topic:
                     ch = Channel(self, name, **options)
                     options = {}
                     self._channels[name] = ch
-                    self._release_held_locked(deliveries)
+                    self._start_pump_locked(deliveries)
                     created = True
                 else:
                     created = False
@@ -2384,7 +2634,7 @@ class Topic:
         deliveries: Deliveries = []
         with self._lock:
             self.paused = False
-            self._release_held_locked(deliveries)
+            self._start_pump_locked(deliveries)
         _hand_over_all(deliveries)
         self.broker._metadata_changed()
 
@@ -2451,11 +2701,11 @@ def _written(q: _MessageQueue, token: Tuple[Any, ...]) -> List[Tuple[SegmentLog,
 
 
 def _hand_over_all(deliveries: Deliveries) -> None:
-    for c, h in deliveries:
+    for c, hs in deliveries:
         try:
-            c._deliver(h)
+            c._deliver_many(hs)
         except Exception:
-            log.exception("consumer %s failed to take message %s", c.client_id, h.id.decode())
+            log.exception("consumer %s failed to take %d message(s)", c.client_id, len(hs))
 
 
 # =============================================================================
@@ -2544,6 +2794,12 @@ class Broker:
         self._lock_fd: Optional[int] = None
         self._sync_wake = threading.Event()
         self._syncer: Optional[threading.Thread] = None
+        # _pump_cond guards _pump_queue (topics whose held messages are to be
+        # moved to their channels, each once) and _pump_retry (after a
+        # failure: (when, topic)); the pump thread waits on it.
+        self._pump_cond = threading.Condition(threading.Lock())
+        self._pump_queue: Deque[Topic] = collections.deque()
+        self._pump_retry: List[Tuple[float, Topic]] = []
         if self.data_path:
             self._open_data_path()
         # _timer_cond guards _next_due.  Channels call _schedule while holding
@@ -2555,6 +2811,8 @@ class Broker:
             self.clock.add_listener(self._on_clock_advance)
         self._timer = threading.Thread(target=self._timer_loop, name="minq-timer")
         self._timer.start()
+        self._pumper = threading.Thread(target=self._pump_loop, name="minq-pump")
+        self._pumper.start()
         if self.data_path:
             self._syncer = threading.Thread(target=self._sync_loop, name="minq-sync")
             self._syncer.start()
@@ -2814,6 +3072,49 @@ class Broker:
         if nxt < math.inf:
             self._schedule(nxt)
 
+    def _schedule_pump(self, topic: Topic, retry: bool = False) -> None:
+        """Have the pump thread move *topic*'s held messages (after a second
+        when *retry*: the last chunk could not be stored)."""
+        with self._pump_cond:
+            if retry:
+                self._pump_retry.append((time.monotonic() + _PUMP_RETRY, topic))
+            elif topic not in self._pump_queue:
+                self._pump_queue.append(topic)
+            self._pump_cond.notify()
+
+    def _pump_loop(self) -> None:
+        # Topics take turns, one chunk each (a topic is out of the queue while
+        # its chunk moves, so a request made meanwhile is never lost).
+        cond = self._pump_cond
+        while True:
+            with cond:
+                while not self._closed:
+                    now = time.monotonic()
+                    for due, t in [r for r in self._pump_retry if r[0] <= now]:
+                        self._pump_retry.remove((due, t))
+                        if t not in self._pump_queue:
+                            self._pump_queue.append(t)
+                    if self._pump_queue:
+                        break
+                    cond.wait(min((r[0] for r in self._pump_retry), default=now + 60) - now)
+                if self._closed:
+                    return
+                topic = self._pump_queue.popleft()
+            try:
+                more = topic._pump()
+            except OSError as e:
+                log.error("topic %s: could not hand held messages to its channels "
+                          "(retrying in %gs): %s", topic.name, _PUMP_RETRY, e)
+                self._schedule_pump(topic, retry=True)
+                continue
+            except Exception:       # never let the pump die: backlogs would stop
+                log.exception("topic %s: moving held messages failed", topic.name)
+                self._schedule_pump(topic, retry=True)
+                continue
+            if more:
+                self._schedule_pump(topic)
+            time.sleep(0)    # let threads waiting for the GIL (the TCP loop) go first
+
     def _on_clock_advance(self) -> None:
         if not self._closed:
             self._process_due()
@@ -2861,10 +3162,7 @@ class Broker:
         finally:
             self._loading = False
         for t in list(self._topics.values()):
-            deliveries: Deliveries = []
-            with t._lock:
-                t._release_held_locked(deliveries)
-            _hand_over_all(deliveries)
+            self._schedule_pump(t)       # held messages move once the pump runs
 
     def _new_queue(self, name: str, ephemeral: bool,
                    on_deferred: Callable[[Message, int], None]) -> _MessageQueue:
@@ -3004,6 +3302,9 @@ class Broker:
         with self._timer_cond:
             self._timer_cond.notify_all()
         self._timer.join()
+        with self._pump_cond:
+            self._pump_cond.notify_all()
+        self._pumper.join()
         if self._syncer is not None:
             self._sync_wake.set()
             self._syncer.join()
