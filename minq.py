@@ -4231,12 +4231,19 @@ class RemoteSubscription(_HandlerPool, RemoteConsumer):
 # =============================================================================
 # TCP protocol V2
 #
-# nsqd's client protocol on socketserver, one thread per connection reading
-# and running commands, plus one writer thread per connection for message
-# frames, output buffering and heartbeats.  Only the core's public methods
-# are called; the core sees each connection as a Consumer.  At the end, the
-# nsqlookupd registration loop (lookupd's TCP protocol V1), which follows the
-# broker's topics and channels through Broker.watch.
+# nsqd's client protocol, served by one I/O thread: a selectors loop over
+# every connection (non-blocking sockets).  Each read runs every complete
+# command in the buffer; deliveries append message frames to the
+# connection's output buffer, written out once per pass of the loop; heart-
+# beats, output-buffer timeouts and read deadlines are timers of the loop.
+# Deliveries made on other threads (the broker's timer and pump, HTTP and
+# in-process publishers) reach it through its inbox, one wake-up per batch.
+# Commands that may block (fsync-mode publishes, a topic or channel's first
+# use, AUTH against an auth server) run on worker threads while their
+# connection waits.  Only the core's public methods are called; the core
+# sees each connection as a Consumer.  At the end, the nsqlookupd
+# registration loop (lookupd's TCP protocol V1), which follows the broker's
+# topics and channels through Broker.watch.
 # =============================================================================
 
 STATE_INIT, STATE_SUBSCRIBED, STATE_CLOSING = 0, 3, 4
@@ -4330,18 +4337,153 @@ class Authorizer:
         raise last if last is not None else OSError("no auth server answered")
 
 
-class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """nsqd's TCP front end (protocol V2) for a Broker.
+class _EventLoop:
+    """One thread's ``selectors`` loop: socket events, timers, calls from other threads.
+
+    Everything registered with it runs on its thread.  Other threads reach it
+    only through ``post``, which appends to an inbox (a deque: thread-safe)
+    and wakes the loop once per batch, not once per call.  Timers are kept in
+    a heap with lazy deletion: an object with ``_timer_at`` and
+    ``_on_timer(now)`` is armed with ``arm``; an entry whose time no longer
+    matches the object's ``_timer_at`` is skipped when it comes due.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._inbox: Deque[Tuple[Callable[..., None], Any]] = collections.deque()
+        self._woken = False            # a wake-up byte is on its way
+        self._timers: List[Tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+        self.dirty: List[Any] = []     # objects whose _after_pass() runs at the end of a pass
+        self.ident: Optional[int] = None
+        self.stopping = False
+
+    def post(self, fn: Callable[..., None], arg: Any = None) -> None:
+        """Run ``fn(arg)`` on the loop's thread soon (from any thread)."""
+        self._inbox.append((fn, arg))
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass            # the pipe is full: the loop is awake anyway
+
+    def arm(self, obj: Any, when: float) -> None:
+        """Make sure ``obj._on_timer`` runs by *when* (monotonic seconds)."""
+        if when < obj._timer_at:
+            obj._timer_at = when
+            heapq.heappush(self._timers, (when, next(self._seq), obj))
+
+    def run(self, on_stop: Callable[[], None]) -> None:
+        """Serve events until ``stopping`` is set, then call *on_stop* (on this thread)."""
+        self.ident = threading.get_ident()
+        select, timers, inbox = self.selector.select, self._timers, self._inbox
+        try:
+            while not self.stopping:
+                if inbox or self.dirty:
+                    timeout: Optional[float] = 0.0
+                elif timers:
+                    timeout = min(max(timers[0][0] - time.monotonic(), 0.0), _LOOP_IDLE_WAIT)
+                else:
+                    timeout = _LOOP_IDLE_WAIT
+                for key, mask in select(timeout):
+                    handler = key.data
+                    if handler is None:
+                        self._drain_wake()
+                    else:
+                        handler(mask)
+                self._run_inbox()
+                if timers and timers[0][0] <= time.monotonic():
+                    self._run_timers()
+                self._end_pass()
+        finally:
+            on_stop()
+            self._end_pass()
+            self.close()
+
+    def close(self) -> None:
+        """Release the selector and the wake-up sockets (the loop is not running)."""
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        self._woken = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        for _ in range(len(inbox)):      # what came meanwhile waits for the next pass
+            fn, arg = inbox.popleft()
+            try:
+                fn(arg)
+            except Exception:
+                log.exception("TCP loop: %r failed", fn)
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            when, _, obj = heapq.heappop(timers)
+            if obj._timer_at != when:
+                continue             # re-armed earlier, or already run
+            obj._timer_at = math.inf
+            try:
+                obj._on_timer(now)
+            except Exception:
+                log.exception("TCP loop: timer of %r failed", obj)
+
+    def _end_pass(self) -> None:
+        # Output is written once per pass: every frame a read produced goes
+        # out in one send (an _after_pass may dirty others: run until none).
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for obj in dirty:
+                try:
+                    obj._after_pass()
+                except Exception:
+                    log.exception("TCP loop: %r failed", obj)
+
+
+_LOOP_IDLE_WAIT = 1.0            # the longest select() when nothing is due
+_LISTEN_BACKLOG = 1024           # pending connections the kernel queues for accept
+_RECV_SIZE = 256 * 1024          # bytes read per readable event
+_INFLATE_CHUNK = 1 << 20         # bytes inflated per pass (a small input can not balloon)
+_MAX_UNSENT = 1 << 20            # unsent bytes beyond which a connection is not read
+_TLS_HANDSHAKE_TIMEOUT = 5.0
+_LINGER = 0.5                    # after a fatal error: how long unread input is drained
+_LINGER_BYTES = 4 << 20          # ... and how much of it, so the error frame is not reset
+_ASYNC = object()                # a command's reply comes later, from a worker thread
+_MSG_FRAME = struct.Struct(">lLqH16s")   # frame size, type, then the message header
+_FIN_RUN = re.compile(rb"(?:FIN [^\n ]{16}\n)+")
+_OK_FRAME = struct.pack(">lL", 6, FRAME_TYPE_RESPONSE) + b"OK"
+_OUTQ_CHECK = 256 * 1024         # bytes sent between two looks at the kernel's send queue
+_OUTQ_POLL = 0.01                # while it is full: how often to look again
+try:                             # bytes a socket has not had acknowledged (Linux, BSDs)
+    import termios
+    _TIOCOUTQ: Optional[int] = getattr(termios, "TIOCOUTQ", None)
+except ImportError:
+    _TIOCOUTQ = None
+
+
+class TCPServer:
+    """nsqd's TCP front end (protocol V2) for a Broker, on one I/O thread.
 
     ``start()`` serves from a background thread; ``close()`` stops accepting,
     closes every connection (requeueing what they held in flight) and joins
-    all threads.  The broker stays open: its owner closes it.
+    every thread.  The broker stays open: its owner closes it.  Commands
+    that may block run on up to *workers* threads while their connection
+    waits (publishes in fsync mode, the first use of a topic or channel,
+    AUTH against an auth server).
     """
-
-    daemon_threads = False
-    block_on_close = True
-    allow_reuse_address = True
-    request_queue_size = 256
 
     def __init__(self, broker: Broker, address: Any = DEFAULT_TCP_ADDRESS, *,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
@@ -4352,9 +4494,10 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  tls_required: bool = False, deflate: bool = True,
                  max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
-                 authorizer: Optional[Authorizer] = None) -> None:
+                 authorizer: Optional[Authorizer] = None, workers: int = 16) -> None:
         _check_range("max_deflate_level", max_deflate_level, 1, 9)
         _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
+        _check_range("workers", workers, 1, 1024)
         self.broker = broker
         self.heartbeat_interval = heartbeat_interval
         self.max_heartbeat_interval = max_heartbeat_interval
@@ -4373,12 +4516,22 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if tls_required and self.tls_context is None:
             raise InvalidArgument("tls_required needs tls_cert and tls_key")
         self.tls_required = tls_required
-        # _conns_lock guards _conns, the live connections, and _closing.
+        host, port = _split_address(address, 4150)
+        self._listener = socket.create_server(
+            (host, port), backlog=_LISTEN_BACKLOG,
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._listener.setblocking(False)
+        self.server_address: Tuple[Any, ...] = self._listener.getsockname()
+        self.loop = _EventLoop()
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="minq-tcp-worker")
+        # _conns_lock guards _conns (the loop adds and removes, others list)
+        # and _closing.
         self._conns_lock = threading.Lock()
-        self._conns: List["_ClientV2"] = []
+        self._conns: set = set()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        super().__init__(_split_address(address, 4150), _V2Handler)
+        self._accept_paused_until = 0.0
 
     @property
     def address(self) -> str:
@@ -4387,23 +4540,12 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return f"{host}:{port}"
 
     def start(self) -> "TCPServer":
-        """Serve connections from a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="minq-tcp",
-                                        kwargs={"poll_interval": 0.1})
+        """Serve connections from a background thread (the I/O loop)."""
+        self.loop.selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        self._thread = threading.Thread(target=self.loop.run, args=(self._on_stop,),
+                                        name="minq-tcp")
         self._thread.start()
         return self
-
-    def _track(self, conn: "_ClientV2") -> bool:
-        with self._conns_lock:
-            if self._closing:
-                return False
-            self._conns.append(conn)
-            return True
-
-    def _untrack(self, conn: "_ClientV2") -> None:
-        with self._conns_lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
 
     def connections(self) -> List["_ClientV2"]:
         with self._conns_lock:
@@ -4415,13 +4557,83 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if self._closing:
                 return
             self._closing = True
-            conns = list(self._conns)
         if self._thread is not None:
-            self.shutdown()
+            self.loop.post(self._stop_loop)
             self._thread.join()
-        for c in conns:
-            c.close()
-        self.server_close()   # joins the connection threads (block_on_close)
+        else:
+            self._listener.close()
+            self.loop.close()
+        self._workers.shutdown(wait=True)
+
+    def _stop_loop(self, _: Any = None) -> None:
+        self.loop.stopping = True
+
+    def _on_stop(self) -> None:
+        # On the loop's thread, as it ends: nothing more is accepted; each
+        # connection gets what was ready for it, then is closed.
+        self.loop.selector.unregister(self._listener)
+        self._listener.close()
+        for conn in self.connections():
+            conn._shutdown("the server is closing", graceful=False)
+
+    def _on_accept(self, mask: int) -> None:
+        if time.monotonic() < self._accept_paused_until:
+            return
+        for _ in range(64):
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # Out of file descriptors (EMFILE) and the like: the listener
+                # stays readable, so pause accepting instead of spinning.
+                log.error("TCP: cannot accept a connection: %s; pausing accepts for 0.1s", e)
+                self._accept_paused_until = time.monotonic() + 0.1
+                self.loop.arm(self, self._accept_paused_until)
+                return
+            self._accepted(sock, addr)
+
+    _timer_at = math.inf
+
+    def _on_timer(self, now: float) -> None:
+        self._on_accept(selectors.EVENT_READ)      # accepts were paused
+
+    def _accepted(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _ClientV2(self, sock, addr)
+        except OSError as e:
+            log.info("TCP: dropped a new connection from %s: %s", addr, e)
+            sock.close()
+            return
+        with self._conns_lock:
+            self._conns.add(conn)
+        conn._start()
+
+    def _forget(self, conn: "_ClientV2") -> None:
+        with self._conns_lock:
+            self._conns.discard(conn)
+
+    def _submit(self, conn: "_ClientV2", fn: Callable[..., Optional[bytes]],
+                *args: Any) -> None:
+        """Run a command that may block on a worker thread; the reply comes back
+        to the loop, which meanwhile runs nothing else of that connection."""
+        def job() -> None:
+            try:
+                result: Tuple[Any, Optional[_ClientError]] = (fn(*args), None)
+            except _ClientError as e:
+                result = (None, e)
+            except Exception as e:       # a bug: the client gets an error, not silence
+                log.exception("client %s: command failed", conn.remote_address)
+                result = (None, _ClientError("E_INVALID", f"internal error: {e}"))
+            if conn._gone and conn.channel is not None:
+                conn.channel.remove_consumer(conn)   # a SUB that raced its close
+            self.loop.post(conn._job_done, result)
+        try:
+            self._workers.submit(job)
+        except RuntimeError:            # the pool is shut down: the server is closing
+            conn._shutdown("the server is closing", graceful=False)
 
     def __enter__(self) -> "TCPServer":
         return self
@@ -4430,36 +4642,24 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.close()
 
 
-class _V2Handler(socketserver.BaseRequestHandler):
-    """socketserver's per-connection hook: hands the socket to a _ClientV2."""
-
-    server: TCPServer
-
-    def handle(self) -> None:
-        conn = _ClientV2(self.server, self.request, self.client_address)
-        if self.server._track(conn):
-            try:
-                conn.run()
-            finally:
-                self.server._untrack(conn)
-
-
 class _ClientV2(Consumer):
-    """One TCP connection speaking protocol V2: reads commands, writes frames.
+    """One TCP connection speaking protocol V2, run by the server's I/O loop.
 
-    The connection's thread runs commands and writes their replies at once,
-    in order.  Message frames from deliveries are buffered and written by the
-    writer thread, which also sends heartbeats and flushes the buffer after
-    ``output_buffer_timeout`` or as soon as the client cannot take more.
+    Bytes read are parsed into commands as soon as they are complete; each
+    command's reply, and every message frame a delivery produces, is
+    appended to the output buffer.  At the end of the loop's pass the buffer
+    is written out if it holds a reply, has reached ``output_buffer_size``,
+    or the client's RDY window is full; otherwise after
+    ``output_buffer_timeout`` (nsqd's output buffering).  TLS runs over
+    memory BIOs and deflate over zlib objects, both on the loop's thread.
     """
 
-    def __init__(self, server: TCPServer, sock: socket.socket, address: Tuple[str, int]) -> None:
+    def __init__(self, server: TCPServer, sock: socket.socket, address: Any) -> None:
         super().__init__(ready_count=0, client_id=str(address[0]))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server = server
         self.broker = server.broker
+        self.loop = server.loop
         self.sock = sock
-        self.stream = _Stream(sock)
         self.remote_address = f"{address[0]}:{address[1]}"
         self.remote_ip = str(address[0])
         self.hostname = str(address[0])
@@ -4473,201 +4673,650 @@ class _ClientV2(Consumer):
         self.identified = False
         self.auth: Optional[_AuthState] = None
         self.pub_counts: Dict[str, int] = {}
-        self.reader = _FrameBuffer(self.stream, self._read_timeout)
-        self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
-        # _out_cond guards _out, _out_bytes, _flush_at, _flush_now, _drops,
-        # _heartbeat_reset and _stopping.  Deliveries (any thread) append under
-        # it; the writer thread waits on it.  Never held across socket I/O.
-        self._out_cond = threading.Condition(threading.Lock())
+        self._topics_seen: Dict[bytes, str] = {}    # valid topic names published to
+        # Input: _rbuf[_rpos:] then _chunks (not joined until _need bytes are
+        # there, so a big body is copied once); _pending is a body command
+        # whose body is still coming: [handler, params, limit, code, what, size].
+        self._rbuf = b""
+        self._rpos = 0
+        self._chunks: List[bytes] = []
+        self._avail = 0
+        self._need = 4             # the protocol magic comes first
+        self._magic = False
+        self._pending: Optional[List[Any]] = None
+        self._busy = False         # a command runs on a worker thread
+        self._processing = False   # _process is on the stack
+        self._eof = False          # the peer ended its side
+        # Output: frames not yet written, and bytes written only in part.
         self._out: List[bytes] = []
         self._out_bytes = 0
+        self._reply = False        # _out holds a reply: write at the end of the pass
+        self._unsent: List[bytes] = []
+        self._unsent_bytes = 0
+        # The kernel may hold megabytes a client has not read (the send buffer
+        # grows by itself): past _MAX_UNSENT in it, the client's input waits.
+        self._sent_unchecked = 0
+        self._outq_full = False
+        self._drops: List[bytes] = []   # ids dropped by sample_rate, finished at the end of the pass
+        self._dirty = False
+        self._events = 0           # what the selector watches for
+        # Layers (set by IDENTIFY): TLS on memory BIOs, then deflate.
+        self._tls: Optional[ssl.SSLObject] = None
+        self._tls_in: Optional[ssl.MemoryBIO] = None
+        self._tls_out: Optional[ssl.MemoryBIO] = None
+        self._handshake_until = math.inf
+        self._then_deflate = 0     # deflate level to start once TLS is up (0: none)
+        self._compress: Any = None
+        self._decompress: Any = None
+        # Timers (monotonic seconds; inf: none).
+        now = time.monotonic()
+        self._timer_at = math.inf
+        self._next_beat = now + self.heartbeat_interval
+        self._read_deadline = now + 2 * self.heartbeat_interval
         self._flush_at = math.inf
-        self._flush_now = False
-        self._drops: List[Message] = []
-        self._heartbeat_reset = False
-        self._stopping = False
-        # _send_lock serialises writes to the stream, so frames never interleave.
-        self._send_lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop,
-                                        name=f"minq-tcp-writer-{self.id}")
-        self._set_socket_timeout()
+        self._write_deadline = math.inf
+        self._linger_until = math.inf
+        self._linger_left = 0
+        self._closing = False      # no more commands (a fatal error, EOF, close)
+        self._gone = False         # the socket is closed and forgotten
+
+    def __repr__(self) -> str:
+        return f"<TCP client {self.remote_address}>"
 
     # -- the connection's life ---------------------------------------------------
-    def run(self) -> None:
-        self._writer.start()
+    def _start(self) -> None:
+        self._set_events(selectors.EVENT_READ)
+        self._arm()
+
+    def _set_events(self, events: int) -> None:
+        if events == self._events or self._gone:
+            return
+        sel = self.loop.selector
+        if not self._events:
+            sel.register(self.sock, events, self._on_event)
+        elif not events:
+            sel.unregister(self.sock)
+        else:
+            sel.modify(self.sock, events, self._on_event)
+        self._events = events
+
+    def _update_events(self) -> None:
+        reading = self._closing or (
+            not self._eof and not self._held_back()
+            and self._avail < _MAX_UNSENT + self._need
+            and not (self._decompress is not None and self._decompress.unconsumed_tail))
+        events = (selectors.EVENT_READ if reading else 0) | (
+            selectors.EVENT_WRITE if self._unsent else 0)
+        self._set_events(events)
+
+    def _on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._write_unsent()
+        if mask & selectors.EVENT_READ and not self._gone:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
         try:
-            magic = self.reader.exact(4)
-            if magic != MAGIC_V2:
-                log.info("client %s: bad protocol magic %r", self.remote_address, magic)
-                self._send(_frame(FRAME_TYPE_ERROR, b"E_BAD_PROTOCOL"))
-                return
-            self._command_loop()
-        except _LineTooLong as e:
-            log.warning("client %s: %s; closing", self.remote_address, e)
-        except ConnectionLost as e:
-            log.debug("client %s: %s", self.remote_address, e)
-        except (OSError, ssl.SSLError, zlib.error) as e:
-            log.info("client %s: connection error: %s", self.remote_address, e)
-        finally:
-            self._teardown()
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
+            return
+        if self._closing:               # no more commands: discard what still comes
+            self._linger_left -= len(data)
+            if not data or (self._linger_until < math.inf and self._linger_left <= 0):
+                self._destroy()
+            return
+        if not data:
+            self._eof = True
+            self._update_events()
+            if not self._busy:
+                self._shutdown("closed by the peer", graceful=True, level=logging.DEBUG)
+            return
+        try:
+            if self._tls is not None:
+                data = self._tls_recv(data)
+            if self._decompress is not None:
+                self._inflate(data)
+            else:
+                self._feed(data)
+        except (ssl.SSLError, zlib.error) as e:
+            self._shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
 
-    def _command_loop(self) -> None:
-        commands = self._COMMANDS
-        while not self._stopping:
-            line = self.reader.line()
-            if self.heartbeat_interval > 0:
-                self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
-            params = line.split(b" ")
-            try:
-                cmd = commands.get(params[0])
-                if cmd is None:
-                    raise _ClientError("E_INVALID",
-                                       f"invalid command {params[0].decode(errors='replace')}")
-                if self.server.tls_required and self.stream.tls is None and cmd is not _ClientV2._identify:
-                    raise _ClientError("E_INVALID", f"cannot {params[0].decode()} in current "
-                                                    f"state (TLS required)")
-                reply = cmd(self, params)
-            except _ClientError as e:
-                log.log(logging.WARNING if e.fatal else logging.DEBUG,
-                        "client %s: %s", self.remote_address, e)
-                self._send(_frame(FRAME_TYPE_ERROR, str(e).encode()))
-                if e.fatal:
-                    _end_gently(self.sock)
-                    return
-                continue
-            if reply is not None:
-                self._send(_frame(FRAME_TYPE_RESPONSE, reply))
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._avail += len(data)
+        if self._processing:
+            return              # a layer started mid-command: the running pass goes on
+        if self._avail >= self._need:
+            self._process()
+        self._update_events()
 
-    def _read_timeout(self) -> None:
-        # A socket timeout while waiting for bytes: give up after two missed heartbeats.
-        if self._stopping:
-            raise ConnectionLost("connection closing")
-        if self.heartbeat_interval > 0 and time.monotonic() >= self._read_deadline:
-            raise ConnectionLost("no command within two heartbeat intervals")
+    def _shutdown(self, reason: str, graceful: bool, level: int = logging.DEBUG) -> None:
+        """End the connection: its consumer leaves the channel (what it held in
+        flight is requeued) now; a graceful end first writes what is buffered,
+        then half-closes and drains unread input for a moment, so the peer
+        reads our last frame instead of a reset."""
+        if self._closing and not graceful:
+            self._destroy()
+            return
+        if not self._closing:
+            log.log(level, "client %s: %s", self.remote_address, reason)
+            self._closing = True
+            self._leave()
+        self._flush()
+        if not graceful or self._gone:
+            self._destroy()
+        elif not self._unsent and self._linger_until == math.inf:
+            self._linger()
+        # else: _write_unsent lingers once the buffer is out
 
-    def _set_socket_timeout(self) -> None:
-        # One timeout for both directions: the read poll and nsqd's write deadline.
-        hb = self.heartbeat_interval
-        self.sock.settimeout(hb if hb > 0 else DEFAULT_MAX_HEARTBEAT_INTERVAL)
+    def _leave(self) -> None:
+        # Drops first (they count as finished), then the rest is requeued.
+        self._finish_drops()
+        self.closed = True
+        ch = self.channel
+        if ch is not None:
+            ch.remove_consumer(self)
+        self.broker.remove_producer(self)
+
+    def _linger(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._destroy()
+            return
+        if self._eof:
+            self._destroy()
+            return
+        self._linger_until = time.monotonic() + _LINGER
+        self._linger_left = _LINGER_BYTES
+        self._set_events(selectors.EVENT_READ)
+        self._arm()
+
+    def _destroy(self) -> None:
+        if self._gone:
+            return
+        if not self._closing:
+            self._closing = True
+            self._leave()
+        self._gone = True
+        if self._events:
+            self.loop.selector.unregister(self.sock)
+            self._events = 0
+        self.sock.close()
+        self.server._forget(self)
 
     def close(self) -> None:
-        """Close from outside (server shutdown, channel deleted): the reader ends soon."""
-        with self._out_cond:
-            self._stopping = True
-            self._out_cond.notify_all()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Close the connection (from any thread): nsqd's reaction to a deleted channel."""
+        self.loop.post(self._close_now)
+
+    def _close_now(self, _: Any = None) -> None:
+        self._shutdown("closed by the server", graceful=False)
 
     def _on_channel_closed(self) -> None:
-        # nsqd closes the connections of a deleted channel.
         self.closed = True
         self.close()
 
-    def _teardown(self) -> None:
-        self.close()
-        ch = self.channel
-        if ch is not None:
-            ch.remove_consumer(self)    # requeues what it held in flight
-        self._writer.join()
-        self.broker.remove_producer(self)
-        with self._out_cond:
-            drops, self._drops = self._drops, []
-        self._finish_dropped(drops)
+    # -- timers ------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._gone:
+            return
+        hb = self.heartbeat_interval
+        when = min(self._flush_at if self._out else math.inf,
+                   self._write_deadline if self._unsent else math.inf,
+                   self._linger_until, self._handshake_until)
+        if self._outq_full:
+            when = min(when, time.monotonic() + _OUTQ_POLL)
+        if hb > 0 and not self._closing:
+            when = min(when, self._next_beat)
+            if not self._busy:
+                when = min(when, self._read_deadline)
+        if when < math.inf:
+            self.loop.arm(self, when)
+
+    def _on_timer(self, now: float) -> None:
+        if self._gone:
+            return
+        if now >= self._linger_until:
+            self._destroy()
+            return
+        if self._unsent and now >= self._write_deadline:
+            self._shutdown("write timed out (the client reads nothing)", graceful=False,
+                           level=logging.INFO)
+            return
+        if now >= self._handshake_until:
+            self._tls_failed("timed out")
+            return
+        hb = self.heartbeat_interval
+        if hb > 0 and not self._closing:
+            if now >= self._read_deadline and not self._busy:
+                self._shutdown("no command within two heartbeat intervals", graceful=False,
+                               level=logging.INFO)
+                return
+            if now >= self._next_beat:
+                self._next_beat = now + hb
+                self._respond(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT))
+        if self._out and now >= self._flush_at:
+            self._flush()
+        if self._outq_full and not self._gone:
+            self._check_outq()
+        self._arm()
 
     # -- writing -----------------------------------------------------------------
-    def _send(self, frame: bytes) -> None:
-        """Write buffered message frames and then *frame*, now, in order."""
-        with self._send_lock:
-            with self._out_cond:
-                if self._out:
-                    self._out.append(frame)
-                    frame = b"".join(self._out)
-                    self._out.clear()
-                    self._out_bytes = 0
-                self._flush_at = math.inf
-                self._flush_now = False
-            if frame:
-                self.stream.send(frame)
+    def _respond(self, frame: bytes) -> None:
+        """Queue a reply (or error, or heartbeat): written at the end of the pass."""
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._reply = True
+        if not self._dirty:
+            self._dirty = True
+            self.loop.dirty.append(self)
 
     def _deliver(self, msg: _Delivery) -> None:
-        # Called by the core on whatever thread dispatched; must not block.
-        body = msg.body
-        frame = _FRAME_HEAD.pack(len(body) + 30, FRAME_TYPE_MESSAGE) + msg.encode()
-        with self._out_cond:
-            if self._stopping:
-                return   # still in flight: requeued when the connection is torn down
-            rate = self.sample_rate
+        self._deliver_many([msg])
+
+    def _deliver_many(self, msgs: List[_Delivery]) -> None:
+        # The core calls this on whatever thread dispatched, with no lock held;
+        # from another thread, the messages wait in the loop's inbox.
+        if threading.get_ident() != self.loop.ident:
+            self.loop.post(self._deliver_many, msgs)
+            return
+        if self._closing:
+            return           # still in flight: requeued when it left the channel
+        out, pack, size, rate = self._out, _MSG_FRAME.pack, self._out_bytes, self.sample_rate
+        for m in msgs:
             if rate and random.randrange(100) > rate:
-                self._drops.append(msg)   # nsqd drops it for this channel
-                self._out_cond.notify()
-                return
-            self._out.append(frame)
-            self._out_bytes += len(frame)
-            if self._out_bytes >= self.output_buffer_size or self.in_flight_count >= self.ready_count:
-                self._flush_now = True
-                self._out_cond.notify()
-            elif self._flush_at == math.inf and self.output_buffer_timeout > 0:
-                self._flush_at = time.monotonic() + self.output_buffer_timeout
-                self._out_cond.notify()
+                self._drops.append(m.id)       # nsqd drops it for this client
+                continue
+            body = m.body
+            frame = pack(len(body) + 30, FRAME_TYPE_MESSAGE, m.timestamp, m.attempts, m.id) + body
+            out.append(frame)
+            size += len(frame)
+        self._out_bytes = size
+        if not self._dirty:
+            self._dirty = True
+            self.loop.dirty.append(self)
 
-    def _write_loop(self) -> None:
-        cond = self._out_cond
-        next_beat = time.monotonic() + self.heartbeat_interval
+    def _after_pass(self) -> None:
+        # nsqd's flush rule: replies at once; message frames once the buffer
+        # is full or the client can take no more, else after the timeout.
+        self._dirty = False
+        if self._gone:
+            return
+        if self._drops:
+            self._finish_drops()
+        if not self._out:
+            return
+        if (self._reply or self._out_bytes >= self.output_buffer_size
+                or self.in_flight_count >= self.ready_count or self.output_buffer_timeout <= 0):
+            self._flush()
+        elif self._flush_at == math.inf:
+            self._flush_at = time.monotonic() + self.output_buffer_timeout
+            self._arm()
+
+    def _finish_drops(self) -> None:
+        drops, self._drops = self._drops, []
+        if drops and self.channel is not None:
+            self.channel.finish_many(self, drops)
+
+    def _flush(self) -> None:
+        """Write the output buffer through the layers (deflate, then TLS)."""
+        out = self._out
+        self._flush_at = math.inf
+        self._reply = False
+        if not out or self._gone:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        if self._compress is not None:
+            data = self._compress.compress(data) + self._compress.flush(zlib.Z_SYNC_FLUSH)
+        if self._tls is not None:
+            self._tls.write(data)
+            data = self._tls_out.read()  # type: ignore[union-attr]
+        self._send_raw(data)
+
+    def _send_raw(self, data: bytes) -> None:
+        if not data or self._gone:
+            return
+        if self._unsent:
+            self._unsent.append(data)
+            self._unsent_bytes += len(data)
+            return
         try:
-            while True:
-                beat = False
-                with cond:
-                    while True:
-                        if self._stopping:
-                            return
-                        now = time.monotonic()
-                        hb = self.heartbeat_interval
-                        if self._heartbeat_reset:
-                            self._heartbeat_reset = False
-                            next_beat = now + hb
-                        if self._drops:
-                            break
-                        if self._out and (self._flush_now or now >= self._flush_at):
-                            break
-                        if hb > 0 and now >= next_beat:
-                            beat = True
-                            next_beat = now + hb
-                            break
-                        wake = min(self._flush_at if self._out else math.inf,
-                                   next_beat if hb > 0 else math.inf)
-                        cond.wait(None if wake == math.inf else wake - now)
-                    drops, self._drops = self._drops, []
-                self._finish_dropped(drops)
-                self._send(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT) if beat else b"")
-        except (OSError, ssl.SSLError) as e:
-            log.info("client %s: write failed: %s", self.remote_address, e)
-            self.close()
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self._shutdown(f"write failed: {e}", graceful=False, level=logging.INFO)
+            return
+        self._sent_unchecked += n
+        if self._sent_unchecked >= _OUTQ_CHECK:
+            self._check_outq()
+        if n < len(data):
+            self._unsent.append(data[n:])
+            self._unsent_bytes += len(data) - n
+            hb = self.heartbeat_interval
+            self._write_deadline = time.monotonic() + (hb if hb > 0 else
+                                                       DEFAULT_MAX_HEARTBEAT_INTERVAL)
+            self._update_events()
+            self._arm()
 
-    @staticmethod
-    def _finish_dropped(drops: List[Message]) -> None:
-        for m in drops:
+    def _check_outq(self) -> None:
+        self._sent_unchecked = 0
+        if _TIOCOUTQ is None:
+            return
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return
+        full = queued > _MAX_UNSENT
+        if full != self._outq_full:
+            self._outq_full = full
+            if full:
+                self._update_events()
+            else:
+                self._resume_input()
+        if full:
+            self._arm()
+
+    def _write_unsent(self) -> None:
+        data = b"".join(self._unsent)
+        self._unsent.clear()
+        self._unsent_bytes = 0
+        self._send_raw(data)
+        if self._gone:
+            return
+        if not self._unsent:
+            self._write_deadline = math.inf
+            if self._closing and self._linger_until == math.inf:
+                self._linger()
+                return
+        else:
+            hb = self.heartbeat_interval    # progress: nsqd's write deadline starts again
+            self._write_deadline = time.monotonic() + (hb if hb > 0 else
+                                                       DEFAULT_MAX_HEARTBEAT_INTERVAL)
+        if not self._busy:
+            self._resume_input()      # input held back by the unsent output
+        else:
+            self._update_events()
+
+    # -- the layers: TLS and deflate -------------------------------------------
+    def _start_tls(self) -> None:
+        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = self.server.tls_context.wrap_bio(  # type: ignore[union-attr]
+            inb, outb, server_side=True)
+        self._tls_in, self._tls_out = inb, outb
+        self._handshake_until = time.monotonic() + _TLS_HANDSHAKE_TIMEOUT
+        leftover = self._take_input()
+        self._arm()
+        if leftover:
+            self._feed(self._tls_recv(leftover))
+
+    def _tls_recv(self, raw: bytes) -> bytes:
+        """Raw bytes in; the plaintext they complete out (driving the handshake)."""
+        tls, inb, outb = self._tls, self._tls_in, self._tls_out
+        inb.write(raw)  # type: ignore[union-attr]
+        if self._handshake_until < math.inf:
             try:
-                m.finish()
-            except NotInFlight:
-                pass
+                tls.do_handshake()  # type: ignore[union-attr]
+            except ssl.SSLWantReadError:
+                self._send_raw(outb.read())  # type: ignore[union-attr]
+                return b""
+            except (ssl.SSLError, OSError) as e:
+                self._tls_failed(str(e))
+                return b""
+            self._handshake_until = math.inf
+            self._send_raw(outb.read())  # type: ignore[union-attr]
+            self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
+            if self._then_deflate:
+                self._flush()              # the TLS OK is not compressed
+                self._start_deflate(self._then_deflate)
+        parts = []
+        while True:
+            try:
+                chunk = tls.read(_RECV_SIZE)  # type: ignore[union-attr]
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+                break
+            if not chunk:
+                break
+            parts.append(chunk)
+        pending = outb.pending  # type: ignore[union-attr]
+        if pending:                    # post-handshake messages (tickets, key updates)
+            self._send_raw(outb.read())  # type: ignore[union-attr]
+        return b"".join(parts)
+
+    def _tls_failed(self, why: str) -> None:
+        self._tls = None           # the error goes out in plain text
+        self._handshake_until = math.inf
+        self._fatal(_ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {why}"))
+
+    def _start_deflate(self, level: int) -> None:
+        self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self._decompress = zlib.decompressobj(-15)
+        self.deflate = True
+        self._then_deflate = 0
+        self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
+        leftover = self._take_input()
+        if leftover:
+            self._inflate(leftover)
+
+    def _take_input(self) -> bytes:
+        """Everything read but not parsed: it belongs to a layer starting now."""
+        data = self._rbuf[self._rpos:] + b"".join(self._chunks)
+        self._rbuf, self._rpos, self._chunks, self._avail = b"", 0, [], 0
+        return data
+
+    def _inflate(self, data: bytes) -> None:
+        # A bounded piece at a time, each parsed before the next is inflated,
+        # so a small compressed input can never make us allocate without
+        # bound; while commands wait (busy, a client that does not read), the
+        # rest stays compressed in unconsumed_tail and nothing more is read.
+        d = self._decompress
+        src = d.unconsumed_tail + data if d.unconsumed_tail else data
+        while True:
+            self._feed(d.decompress(src, _INFLATE_CHUNK))
+            src = d.unconsumed_tail
+            if (not src or self._busy or self._closing or self._processing
+                    or self._avail >= _MAX_UNSENT + self._need):
+                return
+
+    def _resume_input(self) -> None:
+        """Go on with input held back (by a worker's command, or unsent output)."""
+        if self._decompress is not None and self._decompress.unconsumed_tail:
+            self._inflate(b"")
+        elif self._avail >= self._need:
+            self._process()
+        self._update_events()
+
+    # -- reading commands ---------------------------------------------------------
+    def _process(self) -> None:
+        """Run every complete command in the input, in order."""
+        self._processing = True
+        try:
+            self._process_input()
+        finally:
+            self._processing = False
+
+    def _process_input(self) -> None:
+        while not (self._busy or self._closing) and self._avail >= self._need:
+            if self._chunks:
+                self._rbuf = self._rbuf[self._rpos:] + b"".join(self._chunks)
+                self._rpos = 0
+                self._chunks = []
+            if not self._magic:
+                self._check_magic()
+            else:
+                self._take_commands()
+            if self._held_back():
+                break                      # the client is not reading: wait for it
+
+    def _check_magic(self) -> None:
+        magic = self._rbuf[self._rpos:self._rpos + 4]
+        self._consume(4)
+        if magic != MAGIC_V2:
+            log.info("client %s: bad protocol magic %r", self.remote_address, magic)
+            self._fatal(_ClientError("E_BAD_PROTOCOL", ""))
+            return
+        self._magic = True
+        self._need = 1
+
+    def _consume(self, n: int) -> None:
+        self._rpos += n
+        self._avail -= n
+        if self._rpos >= len(self._rbuf):
+            self._rbuf, self._rpos = b"", 0
+
+    def _take_commands(self) -> None:
+        """Run the complete commands at the start of _rbuf; set _need when the
+        next one is not complete."""
+        while not (self._busy or self._closing or self._held_back()):
+            if self._pending is not None:
+                if not self._take_body():
+                    return
+                continue
+            buf, pos = self._rbuf, self._rpos
+            if buf.startswith(b"FIN ", pos) and self.channel is not None and \
+                    self.state != STATE_INIT:
+                m = _FIN_RUN.match(buf, pos)
+                if m is not None:         # the hot path: a burst of FINs, settled at once
+                    end = m.end()
+                    if self.heartbeat_interval > 0:
+                        self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+                    self._consume(end - pos)
+                    self._fin_ids([buf[i:i + 16] for i in range(pos + 4, end, 21)])
+                    continue
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > MAX_LINE_LENGTH:
+                    self._shutdown(f"command line longer than {MAX_LINE_LENGTH} bytes; closing",
+                                   graceful=False, level=logging.WARNING)
+                    return
+                self._need = len(buf) - pos + 1
+                return
+            line = buf[pos:nl]
+            self._consume(nl + 1 - pos)
+            self._run(line[:-1] if line.endswith(b"\r") else line)
+        self._need = 1 if self._pending is None else self._need
+
+    def _held_back(self) -> bool:
+        """Whether the client reads so little that its commands must wait."""
+        return self._unsent_bytes >= _MAX_UNSENT or self._outq_full
+
+    def _run(self, line: bytes) -> None:
+        if self.heartbeat_interval > 0:
+            self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+        params = line.split(b" ")
+        name = params[0]
+        try:
+            cmd = self._COMMANDS.get(name)
+            if cmd is None:
+                raise _ClientError("E_INVALID", f"invalid command {name.decode(errors='replace')}")
+            if self.server.tls_required and self._tls is None and name != b"IDENTIFY":
+                raise _ClientError("E_INVALID", f"cannot {name.decode()} in current "
+                                                f"state (TLS required)")
+            reply = cmd(self, params)
+        except _ClientError as e:
+            self._error(e)
+            return
+        if reply is not None and reply is not _ASYNC:
+            self._respond(_OK_FRAME if reply == b"OK" else _frame(FRAME_TYPE_RESPONSE, reply))
+
+    def _expect_body(self, then: Callable[["_ClientV2", List[Any], bytes], Any],
+                     params: List[Any], limit: int, code: str,
+                     what: str = "body") -> object:
+        """A command continues with a 4-byte length and that many bytes: the
+        length is checked as soon as it arrives, before the body is read."""
+        self._pending = [then, params, limit, code, what, -1]
+        self._need = 4
+        return _ASYNC
+
+    def _take_body(self) -> bool:
+        """Go on with the command waiting for its body; False if more input is needed."""
+        pending = self._pending
+        then, params, limit, code, what, size = pending  # type: ignore[misc]
+        have = len(self._rbuf) - self._rpos
+        if size < 0:
+            if have < 4:
+                self._need = 4
+                return False
+            size = _LEN.unpack_from(self._rbuf, self._rpos)[0]
+            self._consume(4)
+            have -= 4
+            if size <= 0 or size > limit:
+                self._pending = None
+                cmd = params[0].decode()
+                self._error(_ClientError(code, f"{cmd} invalid {what} size {size}" if size <= 0
+                                         else f"{cmd} {'message' if what == 'message body' else 'body'} "
+                                              f"too big {size} > {limit}"))
+                return True
+            pending[5] = size  # type: ignore[index]
+        if have < size:
+            self._need = size
+            return False
+        body = self._rbuf[self._rpos:self._rpos + size]
+        self._consume(size)
+        self._pending = None
+        try:
+            reply = then(self, params, body)
+        except _ClientError as e:
+            self._error(e)
+            return True
+        if reply is not None and reply is not _ASYNC:
+            self._respond(_OK_FRAME if reply == b"OK" else _frame(FRAME_TYPE_RESPONSE, reply))
+        return True
+
+    def _error(self, e: _ClientError) -> None:
+        if e.fatal:
+            self._fatal(e)
+        else:
+            log.debug("client %s: %s", self.remote_address, e)
+            self._respond(_frame(FRAME_TYPE_ERROR, str(e).encode()))
+
+    def _fatal(self, e: _ClientError) -> None:
+        log.warning("client %s: %s", self.remote_address, e)
+        self._respond(_frame(FRAME_TYPE_ERROR, str(e).encode().rstrip()))
+        self._shutdown(str(e), graceful=True)
+
+    def _later(self, fn: Callable[..., Optional[bytes]], *args: Any) -> object:
+        """Run a command that may block on a worker; the reply follows."""
+        self._busy = True
+        self.server._submit(self, fn, *args)
+        return _ASYNC
+
+    def _job_done(self, result: Tuple[Any, Optional[_ClientError]]) -> None:
+        self._busy = False
+        if self._gone:
+            return
+        reply, error = result
+        if self.heartbeat_interval > 0:
+            self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+        if error is not None:
+            self._error(error)
+        elif reply is not None:
+            self._respond(_frame(FRAME_TYPE_RESPONSE, reply))
+        if self._closing:
+            return
+        self._resume_input()
+        if self._eof and not self._busy:
+            self._shutdown("closed by the peer", graceful=True)
+            return
+        self._arm()
 
     # -- commands ----------------------------------------------------------------
-    def _read_body(self, cmd: str, limit: int, code: str, what: str = "body") -> bytes:
-        """A 4-byte length and that many bytes; the length is checked first."""
-        n = self.reader.int32()
-        if n <= 0:
-            raise _ClientError(code, f"{cmd} invalid {what} size {n}")
-        if n > limit:
-            raise _ClientError(code, f"{cmd} {'message' if what == 'message body' else 'body'} "
-                                     f"too big {n} > {limit}")
-        return self.reader.exact(n)
-
-    def _identify(self, params: List[bytes]) -> Optional[bytes]:
+    def _identify(self, params: List[bytes]) -> object:
         if self.state != STATE_INIT:
             raise _ClientError("E_INVALID", "cannot IDENTIFY in current state")
-        body = self._read_body("IDENTIFY", self.broker.max_body_size, "E_BAD_BODY")
+        return self._expect_body(_ClientV2._identify_body, params, self.broker.max_body_size,
+                                 "E_BAD_BODY")
+
+    def _identify_body(self, params: List[bytes], body: bytes) -> Optional[bytes]:
         try:
             data = json.loads(body)
             if not isinstance(data, dict):
@@ -4694,19 +5343,14 @@ class _ClientV2(Consumer):
             "topology_region": "", "topology_zone": "",
         }
         # The reply goes out in plain text; each upgrade then answers OK inside it.
-        with self._send_lock:
-            self.stream.send(_frame(FRAME_TYPE_RESPONSE, json.dumps(reply).encode()))
-            try:
-                if tls:
-                    self.stream.start_tls(srv.tls_context, True,  # type: ignore[arg-type]
-                                          self.reader.take_leftover())
-                    self.stream.send(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-                if deflate:
-                    self.stream.start_deflate(level, self.reader.take_leftover())
-                    self.deflate = True
-                    self.stream.send(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-            except (ssl.SSLError, ConnectionLost, socket.timeout) as e:
-                raise _ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {e}") from e
+        self._respond(_frame(FRAME_TYPE_RESPONSE, json.dumps(reply).encode()))
+        if tls or deflate:
+            self._flush()
+        if tls:
+            self._then_deflate = level if deflate else 0
+            self._start_tls()
+        elif deflate:
+            self._start_deflate(level)
         return None
 
     def _apply_identify(self, data: Dict[str, Any]) -> None:
@@ -4753,15 +5397,13 @@ class _ClientV2(Consumer):
         if mt:
             self.msg_timeout = mt / 1000
         self.identified = True
-        with self._out_cond:
-            self.heartbeat_interval = hb_s
-            self._heartbeat_reset = True
-            self._out_cond.notify()
-        if hb_s > 0:
-            self._read_deadline = time.monotonic() + 2 * hb_s
-        self._set_socket_timeout()
+        now = time.monotonic()
+        self.heartbeat_interval = hb_s
+        self._next_beat = now + hb_s
+        self._read_deadline = now + 2 * hb_s
+        self._arm()
 
-    def _auth(self, params: List[bytes]) -> bytes:
+    def _auth(self, params: List[bytes]) -> object:
         srv = self.server
         if srv.authorizer is None:
             raise _ClientError("E_AUTH_DISABLED", "AUTH disabled")
@@ -4769,9 +5411,17 @@ class _ClientV2(Consumer):
             raise _ClientError("E_INVALID", "cannot AUTH in current state")
         if len(params) != 1:
             raise _ClientError("E_INVALID", "AUTH invalid number of parameters")
-        secret = self._read_body("AUTH", self.broker.max_body_size, "E_BAD_BODY")
+        return self._expect_body(_ClientV2._auth_body, params, self.broker.max_body_size,
+                                 "E_BAD_BODY")
+
+    def _auth_body(self, params: List[bytes], secret: bytes) -> object:
         if self.auth is not None:
             raise _ClientError("E_INVALID", "AUTH already set")
+        if self.server.authorizer.urls:  # type: ignore[union-attr]
+            return self._later(self._do_auth, secret)
+        return self._do_auth(secret)
+
+    def _do_auth(self, secret: bytes) -> bytes:
         self.auth = self._query_auth(secret.decode(errors="replace"))
         if not self.auth.rules:
             raise _ClientError("E_UNAUTHORIZED", "AUTH no authorizations found")
@@ -4782,7 +5432,7 @@ class _ClientV2(Consumer):
     def _query_auth(self, secret: str) -> _AuthState:
         try:
             state = self.server.authorizer.authorize(  # type: ignore[union-attr]
-                secret, self.remote_ip, self.stream.tls is not None)
+                secret, self.remote_ip, self._tls is not None)
         except (OSError, ValueError) as e:
             log.warning("client %s: AUTH failed: %s", self.remote_address, e)
             raise _ClientError("E_AUTH_FAILED", "AUTH failed") from e
@@ -4790,6 +5440,11 @@ class _ClientV2(Consumer):
             raise _ClientError("E_AUTH_FAILED", "AUTH failed")
         state.secret = secret  # type: ignore[attr-defined]
         return state
+
+    def _auth_expired(self) -> bool:
+        """Whether the next _check_auth asks the auth server again (it may block)."""
+        auth = self.auth
+        return auth is not None and time.monotonic() >= auth.expires
 
     def _check_auth(self, cmd: str, permission: str, topic: str, channel: str) -> None:
         if self.server.authorizer is None:
@@ -4801,7 +5456,7 @@ class _ClientV2(Consumer):
         if not self.auth.allows(permission, topic, channel):
             raise _ClientError("E_UNAUTHORIZED", f'AUTH failed for {cmd} on "{topic}" "{channel}"')
 
-    def _sub(self, params: List[bytes]) -> bytes:
+    def _sub(self, params: List[bytes]) -> object:
         if self.state != STATE_INIT:
             raise _ClientError("E_INVALID", "cannot SUB in current state")
         if self.heartbeat_interval <= 0:
@@ -4810,6 +5465,18 @@ class _ClientV2(Consumer):
             raise _ClientError("E_INVALID", "SUB insufficient number of parameters")
         topic = self._name(params[1], "E_BAD_TOPIC", "SUB topic")
         channel = self._name(params[2], "E_BAD_CHANNEL", "SUB channel")
+        if self._auth_expired() or not self._has_channel(topic, channel):
+            return self._later(self._do_sub, topic, channel)   # creating one writes to disk
+        return self._do_sub(topic, channel)
+
+    def _has_channel(self, topic: str, channel: str) -> bool:
+        try:
+            self.broker.get_topic(topic).get_channel(channel)
+        except (TopicNotFound, ChannelNotFound):
+            return False
+        return True
+
+    def _do_sub(self, topic: str, channel: str) -> bytes:
         self._check_auth("SUB", "subscribe", topic, channel)
         try:
             self.broker.topic(topic).channel(channel).add_consumer(self)
@@ -4817,6 +5484,15 @@ class _ClientV2(Consumer):
             raise _ClientError("E_SUB_FAILED", f"SUB failed {e}") from e
         self.state = STATE_SUBSCRIBED
         return b"OK"
+
+    def _topic_name(self, raw: bytes, what: str) -> str:
+        """A topic name of a publish, checked once per connection."""
+        name = self._topics_seen.get(raw)
+        if name is None:
+            name = self._name(raw, "E_BAD_TOPIC", what)
+            if len(self._topics_seen) < 64:
+                self._topics_seen[raw] = name
+        return name
 
     @staticmethod
     def _name(raw: bytes, code: str, what: str) -> str:
@@ -4850,13 +5526,13 @@ class _ClientV2(Consumer):
         return params[1]
 
     def _fin(self, params: List[bytes]) -> None:
-        msg_id = self._settle_params("FIN", params, 2)
-        try:
-            self.channel.finish(self, msg_id)  # type: ignore[union-attr]
-        except NotInFlight:
-            raise _ClientError("E_FIN_FAILED",
-                               f"FIN {msg_id.decode(errors='replace')} failed ID not in flight") from None
+        self._fin_ids([self._settle_params("FIN", params, 2)])
         return None
+
+    def _fin_ids(self, ids: List[bytes]) -> None:
+        for msg_id in self.channel.finish_many(self, ids):  # type: ignore[union-attr]
+            self._error(_ClientError("E_FIN_FAILED",
+                                     f"FIN {msg_id.decode(errors='replace')} failed ID not in flight"))
 
     def _req(self, params: List[bytes]) -> None:
         msg_id = self._settle_params("REQ", params, 3)
@@ -4892,36 +5568,41 @@ class _ClientV2(Consumer):
     def _nop(self, params: List[bytes]) -> None:
         return None
 
-    def _pub(self, params: List[bytes]) -> bytes:
+    def _pub(self, params: List[bytes]) -> object:
         if len(params) < 2:
             raise _ClientError("E_INVALID", "PUB insufficient number of parameters")
-        topic = self._name(params[1], "E_BAD_TOPIC", "PUB topic")
-        body = self._read_body("PUB", self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
-        self._check_auth("PUB", "publish", topic, "")
-        self._publish("PUB", topic, [body], 0.0)
-        return b"OK"
+        topic = self._topic_name(params[1], "PUB topic")
+        return self._expect_body(_ClientV2._pub_body, [params[0], topic], self.broker.max_msg_size,
+                                 "E_BAD_MESSAGE", "message body")
 
-    def _dpub(self, params: List[bytes]) -> bytes:
+    def _pub_body(self, params: List[Any], body: bytes) -> object:
+        return self._publish("PUB", params[1], [body], 0.0)
+
+    def _dpub(self, params: List[bytes]) -> object:
         if len(params) < 3:
             raise _ClientError("E_INVALID", "DPUB insufficient number of parameters")
-        topic = self._name(params[1], "E_BAD_TOPIC", "DPUB topic")
+        topic = self._topic_name(params[1], "DPUB topic")
         ms = _parse_uint(params[2], "DPUB could not parse timeout")
         limit = int(self.broker.max_req_timeout * 1000)
         if ms > limit:
             raise _ClientError("E_INVALID", f"DPUB timeout {ms} out of range 0-{limit}")
-        body = self._read_body("DPUB", self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
-        self._check_auth("DPUB", "publish", topic, "")
-        self._publish("DPUB", topic, [body], ms / 1000)
-        return b"OK"
+        return self._expect_body(_ClientV2._dpub_body, [params[0], topic, ms],
+                                 self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
 
-    def _mpub(self, params: List[bytes]) -> bytes:
+    def _dpub_body(self, params: List[Any], body: bytes) -> object:
+        return self._publish("DPUB", params[1], [body], params[2] / 1000)
+
+    def _mpub(self, params: List[bytes]) -> object:
         if len(params) < 2:
             raise _ClientError("E_INVALID", "MPUB insufficient number of parameters")
-        topic = self._name(params[1], "E_BAD_TOPIC", "E_BAD_TOPIC MPUB topic")
-        self._check_auth("MPUB", "publish", topic, "")
-        payload = self._read_body("MPUB", self.broker.max_body_size, "E_BAD_BODY")
-        self._publish("MPUB", topic, self._split_mpub(payload), 0.0)
-        return b"OK"
+        topic = self._topic_name(params[1], "E_BAD_TOPIC MPUB topic")
+        if not self._auth_expired():
+            self._check_auth("MPUB", "publish", topic, "")
+        return self._expect_body(_ClientV2._mpub_body, [params[0], topic],
+                                 self.broker.max_body_size, "E_BAD_BODY")
+
+    def _mpub_body(self, params: List[Any], payload: bytes) -> object:
+        return self._publish("MPUB", params[1], self._split_mpub(payload), 0.0)
 
     def _split_mpub(self, payload: bytes) -> List[bytes]:
         """``[count][(size, bytes) x count]`` -> bodies; every size checked before use."""
@@ -4946,7 +5627,20 @@ class _ClientV2(Consumer):
             pos += size
         return bodies
 
-    def _publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> None:
+    def _publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> object:
+        if self.broker.fsync or self._auth_expired() or not self._has_topic(topic):
+            return self._later(self._do_publish, cmd, topic, bodies, defer)
+        return self._do_publish(cmd, topic, bodies, defer)
+
+    def _has_topic(self, topic: str) -> bool:
+        try:
+            self.broker.get_topic(topic)
+        except TopicNotFound:
+            return False
+        return True
+
+    def _do_publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> bytes:
+        self._check_auth(cmd, "publish", topic, "")
         try:
             if len(bodies) == 1:
                 self.broker.publish(topic, bodies[0], defer)
@@ -4959,8 +5653,9 @@ class _ClientV2(Consumer):
         if topic not in self.pub_counts:
             self.broker.add_producer(self)
         self.pub_counts[topic] = self.pub_counts.get(topic, 0) + len(bodies)
+        return b"OK"
 
-    _COMMANDS: Dict[bytes, Callable[["_ClientV2", List[bytes]], Optional[bytes]]] = {
+    _COMMANDS: Dict[bytes, Callable[["_ClientV2", List[bytes]], Any]] = {
         b"IDENTIFY": _identify, b"AUTH": _auth, b"SUB": _sub, b"RDY": _rdy,
         b"FIN": _fin, b"REQ": _req, b"TOUCH": _touch, b"CLS": _cls, b"NOP": _nop,
         b"PUB": _pub, b"MPUB": _mpub, b"DPUB": _dpub,
@@ -4972,13 +5667,23 @@ class _ClientV2(Consumer):
                       "remote_address": self.remote_address, "state": self.state,
                       "sample_rate": self.sample_rate, "deflate": self.deflate,
                       "user_agent": self.user_agent})
-        stats.update(self.stream.tls_stats())
+        stats.update(self.tls_stats())
         if self.auth is not None:
             stats.update({"authed": True, "auth_identity": self.auth.identity,
                           "auth_identity_url": self.auth.identity_url})
         if self.pub_counts:
             stats["pub_counts"] = [{"topic": t, "count": n} for t, n in self.pub_counts.items()]
         return stats
+
+    def tls_stats(self) -> Dict[str, Any]:
+        """nsqd's tls fields of a client object."""
+        obj = self._tls
+        if obj is None or self._handshake_until < math.inf:
+            return {"tls": False, "tls_cipher_suite": "", "tls_version": ""}
+        cipher = obj.cipher()
+        version = (obj.version() or "").replace("TLSv", "TLS")
+        return {"tls": True, "tls_cipher_suite": cipher[0] if cipher else "",
+                "tls_version": version}
 
 
 def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
@@ -6151,7 +6856,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     except BaseException:
         if http_server is not None:
             http_server.server_close()
-        server.server_close()
+        server.close()
         broker.close()
         raise
     mode = ("memory only" if not broker.data_path else
