@@ -20,6 +20,7 @@ Quick start::
 from __future__ import annotations
 
 import argparse
+import binascii
 import bisect
 import collections
 import concurrent.futures
@@ -394,6 +395,29 @@ def _write_atomic(path: str, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+_BULK_RUN = 16    # records of one length in a row checked as a run (see _take_run_locked)
+
+
+def _same_length_run(buf: bytes, i: int, step: int, k: int) -> int:
+    """How many of the *k* records of *step* bytes from *i* carry the same
+    length field as the first: compared a byte column at a time."""
+    for b in range(_REC_SIZE // 2):
+        column = buf[i + b:i + k * step:step]
+        k = min(k, len(column) - len(column.lstrip(buf[i + b:i + b + 1])))
+    return k
+
+
+def _crcs_match(computed: bytes, buf: bytes, at: int, step: int, k: int) -> int:
+    """How many of *k* records, whose CRC fields lie every *step* bytes from
+    *at*, carry the CRCs in *computed* (big-endian, 4 bytes each) in a row."""
+    good = k
+    for b in range(4):
+        mine, theirs = computed[b::4], buf[at + b:at + k * step:step]
+        if mine != theirs:
+            good = min(good, next(n for n in range(k) if mine[n] != theirs[n]))
+    return good
 
 
 class SegmentLog:
@@ -860,34 +884,57 @@ class SegmentLog:
                          limit: int) -> int:
         """Take whole, valid, wanted records at the cursor out of the read-ahead
         buffer; stop, taking nothing more, at anything ``read``'s path must
-        handle.  Returns how many were taken."""
+        handle.  Returns how many were taken.
+
+        Records of one length in a row (a backlog of similar messages) are
+        taken a run at a time: lengths and CRCs compared in bulk, so the
+        per-record work is one slice and one crc32.
+        """
         i, end, base = self._buffered_at_cursor()
         buf = self._rbuf
         unpack, crc32, biggest = _REC.unpack_from, zlib.crc32, self.max_record_size
         skip, restart = self._skip, self._restart_acks
-        found: List[int] = []
-        count = 0
-        limit -= len(payloads)
-        while count < limit and i + _REC_SIZE <= end:
+        checked = bool(skip or restart)
+        found: Optional[List[int]] = [] if positions is not None or self.ack_mode else None
+        first = len(payloads)
+        limit -= first
+        while limit > 0 and i + _REC_SIZE <= end:
             size, crc = unpack(buf, i)
-            j = i + _REC_SIZE + size
-            if size == 0 or size > biggest or j > end:
+            step = _REC_SIZE + size
+            if size == 0 or size > biggest or i + step > end:
                 break
-            payload = buf[i + _REC_SIZE:j]
+            k = min((end - i) // step, limit)
+            if k >= _BULK_RUN and not checked:
+                k = _same_length_run(buf, i, step, k)
+            if k >= _BULK_RUN and not checked:
+                stop = i + k * step
+                run = [buf[o:o + size] for o in range(i + _REC_SIZE, stop, step)]
+                good = _crcs_match(struct.pack(f">{k}I", *map(crc32, run)), buf, i + 4, step, k)
+                if good < k:
+                    del run[good:]          # the bad one takes read's path
+                payloads += run
+                if found is not None:
+                    found += range(base + i, base + i + good * step, step)
+                i += good * step
+                limit -= good
+                if good < k:
+                    break
+                continue
+            payload = buf[i + _REC_SIZE:i + step]
             if crc32(payload) != crc:
                 break
-            if skip or restart:
-                if base + i in skip or base + i in restart:
-                    break
-            if positions is not None or self.ack_mode:
+            if checked and (base + i in skip or base + i in restart):
+                break
+            if found is not None:
                 found.append(base + i)
             payloads.append(payload)
-            count += 1
-            i = j
+            limit -= 1
+            i += step
+        count = len(payloads) - first
         if count:
-            self._consumed_locked(base + i, count, found)
+            self._consumed_locked(base + i, count, found or [])
             if positions is not None:
-                positions.extend(found)
+                positions.extend(found or [])
         return count
 
     def _consumed_locked(self, end: int, count: int, found: List[int]) -> None:
@@ -1338,6 +1385,7 @@ def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
 
 
 _RECORD_HEAD_SIZE = _RECORD_HEAD.size
+_RECORD_LAYOUTS: Dict[int, struct.Struct] = {}   # payload size -> the record with its body
 
 
 def _decode_framed(data: bytes, now_ns: int) -> List[Tuple[List[Message], float]]:
@@ -1481,7 +1529,12 @@ class _MessageQueue:
 
     def _decode_into(self, out: List[Message], payloads: List[bytes],
                      positions: Optional[List[int]], now_ns: int) -> None:
-        unpack, head = _RECORD_HEAD.unpack_from, _RECORD_HEAD_SIZE
+        size = len(payloads[0])
+        if (len(payloads) >= _BULK_RUN and size >= _RECORD_HEAD_SIZE
+                and len(set(map(len, payloads))) == 1):
+            self._decode_run(out, payloads, positions, now_ns)
+            return
+        unpack, head, add = _RECORD_HEAD.unpack_from, _RECORD_HEAD_SIZE, out.append
         for k, p in enumerate(payloads):
             try:
                 due_ns, timestamp, attempts, msg_id = unpack(p)
@@ -1494,7 +1547,33 @@ class _MessageQueue:
             if due_ns > now_ns:
                 self._on_deferred(m, due_ns)
             else:
-                out.append(m)
+                add(m)
+
+    def _decode_run(self, out: List[Message], payloads: List[bytes],
+                    positions: Optional[List[int]], now_ns: int) -> None:
+        # Records of one length: every field of every record unpacked in one call.
+        size = len(payloads[0])
+        layout = _RECORD_LAYOUTS.get(size)
+        if layout is None:
+            layout = _RECORD_LAYOUTS[size] = struct.Struct(
+                f"{_RECORD_HEAD.format}{size - _RECORD_HEAD_SIZE}s")
+        rows = layout.iter_unpack(b"".join(payloads))
+        add, deliver = out.append, _Delivery
+        if positions is None:
+            for due_ns, timestamp, attempts, msg_id, body in rows:
+                m = deliver(msg_id, body, timestamp, attempts)
+                if due_ns > now_ns:
+                    self._on_deferred(m, due_ns)
+                else:
+                    add(m)
+            return
+        for (due_ns, timestamp, attempts, msg_id, body), pos in zip(rows, positions):
+            m = deliver(msg_id, body, timestamp, attempts)
+            m._pos = pos                   # durable: acknowledged when finished
+            if due_ns > now_ns:
+                self._on_deferred(m, due_ns)
+            else:
+                add(m)
 
     def _not_a_message(self, pos: Optional[int]) -> None:
         seglog = self.log
@@ -1850,11 +1929,9 @@ class Channel:
         with self._lock:
             in_flight = self._in_flight
             pop = in_flight.pop
-            counts, bounds, bisect_left = self._e2e_counts, _E2E_BOUNDS_NS, bisect.bisect_left
-            now_ns = self.broker._time_ns()
-            total = 0
-            done = 0
+            stamps: List[int] = []
             acks: List[int] = []
+            durable = self._queue.durable
             for msg_id in msg_ids:
                 h = pop(msg_id, None)
                 if h is None or h.consumer is not consumer:
@@ -1863,17 +1940,14 @@ class Channel:
                     failed.append(msg_id)
                     continue
                 del h._bucket[msg_id]
-                latency = now_ns - h.timestamp
-                counts[bisect_left(bounds, latency)] += 1
-                total += latency
-                done += 1
-                if h._pos is not None:        # durable: release its record
+                stamps.append(h.timestamp)
+                if durable and h._pos is not None:    # release its record
                     acks.append(h._pos)
-            if not done:
+            if not stamps:
                 return failed
-            self._e2e_sum_ns += total
-            consumer.in_flight_count -= done
-            consumer.finish_count += done
+            self._count_latencies_locked(stamps)
+            consumer.in_flight_count -= len(stamps)
+            consumer.finish_count += len(stamps)
             if acks:
                 self._ack_locked(acks)
             deliveries = self._dispatch_locked([])
@@ -1907,9 +1981,7 @@ class Channel:
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
-            latency = self.broker._time_ns() - h.timestamp
-            self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
-            self._e2e_sum_ns += latency
+            self._count_latencies_locked([h.timestamp])
             if h._pos is not None:
                 self._ack_locked([h._pos])
             q = self._queue
@@ -1917,6 +1989,23 @@ class Channel:
                 return
             deliveries = self._dispatch_locked([])
         _hand_over_all(deliveries)
+
+    def _count_latencies_locked(self, stamps: List[int]) -> None:
+        """Count publish-to-FIN latencies of finished messages published at *stamps*."""
+        now_ns = self.broker._time_ns()
+        counts = self._e2e_counts
+        self._e2e_sum_ns += now_ns * len(stamps) - sum(stamps)
+        if len(stamps) == 1:
+            counts[bisect.bisect_left(_E2E_BOUNDS_NS, now_ns - stamps[0])] += 1
+            return
+        # latency <= bound  <=>  stamp >= now - bound: bisect the sorted stamps
+        stamps.sort()
+        below = len(stamps)         # those with latency above every bound so far
+        for j, bound in enumerate(_E2E_BOUNDS_NS):
+            above = bisect.bisect_left(stamps, now_ns - bound)
+            counts[j] += below - above
+            below = above
+        counts[-1] += below
 
     def _out_of_flight_locked(self, h: _Delivery) -> None:
         del self._in_flight[h.id]
@@ -2011,6 +2100,9 @@ class Channel:
         n = len(cs)
         order = [cs[(self._rr_next + i) % n] for i in range(n)]
         rooms = [0 if c.closed else max(c.ready_count - c.in_flight_count, 0) for c in order]
+        if n - rooms.count(0) == 1:        # one has room (a burst of its FINs): no sharing
+            self._start_flight_locked(msgs, order[rooms.index(max(rooms))], now, out)
+            return
         shares: List[List[Message]] = [[] for _ in order]
         i = 0
         for m in msgs:
@@ -2782,8 +2874,11 @@ class Broker:
         # Replaced, never changed in place (under _lock), so _announce reads it lock-free.
         self._watchers: Tuple[Callable[[str, str, Optional[str]], None], ...] = ()
         self._closed = False
+        # Message ids: _id_base + a sequence number, as 16 hex digits; _id_lock
+        # guards _id_next (a batch takes a run of numbers at once).
         self._id_base = self.clock.time_ns()
-        self._id_seq = itertools.count()
+        self._id_lock = threading.Lock()
+        self._id_next = 0
         self._health = "OK"
         # Storage (data_path only).  _logs_lock guards _logs; _meta_lock
         # serialises writes of the metadata file.  Both are leaf locks.
@@ -2898,7 +2993,7 @@ class Broker:
                 log.exception("watcher %r failed on %s %s/%s", callback, action, topic, channel)
 
     # -- publishing ------------------------------------------------------------
-    def _new_message(self, body: Any) -> Message:
+    def _checked_body(self, body: Any) -> bytes:
         if not isinstance(body, bytes):
             if isinstance(body, str):
                 body = body.encode()
@@ -2911,10 +3006,18 @@ class Broker:
             raise InvalidMessage(f"invalid message body size {n}: must be 1-"
                                  f"{self.max_msg_size} bytes" if n == 0 else
                                  f"message too big {n} > {self.max_msg_size}")
-        return Message(self._next_id(), body, self.clock.time_ns())
+        return body
 
-    def _next_id(self) -> bytes:
-        return b"%016x" % ((self._id_base + next(self._id_seq)) & _ID_MASK)
+    def _next_ids(self, n: int) -> List[bytes]:
+        """*n* new message ids (16 hex digits each), in one run."""
+        with self._id_lock:
+            first = self._id_base + self._id_next
+            self._id_next += n
+        if n == 1:
+            return [b"%016x" % (first & _ID_MASK)]
+        blob = binascii.hexlify(struct.pack(f">{n}Q", *[(first + i) & _ID_MASK
+                                                       for i in range(n)]))
+        return [blob[i:i + 16] for i in range(0, 16 * n, 16)]
 
     def _check_defer(self, defer: float) -> float:
         if defer is None:
@@ -2932,24 +3035,39 @@ class Broker:
         """
         if defer:
             defer = self._check_defer(defer)
-        if type(body) is bytes and 0 < len(body) <= self.max_msg_size:
-            msg = Message(b"%016x" % ((self._id_base + next(self._id_seq)) & _ID_MASK),
-                          body, self._time_ns())
-        else:
-            msg = self._new_message(body)
+        if type(body) is not bytes or not 0 < len(body) <= self.max_msg_size:
+            body = self._checked_body(body)
+        msg = Message(self._next_ids(1)[0], body, self._time_ns())
         self._put(topic, [msg], defer)
         return msg
 
     def publish_many(self, topic: str, bodies: Iterable[bytes],
                      defer: float = 0.0) -> List[Message]:
         """Publish several messages atomically: all are accepted or none (MPUB)."""
+        return self._publish_batch(topic, bodies, defer, Message)
+
+    def publish_bodies(self, topic: str, bodies: Iterable[bytes], defer: float = 0.0) -> int:
+        """As ``publish_many``, but return only how many were published.
+
+        The broker keeps the messages to itself, which spares a copy of each
+        when it is delivered: what a front end relaying bytes wants.
+        """
+        return len(self._publish_batch(topic, bodies, defer, _Delivery))
+
+    def _publish_batch(self, topic: str, bodies: Iterable[bytes], defer: float,
+                       kind: Callable[..., Message]) -> List[Message]:
         defer = self._check_defer(defer)
-        msgs = [self._new_message(b) for b in bodies]
-        if not msgs:
+        bodies = list(bodies)
+        limit = self.max_msg_size
+        if not all(type(b) is bytes and 0 < len(b) <= limit for b in bodies):
+            bodies = [self._checked_body(b) for b in bodies]
+        if not bodies:
             raise InvalidMessage("publish_many needs at least one message")
-        total = sum(len(m.body) for m in msgs)
+        total = sum(map(len, bodies))
         if total > self.max_body_size:
             raise InvalidMessage(f"batch too big {total} > {self.max_body_size}")
+        now = self._time_ns()
+        msgs = [kind(i, b, now) for i, b in zip(self._next_ids(len(bodies)), bodies)]
         self._put(topic, msgs, defer)
         return msgs
 
@@ -3029,7 +3147,9 @@ class Broker:
             log.warning("message %s of %s/%s failed %d attempts: moved to topic %s",
                         m.id.decode(), ch.topic.name, ch.name, m.attempts, name)
         try:
-            dl = [Message(self._next_id(), m.body, self.clock.time_ns()) for m in msgs]
+            now = self._time_ns()
+            dl: List[Message] = [_Delivery(i, m.body, now)
+                                 for i, m in zip(self._next_ids(len(msgs)), msgs)]
             self._put(name, dl, 0.0)
         except MinqError:
             log.exception("could not dead-letter %d message(s) of %s/%s", len(msgs),
@@ -4463,7 +4583,7 @@ _LINGER = 0.5                    # after a fatal error: how long unread input is
 _LINGER_BYTES = 4 << 20          # ... and how much of it, so the error frame is not reset
 _ASYNC = object()                # a command's reply comes later, from a worker thread
 _MSG_FRAME = struct.Struct(">lLqH16s")   # frame size, type, then the message header
-_FIN_RUN = re.compile(rb"(?:FIN [^\n ]{16}\n)+")
+_FIN_LINE = 21                   # b"FIN " + a 16-byte id + b"\n"
 _OK_FRAME = struct.pack(">lL", 6, FRAME_TYPE_RESPONSE) + b"OK"
 _OUTQ_CHECK = 256 * 1024         # bytes sent between two looks at the kernel's send queue
 _OUTQ_POLL = 0.01                # while it is full: how often to look again
@@ -4472,6 +4592,25 @@ try:                             # bytes a socket has not had acknowledged (Linu
     _TIOCOUTQ: Optional[int] = getattr(termios, "TIOCOUTQ", None)
 except ImportError:
     _TIOCOUTQ = None
+
+
+def _fin_run(buf: bytes, pos: int) -> List[bytes]:
+    """The ids of the well-formed ``FIN <id>\\n`` lines in a row at *pos*.
+
+    Checked a column at a time (every line is _FIN_LINE bytes), so a burst of
+    FINs costs a few C calls, not a parse per line; any line that is not
+    exactly that ends the run (and is parsed as a command of its own).
+    """
+    k = (len(buf) - pos) // _FIN_LINE
+    for col, char in ((0, b"F"), (1, b"I"), (2, b"N"), (3, b" "), (_FIN_LINE - 1, b"\n")):
+        column = buf[pos + col:pos + k * _FIN_LINE:_FIN_LINE]
+        k = min(k, len(column) - len(column.lstrip(char)))
+    run = buf[pos:pos + k * _FIN_LINE]
+    if not k or run.count(b" ") != k or run.count(b"\n") != k or b"\r" in run:
+        return []
+    ids = run.replace(b"FIN ", b"").split(b"\n")
+    ids.pop()                          # after the last newline
+    return ids
 
 
 class TCPServer:
@@ -4926,15 +5065,16 @@ class _ClientV2(Consumer):
             return
         if self._closing:
             return           # still in flight: requeued when it left the channel
-        out, pack, size, rate = self._out, _MSG_FRAME.pack, self._out_bytes, self.sample_rate
+        add, pack, size, rate = self._out.append, _MSG_FRAME.pack, self._out_bytes, self.sample_rate
         for m in msgs:
             if rate and random.randrange(100) > rate:
                 self._drops.append(m.id)       # nsqd drops it for this client
                 continue
             body = m.body
-            frame = pack(len(body) + 30, FRAME_TYPE_MESSAGE, m.timestamp, m.attempts, m.id) + body
-            out.append(frame)
-            size += len(frame)
+            n = len(body)
+            add(pack(n + 30, FRAME_TYPE_MESSAGE, m.timestamp, m.attempts, m.id))
+            add(body)                          # joined when written
+            size += n + 34
         self._out_bytes = size
         if not self._dirty:
             self._dirty = True
@@ -5184,13 +5324,12 @@ class _ClientV2(Consumer):
             buf, pos = self._rbuf, self._rpos
             if buf.startswith(b"FIN ", pos) and self.channel is not None and \
                     self.state != STATE_INIT:
-                m = _FIN_RUN.match(buf, pos)
-                if m is not None:         # the hot path: a burst of FINs, settled at once
-                    end = m.end()
+                ids = _fin_run(buf, pos)
+                if ids:                   # the hot path: a burst of FINs, settled at once
                     if self.heartbeat_interval > 0:
                         self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
-                    self._consume(end - pos)
-                    self._fin_ids([buf[i:i + 16] for i in range(pos + 4, end, 21)])
+                    self._consume(len(ids) * _FIN_LINE)
+                    self._fin_ids(ids)
                     continue
             nl = buf.find(b"\n", pos)
             if nl < 0:
@@ -5642,10 +5781,7 @@ class _ClientV2(Consumer):
     def _do_publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> bytes:
         self._check_auth(cmd, "publish", topic, "")
         try:
-            if len(bodies) == 1:
-                self.broker.publish(topic, bodies[0], defer)
-            else:
-                self.broker.publish_many(topic, bodies, defer)
+            self.broker.publish_bodies(topic, bodies, defer)
         except (PublishFailed, BrokerClosed) as e:
             raise _ClientError(f"E_{cmd}_FAILED", f"{cmd} failed {e}") from e
         except InvalidMessage as e:
@@ -6500,10 +6636,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
     def _publish(self, topic: str, bodies: List[bytes], defer: float) -> None:
         b = self.server.broker
         try:
-            if len(bodies) == 1:
-                b.publish(topic, bodies[0], defer)
-            else:
-                b.publish_many(topic, bodies, defer)
+            b.publish_bodies(topic, bodies, defer)
         except (PublishFailed, BrokerClosed):
             raise _HTTPError(503, "EXITING") from None
         except InvalidMessage:
