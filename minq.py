@@ -339,6 +339,34 @@ class _Delivery(Message):
         c.channel._settle(self, "touch", 0.0)  # type: ignore[union-attr]
 
 
+class _Batch:
+    """Messages published together that only the broker will hold: their ids,
+    bodies and one timestamp.  Objects are made only where a queue keeps the
+    messages in memory; a batch bound for a log goes there as records."""
+
+    __slots__ = ("ids", "bodies", "timestamp")
+
+    def __init__(self, ids: List[bytes], bodies: List[bytes], timestamp: int) -> None:
+        self.ids = ids
+        self.bodies = bodies
+        self.timestamp = timestamp
+
+    def __len__(self) -> int:
+        return len(self.bodies)
+
+    def messages(self) -> List[Message]:
+        """Fresh message objects (each call makes its own)."""
+        ts = self.timestamp
+        return [_Delivery(i, b, ts) for i, b in zip(self.ids, self.bodies)]
+
+
+Messages = Any       # a List[Message] or a _Batch
+
+
+def _objects(msgs: Messages) -> List[Message]:
+    return msgs.messages() if msgs.__class__ is _Batch else msgs
+
+
 # =============================================================================
 # Segment log
 #
@@ -1385,7 +1413,27 @@ def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
 
 
 _RECORD_HEAD_SIZE = _RECORD_HEAD.size
+_RECORD_FIXED = struct.Struct(">qqH")   # the head up to the id: due, timestamp, attempts
 _RECORD_LAYOUTS: Dict[int, struct.Struct] = {}   # payload size -> the record with its body
+
+
+def _framed_records(msgs: Messages, due_ns: int) -> bytes:
+    """Records of *msgs* framed as a log stores them (``SegmentLog.append_framed``)."""
+    parts: List[bytes] = []
+    add, frame, crc32 = parts.append, _REC.pack, zlib.crc32
+    if msgs.__class__ is _Batch:        # one timestamp, attempts 0: a shared prefix
+        prefix = _RECORD_FIXED.pack(due_ns, msgs.timestamp, 0)
+        for i, b in zip(msgs.ids, msgs.bodies):
+            p = prefix + i + b
+            add(frame(len(p), crc32(p)))
+            add(p)
+    else:
+        head = _RECORD_HEAD.pack
+        for m in msgs:
+            p = head(due_ns, m.timestamp, m.attempts, m.id) + m.body
+            add(frame(len(p), crc32(p)))
+            add(p)
+    return b"".join(parts)
 
 
 def _decode_framed(data: bytes, now_ns: int) -> List[Tuple[List[Message], float]]:
@@ -1457,39 +1505,43 @@ class _MessageQueue:
         return self.log is not None and self.log.unread
 
     # -- putting: prepare (may fail, nothing visible) then commit ---------------
-    def prepare(self, msgs: List[Message], due_ns: int = 0) -> Tuple[Any, ...]:
+    def prepare(self, msgs: Messages, due_ns: int = 0) -> Tuple[Any, ...]:
         """Write what must be written; raise OSError with nothing written.
 
-        Deferred messages (*due_ns* > 0) are held by the caller in memory; in
-        durable mode their records are written too.
+        Returns a token for ``commit`` (or ``abort``): (messages, positions
+        of records kept as consumed, whether they go to memory, the end of
+        what was written).  Deferred messages (*due_ns* > 0) are held by the
+        caller in memory; in durable mode their records are written too.
         """
         seglog = self.log
         if seglog is None:
-            return (msgs, None, False, not due_ns)
+            return (_objects(msgs), None, not due_ns, None)
         to_mem = (not due_ns and not seglog.unread
                   and len(self.mem) + len(msgs) <= self.mem_limit)
-        if self.durable:
-            consume = to_mem or bool(due_ns)
-        elif to_mem or due_ns:
-            return (msgs, None, False, to_mem)
-        else:
-            consume = False
-        if len(msgs) == 1:
-            records = [_encode_record(msgs[0], due_ns)]
-        else:
-            records = [_encode_record(m, due_ns) for m in msgs]
-        positions = seglog.append(records, consume=consume)
+        if not to_mem and not due_ns:
+            # Bound for the log, to be read back later: records only.
+            start, end = seglog.append_framed(_framed_records(msgs, 0), len(msgs))
+            self._on_write(seglog)
+            return (msgs, None, False, (start, end))
+        msgs = _objects(msgs)
+        if not self.durable:
+            return (msgs, None, to_mem, None)
+        # Durable: in memory (or deferred) and on disk, the record consumed.
+        records = [_encode_record(m, due_ns) for m in msgs]
+        positions = seglog.append(records, consume=True)
         self._on_write(seglog)
-        return (msgs, positions, consume, to_mem)
+        return (msgs, positions, to_mem, (positions[0], positions[-1] + 1))
 
     def abort(self, token: Tuple[Any, ...]) -> None:
-        msgs, positions, consume, _ = token
+        msgs, positions, _, span = token
         if positions:
-            self.log.unappend(positions, consume)
+            self.log.unappend(positions, consume=True)  # type: ignore[union-attr]
+        elif span:
+            self.log.unappend_framed(span[0], len(msgs))  # type: ignore[union-attr]
 
     def commit(self, token: Tuple[Any, ...]) -> None:
-        msgs, positions, _, to_mem = token
-        if positions is not None and self.durable:
+        msgs, positions, to_mem, _ = token
+        if positions is not None:
             for m, p in zip(msgs, positions):
                 m._pos = p
         if to_mem:
@@ -1827,7 +1879,7 @@ class Channel:
         return len(self._consumers)
 
     # -- putting messages in (the topic holds its lock and this channel's) ----
-    def _prepare_locked(self, msgs: List[Message], defer: float) -> Tuple[Any, ...]:
+    def _prepare_locked(self, msgs: Messages, defer: float) -> Tuple[Any, ...]:
         """Store messages where they must be stored; OSError means nothing was.
 
         Called with the topic's lock held, and with this channel's lock held
@@ -1848,8 +1900,9 @@ class Channel:
         elif self._consumers and not self.paused:
             self._dispatch_locked(out)
 
-    def _put_memory(self, msgs: List[Message], defer: float, out: Deliveries) -> None:
+    def _put_memory(self, msgs: Messages, defer: float, out: Deliveries) -> None:
         """The fast path of prepare+commit for a channel without a log (cannot fail)."""
+        msgs = _objects(msgs)
         with self._lock:
             self.message_count += len(msgs)
             if defer > 0:
@@ -2443,7 +2496,7 @@ class Topic:
             return dict(self._channels)
 
     # -- publishing ------------------------------------------------------------
-    def _put(self, msgs: List[Message], defer: float) -> Optional[List[Tuple[SegmentLog, int]]]:
+    def _put(self, msgs: Messages, defer: float) -> Optional[List[Tuple[SegmentLog, int]]]:
         """Accept messages, all or none (OSError: none).
 
         Returns the (log, position) pairs written, for fsync mode; None if the
@@ -2460,25 +2513,25 @@ class Topic:
             else:
                 written = self._fan_out_locked(msgs, defer, deliveries)
             self.message_count += len(msgs)
-            self.message_bytes += (len(msgs[0].body) if len(msgs) == 1
+            self.message_bytes += (sum(map(len, msgs.bodies)) if msgs.__class__ is _Batch
                                    else sum(len(m.body) for m in msgs))
         if deliveries:
             _hand_over_all(deliveries)
         return written
 
-    def _hold_locked(self, msgs: List[Message], defer: float) -> List[Tuple[SegmentLog, int]]:
+    def _hold_locked(self, msgs: Messages, defer: float) -> List[Tuple[SegmentLog, int]]:
         # Deferral of held messages counts from publish (nsqd starts it at hand-off).
         due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
         token = self._queue.prepare(msgs, due_ns)
         self._queue.commit(token)
         if due_ns:
-            self._held_deferred.extend((due_ns, m) for m in msgs)
+            self._held_deferred.extend((due_ns, m) for m in token[0])
         return _written(self._queue, token)
 
     def _hold_deferred(self, msg: Message, due_ns: int) -> None:
         self._held_deferred.append((due_ns, msg))
 
-    def _fan_out_locked(self, msgs: List[Message], defer: float,
+    def _fan_out_locked(self, msgs: Messages, defer: float,
                         out: Deliveries) -> List[Tuple[SegmentLog, int]]:
         """Give every channel its copy: stored everywhere first, then made visible.
 
@@ -2498,8 +2551,11 @@ class Topic:
             with ch._lock:
                 ch._commit_locked(token, defer, out)
             return _written(ch._queue, token)
-        batches = [msgs] + [[_Delivery(m.id, m.body, m.timestamp) for m in msgs]
-                            for _ in chans[1:]]
+        if msgs.__class__ is _Batch:       # each channel makes its own objects
+            batches = [msgs] * len(chans)
+        else:
+            batches = [msgs] + [[_Delivery(m.id, m.body, m.timestamp) for m in msgs]
+                                for _ in chans[1:]]
         if self.broker.data_path is None:       # memory only: nothing can fail
             for ch, batch in zip(chans, batches):
                 ch._put_memory(batch, defer, out)
@@ -2788,8 +2844,8 @@ class Topic:
 
 def _written(q: _MessageQueue, token: Tuple[Any, ...]) -> List[Tuple[SegmentLog, int]]:
     """The (log, position) a prepared put must be fsynced to, if it wrote anything."""
-    positions = token[1]
-    return [(q.log, positions[-1] + 1)] if positions else []
+    span = token[3]
+    return [(q.log, span[1])] if span else []  # type: ignore[list-item]
 
 
 def _hand_over_all(deliveries: Deliveries) -> None:
@@ -3049,17 +3105,18 @@ class Broker:
     def publish_bodies(self, topic: str, bodies: Iterable[bytes], defer: float = 0.0) -> int:
         """As ``publish_many``, but return only how many were published.
 
-        The broker keeps the messages to itself, which spares a copy of each
-        when it is delivered: what a front end relaying bytes wants.
+        The broker keeps the messages to itself: it makes no message objects
+        for those that go straight to disk, and delivers the others without
+        a copy.  What a front end relaying bytes wants.
         """
-        return len(self._publish_batch(topic, bodies, defer, _Delivery))
+        return len(self._publish_batch(topic, bodies, defer, _Batch))
 
     def _publish_batch(self, topic: str, bodies: Iterable[bytes], defer: float,
-                       kind: Callable[..., Message]) -> List[Message]:
+                       kind: Callable[..., Any]) -> Messages:
         defer = self._check_defer(defer)
         bodies = list(bodies)
-        limit = self.max_msg_size
-        if not all(type(b) is bytes and 0 < len(b) <= limit for b in bodies):
+        if not (bodies and set(map(type, bodies)) == {bytes}
+                and 0 < min(map(len, bodies)) and max(map(len, bodies)) <= self.max_msg_size):
             bodies = [self._checked_body(b) for b in bodies]
         if not bodies:
             raise InvalidMessage("publish_many needs at least one message")
@@ -3067,11 +3124,13 @@ class Broker:
         if total > self.max_body_size:
             raise InvalidMessage(f"batch too big {total} > {self.max_body_size}")
         now = self._time_ns()
-        msgs = [kind(i, b, now) for i, b in zip(self._next_ids(len(bodies)), bodies)]
+        ids = self._next_ids(len(bodies))
+        msgs = kind(ids, bodies, now) if kind is _Batch else [
+            kind(i, b, now) for i, b in zip(ids, bodies)]
         self._put(topic, msgs, defer)
         return msgs
 
-    def _put(self, topic: str, msgs: List[Message], defer: float) -> None:
+    def _put(self, topic: str, msgs: Messages, defer: float) -> None:
         for _ in range(3):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
@@ -5750,7 +5809,15 @@ class _ClientV2(Consumer):
         count = _LEN.unpack_from(payload)[0]
         if not 0 < count <= (self.broker.max_body_size - 4) // 5:
             raise _ClientError("E_BAD_BODY", f"MPUB invalid message count {count}")
-        bodies, pos, limit = [], 4, self.broker.max_msg_size
+        limit = self.broker.max_msg_size
+        if len(payload) >= 8:
+            size = _LEN.unpack_from(payload, 4)[0]
+            step = size + 4
+            # Bodies of one size (the usual batch): lengths checked a column at a time.
+            if (0 < size <= limit and len(payload) == 4 + count * step
+                    and _same_length_run(payload, 4, step, count) == count):
+                return [payload[o:o + size] for o in range(8, len(payload), step)]
+        bodies, pos = [], 4
         for i in range(count):
             if pos + 4 > len(payload):
                 raise _ClientError("E_BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
