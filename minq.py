@@ -1481,7 +1481,7 @@ class _MessageQueue:
 
     def __init__(self, seglog: Optional[SegmentLog], mem_limit: int, durable: bool,
                  ephemeral: bool, on_deferred: Callable[[Message, int], None],
-                 on_write: Callable[[SegmentLog], None]) -> None:
+                 on_write: Callable[[SegmentLog], None], time_ns: Callable[[], int]) -> None:
         self.log = seglog
         self.mem: Deque[Message] = collections.deque()
         self.mem_limit = mem_limit
@@ -1490,6 +1490,7 @@ class _MessageQueue:
         self.drop_count = 0
         self._on_deferred = on_deferred   # a record read from disk is due later
         self._on_write = on_write         # tell the broker a log was written
+        self._time_ns = time_ns           # wall clock: is a record read from the log due?
 
     def __len__(self) -> int:
         return len(self.mem) + (self.log.depth if self.log is not None else 0)
@@ -1562,11 +1563,13 @@ class _MessageQueue:
         self.mem.extend(msgs)
 
     # -- taking ------------------------------------------------------------------
-    def take(self, n: int, now_ns: int) -> List[Message]:
+    def take(self, n: int) -> List[Message]:
         """Up to *n* messages due now, oldest first; deferred ones found in the
         log go to on_deferred."""
         mem = self.mem
         if len(mem) >= n:
+            if n == 1:
+                return [mem.popleft()]
             popleft = mem.popleft
             return [popleft() for _ in range(n)]
         out = list(mem)
@@ -1576,7 +1579,7 @@ class _MessageQueue:
             payloads, positions = seglog.read_many(n - len(out))
             if not payloads:
                 break
-            self._decode_into(out, payloads, positions, now_ns)
+            self._decode_into(out, payloads, positions, self._time_ns())
         return out
 
     def _decode_into(self, out: List[Message], payloads: List[bytes],
@@ -1635,15 +1638,10 @@ class _MessageQueue:
         if pos is not None:
             seglog.ack(pos)  # type: ignore[union-attr]
 
-    def pop(self, now_ns: int) -> Optional[Message]:
-        """The next message due now, or None."""
-        got = self.take(1, now_ns)
-        return got[0] if got else None
-
-    def fill(self, n: int, now_ns: int) -> None:
+    def fill(self, n: int) -> None:
         """Bring up to *n* messages into memory (for look-ahead)."""
         if len(self.mem) < n and self.on_disk:
-            self.mem.extend(self.take(n, now_ns))
+            self.mem.extend(self.take(n))
 
     def done(self, msg: Message) -> None:
         """The message left the queue for good (finished, dead-lettered, dropped)."""
@@ -1798,6 +1796,7 @@ class Channel:
         # early, at most a grain late); a settled message leaves its bucket.
         self._buckets: Dict[int, Dict[bytes, _Delivery]] = {}
         self._bucket_heap: List[int] = []
+        self._last_bucket: Tuple[int, Dict[bytes, _Delivery]] = (0, {})
         self._deferred: Dict[bytes, Message] = {}
         self._deferred_heap: List[Tuple[float, bytes]] = []    # (due, id), lazy
         self._consumers: List[Consumer] = []
@@ -1902,7 +1901,8 @@ class Channel:
 
     def _put_memory(self, msgs: Messages, defer: float, out: Deliveries) -> None:
         """The fast path of prepare+commit for a channel without a log (cannot fail)."""
-        msgs = _objects(msgs)
+        if msgs.__class__ is _Batch:
+            msgs = msgs.messages()
         with self._lock:
             self.message_count += len(msgs)
             if defer > 0:
@@ -2030,11 +2030,14 @@ class Channel:
             if self._in_flight.get(h.id) is not h:
                 raise NotInFlight(f"FIN {h.id.decode()} failed: message not in flight "
                                   f"(finished, requeued, timed out or emptied)")
-            self._out_of_flight_locked(h)
+            del self._in_flight[h.id]
+            del h._bucket[h.id]
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
-            self._count_latencies_locked([h.timestamp])
+            latency = self.broker._time_ns() - h.timestamp
+            self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
+            self._e2e_sum_ns += latency
             if h._pos is not None:
                 self._ack_locked([h._pos])
             q = self._queue
@@ -2124,20 +2127,20 @@ class Channel:
             return out
         now = self._monotonic()
         if self.dispatch == "hash":
-            self._dispatch_hash_locked(now, self.broker._time_ns(), out)
+            self._dispatch_hash_locked(now, out)
             return out
         if len(cs) == 1:
             c = cs[0]
             room = c.ready_count - c.in_flight_count
             if room > 0 and not c.closed:
-                self._start_flight_locked(q.take(room, self.broker._time_ns()), c, now, out)
+                self._start_flight_locked(q.take(room), c, now, out)
             return out
         # Several consumers: take what all of them have room for, then share it.
         room = sum(c.ready_count - c.in_flight_count for c in cs
                    if not c.closed and c.in_flight_count < c.ready_count)
         if room <= 0:
             return out
-        msgs = q.take(room, self.broker._time_ns())
+        msgs = q.take(room)
         if self.dispatch == "weighted":
             for msg in msgs:
                 self._start_flight_locked((msg,), self._pick_weighted(), now, out)  # type: ignore[arg-type]
@@ -2173,7 +2176,9 @@ class Channel:
                              out: Deliveries) -> None:
         """Put *msgs* in flight with consumer *c*; their deliveries go to *out*."""
         deadline = now + (c.msg_timeout or self.broker.msg_timeout)
-        bucket = self._bucket_locked(deadline)
+        last_k, bucket = self._last_bucket
+        if last_k != math.ceil(deadline / _DEADLINE_GRAIN):
+            bucket = self._bucket_locked(deadline)
         in_flight = self._in_flight
         handed: List[_Delivery] = []
         for m in msgs:
@@ -2203,6 +2208,7 @@ class Channel:
             due = k * _DEADLINE_GRAIN
             if due < self.broker._next_due:
                 self.broker._schedule(due)
+        self._last_bucket = (k, bucket)     # deliveries in a row share one
         return bucket
 
     def _pick_weighted(self) -> Optional[Consumer]:
@@ -2222,13 +2228,13 @@ class Channel:
         best._current_weight -= total
         return best
 
-    def _dispatch_hash_locked(self, now: float, now_ns: int, out: Deliveries) -> None:
+    def _dispatch_hash_locked(self, now: float, out: Deliveries) -> None:
         # A key always maps to the same live consumer.  If that consumer is
         # full, its messages wait; others' messages behind them may pass
         # (within HASH_LOOKAHEAD), so per-key order is kept.
         if self._ring is None:
             self._ring = _HashRing([c for c in self._consumers if not c.closed])
-        self._queue.fill(self.HASH_LOOKAHEAD, now_ns)
+        self._queue.fill(self.HASH_LOOKAHEAD)
         q = self._queue.mem
         i = 0
         while i < len(q) and i < self.HASH_LOOKAHEAD:
@@ -2265,6 +2271,7 @@ class Channel:
         with self._lock:
             heap, grain = self._bucket_heap, _DEADLINE_GRAIN
             while heap and heap[0] * grain <= now:
+                self._last_bucket = (0, {})     # it may be the bucket now gone
                 for msg_id, h in self._buckets.pop(heapq.heappop(heap)).items():
                     del self._in_flight[msg_id]      # (a settled message left its bucket)
                     h.consumer.in_flight_count -= 1
@@ -2320,6 +2327,7 @@ class Channel:
         self._in_flight.clear()
         self._buckets.clear()
         self._bucket_heap.clear()
+        self._last_bucket = (0, {})
 
     def delete(self) -> None:
         """Delete the channel and its messages; its consumers are closed."""
@@ -2473,6 +2481,7 @@ class Topic:
         # the reverse.
         self._lock = threading.Lock()
         self._channels: Dict[str, Channel] = {}
+        self._fan: Tuple[Channel, ...] = ()   # its values, in order, for each publish
         # Messages waiting for a channel (or for unpause), and deferred ones
         # among them as (due wall-clock ns, message).
         self._queue = broker._new_queue(name, self.ephemeral, self._hold_deferred)
@@ -2488,6 +2497,9 @@ class Topic:
     @property
     def depth(self) -> int:
         return len(self._queue) + len(self._held_deferred)
+
+    def _channels_changed_locked(self) -> None:
+        self._fan = tuple(self._channels.values())
 
     @property
     def channels(self) -> Dict[str, Channel]:
@@ -2514,6 +2526,7 @@ class Topic:
                 written = self._fan_out_locked(msgs, defer, deliveries)
             self.message_count += len(msgs)
             self.message_bytes += (sum(map(len, msgs.bodies)) if msgs.__class__ is _Batch
+                                   else len(msgs[0].body) if len(msgs) == 1
                                    else sum(len(m.body) for m in msgs))
         if deliveries:
             _hand_over_all(deliveries)
@@ -2538,7 +2551,7 @@ class Topic:
         The channels' locks are taken in order and held until all stores
         succeeded, so a failure can undo the stores already made.
         """
-        chans = list(self._channels.values())
+        chans = self._fan
         if len(chans) == 1:
             ch = chans[0]
             if ch._queue.log is None:
@@ -2635,7 +2648,7 @@ class Topic:
             if framed is not None:
                 self._release_framed_locked(*framed, out)
             else:   # a segment's end, a skipped or damaged record: the slow path
-                batch = q.take(1, self.broker._time_ns())
+                batch = q.take(1)
                 if batch:
                     try:
                         self._release_batch_locked(batch, 0.0, out)
@@ -2722,6 +2735,7 @@ class Topic:
                     ch = Channel(self, name, **options)
                     options = {}
                     self._channels[name] = ch
+                    self._channels_changed_locked()
                     self._start_pump_locked(deliveries)
                     created = True
                 else:
@@ -2746,6 +2760,7 @@ class Topic:
         """Delete a channel, its messages, and close its consumers."""
         with self._lock:
             ch = self._channels.pop(name, None)
+            self._channels_changed_locked()
             if ch is None:
                 raise ChannelNotFound(f"channel {name!r} of topic {self.name!r} does not exist")
             last = self.ephemeral and not self._channels
@@ -2759,6 +2774,7 @@ class Topic:
             if self._channels.get(ch.name) is not ch or ch.client_count:
                 return
             del self._channels[ch.name]
+            self._channels_changed_locked()
             last = self.ephemeral and not self._channels
         self._finish_channel(ch)
         if last:
@@ -2804,6 +2820,7 @@ class Topic:
             self.deleted = True
             chans = list(self._channels.values())
             self._channels.clear()
+            self._channels_changed_locked()
             self._queue.mem.clear()
             self._held_deferred.clear()
             self.broker._drop_log(self._queue.log)
@@ -2930,11 +2947,11 @@ class Broker:
         # Replaced, never changed in place (under _lock), so _announce reads it lock-free.
         self._watchers: Tuple[Callable[[str, str, Optional[str]], None], ...] = ()
         self._closed = False
-        # Message ids: _id_base + a sequence number, as 16 hex digits; _id_lock
-        # guards _id_next (a batch takes a run of numbers at once).
+        # Message ids: _id_base + a sequence number (next() on a count is
+        # atomic under the GIL), as 16 hex digits.
         self._id_base = self.clock.time_ns()
-        self._id_lock = threading.Lock()
-        self._id_next = 0
+        self._id_seq = itertools.count()
+        self._spare_ids: List[bytes] = []   # made a block at a time for single publishes
         self._health = "OK"
         # Storage (data_path only).  _logs_lock guards _logs; _meta_lock
         # serialises writes of the metadata file.  Both are leaf locks.
@@ -3065,15 +3082,20 @@ class Broker:
         return body
 
     def _next_ids(self, n: int) -> List[bytes]:
-        """*n* new message ids (16 hex digits each), in one run."""
-        with self._id_lock:
-            first = self._id_base + self._id_next
-            self._id_next += n
-        if n == 1:
-            return [b"%016x" % (first & _ID_MASK)]
-        blob = binascii.hexlify(struct.pack(f">{n}Q", *[(first + i) & _ID_MASK
-                                                       for i in range(n)]))
+        """*n* new message ids (16 hex digits each), formatted in one call."""
+        base, seq = self._id_base, self._id_seq
+        blob = binascii.hexlify(struct.pack(f">{n}Q", *[(base + next(seq)) & _ID_MASK
+                                                       for _ in range(n)]))
         return [blob[i:i + 16] for i in range(0, 16 * n, 16)]
+
+    def _refill_ids(self) -> bytes:
+        # Formatting ids a block at a time costs a fifth of one by one.  Two
+        # threads may refill at once: each takes its own ids, some go unused.
+        ids = self._next_ids(256)
+        ids.reverse()                      # pop() hands them out in order
+        msg_id = ids.pop()
+        self._spare_ids = ids
+        return msg_id
 
     def _check_defer(self, defer: float) -> float:
         if defer is None:
@@ -3093,7 +3115,11 @@ class Broker:
             defer = self._check_defer(defer)
         if type(body) is not bytes or not 0 < len(body) <= self.max_msg_size:
             body = self._checked_body(body)
-        msg = Message(self._next_ids(1)[0], body, self._time_ns())
+        try:
+            msg_id = self._spare_ids.pop()
+        except IndexError:
+            msg_id = self._refill_ids()
+        msg = Message(msg_id, body, self._time_ns())
         self._put(topic, [msg], defer)
         return msg
 
@@ -3131,6 +3157,10 @@ class Broker:
         return msgs
 
     def _put(self, topic: str, msgs: Messages, defer: float) -> None:
+        t = self._topics.get(topic)
+        if t is not None and not self._closed and not self.data_path:
+            if t._put(msgs, defer) is not None:    # memory only: nothing can fail
+                return
         for _ in range(3):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
@@ -3353,7 +3383,7 @@ class Broker:
             with self._logs_lock:
                 self._logs[name] = seglog
         return _MessageQueue(seglog, self.mem_queue_size, self.durable, ephemeral,
-                             on_deferred, self._log_written)
+                             on_deferred, self._log_written, self._time_ns)
 
     def _log_written(self, seglog: SegmentLog) -> None:
         if seglog.ops >= self.sync_every and not seglog.sync_requested:
@@ -3537,6 +3567,11 @@ class PullConsumer(Consumer):
 
     def _deliver(self, msg: _Delivery) -> None:
         self._buffer.put(msg)
+
+    def _deliver_many(self, msgs: List[_Delivery]) -> None:
+        put = self._buffer.put
+        for msg in msgs:
+            put(msg)
 
     def _on_channel_closed(self) -> None:
         self.closed = True
