@@ -18,6 +18,12 @@ Sections:
            messages: PUB one at a time, MPUB in batches of 100, consuming with RDY 200,
            publish-to-receive latency; beside a raw socket server in a subprocess doing
            the same framing and batching (the limit of Python sockets on this machine).
+  load     nsqd's own benchmark load on the same server, from Python client processes:
+           MPUB x 100 writers, then readers with RDY 2500 and FINs through a 4 KiB
+           buffer, for a backlog held by the topic, one overflowed to a channel's log
+           and one in a channel's memory; beside a raw socket server doing the least
+           work for the same exchanges.  Then SUB latency on a topic holding 1 M
+           messages, and threads and memory with 10,000 idle consumer connections.
   http     the same server's HTTP API: POST /pub one message per request and /mpub
            with 100 lines per request, over one keep-alive connection; beside a raw
            http.server (threaded, HTTP/1.1) in a subprocess that reads the body and
@@ -693,6 +699,399 @@ def section_tcp(scale: float) -> None:
 
 
 # =============================================================================
+# load: nsqd's own benchmark load (bench_writer, bench_reader) on minq.py serve
+# =============================================================================
+#
+# The load comes from client processes running this file (``--client``), as
+# nsqd's tools do: writers send MPUB batches of 100 x 100 bytes and wait for
+# each OK; readers SUB, send RDY 2500 and answer every message with a FIN
+# written through a 4 KiB buffer that is flushed by itself when full and after
+# every message once more than 75 % of the RDY window has been received since
+# its last multiple (go-nsq's buffered writer under bench_reader).  The same
+# clients run against a raw socket server doing the least work for the same
+# exchanges (answer OK, send prebuilt frames while the window allows); if
+# minq's figure is well below that one, the clients were not the bottleneck.
+
+LOAD_TOPIC, LOAD_CHANNEL, LOAD_RDY = "bench", "ch", 2500
+
+
+def load_connect(address: str, identify: bytes = b"{}"):
+    import socket
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"  V2IDENTIFY\n" + struct.pack(">l", len(identify)) + identify)
+    return sock
+
+
+class FrameReader:
+    """Frames out of a socket: (type, data), answering heartbeats with NOP."""
+
+    def __init__(self, sock) -> None:
+        self.sock, self.buf, self.pos = sock, b"", 0
+
+    def frames(self):
+        """Every complete frame received so far, reading once if there is none."""
+        out = []
+        while not out:
+            buf, pos = self.buf, self.pos
+            while len(buf) - pos >= 8:
+                size, ftype = struct.unpack_from(">lL", buf, pos)
+                if len(buf) - pos < 4 + size:
+                    break
+                data = buf[pos + 8:pos + 4 + size]
+                pos += 4 + size
+                if ftype == 0 and data == b"_heartbeat_":
+                    self.sock.sendall(b"NOP\n")
+                else:
+                    out.append((ftype, data))
+            self.buf, self.pos = buf[pos:], 0
+            if not out:
+                chunk = self.sock.recv(1 << 18)
+                if not chunk:
+                    raise EOFError("the server closed the connection")
+                self.buf += chunk
+        return out
+
+    def expect_ok(self) -> None:
+        (ftype, data), = self.frames()
+        if ftype != 0:
+            raise RuntimeError(f"server error: {data!r}")
+
+
+def load_writer(address: str, runfor: float) -> int:
+    sock = load_connect(address)
+    reader = FrameReader(sock)
+    reader.expect_ok()
+    body = struct.pack(">l", 100) + b"".join(struct.pack(">l", len(BODY)) + BODY
+                                             for _ in range(100))
+    cmd = b"MPUB " + LOAD_TOPIC.encode() + b"\n" + struct.pack(">l", len(body)) + body
+    sent, end = 0, time.monotonic() + runfor
+    while time.monotonic() < end:
+        sock.sendall(cmd)
+        reader.expect_ok()
+        sent += 100
+    sock.close()
+    return sent
+
+
+def load_reader(address: str, runfor: float) -> int:
+    sock = load_connect(address)
+    reader = FrameReader(sock)
+    reader.expect_ok()
+    sock.sendall(f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\n".encode())
+    reader.expect_ok()
+    sock.sendall(b"RDY %d\n" % LOAD_RDY)
+    got, pending, end = 0, [], time.monotonic() + runfor
+    fill = 4096 // 21                     # FINs that fill go-nsq's 4 KiB buffer
+    tail = LOAD_RDY * 3 // 4
+    sock.settimeout(0.2)
+    import socket
+    while time.monotonic() < end:
+        try:
+            frames = reader.frames()
+        except socket.timeout:
+            continue
+        for ftype, data in frames:
+            if ftype == 1:
+                raise RuntimeError(f"server error: {data!r}")
+            if ftype != 2:
+                continue
+            got += 1
+            pending.append(data[10:26])
+            if got % LOAD_RDY > tail or len(pending) >= fill:
+                sock.sendall(b"FIN " + b"\nFIN ".join(pending) + b"\n")
+                pending = []
+    sock.close()
+    return got
+
+
+def load_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
+    """*conns* consumers that IDENTIFY (5 s heartbeats), SUB and then only answer
+    heartbeats, for *hold* seconds; how many were still connected at the end."""
+    import selectors
+    import socket
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, conns + 100)), hard))
+    host, port = address.rsplit(":", 1)
+    sel = selectors.DefaultSelector()
+    ident = b'{"heartbeat_interval": 5000}'
+    hello = (b"  V2IDENTIFY\n" + struct.pack(">l", len(ident)) + ident)
+    socks = []
+    for i in range(conns):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(hello + f"SUB idle c{i % 16}\n".encode())
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b"", 0])
+        socks.append(s)
+    beats = closed = 0
+    end = time.monotonic() + hold
+    while time.monotonic() < end:
+        for key, _ in sel.select(0.5):
+            s, state = key.fileobj, key.data
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                sel.unregister(s)
+                closed += 1
+                continue
+            state[0] += chunk
+            while len(state[0]) >= 8:
+                size = struct.unpack_from(">l", state[0])[0]
+                if len(state[0]) < 4 + size:
+                    break
+                data, state[0] = state[0][8:4 + size], state[0][4 + size:]
+                if data == b"_heartbeat_":
+                    beats += 1
+                    s.send(b"NOP\n")
+    for s in socks:
+        s.close()
+    return {"connected": conns - closed, "heartbeats": beats}
+
+
+def client_main(argv: List[str]) -> int:
+    """``python bench.py --client write|read|idle ADDRESS SECONDS [CONNS]``: one
+    load client process; prints its count as JSON."""
+    import json
+    kind, address, runfor = argv[0], argv[1], float(argv[2])
+    if kind == "write":
+        result = {"messages": load_writer(address, runfor)}
+    elif kind == "read":
+        result = {"messages": load_reader(address, runfor)}
+    else:
+        result = load_idle(address, int(argv[3]), runfor)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+RAW_LOAD_SERVER = r"""
+# The least a server can do for nsqd's load: OK to IDENTIFY, SUB and MPUB
+# (bodies skipped unread), prebuilt message frames while the RDY window allows,
+# a count of FINs to move the window.  One selectors loop, like minq's.
+import selectors, socket, struct, sys
+FRAME = struct.pack(">lLqH", 130, 2, 0, 1) + b"0123456789abcdef" + b"m" * 100
+OK = struct.pack(">lL", 6, 0) + b"OK"
+sel = selectors.DefaultSelector()
+srv = socket.create_server(("127.0.0.1", 0), backlog=1024)
+srv.setblocking(False)
+sel.register(srv, selectors.EVENT_READ, None)
+print(srv.getsockname()[1], flush=True)
+class Conn:
+    def __init__(self, s):
+        self.s, self.buf, self.rdy, self.inflight, self.out = s, b"", 0, 0, []
+    def feed(self, data):
+        buf = self.buf + data
+        pos = 4 if buf.startswith(b"  V2") else 0
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = buf[pos:nl]
+            if line.startswith(b"FIN "):
+                self.inflight -= 1
+                pos = nl + 1
+            elif line.startswith((b"IDENTIFY", b"MPUB", b"PUB")):
+                if len(buf) < nl + 5:
+                    break
+                size = struct.unpack_from(">l", buf, nl + 1)[0]
+                if len(buf) < nl + 5 + size:
+                    break
+                pos = nl + 5 + size
+                self.out.append(OK)
+            else:
+                pos = nl + 1
+                if line.startswith(b"SUB"):
+                    self.out.append(OK)
+                elif line.startswith(b"RDY"):
+                    self.rdy = int(line[4:])
+        self.buf = buf[pos:]
+        n = self.rdy - self.inflight
+        if n > 0:
+            self.out.append(FRAME * n)
+            self.inflight += n
+        if self.out:
+            data, self.out = b"".join(self.out), []
+            self.s.setblocking(True)
+            self.s.sendall(data)
+            self.s.setblocking(False)
+while True:
+    for key, _ in sel.select():
+        if key.data is None:
+            s, _ = srv.accept()
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sel.register(s, selectors.EVENT_READ, Conn(s))
+            continue
+        c = key.data
+        try:
+            data = c.s.recv(1 << 18)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if data:
+            try:
+                c.feed(data)
+                continue
+            except OSError:        # the client went away mid-send
+                pass
+        sel.unregister(c.s)
+        c.s.close()
+"""
+
+
+def start_raw_load_server():
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", RAW_LOAD_SERVER], stdout=subprocess.PIPE,
+                         text=True)
+    return p, f"127.0.0.1:{p.stdout.readline().strip()}"
+
+
+def start_minq_load_server(data_path: str, mem_queue_size: int):
+    import re
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen([sys.executable, os.path.join(here, "minq.py"), "serve",
+                          "--tcp-address", "127.0.0.1:0", "--http-address", "",
+                          "--data-path", data_path, "--mem-queue-size", str(mem_queue_size),
+                          "--log-level", "error"], stdout=subprocess.PIPE, text=True)
+    return p, re.search(r"tcp://(\S+?)[;,]", p.stdout.readline()).group(1)
+
+
+def run_clients(kind: str, address: str, seconds: float, processes: int,
+                *extra: str) -> List[Dict[str, int]]:
+    """*processes* load client processes of one kind, started together."""
+    import json
+    import subprocess
+    here = os.path.abspath(__file__)
+    procs = [subprocess.Popen([sys.executable, here, "--client", kind, address,
+                               str(seconds), *extra], stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=seconds + 120)
+        if p.returncode != 0:
+            raise RuntimeError(f"load client {kind} failed ({p.returncode})")
+        out.append(json.loads(stdout))
+    return out
+
+
+def proc_status(pid: int) -> Dict[str, int]:
+    """Threads and resident memory (bytes) of a process, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "Threads":
+                out["threads"] = int(value)
+            elif key == "VmRSS":
+                out["rss"] = int(value.split()[0]) * 1024
+    return out
+
+
+def load_case(address: str, case: str, write_s: float, read_s: float) -> Dict[str, float]:
+    """Write for *write_s* then read for *read_s*; messages per second of each."""
+    if case != "topic":          # the channel exists before the writes
+        sock = load_connect(address)
+        reader = FrameReader(sock)
+        reader.expect_ok()
+        sock.sendall(f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\n".encode())
+        reader.expect_ok()
+        sock.close()
+    written = sum(r["messages"] for r in run_clients("write", address, write_s, 2))
+    got = sum(r["messages"] for r in run_clients("read", address, read_s, 2))
+    return {"write": written / write_s, "read": got / read_s}
+
+
+def sub_latency(address: str, backlog: int) -> float:
+    """Seconds from SUB to its OK on a topic holding *backlog* messages."""
+    sock = load_connect(address)
+    reader = FrameReader(sock)
+    reader.expect_ok()
+    body = struct.pack(">l", 1000) + b"".join(struct.pack(">l", len(BODY)) + BODY
+                                              for _ in range(1000))
+    cmd = b"MPUB sublat\n" + struct.pack(">l", len(body)) + body
+    for _ in range(max(1, backlog // 1000)):
+        sock.sendall(cmd)
+        reader.expect_ok()
+    t0 = time.perf_counter()
+    sock.sendall(b"SUB sublat ch\n")
+    reader.expect_ok()
+    elapsed = time.perf_counter() - t0
+    sock.close()
+    return elapsed
+
+
+def section_load(scale: float, base: str = None) -> None:
+    print("\n[load] nsqd's benchmark load on python minq.py serve (subprocess), from "
+          "Python client processes\n  (2 writers: MPUB x 100 of 100 bytes; 2 readers: "
+          "RDY 2500, FINs through a 4 KiB buffer), beside a raw\n  socket server doing the "
+          "least work for the same exchanges: minq well below it = the clients keep up")
+    write_s, read_s = max(1.0, 6 * scale), max(0.5, 2 * scale)
+    progress(f"raw server, write {write_s:g} s then read {read_s:g} s")
+    proc, addr = start_raw_load_server()
+    raw = load_case(addr, "disk", write_s, read_s)
+    stop(proc)
+    cases = (("topic", "backlog held by the topic (channel made by the first SUB)", 10_000),
+             ("disk", "channel made first, backlog overflowed to disk", 10_000),
+             ("mem", "channel made first, --mem-queue-size 2000000", 2_000_000))
+    for case, text, mem_queue_size in cases:
+        progress(f"minq, {text}")
+        d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+        try:
+            proc, addr = start_minq_load_server(d, mem_queue_size)
+            got = load_case(addr, case, write_s, read_s)
+            stop(proc)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        report(f"write, {case}", got["write"], "msg/s", "raw socket, same load", raw["write"])
+        report(f"read, {case}", got["read"], "msg/s", "raw socket, same load", raw["read"])
+
+    backlog = max(10_000, int(1_000_000 * scale))
+    progress(f"SUB on a topic holding {backlog:,} messages")
+    d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+    try:
+        proc, addr = start_minq_load_server(d, 10_000)
+        lat = sub_latency(addr, backlog)
+        stop(proc)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    proc, addr = start_raw_load_server()
+    raw_lat = sub_latency(addr, 1000)
+    stop(proc)
+    report(f"SUB answered, topic holding {backlog:,}", lat * 1000, "ms",
+           "raw socket, SUB round trip", raw_lat * 1000, higher_is_better=False)
+
+    conns, hold = max(1000, int(10_000 * min(scale, 1.0))), max(5.0, 60 * scale)
+    progress(f"{conns:,} idle consumers (IDENTIFY, SUB, 5 s heartbeats) held {hold:g} s")
+    for name, start in (("raw", start_raw_load_server),
+                        ("minq", lambda: start_minq_load_server("", 10_000))):
+        proc, addr = start()
+        before = proc_status(proc.pid)
+        idle = run_clients("idle", addr, hold, 1, str(conns))[0]
+        after = proc_status(proc.pid)
+        stop(proc)
+        if name == "raw":
+            raw_idle = (before, after, idle)
+            continue
+        per = (after["rss"] - before["rss"]) / conns
+        raw_per = (raw_idle[1]["rss"] - raw_idle[0]["rss"]) / conns
+        report(f"memory per idle connection ({conns:,})", per / 1024, "KiB",
+               "raw selectors server", raw_per / 1024, higher_is_better=False)
+        print(f"{'threads with ' + f'{conns:,} connections':<44} "
+              f"{after['threads']:>14} (before them: {before['threads']}; raw server: "
+              f"{raw_idle[1]['threads']})", flush=True)
+        print(f"{'connections still open after ' + f'{hold:g} s':<44} "
+              f"{idle['connected']:>14,} of {conns:,} ({idle['heartbeats']:,} heartbeats "
+              f"answered)", flush=True)
+
+
+# =============================================================================
 # http: the HTTP API beside a raw http.server
 # =============================================================================
 
@@ -755,7 +1154,7 @@ def section_http(scale: float) -> None:
 
 
 SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp,
-            "http": section_http}
+            "load": section_load, "http": section_http}
 
 
 def main(argv: List[str] = None) -> int:
@@ -774,12 +1173,14 @@ def main(argv: List[str] = None) -> int:
         p.error(f"unknown section(s): {', '.join(unknown)}")
     print(f"minq {minq.VERSION} on Python {sys.version.split()[0]}")
     for name in names:
-        if name == "storage":
-            section_storage(args.scale, args.dir)
+        if name in ("storage", "load"):
+            SECTIONS[name](args.scale, args.dir)
         else:
             SECTIONS[name](args.scale)
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--client"]:
+        sys.exit(client_main(sys.argv[2:]))
     sys.exit(main())
