@@ -2482,6 +2482,7 @@ class Topic:
         self._lock = threading.Lock()
         self._channels: Dict[str, Channel] = {}
         self._fan: Tuple[Channel, ...] = ()   # its values, in order, for each publish
+        self._opening = 0      # channels made but not yet on record: messages wait
         # Messages waiting for a channel (or for unpause), and deferred ones
         # among them as (due wall-clock ns, message).
         self._queue = broker._new_queue(name, self.ephemeral, self._hold_deferred)
@@ -2519,7 +2520,8 @@ class Topic:
             if self.deleted:
                 return None
             q = self._queue
-            if self.paused or not self._channels or q.mem or q.log is not None and q.log.unread:
+            if (self.paused or self._opening or not self._channels or q.mem
+                    or q.log is not None and q.log.unread):
                 # Held; behind a backlog the pump is moving, to keep the order.
                 written = self._hold_locked(msgs, defer)
             else:
@@ -2632,7 +2634,8 @@ class Topic:
             self.broker._schedule_pump(self)
 
     def _pump_locked(self, out: Deliveries) -> bool:
-        if self.deleted or self.paused or not self._channels or self.broker._loading:
+        if (self.deleted or self.paused or self._opening or not self._channels
+                or self.broker._loading):
             return False
         q = self._queue
         if q.mem:
@@ -2726,28 +2729,37 @@ class Topic:
         ch = self._channels.get(name)
         if ch is None:
             validate_name(name, "channel")
-            deliveries: Deliveries = []
             with self._lock:
                 if self.deleted:
                     raise BrokerClosed(f"topic {self.name} was deleted")
                 ch = self._channels.get(name)
-                if ch is None:
+                created = ch is None
+                if created:
                     ch = Channel(self, name, **options)
                     options = {}
                     self._channels[name] = ch
                     self._channels_changed_locked()
-                    self._start_pump_locked(deliveries)
-                    created = True
-                else:
-                    created = False
-            _hand_over_all(deliveries)
+                    # Messages reach it only once it is on record (minq.dat),
+                    # or a crash in between would lose what it had taken.
+                    self._opening += 1
             if created:
-                self.broker._announce("create", self.name, name)
-                if not ch.ephemeral:
-                    self.broker._metadata_changed()
+                self._opened(ch)
         if options:
             ch.configure(**options)
         return ch
+
+    def _opened(self, ch: Channel) -> None:
+        deliveries: Deliveries = []
+        try:
+            self.broker._announce("create", self.name, ch.name)
+            if not ch.ephemeral:
+                self.broker._metadata_changed()
+        finally:
+            with self._lock:
+                self._opening -= 1
+                if not self._opening:
+                    self._start_pump_locked(deliveries)
+        _hand_over_all(deliveries)
 
     def get_channel(self, name: str) -> Channel:
         """The existing channel *name*, else ChannelNotFound."""
@@ -2839,14 +2851,17 @@ class Topic:
 
     def stats(self, channel: Optional[str] = None,
               include_clients: bool = True) -> Dict[str, Any]:
-        """nsqd's topic object for /stats."""
-        chans = self.channels
-        if channel is not None:
-            chans = {k: v for k, v in chans.items() if k == channel}
+        """nsqd's topic object for /stats.
+
+        Taken under the topic's lock, channels included, so a message the
+        pump is moving counts once: at the topic or at its channel.
+        """
         with self._lock:
+            chans = dict(self._channels)
+            if channel is not None:
+                chans = {k: v for k, v in chans.items() if k == channel}
             top = {
                 "topic_name": self.name,
-                "channels": [],
                 "depth": len(self._queue) + len(self._held_deferred),
                 "backend_depth": self._queue.backlog,
                 "message_count": self.message_count,
@@ -2855,8 +2870,8 @@ class Topic:
                 "e2e_processing_latency": {"count": 0, "percentiles": None},
                 "drop_count": self._queue.drop_count,
             }
-        top["channels"] = [chans[k].stats(include_clients) for k in sorted(chans)]
-        return top
+            channels = [chans[k].stats(include_clients) for k in sorted(chans)]
+        return {"topic_name": top.pop("topic_name"), "channels": channels, **top}
 
 
 def _written(q: _MessageQueue, token: Tuple[Any, ...]) -> List[Tuple[SegmentLog, int]]:

@@ -76,6 +76,27 @@ def drain(consumer, n=None, timeout=0.2):
     return out
 
 
+def drain_finishing(consumer, n, timeout=2.0):
+    """The bodies of up to *n* messages, each finished as it arrives."""
+    out = []
+    while len(out) < n:
+        m = consumer.get(timeout=timeout)
+        if m is None:
+            break
+        out.append(m.body)
+        m.finish()
+    return out
+
+
+def wait_until(predicate, timeout=10.0, what="the condition"):
+    """Poll *predicate* until it is true; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
 def channel_stats(broker, topic, channel):
     (t,) = broker.stats(topic=topic)["topics"]
     (c,) = [c for c in t["channels"] if c["channel_name"] == channel]
@@ -410,6 +431,101 @@ def test_power_loss_gap_in_reserved_space_never_hides_new_records(tmp_path, capl
     assert got == [b"a", b"b", b"e"] and lg.corrupt_count == 0
     assert "shorter" in caplog.text          # the loss is logged
     lg.close()
+
+
+def _records_of(lg, limit=10**9):
+    payloads, _ = lg.read_many(limit)
+    return payloads
+
+
+def test_read_many_stops_a_run_at_a_bad_crc_and_goes_on_after_it(tmp_path):
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    payloads = [b"%05d" % i + b"x" * 95 for i in range(300)]     # one length: read as runs
+    positions = lg.append(payloads)
+    lg.close()
+    seg = next(tmp_path.glob("q.*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[(positions[150] & ((1 << 40) - 1)) + 20] ^= 0xFF        # a payload byte of record 150
+    seg.write_bytes(bytes(data))
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    assert _records_of(lg) == payloads[:150] + payloads[151:]
+    assert lg.corrupt_count == 1 and lg.depth == 0
+    lg.close()
+
+
+def test_read_many_hands_a_bad_length_mid_run_to_the_damage_path(tmp_path):
+    lg = minq.SegmentLog(str(tmp_path), "q", max_bytes_per_file=40 * 1024)
+    payloads = [b"%05d" % i + b"y" * 95 for i in range(600)]
+    positions = lg.append(payloads[:300])                         # segment 0
+    lg.append(payloads[300:])                                      # a batch never spans: segment 1
+    lg.close()
+    first = sorted(tmp_path.glob("q.*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    off = positions[100] & ((1 << 40) - 1)
+    data[off:off + 4] = struct.pack(">I", 7)                       # a length that lies
+    first.write_bytes(bytes(data))
+    lg = minq.SegmentLog(str(tmp_path), "q", max_bytes_per_file=40 * 1024)
+    got = _records_of(lg)
+    assert got[:100] == payloads[:100]                             # the run up to it
+    assert got[-300:] == payloads[300:]                            # the next segment whole
+    assert lg.corrupt_count >= 1
+    lg.close()
+
+
+def test_read_many_returns_records_of_any_lengths_in_order(tmp_path):
+    rnd = random.Random(7)
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    payloads = []
+    for _ in range(40):                     # runs of one length, and mixed lengths
+        size = rnd.choice([1, 37, 100, 4000])
+        batch = [bytes([65 + len(payloads) % 26]) * size
+                 for _ in range(rnd.choice([1, 3, 16, 50]))]
+        if rnd.random() < 0.3:
+            batch = [b"z" * rnd.randrange(1, 300) for _ in range(20)]
+        payloads += batch
+        lg.append(batch)
+    got = []
+    while True:
+        chunk = _records_of(lg, rnd.randrange(1, 200))
+        if not chunk:
+            break
+        got += chunk
+    assert got == payloads and lg.depth == 0
+    lg.close()
+
+
+@pytest.mark.parametrize("ack_mode", [False, True])
+def test_framed_records_move_between_logs_unchanged(tmp_path, ack_mode):
+    src = minq.SegmentLog(str(tmp_path), "src", ack_mode=ack_mode)
+    dst = minq.SegmentLog(str(tmp_path), "dst", ack_mode=ack_mode)
+    payloads = [b"m%04d" % i + b"q" * 120 for i in range(2000)]
+    src.append(payloads)
+    moved = 0
+    while (framed := src.peek_framed(16 * 1024)) is not None:
+        data, positions, end = framed
+        assert src.depth == 2000 - moved            # a peek moves nothing
+        dst.append_framed(data, len(positions))
+        src.consume_framed(positions, end)
+        moved += len(positions)
+        assert src.depth + dst.depth == 2000
+    assert moved == 2000 and src.read() is None
+    assert _records_of(dst) == payloads
+    src.close()
+    dst.close()
+
+
+def test_framed_moves_in_ack_mode_survive_a_crash(tmp_path):
+    src = minq.SegmentLog(str(tmp_path), "src", ack_mode=True)
+    src.append([b"r%04d" % i for i in range(1000)])
+    src.sync()
+    data, positions, end = src.peek_framed(4096)
+    src.consume_framed(positions, end)              # moved elsewhere: acknowledged
+    # A crash (no close): what was moved is not read again, the rest is.
+    again = minq.SegmentLog(str(tmp_path), "src", ack_mode=True)
+    rest = _records_of(again)
+    assert rest == [b"r%04d" % i for i in range(len(positions), 1000)]
+    again.close()
+    os.close(src._write_fd)
 
 
 # =============================================================================
@@ -873,6 +989,44 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, fsync):
         elif kind in ("P", "R") and n in confirmed:
             duplicates.append(n)
     assert len(duplicates) <= minq.ACK_BUFFER * cycles
+
+
+HAND_OVER_CRASH_CHILD = r"""
+    import os, signal, sys, threading, minq
+    chunks = [0]
+    real = minq.Topic._pump
+
+    def pump(topic):          # a SIGKILL after a few chunks moved in the background
+        chunks[0] += bool(topic._channels)
+        if chunks[0] == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(topic)
+    minq.Topic._pump = pump
+    minq.Topic.PUMP_BYTES = 16 * 1024      # many small chunks
+    b = minq.Broker(data_path=sys.argv[1], durable=True, mem_queue_size=100)
+    b.topic("t").channel("c")
+    threading.Event().wait(30)   # the pump kills the process meanwhile
+    os._exit(3)
+"""
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 9])
+def test_kill9_mid_hand_over_loses_nothing_and_repeats_at_most_a_chunk(tmp_path, chunks):
+    with disk_broker(tmp_path, durable=True, mem_queue_size=100) as b:
+        publish_backlog(b, "t", 20_000)          # held by the topic: no channel yet
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(HAND_OVER_CRASH_CHILD),
+                        str(tmp_path), str(chunks)], cwd=HERE, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    with disk_broker(tmp_path, durable=True, mem_queue_size=100) as b:
+        assert b.topic("t").channels                # it was on record before it took any
+        wait_until(lambda: b.topic("t").depth == 0, what="the rest of the hand-over")
+        with b.consumer("t", "c", max_in_flight=2500) as c:
+            got = collections.Counter(body[:8] for body in drain_finishing(c, 10**6, 1.0))
+    assert set(got) == {b"%08d" % i for i in range(20_000)}          # nothing lost
+    repeated = sum(n - 1 for n in got.values())
+    per_chunk = 16 * 1024 // (8 + 34 + 20)      # records in one of the child's chunks
+    assert repeated <= per_chunk + minq.ACK_BUFFER, repeated
 
 
 def test_memory_stays_bounded_while_overflowing(tmp_path):
@@ -1376,6 +1530,101 @@ def test_topic_delete_removes_channels_and_closes_consumers(broker):
     broker.publish("t", b"new")          # a fresh topic
     assert broker.topic("t").depth == 1
     c.close()
+
+
+@pytest.fixture
+def held_pump(monkeypatch):
+    """The broker's pump thread waits until ``release.set()`` before moving any chunk
+    (a new channel still moves its first chunks itself, as SUB does)."""
+    release = threading.Event()
+    real = minq.Topic._pump
+
+    def pump(topic):
+        release.wait(10)
+        return real(topic)
+    monkeypatch.setattr(minq.Topic, "_pump", pump)
+    yield release
+    release.set()
+
+
+def publish_backlog(broker, topic, n, size=20):
+    for start in range(0, n, 1000):
+        broker.publish_many(topic, [b"%08d" % i + b"p" * (size - 8)
+                                    for i in range(start, min(n, start + 1000))])
+
+
+def test_new_channel_returns_at_once_and_the_backlog_follows_in_order(tmp_path, held_pump):
+    with disk_broker(tmp_path, mem_queue_size=500) as b:
+        publish_backlog(b, "t", 60_000)
+        ch = b.topic("t").channel("c")                 # returns with most still at the topic
+        moved = ch.depth
+        assert 0 < moved < 60_000 and b.topic("t").depth == 60_000 - moved
+        held_pump.set()
+        wait_until(lambda: b.topic("t").depth == 0, what="the pump to move the backlog")
+        with b.consumer("t", "c", max_in_flight=2500) as c:
+            got = [body[:8] for body in drain_finishing(c, 60_000)]
+        assert got == [b"%08d" % i for i in range(60_000)]
+
+
+def test_publishes_during_a_hand_over_queue_behind_the_backlog(tmp_path, held_pump):
+    with disk_broker(tmp_path, mem_queue_size=500) as b:
+        publish_backlog(b, "t", 30_000)
+        b.topic("t").channel("c")
+        b.publish_many("t", [b"late-%d" % i for i in range(100)])
+        with b.consumer("t", "c", max_in_flight=2500) as c:
+            held_pump.set()
+            got = drain_finishing(c, 30_100, timeout=5)
+        assert got[:30_000] == [b"%08d" % i + b"p" * 12 for i in range(30_000)]
+        assert got[30_000:] == [b"late-%d" % i for i in range(100)]
+
+
+def test_depth_counts_each_message_once_while_a_backlog_moves(tmp_path):
+    with disk_broker(tmp_path, mem_queue_size=1000) as b:
+        publish_backlog(b, "t", 100_000)
+        seen = []
+
+        def watch():
+            while not seen or seen[-1][1] < 100_000:
+                (t,) = b.stats(topic="t")["topics"]
+                seen.append((t["depth"], sum(c["depth"] for c in t["channels"])))
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        b.topic("t").channel("c")
+        watcher.join(30)
+        assert not watcher.is_alive()
+        assert all(topic + channel == 100_000 for topic, channel in seen)
+        assert any(0 < topic < 100_000 for topic, _ in seen)   # seen mid-move
+
+
+def test_hand_over_retries_after_a_write_error_and_loses_nothing(tmp_path, monkeypatch):
+    with disk_broker(tmp_path, mem_queue_size=100) as b:
+        publish_backlog(b, "t", 20_000)
+        monkeypatch.setattr(minq, "_PUMP_RETRY", 0.05)
+        failing = [True]
+        _failing_disk(monkeypatch, lambda: failing[0])
+        ch = b.topic("t").channel("c")                 # first chunks fail: nothing moves
+        assert ch.depth == 0 and b.topic("t").depth == 20_000
+        failing[0] = False
+        wait_until(lambda: ch.depth == 20_000, what="the retried hand-over")
+        assert b.topic("t").depth == 0
+        with b.consumer("t", "c", max_in_flight=2500) as c:
+            got = [body[:8] for body in drain_finishing(c, 20_000)]
+        assert got == [b"%08d" % i for i in range(20_000)]
+
+
+def test_backlog_moves_to_every_channel_including_memory_ones(tmp_path, held_pump):
+    with disk_broker(tmp_path, mem_queue_size=50_000) as b:
+        b.topic("t").pause()
+        publish_backlog(b, "t", 20_000)
+        b.topic("t").channel("disk")
+        b.topic("t").channel("mem#ephemeral")          # no log: decoded from the records
+        b.topic("t").unpause()
+        held_pump.set()
+        wait_until(lambda: b.topic("t").depth == 0, what="the pump")
+        for name in ("disk", "mem#ephemeral"):
+            with b.consumer("t", name, max_in_flight=2500) as c:
+                got = [body[:8] for body in drain_finishing(c, 20_000)]
+            assert got == [b"%08d" % i for i in range(20_000)], name
 
 
 # =============================================================================
