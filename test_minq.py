@@ -190,6 +190,37 @@ def test_message_ids_are_16_hex_and_unique(broker):
     assert all(re.fullmatch(rb"[0-9a-f]{16}", i) for i in ids)
 
 
+def test_ids_stay_unique_across_single_and_batch_publishes_from_threads(broker):
+    ids, lock = [], threading.Lock()
+
+    def publish(k):
+        mine = []
+        for i in range(300):
+            if i % 3:
+                mine.append(broker.publish("t", b"x").id)
+            else:
+                mine += [m.id for m in broker.publish_many("t", [b"y"] * 7)]
+        with lock:
+            ids.extend(mine)
+    threads = [threading.Thread(target=publish, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 4 * (200 + 100 * 7) == len(set(ids))
+    assert all(re.fullmatch(rb"[0-9a-f]{16}", i) for i in ids)
+
+
+def test_publish_bodies_counts_and_delivers_like_publish_many(broker):
+    assert broker.publish_bodies("t", [b"a", b"bb", "c"]) == 3     # a str is UTF-8
+    with pytest.raises(minq.InvalidMessage):
+        broker.publish_bodies("t", [b"ok", b""])                  # all or nothing
+    with broker.consumer("t", "c", max_in_flight=10) as c:
+        got = drain(c, 10, timeout=0.05)
+    assert [(m.body, m.attempts) for m in got] == [(b"a", 1), (b"bb", 1), (b"c", 1)]
+    assert len({m.id for m in got}) == 3
+
+
 def test_timestamp_is_publish_time_in_ns(broker, clock):
     m = broker.publish("t", b"x")
     assert m.timestamp == clock.time_ns()
@@ -1471,13 +1502,13 @@ def test_finished_messages_leave_no_memory_behind_until_their_timeout(broker):
     assert grown < 1_000_000, grown
 
 
-def test_deadlines_survive_the_in_flight_heap_rebuild(broker, clock):
+def test_a_touched_message_times_out_right_while_thousands_finish(broker, clock):
     broker.publish_many("t", [b"%d" % i for i in range(3000)])
     with broker.consumer("t", "c", max_in_flight=2) as c:
-        kept = c.get(timeout=1)                  # held through every rebuild
+        kept = c.get(timeout=1)                  # held while the others come and go
         kept.touch()
         for _ in range(2998):
-            c.get(timeout=1).finish()            # 2998 stale heap entries
+            c.get(timeout=1).finish()            # 2998 finished around it
         clock.advance(broker.msg_timeout + 1)
         again = c.get(timeout=1)
         assert (again.body, again.attempts) == (kept.body, 2)
@@ -2277,6 +2308,112 @@ def test_hundreds_of_idle_connections(server):
         r.close()
 
 
+def test_one_io_thread_serves_every_connection(server):
+    server.broker.topic("t").channel("c")           # SUBs below need no worker
+    warm = [subscribed(server, rdy=1) for _ in range(5)]
+    before = threading.active_count()
+    conns = [subscribed(server, rdy=1) for _ in range(300)]
+    assert threading.active_count() == before       # no thread per connection
+    p = Raw(server)
+    p.cmd("MPUB t", struct.pack(">l", 305) + b"".join(struct.pack(">l", 1) + b"m"
+                                                      for _ in range(305)))
+    assert p.response() == b"OK"
+    for r in warm + conns:                           # one message each, RDY 1
+        assert r.message()[2] == b"m"
+    for r in warm + conns + [p]:
+        r.close()
+
+
+def test_pipelined_commands_in_one_write_are_answered_in_order(server):
+    r = Raw(server)
+    r.send(b"".join(b"PUB t\n" + struct.pack(">l", 2) + b"m%d" % i for i in range(3))
+           + b"NOP\nBOGUS\nPUB t\n" + struct.pack(">l", 1) + b"x")
+    assert [r.response() for _ in range(3)] == [b"OK"] * 3
+    assert r.error() == "E_INVALID invalid command BOGUS"
+    assert r.closed()                                # fatal: the PUB after it is not run
+    assert server.broker.stats()["topics"][0]["message_count"] == 3
+
+
+def test_a_burst_of_fins_in_one_write_settles_all_and_reports_the_bad_one(server):
+    c = subscribed(server, rdy=200)
+    p = Raw(server)
+    p.cmd("MPUB t", struct.pack(">l", 200) + b"".join(struct.pack(">l", 3) + b"%03d" % i
+                                                      for i in range(200)))
+    assert p.response() == b"OK"
+    ids = [c.message()[0] for _ in range(200)]
+    kept = ids.pop(77)
+    lines = [b"FIN " + i + b"\n" for i in ids]
+    lines.insert(120, b"FIN 0123456789abcdef\n")    # not in flight: non-fatal
+    c.send(b"".join(lines))
+    assert c.error() == "E_FIN_FAILED FIN 0123456789abcdef failed ID not in flight"
+    wait_until(lambda: channel_stats(server.broker, "t", "c")["in_flight_count"] == 1,
+               what="199 FINs settled")
+    c.cmd(b"FIN " + kept)                            # the connection is still usable
+    wait_until(lambda: channel_stats(server.broker, "t", "c")["in_flight_count"] == 0,
+               what="the last FIN")
+    assert channel_stats(server.broker, "t", "c")["clients"][0]["finish_count"] == 200
+
+
+def test_deliveries_from_other_threads_reach_tcp_consumers(server):
+    c = subscribed(server, rdy=2500, output_buffer_timeout=25)
+    b = server.broker
+
+    def publish(k):
+        for i in range(250):
+            b.publish("t", b"%d-%d" % (k, i))
+    threads = [threading.Thread(target=publish, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = {c.message()[2] for _ in range(1000)}
+    assert got == {b"%d-%d" % (k, i) for k in range(4) for i in range(250)}
+
+
+def test_consumer_that_reads_nothing_is_dropped_and_its_messages_requeued(server):
+    import socket
+    c = Raw(server)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.cmd("IDENTIFY", b'{"heartbeat_interval": 1000}')
+    assert c.response() == b"OK"
+    c.cmd("SUB t c")
+    assert c.response() == b"OK"
+    c.cmd("RDY 100")                                 # and never reads again
+    big = b"b" * 200_000
+    for _ in range(100):                             # 20 MB: more than any socket buffer
+        server.broker.publish("t", big)
+    # Nothing is written for a heartbeat interval: nsqd's write deadline.
+    wait_until(lambda: channel_stats(server.broker, "t", "c")["client_count"] == 0,
+               timeout=30, what="the stalled consumer to be dropped")
+    st = channel_stats(server.broker, "t", "c")
+    assert (st["in_flight_count"], st["depth"]) == (0, 100)
+    c.close()
+
+
+def test_close_waits_for_a_command_running_on_a_worker(tmp_path):
+    with minq.Broker(data_path=str(tmp_path), durable=True, fsync=True) as b:
+        srv = minq.TCPServer(b, "127.0.0.1:0").start()
+        r = Raw(srv)
+        r.cmd("PUB t", b"fsynced")                   # fsync mode: on a worker thread
+        assert r.response() == b"OK"
+        r.cmd("PUB t", b"again")
+        srv.close()                                  # stops the loop, joins the workers
+        r.close()
+        assert b.stats()["topics"][0]["message_count"] in (1, 2)
+
+
+def test_sub_on_a_topic_holding_a_backlog_is_answered_before_it_moves(tmp_path, held_pump):
+    with minq.Broker(data_path=str(tmp_path), mem_queue_size=100) as b, \
+            minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+        publish_backlog(b, "t", 50_000)
+        c = subscribed(srv, rdy=10)
+        assert b.topic("t").depth > 30_000            # OK came with most still at the topic
+        got = [c.message()[2][:8] for _ in range(10)]
+        assert got == [b"%08d" % i for i in range(10)]
+        held_pump.set()
+        c.close()
+
+
 def test_fuzz_random_and_mutated_frames_get_only_valid_frames(server):
     rnd = random.Random(1234)
     good = [b"IDENTIFY\n" + struct.pack(">l", 2) + b"{}", b"SUB t c\n", b"RDY 3\n",
@@ -2373,6 +2510,19 @@ def test_failed_tls_handshake_gets_e_identify_failed(tmp_path):
         assert r.closed()
         with minq.Client(srv.address, tls=client_tls_context()) as c:
             c.publish("t", b"others unaffected")
+
+
+def test_stalled_tls_handshake_gets_e_identify_failed(tmp_path, monkeypatch):
+    cert, key = make_cert(tmp_path)
+    monkeypatch.setattr(minq, "_TLS_HANDSHAKE_TIMEOUT", 0.3)
+    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert,
+                                            tls_key=key).start() as srv:
+        r = Raw(srv)
+        r.cmd("IDENTIFY", b'{"feature_negotiation": true, "tls_v1": true}')
+        assert json.loads(r.response())["tls_v1"] is True
+        # ... and never starts the handshake
+        assert r.error() == "E_IDENTIFY_FAILED IDENTIFY failed timed out"
+        assert r.closed()
 
 
 def test_deflate_upgrade_round_trip(server):
