@@ -7028,13 +7028,65 @@ def _serve_parser(sub: Any) -> None:
                            help=text + shown)
 
 
+_TOML_LINE = re.compile(r"""\s*([A-Za-z0-9_-]+)\s*=\s*(.*?)\s*(?:\#[^"']*)?$""")
+
+
+def _read_config(path: str) -> Dict[str, Any]:
+    """The --config file: TOML through tomllib (Python 3.11+); before 3.11 the
+    flat form a config of flags needs (``key = value``: strings, numbers,
+    booleans, one-line arrays), read here."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InvalidArgument(f"--config: cannot read {path}: {e.strerror}") from None
+    try:
+        import tomllib
+    except ImportError:
+        return _read_flat_toml(path, data.decode("utf-8", errors="replace"))
+    try:
+        return tomllib.loads(data.decode("utf-8", errors="replace"))
+    except ValueError as e:
+        raise InvalidArgument(f"--config {path}: {e}") from None
+
+
+def _read_flat_toml(path: str, text: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _TOML_LINE.fullmatch(line)
+        try:
+            if m is None:
+                raise ValueError("expected key = value")
+            value = m.group(2)
+            if value.startswith("[") and value.endswith("]"):
+                items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+                out[m.group(1)] = [_toml_scalar(v) for v in items]
+            else:
+                out[m.group(1)] = _toml_scalar(value)
+        except ValueError as e:
+            raise InvalidArgument(f"--config {path} line {n}: {e} (Python before 3.11 reads "
+                                  f"only flat key = value lines)") from None
+    return out
+
+
+def _toml_scalar(value: str) -> Any:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return json.loads(value) if value[0] == '"' else value[1:-1]
+    if value in ("true", "false"):
+        return value == "true"
+    try:
+        return int(value.replace("_", ""))
+    except ValueError:
+        return float(value.replace("_", ""))
+
+
 def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
     """Defaults, then the --config file, then the command line; each value parsed."""
     given: Dict[str, Any] = {}
     if getattr(args, "config", None):
-        import tomllib   # Python 3.11+; only needed for --config
-        with open(args.config, "rb") as f:
-            cfg = tomllib.load(f)
+        cfg = _read_config(args.config)
         known = {flag.replace("-", "_") for flag, *_ in _SERVE_OPTIONS}
         unknown = sorted(set(cfg) - known)
         if unknown:
