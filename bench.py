@@ -69,6 +69,16 @@ def best_of(runs: int, fn: Callable[[], float]) -> float:
     return max(fn() for _ in range(runs))
 
 
+def best_of_each(runs: int, fa: Callable[[], float], fb: Callable[[], float]):
+    """The best of *runs* of each, taken in turns, so that a busy moment of a
+    shared machine weighs on both figures alike."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(fa())
+        b.append(fb())
+    return max(a), max(b)
+
+
 def percentiles(samples: List[float]) -> Dict[str, float]:
     s = sorted(samples)
     n = len(s)
@@ -219,12 +229,10 @@ def section_core(scale: float) -> None:
     print("== core: in-process broker vs queue.Queue (100-byte bodies) ==")
     n = max(1000, int(200_000 * scale))
     progress(f"throughput, {n:,} messages, 1 publisher + 1 consumer thread")
-    q = best_of(3, lambda: queue_throughput(n))
-    m = best_of(3, lambda: pub_finish_throughput(n))
+    q, m = best_of_each(5, lambda: queue_throughput(n), lambda: pub_finish_throughput(n))
     report("publish->deliver->finish, 1P+1C", m, "msg/s", "queue.Queue put/get", q)
     progress(f"fan-out to 3 channels, {n // 2:,} messages")
-    q = best_of(3, lambda: queue_fanout(n // 2))
-    m = best_of(3, lambda: minq_fanout(n // 2))
+    q, m = best_of_each(3, lambda: queue_fanout(n // 2), lambda: minq_fanout(n // 2))
     report("fan-out to 3 channels (published msg/s)", m, "msg/s", "queue.Queue x3", q)
     nl = max(1000, int(20_000 * scale))
     progress(f"latency, {nl:,} messages one at a time")
