@@ -998,15 +998,23 @@ class SegmentLog:
             stop = min(end, i + max_bytes)
             unpack, biggest = _REC.unpack_from, self.max_record_size
             skip, restart = self._skip, self._restart_acks
+            checked = bool(skip or restart)
             positions: List[int] = []
             while i + _REC_SIZE <= end:
                 size = unpack(buf, i)[0]
-                j = i + _REC_SIZE + size
+                step = _REC_SIZE + size
+                j = i + step
                 if size == 0 or size > biggest or j > end or (j > stop and positions):
                     break
-                if skip or restart:
-                    if base + i in skip or base + i in restart:
-                        break
+                k = (stop - i) // step
+                if k >= _BULK_RUN and not checked:     # a run of one length: no loop
+                    k = _same_length_run(buf, i, step, k)
+                    if k >= _BULK_RUN:
+                        positions += range(base + i, base + i + k * step, step)
+                        i += k * step
+                        continue
+                if checked and (base + i in skip or base + i in restart):
+                    break
                 positions.append(base + i)
                 i = j
             if not positions:
@@ -3337,7 +3345,6 @@ class Broker:
                 continue
             if more:
                 self._schedule_pump(topic)
-            time.sleep(0)    # let threads waiting for the GIL (the TCP loop) go first
 
     def _on_clock_advance(self) -> None:
         if not self._closed:
