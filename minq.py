@@ -4648,12 +4648,15 @@ class _EventLoop:
         self._wake_w.close()
 
     def _drain_wake(self) -> None:
-        self._woken = False
+        # Cleared only once the bytes are read: a post() that found it set
+        # appended its call before this point, so this pass's inbox run sees
+        # it; one that finds it clear sends a byte that wakes the next select.
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._woken = False
 
     def _run_inbox(self) -> None:
         inbox = self._inbox

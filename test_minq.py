@@ -2309,6 +2309,34 @@ def test_hundreds_of_idle_connections(server):
         r.close()
 
 
+def test_event_loop_never_loses_a_wake_up_posted_while_it_drains():
+    # Another thread posts while the loop reads its wake-up bytes: the next
+    # post must still wake the loop (a lost wake-up left deliveries made on
+    # other threads waiting up to a second).
+    import select
+    loop = minq._EventLoop()
+    real, calls = loop._wake_r, []
+
+    class Racing:
+        def recv(self, n):
+            if not calls:
+                calls.append(1)
+                loop.post(lambda _: calls.append("during"))
+            return real.recv(n)
+    try:
+        loop.post(lambda _: calls.append("first"))
+        loop._wake_r = Racing()
+        loop._drain_wake()
+        loop._run_inbox()
+        assert calls == [1, "first", "during"]
+        assert not select.select([real], [], [], 0)[0]     # drained
+        loop.post(lambda _: calls.append("after"))
+        assert select.select([real], [], [], 0)[0], "the post after the drain woke nothing"
+    finally:
+        loop._wake_r = real
+        loop.close()
+
+
 def test_one_io_thread_serves_every_connection(server):
     server.broker.topic("t").channel("c")           # SUBs below need no worker
     warm = [subscribed(server, rdy=1) for _ in range(5)]
