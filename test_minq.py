@@ -1610,7 +1610,13 @@ def test_publishes_during_a_hand_over_queue_behind_the_backlog(tmp_path, held_pu
         assert got[30_000:] == [b"late-%d" % i for i in range(100)]
 
 
-def test_depth_counts_each_message_once_while_a_backlog_moves(tmp_path):
+def test_depth_counts_each_message_once_while_a_backlog_moves(tmp_path, monkeypatch):
+    real = minq.Topic._pump
+
+    def pump(topic):          # a pause between chunks, so stats land mid-move
+        time.sleep(0.001)
+        return real(topic)
+    monkeypatch.setattr(minq.Topic, "_pump", pump)
     with disk_broker(tmp_path, mem_queue_size=1000) as b:
         publish_backlog(b, "t", 100_000)
         seen = []
