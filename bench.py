@@ -767,13 +767,17 @@ class FrameReader:
             raise RuntimeError(f"server error: {data!r}")
 
 
-def load_writer(address: str, runfor: float) -> int:
+def load_session(address: str):
+    """A connection past IDENTIFY, and its frame reader."""
     sock = load_connect(address)
     reader = FrameReader(sock)
     reader.expect_ok()
-    body = struct.pack(">l", 100) + b"".join(struct.pack(">l", len(BODY)) + BODY
-                                             for _ in range(100))
-    cmd = b"MPUB " + LOAD_TOPIC.encode() + b"\n" + struct.pack(">l", len(body)) + body
+    return sock, reader
+
+
+def load_writer(address: str, runfor: float) -> int:
+    sock, reader = load_session(address)
+    cmd = b"MPUB " + LOAD_TOPIC.encode() + b"\n" + mpub_payload(100)
     sent, end = 0, time.monotonic() + runfor
     while time.monotonic() < end:
         sock.sendall(cmd)
@@ -784,9 +788,7 @@ def load_writer(address: str, runfor: float) -> int:
 
 
 def load_reader(address: str, runfor: float) -> int:
-    sock = load_connect(address)
-    reader = FrameReader(sock)
-    reader.expect_ok()
+    sock, reader = load_session(address)
     sock.sendall(f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\n".encode())
     reader.expect_ok()
     sock.sendall(b"RDY %d\n" % LOAD_RDY)
@@ -1005,9 +1007,7 @@ def proc_status(pid: int) -> Dict[str, int]:
 def load_case(address: str, case: str, write_s: float, read_s: float) -> Dict[str, float]:
     """Write for *write_s* then read for *read_s*; messages per second of each."""
     if case != "topic":          # the channel exists before the writes
-        sock = load_connect(address)
-        reader = FrameReader(sock)
-        reader.expect_ok()
+        sock, reader = load_session(address)
         sock.sendall(f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\n".encode())
         reader.expect_ok()
         sock.close()
@@ -1018,12 +1018,8 @@ def load_case(address: str, case: str, write_s: float, read_s: float) -> Dict[st
 
 def sub_latency(address: str, backlog: int) -> float:
     """Seconds from SUB to its OK on a topic holding *backlog* messages."""
-    sock = load_connect(address)
-    reader = FrameReader(sock)
-    reader.expect_ok()
-    body = struct.pack(">l", 1000) + b"".join(struct.pack(">l", len(BODY)) + BODY
-                                              for _ in range(1000))
-    cmd = b"MPUB sublat\n" + struct.pack(">l", len(body)) + body
+    sock, reader = load_session(address)
+    cmd = b"MPUB sublat\n" + mpub_payload(1000)
     for _ in range(max(1, backlog // 1000)):
         sock.sendall(cmd)
         reader.expect_ok()
