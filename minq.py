@@ -52,7 +52,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 __all__ = [
     # errors
@@ -339,25 +339,68 @@ class _Delivery(Message):
         c.channel._settle(self, "touch", 0.0)  # type: ignore[union-attr]
 
 
+class _BodyRun:
+    """Bodies of one size in a row inside a larger bytes (an MPUB's payload,
+    every length already checked), sliced only when they are iterated: a
+    batch that waits in memory costs no object per message."""
+
+    __slots__ = ("data", "first", "size", "step", "count")
+
+    def __init__(self, data: bytes, first: int, size: int, step: int, count: int) -> None:
+        self.data, self.first, self.size, self.step, self.count = data, first, size, step, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[bytes]:
+        data, size = self.data, self.size
+        return iter([data[o:o + size] for o in range(self.first, self.first + self.count *
+                                                     self.step, self.step)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.count
+
+
+def _nbytes(bodies: Any) -> int:
+    return bodies.nbytes if bodies.__class__ is _BodyRun else sum(map(len, bodies))
+
+
 class _Batch:
-    """Messages published together that only the broker will hold: their ids,
-    bodies and one timestamp.  Objects are made only where a queue keeps the
-    messages in memory; a batch bound for a log goes there as records."""
+    """Messages published together that only the broker will hold: bodies, one
+    timestamp, and ids numbered from *first*.  A batch bound for a log goes
+    there as records; one kept in memory stays a single entry of the queue,
+    and its ids and message objects are made when it is taken."""
 
-    __slots__ = ("ids", "bodies", "timestamp")
+    __slots__ = ("first", "bodies", "timestamp", "_ids")
 
-    def __init__(self, ids: List[bytes], bodies: List[bytes], timestamp: int) -> None:
-        self.ids = ids
+    def __init__(self, first: int, bodies: List[bytes], timestamp: int) -> None:
+        self.first = first
         self.bodies = bodies
         self.timestamp = timestamp
+        self._ids: Optional[List[bytes]] = None
 
     def __len__(self) -> int:
         return len(self.bodies)
+
+    @property
+    def ids(self) -> List[bytes]:
+        if self._ids is None:
+            self._ids = _format_ids(self.first, len(self.bodies))
+        return self._ids
 
     def messages(self) -> List[Message]:
         """Fresh message objects (each call makes its own)."""
         ts = self.timestamp
         return [_Delivery(i, b, ts) for i, b in zip(self.ids, self.bodies)]
+
+
+def _format_ids(first: int, n: int) -> List[bytes]:
+    """Message ids *first* ... *first* + n - 1 as 16 hex digits, formatted in one call."""
+    numbers = range(first, first + n) if first + n <= _ID_MASK else [
+        (first + i) & _ID_MASK for i in range(n)]
+    blob = binascii.hexlify(struct.pack(f">{n}Q", *numbers))
+    return [blob[i:i + 16] for i in range(0, 16 * n, 16)]
 
 
 Messages = Any       # a List[Message] or a _Batch
@@ -1491,7 +1534,11 @@ class _MessageQueue:
                  ephemeral: bool, on_deferred: Callable[[Message, int], None],
                  on_write: Callable[[SegmentLog], None], time_ns: Callable[[], int]) -> None:
         self.log = seglog
-        self.mem: Deque[Message] = collections.deque()
+        # Messages in memory: Message objects, and _Batch entries not yet
+        # taken (each counts for all its messages in mem_count).
+        self.mem: Deque[Any] = collections.deque()
+        self.mem_count = 0
+        self._mem_batches = 0              # _Batch entries in mem
         self.mem_limit = mem_limit
         self.durable = durable and seglog is not None
         self.ephemeral = ephemeral
@@ -1501,7 +1548,7 @@ class _MessageQueue:
         self._time_ns = time_ns           # wall clock: is a record read from the log due?
 
     def __len__(self) -> int:
-        return len(self.mem) + (self.log.depth if self.log is not None else 0)
+        return self.mem_count + (self.log.depth if self.log is not None else 0)
 
     @property
     def backlog(self) -> int:
@@ -1524,17 +1571,17 @@ class _MessageQueue:
         """
         seglog = self.log
         if seglog is None:
-            return (_objects(msgs), None, not due_ns, None)
+            return (msgs if not due_ns else _objects(msgs), None, not due_ns, None)
         to_mem = (not due_ns and not seglog.unread
-                  and len(self.mem) + len(msgs) <= self.mem_limit)
+                  and self.mem_count + len(msgs) <= self.mem_limit)
         if not to_mem and not due_ns:
             # Bound for the log, to be read back later: records only.
             start, end = seglog.append_framed(_framed_records(msgs, 0), len(msgs))
             self._on_write(seglog)
             return (msgs, None, False, (start, end))
-        msgs = _objects(msgs)
         if not self.durable:
-            return (msgs, None, to_mem, None)
+            return (msgs if to_mem else _objects(msgs), None, to_mem, None)
+        msgs = _objects(msgs)
         # Durable: in memory (or deferred) and on disk, the record consumed.
         records = [_encode_record(m, due_ns) for m in msgs]
         positions = seglog.append(records, consume=True)
@@ -1554,40 +1601,80 @@ class _MessageQueue:
             for m, p in zip(msgs, positions):
                 m._pos = p
         if to_mem:
-            if self.ephemeral:
-                self.push(msgs)
-            else:
-                self.mem.extend(msgs)
+            self.push(msgs)
 
-    def push(self, msgs: List[Message]) -> None:
-        """Put messages (already stored, if they need to be) in memory."""
-        if self.ephemeral:
-            room = max(self.mem_limit - len(self.mem), 0)
-            if room < len(msgs):
-                self.drop_count += len(msgs) - room
-                log.warning("ephemeral queue is full: dropped %d message(s)",
-                            len(msgs) - room)
-                msgs = msgs[:room]
-        self.mem.extend(msgs)
+    def push(self, msgs: Messages) -> None:
+        """Put messages (already stored, if they need to be) in memory, after
+        the others; an ephemeral queue drops (and counts) what does not fit."""
+        n = len(msgs)
+        if self.ephemeral and self.mem_count + n > self.mem_limit:
+            room = max(self.mem_limit - self.mem_count, 0)
+            self.drop_count += n - room
+            log.warning("ephemeral queue is full: dropped %d message(s)", n - room)
+            msgs, n = _objects(msgs)[:room], room
+        if msgs.__class__ is _Batch:
+            self.mem.append(msgs)
+            self._mem_batches += 1
+        else:
+            self.mem.extend(msgs)
+        self.mem_count += n
+
+    def unshift(self, msgs: List[Message]) -> None:
+        """Put taken messages back in front (they could not be handed on)."""
+        self.mem.extendleft(reversed(msgs))
+        self.mem_count += len(msgs)
+
+    def remove_at(self, i: int) -> Message:
+        """Take the message at index *i* of memory (``fill`` made it an object)."""
+        msg = self.mem[i]
+        del self.mem[i]
+        self.mem_count -= 1
+        return msg
+
+    def drop_memory(self) -> None:
+        self.mem.clear()
+        self.mem_count = self._mem_batches = 0
 
     # -- taking ------------------------------------------------------------------
     def take(self, n: int) -> List[Message]:
         """Up to *n* messages due now, oldest first; deferred ones found in the
         log go to on_deferred."""
         mem = self.mem
-        if len(mem) >= n:
-            if n == 1:
-                return [mem.popleft()]
-            popleft = mem.popleft
-            return [popleft() for _ in range(n)]
-        out = list(mem)
-        mem.clear()
+        if not self._mem_batches:                 # objects only
+            if len(mem) >= n:
+                self.mem_count -= n
+                if n == 1:
+                    return [mem.popleft()]
+                popleft = mem.popleft
+                return [popleft() for _ in range(n)]
+            out = list(mem)
+            mem.clear()
+        else:
+            out = self._take_memory(n)
+        self.mem_count -= len(out)
         seglog = self.log
         while len(out) < n and seglog is not None and seglog.unread:
             payloads, positions = seglog.read_many(n - len(out))
             if not payloads:
                 break
             self._decode_into(out, payloads, positions, self._time_ns())
+        return out
+
+    def _take_memory(self, n: int) -> List[Message]:
+        # Up to n from memory, unpacking batches (a part left goes back in front).
+        mem, out = self.mem, []
+        while mem and len(out) < n:
+            entry = mem.popleft()
+            if entry.__class__ is not _Batch:
+                out.append(entry)
+                continue
+            self._mem_batches -= 1
+            msgs = entry.messages()
+            need = n - len(out)
+            if len(msgs) > need:
+                mem.extendleft(reversed(msgs[need:]))
+                msgs = msgs[:need]
+            out += msgs
         return out
 
     def _decode_into(self, out: List[Message], payloads: List[bytes],
@@ -1647,9 +1734,9 @@ class _MessageQueue:
             seglog.ack(pos)  # type: ignore[union-attr]
 
     def fill(self, n: int) -> None:
-        """Bring up to *n* messages into memory (for look-ahead)."""
-        if len(self.mem) < n and self.on_disk:
-            self.mem.extend(self.take(n))
+        """Make the first *n* messages objects in memory (look-ahead by index)."""
+        if self.mem_count < n and self.on_disk or self._mem_batches:
+            self.unshift(self.take(n))
 
     def done(self, msg: Message) -> None:
         """The message left the queue for good (finished, dead-lettered, dropped)."""
@@ -1658,7 +1745,7 @@ class _MessageQueue:
 
     # -- life cycle ----------------------------------------------------------------
     def clear(self) -> None:
-        self.mem.clear()
+        self.drop_memory()
         if self.log is not None:
             self.log.empty()
 
@@ -1666,8 +1753,8 @@ class _MessageQueue:
         """At a clean close: store what lives only in memory (with due times)."""
         if self.log is None:
             return
-        items = [(m, 0) for m in self.mem] + extra
-        self.mem.clear()
+        items = [(m, 0) for m in self._take_memory(self.mem_count)] + extra
+        self.drop_memory()
         if not items:
             return
         records = [_encode_record(m, due) for m, due in items]
@@ -1909,20 +1996,14 @@ class Channel:
 
     def _put_memory(self, msgs: Messages, defer: float, out: Deliveries) -> None:
         """The fast path of prepare+commit for a channel without a log (cannot fail)."""
-        if msgs.__class__ is _Batch:
-            msgs = msgs.messages()
         with self._lock:
             self.message_count += len(msgs)
             if defer > 0:
                 due = self._monotonic() + defer
-                for m in msgs:
+                for m in _objects(msgs):
                     self._defer_locked(m, due)
                 return
-            q = self._queue
-            if q.ephemeral:
-                q.push(msgs)
-            else:
-                q.mem.extend(msgs)
+            self._queue.push(msgs)
             if self._consumers and not self.paused:
                 self._dispatch_locked(out)
 
@@ -2242,8 +2323,9 @@ class Channel:
         # (within HASH_LOOKAHEAD), so per-key order is kept.
         if self._ring is None:
             self._ring = _HashRing([c for c in self._consumers if not c.closed])
-        self._queue.fill(self.HASH_LOOKAHEAD)
-        q = self._queue.mem
+        queue = self._queue
+        queue.fill(self.HASH_LOOKAHEAD)
+        q = queue.mem
         i = 0
         while i < len(q) and i < self.HASH_LOOKAHEAD:
             msg = q[i]
@@ -2257,7 +2339,7 @@ class Channel:
             if c is None:
                 return
             if c.in_flight_count < c.ready_count and not c.closed:
-                del q[i]
+                queue.remove_at(i)
                 self._start_flight_locked((msg,), c, now, out)
             else:
                 i += 1
@@ -2347,7 +2429,7 @@ class Channel:
             self.deleted = True
             self._clear_flight_locked()
             self._deferred.clear()
-            self._queue.mem.clear()
+            self._queue.drop_memory()
             self.broker._drop_log(self._queue.log)
             consumers, self._consumers = self._consumers, []
             for c in consumers:
@@ -2535,7 +2617,7 @@ class Topic:
             else:
                 written = self._fan_out_locked(msgs, defer, deliveries)
             self.message_count += len(msgs)
-            self.message_bytes += (sum(map(len, msgs.bodies)) if msgs.__class__ is _Batch
+            self.message_bytes += (_nbytes(msgs.bodies) if msgs.__class__ is _Batch
                                    else len(msgs[0].body) if len(msgs) == 1
                                    else sum(len(m.body) for m in msgs))
         if deliveries:
@@ -2647,12 +2729,11 @@ class Topic:
             return False
         q = self._queue
         if q.mem:
-            mem = q.mem
-            batch = [mem.popleft() for _ in range(min(len(mem), self.RELEASE_BATCH))]
+            batch = q.take(min(q.mem_count, self.RELEASE_BATCH))
             try:
                 self._release_batch_locked(batch, 0.0, out)
             except OSError:
-                mem.extendleft(reversed(batch))
+                q.unshift(batch)
                 raise
         elif q.log is not None and q.log.unread:
             framed = q.log.peek_framed(self.PUMP_BYTES)
@@ -2664,7 +2745,7 @@ class Topic:
                     try:
                         self._release_batch_locked(batch, 0.0, out)
                     except OSError:
-                        q.mem.extendleft(batch)
+                        q.unshift(batch)
                         raise
         elif self._held_deferred:
             now_ns = self.broker._time_ns()
@@ -2841,7 +2922,7 @@ class Topic:
             chans = list(self._channels.values())
             self._channels.clear()
             self._channels_changed_locked()
-            self._queue.mem.clear()
+            self._queue.drop_memory()
             self._held_deferred.clear()
             self.broker._drop_log(self._queue.log)
         for ch in chans:
@@ -2973,7 +3054,8 @@ class Broker:
         # Message ids: _id_base + a sequence number (next() on a count is
         # atomic under the GIL), as 16 hex digits.
         self._id_base = self.clock.time_ns()
-        self._id_seq = itertools.count()
+        self._id_lock = threading.Lock()    # guards _id_next: a batch takes a run of ids
+        self._id_next = self._id_base
         self._spare_ids: List[bytes] = []   # made a block at a time for single publishes
         self._health = "OK"
         # Storage (data_path only).  _logs_lock guards _logs; _meta_lock
@@ -3104,12 +3186,16 @@ class Broker:
                                  f"message too big {n} > {self.max_msg_size}")
         return body
 
+    def _reserve_ids(self, n: int) -> int:
+        """The first of *n* new message id numbers, in a row."""
+        with self._id_lock:
+            first = self._id_next
+            self._id_next = first + n
+        return first
+
     def _next_ids(self, n: int) -> List[bytes]:
-        """*n* new message ids (16 hex digits each), formatted in one call."""
-        base, seq = self._id_base, self._id_seq
-        blob = binascii.hexlify(struct.pack(f">{n}Q", *[(base + next(seq)) & _ID_MASK
-                                                       for _ in range(n)]))
-        return [blob[i:i + 16] for i in range(0, 16 * n, 16)]
+        """*n* new message ids (16 hex digits each)."""
+        return _format_ids(self._reserve_ids(n), n)
 
     def _refill_ids(self) -> bytes:
         # Formatting ids a block at a time costs a fifth of one by one.  Two
@@ -3163,19 +3249,24 @@ class Broker:
     def _publish_batch(self, topic: str, bodies: Iterable[bytes], defer: float,
                        kind: Callable[..., Any]) -> Messages:
         defer = self._check_defer(defer)
-        bodies = list(bodies)
-        if not (bodies and set(map(type, bodies)) == {bytes}
-                and 0 < min(map(len, bodies)) and max(map(len, bodies)) <= self.max_msg_size):
-            bodies = [self._checked_body(b) for b in bodies]
-        if not bodies:
+        if bodies.__class__ is _BodyRun and kind is _Batch:    # checked as it was cut
+            if not 0 < bodies.size <= self.max_msg_size:  # type: ignore[attr-defined]
+                bodies = [self._checked_body(b) for b in bodies]
+        else:
+            bodies = list(bodies)
+            if not (bodies and set(map(type, bodies)) == {bytes} and 0 < min(map(len, bodies))
+                    and max(map(len, bodies)) <= self.max_msg_size):
+                bodies = [self._checked_body(b) for b in bodies]
+        if not len(bodies):  # type: ignore[arg-type]
             raise InvalidMessage("publish_many needs at least one message")
-        total = sum(map(len, bodies))
+        total = _nbytes(bodies)
         if total > self.max_body_size:
             raise InvalidMessage(f"batch too big {total} > {self.max_body_size}")
         now = self._time_ns()
-        ids = self._next_ids(len(bodies))
-        msgs = kind(ids, bodies, now) if kind is _Batch else [
-            kind(i, b, now) for i, b in zip(ids, bodies)]
+        if kind is _Batch:
+            msgs: Messages = _Batch(self._reserve_ids(len(bodies)), bodies, now)  # type: ignore[arg-type]
+        else:
+            msgs = [kind(i, b, now) for i, b in zip(self._next_ids(len(bodies)), bodies)]
         self._put(topic, msgs, defer)
         return msgs
 
@@ -5862,7 +5953,7 @@ class _ClientV2(Consumer):
     def _mpub_body(self, params: List[Any], payload: bytes) -> object:
         return self._publish("MPUB", params[1], self._split_mpub(payload), 0.0)
 
-    def _split_mpub(self, payload: bytes) -> List[bytes]:
+    def _split_mpub(self, payload: bytes) -> Union[List[bytes], _BodyRun]:
         """``[count][(size, bytes) x count]`` -> bodies; every size checked before use."""
         if len(payload) < 4:
             raise _ClientError("E_BAD_BODY", "MPUB failed to read message count")
@@ -5876,7 +5967,7 @@ class _ClientV2(Consumer):
             # Bodies of one size (the usual batch): lengths checked a column at a time.
             if (0 < size <= limit and len(payload) == 4 + count * step
                     and _same_length_run(payload, 4, step, count) == count):
-                return [payload[o:o + size] for o in range(8, len(payload), step)]
+                return _BodyRun(payload, 8, size, step, count)
         bodies, pos = [], 4
         for i in range(count):
             if pos + 4 > len(payload):

@@ -1468,6 +1468,73 @@ def test_hash_dispatch_keeps_key_on_same_consumer(broker):
             c.close()
 
 
+# -- messages the broker keeps to itself (publish_bodies): one queue entry per batch
+
+def test_a_batch_in_memory_is_delivered_a_window_at_a_time(broker):
+    broker.topic("t").channel("c")
+    broker.publish_bodies("t", [b"%d" % i for i in range(10)])
+    assert channel_stats(broker, "t", "c")["depth"] == 10
+    got = []
+    with broker.consumer("t", "c", max_in_flight=3) as c:
+        while len(got) < 10:
+            window = drain(c, 3, timeout=0.2)
+            assert 0 < len(window) <= 3
+            for m in window:
+                got.append(m.body)
+                m.finish()
+    assert got == [b"%d" % i for i in range(10)]
+    assert channel_stats(broker, "t", "c")["depth"] == 0
+
+
+def test_a_batch_to_several_channels_gives_each_its_own_messages(broker):
+    broker.topic("t").channel("a")
+    broker.topic("t").channel("b")
+    broker.publish_bodies("t", [b"x", b"y"])
+    with broker.consumer("t", "a", max_in_flight=5) as a, \
+            broker.consumer("t", "b", max_in_flight=5) as b:
+        ma, mb = drain(a, 2), drain(b, 2)
+        assert [m.id for m in ma] == [m.id for m in mb]      # the same messages
+        ma[0].requeue()                                       # ... settled apart
+        mb[0].finish()
+        assert a.get(timeout=1).attempts == 2
+        assert b.get(timeout=0.05) is None
+
+
+def test_batches_in_memory_survive_a_clean_restart(tmp_path):
+    with disk_broker(tmp_path) as b:
+        b.topic("t").channel("c")
+        b.publish_bodies("t", [b"one", b"two", b"three"])
+        assert channel_stats(b, "t", "c")["backend_depth"] == 0    # in memory
+    with disk_broker(tmp_path) as b:
+        with b.consumer("t", "c", max_in_flight=5) as c:
+            assert [m.body for m in drain(c, 3)] == [b"one", b"two", b"three"]
+
+
+def test_an_ephemeral_channel_drops_what_does_not_fit_of_a_batch(clock):
+    with make_broker(clock, mem_queue_size=5) as b:
+        with b.consumer("t", "c#ephemeral", max_in_flight=0) as c:
+            b.publish_bodies("t", [b"%d" % i for i in range(8)])
+            st = channel_stats(b, "t", "c#ephemeral")
+            assert (st["depth"], st["drop_count"]) == (5, 3)
+            c.set_max_in_flight(10)
+            assert [m.body for m in drain(c, 10)] == [b"%d" % i for i in range(5)]
+
+
+def test_hash_dispatch_reaches_into_batches(broker):
+    broker.topic("t").channel("c", dispatch="hash", key=lambda m: m.body[:1])
+    cs = [broker.consumer("t", "c", max_in_flight=100) for _ in range(3)]
+    try:
+        broker.publish_bodies("t", [b"%c%d" % (k, j) for j in range(20) for k in b"abcdef"])
+        owner = {}
+        for i, c in enumerate(cs):
+            for m in drain(c, timeout=0.05):
+                assert owner.setdefault(m.body[:1], i) == i
+        assert len(owner) == 6
+    finally:
+        for c in cs:
+            c.close()
+
+
 def test_hash_dispatch_full_consumer_does_not_block_others(broker):
     broker.topic("t").channel("c", dispatch="hash", key=lambda m: m.body)
     cs = [broker.consumer("t", "c", max_in_flight=1) for _ in range(2)]
