@@ -1510,15 +1510,6 @@ def _decode_framed(data: bytes, now_ns: int) -> List[Tuple[List[Message], float]
     return out
 
 
-def _decode_record(payload: bytes) -> Tuple[_Delivery, int]:
-    """(message, due time) of a record; InvalidMessage if it is too short."""
-    if len(payload) < _RECORD_HEAD_SIZE:
-        raise InvalidMessage(f"record of {len(payload)} bytes is shorter than the "
-                             f"{_RECORD_HEAD_SIZE}-byte header")
-    due_ns, timestamp, attempts, msg_id = _RECORD_HEAD.unpack_from(payload)
-    return _Delivery(msg_id, payload[_RECORD_HEAD_SIZE:], timestamp, attempts), due_ns
-
-
 class _MessageQueue:
     """The ready queue of a channel or topic: memory first, then a SegmentLog.
 
@@ -5057,6 +5048,7 @@ class _ClientV2(Consumer):
         self._then_deflate = 0     # deflate level to start once TLS is up (0: none)
         self._compress: Any = None
         self._decompress: Any = None
+        self._deflated_input = b""   # read past IDENTIFY, before deflate started
         # Timers (monotonic seconds; inf: none).
         now = time.monotonic()
         self._timer_at = math.inf
@@ -5141,6 +5133,10 @@ class _ClientV2(Consumer):
             return              # a layer started mid-command: the running pass goes on
         if self._avail >= self._need:
             self._process()
+        if self._deflated_input:      # read before deflate started, for it to inflate
+            data, self._deflated_input = self._deflated_input, b""
+            self._inflate(data)
+            return
         self._update_events()
 
     def _shutdown(self, reason: str, graceful: bool, level: int = logging.DEBUG) -> None:
@@ -5453,9 +5449,7 @@ class _ClientV2(Consumer):
         self.deflate = True
         self._then_deflate = 0
         self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-        leftover = self._take_input()
-        if leftover:
-            self._inflate(leftover)
+        self._deflated_input = self._take_input()     # inflated once this command ends
 
     def _take_input(self) -> bytes:
         """Everything read but not parsed: it belongs to a layer starting now."""

@@ -2641,6 +2641,24 @@ def test_deflate_upgrade_round_trip(server):
     assert json.loads(r.response())["deflate_level"] == 6     # capped at max_deflate_level
 
 
+def test_commands_sent_with_a_deflate_identify_are_inflated(server):
+    import zlib
+    comp, decomp = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
+    ident = b'{"feature_negotiation": true, "deflate": true}'
+    big = b"0" * (1 << 20)                            # inflates past one 1 MiB piece
+    payload = struct.pack(">l", 3) + (struct.pack(">l", len(big)) + big) * 3
+    compressed = comp.compress(b"MPUB t\n" + struct.pack(">l", len(payload)) + payload)
+    compressed += comp.flush(zlib.Z_SYNC_FLUSH)
+    r = Raw(server)
+    r.send(b"IDENTIFY\n" + struct.pack(">l", len(ident)) + ident + compressed)  # not waiting
+    assert json.loads(r.response())["deflate"] is True
+    out, r.buf = decomp.decompress(r.buf), b""       # what came with the reply
+    while out.count(b"OK") < 2:                       # deflate's OK, then MPUB's
+        out += decomp.decompress(r.sock.recv(65536))
+    assert out == struct.pack(">lL", 6, 0) + b"OK" + struct.pack(">lL", 6, 0) + b"OK"
+    assert server.broker.stats()["topics"][0]["message_count"] == 3
+
+
 def test_auth_with_secrets_file(tmp_path):
     secrets = tmp_path / "secrets.json"
     secrets.write_text(json.dumps({
