@@ -3220,7 +3220,9 @@ class Broker:
         except IndexError:
             msg_id = self._refill_ids()
         msg = Message(msg_id, body, self._time_ns())
-        self._put(topic, [msg], defer)
+        t = self._topics.get(topic)
+        if t is None or self.data_path or self._closed or t._put([msg], defer) is None:
+            self._put(topic, [msg], defer)     # (memory only, an existing topic: done)
         return msg
 
     def publish_many(self, topic: str, bodies: Iterable[bytes],
@@ -3262,10 +3264,6 @@ class Broker:
         return msgs
 
     def _put(self, topic: str, msgs: Messages, defer: float) -> None:
-        t = self._topics.get(topic)
-        if t is not None and not self._closed and not self.data_path:
-            if t._put(msgs, defer) is not None:    # memory only: nothing can fail
-                return
         for _ in range(3):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
