@@ -1994,8 +1994,15 @@ class Channel:
                 for m in _objects(msgs):
                     self._defer_locked(m, due)
                 return
-            self._queue.push(msgs)
-            if self._consumers and not self.paused:
+            cs, q = self._consumers, self._queue
+            if len(cs) == 1 and not q.mem and msgs.__class__ is not _Batch and not (
+                    self.paused or cs[0].closed or self.dispatch == "hash"
+                    or cs[0].ready_count - cs[0].in_flight_count < len(msgs)):
+                # Nothing waits before them and the one consumer has room: hand over.
+                self._start_flight_locked(msgs, cs[0], self._monotonic(), out)
+                return
+            q.push(msgs)
+            if cs and not self.paused:
                 self._dispatch_locked(out)
 
     def _defer_locked(self, msg: Message, due: float) -> None:
