@@ -4880,9 +4880,9 @@ class TCPServer:
 
     @property
     def address(self) -> str:
-        """Where the server listens, as ``host:port`` (useful with port 0)."""
+        """Where the server listens, as ``host:port`` (``[host]:port`` for IPv6)."""
         host, port = self.server_address[:2]
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def start(self) -> "TCPServer":
         """Serve connections from a background thread (the I/O loop)."""

@@ -2426,6 +2426,42 @@ def test_one_io_thread_serves_every_connection(server):
         r.close()
 
 
+def test_accept_failures_pause_accepting_then_it_goes_on(server, caplog):
+    real = server._listener
+    failures = [errno.EMFILE]
+
+    class OutOfFiles:                      # the listener, until a descriptor is free
+        def accept(self):
+            if failures:
+                raise OSError(failures.pop(), "Too many open files")
+            return real.accept()
+
+        def fileno(self):
+            return real.fileno()
+
+        def close(self):
+            real.close()
+    server._listener = OutOfFiles()
+    caplog.set_level(logging.ERROR)
+    r = Raw(server)                        # waits in the backlog through the pause
+    r.cmd("PUB t", b"late but fine")
+    assert r.response() == b"OK"
+    assert "cannot accept a connection" in caplog.text and not failures
+
+
+def test_server_listens_on_ipv6_loopback():
+    import socket
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with minq.Broker() as b, minq.TCPServer(b, "[::1]:0").start() as srv:
+        assert srv.address == f"[::1]:{srv.server_address[1]}"
+        with minq.Client(srv.address) as c:
+            c.publish("t", b"over ipv6")
+        assert b.stats()["topics"][0]["message_count"] == 1
+
+
 def test_pipelined_commands_in_one_write_are_answered_in_order(server):
     r = Raw(server)
     r.send(b"".join(b"PUB t\n" + struct.pack(">l", 2) + b"m%d" % i for i in range(3))
