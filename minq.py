@@ -20,6 +20,7 @@ Quick start::
 from __future__ import annotations
 
 import argparse
+import array
 import binascii
 import bisect
 import collections
@@ -65,7 +66,8 @@ __all__ = [
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
     # servers and the command line
-    "TCPServer", "HTTPServer", "Authorizer", "LookupdRegistrar", "broadcast_address",
+    "TCPServer", "HTTPServer", "MemoryBudget", "Authorizer", "LookupdRegistrar",
+    "broadcast_address",
     "nsqd_stats", "prometheus_metrics", "parse_duration", "main",
     # constants
     "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
@@ -88,10 +90,16 @@ DEFAULT_MSG_TIMEOUT = 60.0
 DEFAULT_MAX_MSG_TIMEOUT = 15 * 60.0
 DEFAULT_MAX_MSG_SIZE = 1024 * 1024
 DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
+DEFAULT_BODY_MEMORY_FACTOR = 8      # request bodies held at once: 8 x max_body_size
 DEFAULT_MAX_REQ_TIMEOUT = 60 * 60.0
 DEFAULT_MAX_RDY_COUNT = 2500
 DEFAULT_TCP_ADDRESS = "127.0.0.1:4150"   # nsqd binds 0.0.0.0; minq stays on loopback
 DEFAULT_HTTP_ADDRESS = "127.0.0.1:4151"
+DEFAULT_HTTPS_ADDRESS = "127.0.0.1:4152"  # served only when a TLS certificate is given
+DEFAULT_HTTP_HEADER_TIMEOUT = 10.0        # request line and headers (and a TLS handshake)
+DEFAULT_HTTP_READ_TIMEOUT = 60.0          # a request's body; a response's writing
+DEFAULT_HTTP_IDLE_TIMEOUT = 120.0         # a keep-alive connection between requests
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0            # grace for requests in progress at a stop
 DEFAULT_DATA_PATH = "minq-data"
 DEFAULT_HEARTBEAT_INTERVAL = 30.0         # nsqd: ClientTimeout / 2
 DEFAULT_MAX_HEARTBEAT_INTERVAL = 60.0
@@ -249,6 +257,7 @@ class FakeClock:
 # =============================================================================
 
 _MSG_HEADER = struct.Struct(">qH16s")  # timestamp ns, attempts, id: nsqd's layout
+_LEN = struct.Struct(">l")              # a length or count on the wire (big-endian int32)
 MSG_HEADER_SIZE = _MSG_HEADER.size     # 26
 
 
@@ -341,8 +350,8 @@ class _Delivery(Message):
 
 class _BodyRun:
     """Bodies of one size in a row inside a larger bytes (an MPUB's payload,
-    every length already checked), sliced only when they are iterated: a
-    batch that waits in memory costs no object per message."""
+    every length already checked), sliced only when they are used: a batch
+    that waits in memory costs no object per message."""
 
     __slots__ = ("data", "first", "size", "step", "count")
 
@@ -353,17 +362,150 @@ class _BodyRun:
         return self.count
 
     def __iter__(self) -> Iterator[bytes]:
-        data, size = self.data, self.size
-        return iter([data[o:o + size] for o in range(self.first, self.first + self.count *
-                                                     self.step, self.step)])
+        return iter(self.chunk(0, self.count))
+
+    def chunk(self, a: int, b: int) -> List[bytes]:
+        """Bodies *a* to *b* (exclusive) as bytes."""
+        data, size, step = self.data, self.size, self.step
+        start = self.first + a * step
+        return [data[o:o + size] for o in range(start, start + (b - a) * step, step)]
+
+    def sliced(self, a: int, b: int) -> "_BodyRun":
+        return _BodyRun(self.data, self.first + a * self.step, self.size, self.step, b - a)
 
     @property
     def nbytes(self) -> int:
         return self.size * self.count
 
 
-def _nbytes(bodies: Any) -> int:
-    return bodies.nbytes if bodies.__class__ is _BodyRun else sum(map(len, bodies))
+class _BodySpans:
+    """Bodies of any size inside a larger bytes, found by their offsets (a
+    text /mpub's lines): 8 bytes per message instead of a bytes object each."""
+
+    __slots__ = ("data", "starts", "ends")
+
+    def __init__(self, data: bytes, starts: "array.array[int]", ends: "array.array[int]") -> None:
+        self.data, self.starts, self.ends = data, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunk(0, len(self.starts)))
+
+    def chunk(self, a: int, b: int) -> List[bytes]:
+        data = self.data
+        return [data[s:e] for s, e in zip(self.starts[a:b], self.ends[a:b])]
+
+    def sliced(self, a: int, b: int) -> "_BodySpans":
+        return _BodySpans(self.data, self.starts[a:b], self.ends[a:b])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.ends) - sum(self.starts)
+
+
+_PACKED_BODIES = (_BodyRun, _BodySpans)
+Bodies = Any     # a List[bytes], a _BodyRun or a _BodySpans
+
+
+def _nbytes(bodies: Bodies) -> int:
+    return bodies.nbytes if bodies.__class__ in _PACKED_BODIES else sum(map(len, bodies))
+
+
+def _body_chunk(bodies: Bodies, a: int, b: int) -> List[bytes]:
+    return bodies.chunk(a, b) if bodies.__class__ in _PACKED_BODIES else bodies[a:b]
+
+
+def _body_slice(bodies: Bodies, a: int, b: int) -> Bodies:
+    return bodies.sliced(a, b) if bodies.__class__ in _PACKED_BODIES else bodies[a:b]
+
+
+def _offsets(data: bytes) -> "array.array[int]":
+    return array.array("I" if len(data) < 1 << 32 else "q")
+
+
+class _BadMPUB(MinqError):
+    """A binary MPUB payload that does not parse: *code* is nsqd's (without
+    the ``E_`` its TCP form has: ``BAD_BODY`` or ``BAD_MESSAGE``)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _split_mpub(payload: bytes, max_size: int, max_body_size: int) -> Bodies:
+    """nsqd's binary MPUB body ``[count][(size, bytes) x count]`` -> bodies,
+    each size checked before it is used (TCP ``MPUB`` and HTTP ``/mpub?binary``).
+
+    Bodies of one size (the usual batch) are checked a column at a time and
+    become a _BodyRun; others a _BodySpans.  Raises _BadMPUB.
+    """
+    if len(payload) < 4:
+        raise _BadMPUB("BAD_BODY", "MPUB failed to read message count")
+    count = _LEN.unpack_from(payload)[0]
+    if not 0 < count <= (max_body_size - 4) // 5:     # 5: the smallest message
+        raise _BadMPUB("BAD_BODY", f"MPUB invalid message count {count}")
+    if len(payload) >= 8:
+        size = _LEN.unpack_from(payload, 4)[0]
+        step = size + 4
+        if (0 < size <= max_size and len(payload) == 4 + count * step
+                and _same_length_run(payload, 4, step, count) == count):
+            return _BodyRun(payload, 8, size, step, count)
+    starts, ends = _offsets(payload), _offsets(payload)
+    unpack, pos, total = _LEN.unpack_from, 4, len(payload)
+    for i in range(count):
+        if pos + 4 > total:
+            raise _BadMPUB("BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
+        size = unpack(payload, pos)[0]
+        pos += 4
+        if size <= 0:
+            raise _BadMPUB("BAD_MESSAGE", f"MPUB invalid message({i}) body size {size}")
+        if size > max_size:
+            raise _BadMPUB("BAD_MESSAGE", f"MPUB message too big {size} > {max_size}")
+        if pos + size > total:
+            raise _BadMPUB("BAD_MESSAGE", "MPUB failed to read message body")
+        starts.append(pos)
+        pos += size
+        ends.append(pos)
+    return _BodySpans(payload, starts, ends)
+
+
+def _split_lines(body: bytes, max_size: int) -> Bodies:
+    """nsqd's text ``/mpub``: a message per line, empty lines skipped.
+
+    Raises InvalidMessage for a line over *max_size*.  A big body is cut
+    without a bytes object per line: lines of one size become a _BodyRun,
+    others a _BodySpans, so its cost in memory stays a small multiple of
+    the body's own size.
+    """
+    if len(body) < 4096:
+        lines = [line for line in body.split(b"\n") if line]
+        if lines and max(map(len, lines)) > max_size:
+            raise InvalidMessage(f"message too big {max(map(len, lines))} > {max_size}")
+        return lines
+    size = body.find(b"\n")
+    step = size + 1
+    count = (len(body) + 1) // step if size > 0 else 0
+    if 0 < size <= max_size and len(body) in (count * step, count * step - 1):
+        newlines = body[size::step]
+        if newlines.count(b"\n") == len(newlines) == body.count(b"\n"):
+            return _BodyRun(body, 0, size, step, count)
+    starts, ends = _offsets(body), _offsets(body)
+    add_start, add_end = starts.append, ends.append
+    pos, total = 0, len(body)
+    while pos < total:
+        cut = body.find(b"\n", pos + 65536)
+        cut = total if cut < 0 else cut + 1
+        for n in map(len, body[pos:cut].split(b"\n")):
+            if n:
+                if n > max_size:
+                    raise InvalidMessage(f"message too big {n} > {max_size}")
+                add_start(pos)
+                add_end(pos + n)
+            pos += n + 1
+        pos = cut
+    return _BodySpans(body, starts, ends)
 
 
 class _Batch:
@@ -388,6 +530,16 @@ class _Batch:
         if self._ids is None:
             self._ids = _format_ids(self.first, len(self.bodies))
         return self._ids
+
+    def split(self, k: int) -> Tuple["_Batch", "_Batch"]:
+        """The first *k* messages and the others, as two batches."""
+        n, ids = len(self.bodies), self._ids
+        head = _Batch(self.first, _body_slice(self.bodies, 0, k), self.timestamp)
+        rest = _Batch((self.first + k) & _ID_MASK, _body_slice(self.bodies, k, n),
+                      self.timestamp)
+        if ids is not None:
+            head._ids, rest._ids = ids[:k], ids[k:]
+        return head, rest
 
     def messages(self) -> List[Message]:
         """Fresh message objects (each call makes its own)."""
@@ -529,6 +681,7 @@ class SegmentLog:
         self.bytes_written = 0
         self.fsync_count = 0
         self.corrupt_count = 0
+        self._depth_suspect = False      # damage was skipped: depth may count lost records
         self.ops = 0                       # appends + reads since the last sync
         self.sync_requested = False        # the broker was asked to sync this log
         self._retired: List[int] = []      # fds of rolled segments, closed at sync
@@ -723,17 +876,26 @@ class SegmentLog:
         base, off, _ = self._append_framed(b"".join(chunks), n, consume, rel)
         return [base | (off + r) for r in rel]
 
-    def append_framed(self, data: bytes, count: int) -> Tuple[int, int]:
+    def append_framed(self, data: Union[bytes, Iterable[bytes]], count: int,
+                      size: Optional[int] = None) -> Tuple[int, int]:
         """Write *count* records already framed as stored (``peek_framed``'s bytes),
         unread; return the positions of the first and after the last.  Raises
-        OSError with nothing written."""
-        base, off, end = self._append_framed(data, count, False, None)
+        OSError with nothing written.
+
+        *data* is one bytes, or, with *size*, chunks of *size* bytes in all,
+        made as they are written (a huge batch is never whole in memory).
+        """
+        base, off, end = self._append_framed(data, count, False, None, size)
         return base | off, base | end
 
-    def _append_framed(self, data: bytes, n: int, consume: bool,
-                       rel: Optional[List[int]]) -> Tuple[int, int, int]:
+    def _append_framed(self, data: Any, n: int, consume: bool, rel: Optional[List[int]],
+                       size: Optional[int] = None) -> Tuple[int, int, int]:
         # Returns (segment base, offset of the first record, offset after the last).
-        size = len(data)
+        chunks = None
+        if size is None:
+            size = len(data)
+        else:
+            chunks, data = data, None
         lock, append_lock = self._lock, self._append_lock
         append_lock.acquire()
         try:
@@ -748,7 +910,7 @@ class SegmentLog:
                 at_end = self._read_pos == base | off
                 end = off + size
                 m = self._map
-                if (m is not None and size <= _MAP_MAX_WRITE
+                if (m is not None and size <= _MAP_MAX_WRITE and chunks is None
                         and self._map_start <= off and end <= self._map_end):
                     m[off - self._map_start:end - self._map_start] = data   # a copy: no I/O
                     self.bytes_written += size
@@ -758,7 +920,10 @@ class SegmentLog:
                     # appear at once when it moves, below.
                     lock.release()
                     try:
-                        self._write_data(data, off)
+                        if chunks is None:
+                            self._write_data(data, off)
+                        else:
+                            self._write_chunks(chunks, off, size)
                     finally:
                         lock.acquire()
                 self._write_off = end
@@ -840,6 +1005,24 @@ class SegmentLog:
             raise
         self.bytes_written += len(data)
 
+    def _write_chunks(self, chunks: Iterable[bytes], offset: int, size: int) -> None:
+        # Each chunk after the last; on any failure nothing of them stays.
+        at = offset
+        try:
+            for chunk in chunks:
+                self._write_data(chunk, at)
+                at += len(chunk)
+            if at != offset + size:
+                raise ValueError(f"framed chunks of {at - offset} bytes, {size} announced")
+        except BaseException:
+            if at > offset:
+                try:
+                    self._unmap()
+                    os.ftruncate(self._write_fd, offset)
+                except OSError:
+                    pass
+            raise
+
     def _remap(self, offset: int, end: int) -> None:
         """Map a fresh window holding [offset, end), or leave none (use pwrite).
 
@@ -912,6 +1095,7 @@ class SegmentLog:
                 payloads.append(rec[1])
                 if positions is not None:
                     positions.append(rec[0])
+            self._caught_up_locked()
             if not self.ack_mode:
                 self._advance_commit_locked()
         return payloads, positions
@@ -935,6 +1119,7 @@ class SegmentLog:
             if self.ack_mode:
                 heapq.heappush(self._unacked, pos)
             return pos, payload
+        self._caught_up_locked()
         return None
 
     def _buffered_at_cursor(self) -> Tuple[int, int, int]:
@@ -1071,6 +1256,7 @@ class SegmentLog:
             self._read_pos = end
             self.ops += len(positions)
             self.depth = max(self.depth - len(positions), 0)
+            self._caught_up_locked()
             if self.ack_mode:
                 push, heap = heapq.heappush, self._unacked
                 for p in positions:
@@ -1094,9 +1280,50 @@ class SegmentLog:
             self._damaged(num, off, "bad record length")
             return None
         if zlib.crc32(payload) != crc:
-            self._damaged(num, off, "CRC mismatch", skip_to=off + _REC_SIZE + size)
+            # Only the record is bad if its length is right: a good record
+            # (or the end) follows it.  Else the length is damaged too.
+            nxt = off + _REC_SIZE + size
+            if nxt == self._segment_end(num) or self._record_at(num, nxt):
+                self._damaged(num, off, "CRC mismatch", skip_to=nxt)
+            else:
+                self._damaged(num, off, "CRC mismatch and bad record length")
             return None
         return payload, self._pos(num, off + _REC_SIZE + size)
+
+    def _segment_end(self, num: int) -> int:
+        if num == self._write_num:
+            return self._write_off
+        return os.fstat(self._read_fd).st_size if self._read_fd is not None else 0
+
+    def _record_at(self, num: int, off: int) -> bool:
+        """Whether a whole record whose length and CRC check out starts at *off*."""
+        header = self._read_bytes(num, off, _REC_SIZE)
+        if header is None:
+            return False
+        size, crc = _REC.unpack(header)
+        if not 0 < size <= self.max_record_size or off + _REC_SIZE + size > self._segment_end(num):
+            return False
+        payload = self._read_bytes(num, off + _REC_SIZE, size)
+        return payload is not None and zlib.crc32(payload) == crc
+
+    def _resync(self, num: int, off: int) -> Optional[int]:
+        """The offset of the first record after *off* in segment *num* whose
+        length and CRC check out (a damaged length hides where the next
+        record starts), or None: scanned a window at a time."""
+        limit, biggest = self._segment_end(num), self.max_record_size
+        unpack, crc32, fd = _REC.unpack_from, zlib.crc32, self._read_fd
+        window = 1 << 20
+        at = off + 1
+        while at + _REC_SIZE <= limit and fd is not None:
+            buf = os.pread(fd, min(window + _REC_SIZE + biggest, limit - at), at)
+            view = memoryview(buf)
+            for i in range(min(window, len(buf) - _REC_SIZE + 1)):
+                size, crc = unpack(buf, i)
+                if 0 < size <= biggest and i + _REC_SIZE + size <= len(buf) and \
+                        crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) == crc:
+                    return at + i
+            at += window
+        return None
 
     def _read_bytes(self, num: int, off: int, n: int) -> Optional[bytes]:
         if self._read_fd_num != num:
@@ -1134,19 +1361,35 @@ class SegmentLog:
             except OSError:
                 log.exception("segment log %s: could not keep a copy of damaged segment %d",
                               self.name, num)
-        end = self._write_off if num == self._write_num else None
-        size = os.fstat(self._read_fd).st_size if self._read_fd is not None else 0
-        limit = end if end is not None else size
-        if skip_to is not None and skip_to <= limit:
+        self._depth_suspect = True
+        if skip_to is None:
+            skip_to = self._resync(num, off)
+            if skip_to is not None:
+                log.error("segment log %s: %s at segment %d offset %d; %d bytes skipped to "
+                          "the next good record, copy kept as %s", self.name, why, num, off,
+                          skip_to - off, bad)
+        else:
             log.error("segment log %s: %s at segment %d offset %d; record skipped, "
                       "copy kept as %s", self.name, why, num, off, bad)
+        if skip_to is not None and skip_to <= self._segment_end(num):
             self._read_pos = self._pos(num, skip_to)
         else:
-            log.error("segment log %s: %s at segment %d offset %d; rest of the segment "
-                      "lost, copy kept as %s", self.name, why, num, off, bad)
+            log.error("segment log %s: no good record after segment %d offset %d; the rest "
+                      "of the segment is lost", self.name, num, off)
             self._next_segment(num)
         if self.depth > 0:
             self.depth -= 1
+
+    def _caught_up_locked(self) -> None:
+        """The cursor reached the end: nothing is left, whatever depth said.
+        What damage hid (records inside a skipped stretch) is counted here."""
+        if self.depth and self._read_pos >= self.write_pos:
+            if self._depth_suspect:
+                log.error("segment log %s: %d more record(s) were lost in damaged stretches",
+                          self.name, self.depth)
+                self.corrupt_count += self.depth
+            self.depth = 0
+        self._depth_suspect = False
 
     def _close_read_fd(self) -> None:
         if self._read_fd is not None:
@@ -1468,23 +1711,39 @@ _RECORD_FIXED = struct.Struct(">qqH")   # the head up to the id: due, timestamp,
 _RECORD_LAYOUTS: Dict[int, struct.Struct] = {}   # payload size -> the record with its body
 
 
-def _framed_records(msgs: Messages, due_ns: int) -> bytes:
-    """Records of *msgs* framed as a log stores them (``SegmentLog.append_framed``)."""
-    parts: List[bytes] = []
-    add, frame, crc32 = parts.append, _REC.pack, zlib.crc32
-    if msgs.__class__ is _Batch:        # one timestamp, attempts 0: a shared prefix
-        prefix = _RECORD_FIXED.pack(due_ns, msgs.timestamp, 0)
-        for i, b in zip(msgs.ids, msgs.bodies):
-            p = prefix + i + b
-            add(frame(len(p), crc32(p)))
-            add(p)
-    else:
-        head = _RECORD_HEAD.pack
-        for m in msgs:
-            p = head(due_ns, m.timestamp, m.attempts, m.id) + m.body
-            add(frame(len(p), crc32(p)))
-            add(p)
-    return b"".join(parts)
+_FRAMING_CHUNK = 4096     # records framed per bytes object when a batch goes to a log
+
+
+def _framed_size(msgs: Messages) -> int:
+    """The bytes ``_framed_chunks`` makes of *msgs*."""
+    bodies = msgs.bodies if msgs.__class__ is _Batch else [m.body for m in msgs]
+    return len(msgs) * (_REC_SIZE + _RECORD_HEAD_SIZE) + _nbytes(bodies)
+
+
+def _framed_chunks(msgs: Messages, due_ns: int) -> Iterator[bytes]:
+    """Records of *msgs* framed as a log stores them (``SegmentLog.append_framed``),
+    made a chunk at a time: a batch of a million tiny messages never exists
+    as a million records (or ids) at once."""
+    frame, crc32 = _REC.pack, zlib.crc32
+    for k in range(0, len(msgs), _FRAMING_CHUNK):
+        n = min(_FRAMING_CHUNK, len(msgs) - k)
+        parts: List[bytes] = []
+        add = parts.append
+        if msgs.__class__ is _Batch:     # one timestamp, attempts 0: a shared prefix
+            prefix = _RECORD_FIXED.pack(due_ns, msgs.timestamp, 0)
+            ids = (msgs._ids[k:k + n] if msgs._ids is not None
+                   else _format_ids((msgs.first + k) & _ID_MASK, n))
+            for i, b in zip(ids, _body_chunk(msgs.bodies, k, k + n)):
+                p = prefix + i + b
+                add(frame(len(p), crc32(p)))
+                add(p)
+        else:
+            head = _RECORD_HEAD.pack
+            for m in msgs[k:k + n]:
+                p = head(due_ns, m.timestamp, m.attempts, m.id) + m.body
+                add(frame(len(p), crc32(p)))
+                add(p)
+        yield b"".join(parts)
 
 
 def _decode_framed(data: bytes, now_ns: int) -> List[Tuple[List[Message], float]]:
@@ -1567,7 +1826,8 @@ class _MessageQueue:
                   and self.mem_count + len(msgs) <= self.mem_limit)
         if not to_mem and not due_ns:
             # Bound for the log, to be read back later: records only.
-            start, end = seglog.append_framed(_framed_records(msgs, 0), len(msgs))
+            start, end = seglog.append_framed(_framed_chunks(msgs, 0), len(msgs),
+                                              _framed_size(msgs))
             self._on_write(seglog)
             return (msgs, None, False, (start, end))
         if not self.durable:
@@ -1659,13 +1919,13 @@ class _MessageQueue:
             if entry.__class__ is not _Batch:
                 out.append(entry)
                 continue
-            self._mem_batches -= 1
-            msgs = entry.messages()
             need = n - len(out)
-            if len(msgs) > need:
-                mem.extendleft(reversed(msgs[need:]))
-                msgs = msgs[:need]
-            out += msgs
+            if len(entry) > need:       # the rest stays a batch
+                entry, rest = entry.split(need)
+                mem.appendleft(rest)
+            else:
+                self._mem_batches -= 1
+            out += entry.messages()
         return out
 
     def _decode_into(self, out: List[Message], payloads: List[bytes],
@@ -2327,6 +2587,9 @@ class Channel:
         i = 0
         while i < len(q) and i < self.HASH_LOOKAHEAD:
             msg = q[i]
+            if msg.__class__ is _Batch:     # removals brought a batch into reach
+                queue.fill(i + self.HASH_LOOKAHEAD)
+                msg = q[i]
             try:
                 key = _key_bytes(self.key(msg))  # type: ignore[misc]
             except Exception:
@@ -2956,6 +3219,7 @@ class Topic:
                 "paused": self.paused,
                 "e2e_processing_latency": {"count": 0, "percentiles": None},
                 "drop_count": self._queue.drop_count,
+                "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
             }
             channels = [chans[k].stats(include_clients) for k in sorted(chans)]
         return {"topic_name": top.pop("topic_name"), "channels": channels, **top}
@@ -3249,8 +3513,8 @@ class Broker:
     def _publish_batch(self, topic: str, bodies: Iterable[bytes], defer: float,
                        kind: Callable[..., Any]) -> Messages:
         defer = self._check_defer(defer)
-        if bodies.__class__ is _BodyRun and kind is _Batch:    # checked as it was cut
-            if not 0 < bodies.size <= self.max_msg_size:  # type: ignore[attr-defined]
+        if bodies.__class__ in _PACKED_BODIES and kind is _Batch:   # checked as cut
+            if bodies.__class__ is _BodyRun and not 0 < bodies.size <= self.max_msg_size:  # type: ignore[attr-defined]
                 bodies = [self._checked_body(b) for b in bodies]
         else:
             bodies = list(bodies)
@@ -3274,8 +3538,8 @@ class Broker:
         for _ in range(3):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
-            t = self._topics.get(topic) or self.topic(topic)
             try:
+                t = self._topics.get(topic) or self.topic(topic)
                 written = t._put(msgs, defer)
                 if written and self.fsync:
                     for seglog, pos in written:
@@ -3829,7 +4093,6 @@ class Subscription(_HandlerPool, PullConsumer):
 # -- the wire: frames and the connection stream (used by Client and TCPServer)
 
 _FRAME_HEAD = struct.Struct(">lL")   # size = 4 + len(data), frame type
-_LEN = struct.Struct(">l")
 _HEARTBEAT = b"_heartbeat_"
 
 
@@ -4572,6 +4835,7 @@ class RemoteSubscription(_HandlerPool, RemoteConsumer):
 STATE_INIT, STATE_SUBSCRIBED, STATE_CLOSING = 0, 3, 4
 _NON_FATAL = frozenset({"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"})
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9a-fA-F]{1,15}")
 
 
 class _ClientError(Exception):
@@ -4591,25 +4855,54 @@ def _parse_uint(value: bytes, what: str) -> int:
 
 
 class _AuthState:
-    """What an AUTH secret allows: nsqd's authorizations, with an expiry."""
+    """What an AUTH secret allows: nsqd's authorizations, with an expiry.
 
-    def __init__(self, reply: Dict[str, Any], now: float) -> None:
-        self.identity = str(reply.get("identity", ""))
-        self.identity_url = str(reply.get("identity_url", ""))
-        ttl = reply.get("ttl")
+    Raises ValueError for a reply of any other shape (an auth server is
+    trusted for its answer, not for its JSON).
+    """
+
+    def __init__(self, reply: Any, now: float) -> None:
+        if not isinstance(reply, dict):
+            raise ValueError("not a JSON object")
+        self.identity = _auth_field(reply, "identity", str, "")
+        self.identity_url = _auth_field(reply, "identity_url", str, "")
+        ttl = _auth_field(reply, "ttl", (int, float), None)
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl {ttl} is not positive")
         self.expires = now + ttl if ttl is not None else math.inf
         self.rules: List[Tuple[Any, List[Any], frozenset]] = []
-        for a in reply.get("authorizations") or []:
-            perms = frozenset(a.get("permissions") or [])
-            if not perms or not perms <= {"subscribe", "publish"}:
+        rules = _auth_field(reply, "authorizations", list, [])
+        for a in rules:
+            if not isinstance(a, dict):
+                raise ValueError("an authorization is not a JSON object")
+            topic = _auth_field(a, "topic", str, None)
+            if topic is None:
+                raise ValueError("an authorization without a topic")
+            channels = _auth_field(a, "channels", list, [])
+            perms = _auth_field(a, "permissions", list, [])
+            if not all(isinstance(x, str) for x in channels + perms):
+                raise ValueError("channels and permissions must be strings")
+            if not perms or not set(perms) <= {"subscribe", "publish"}:
                 raise ValueError(f"unknown permissions {sorted(perms)}")
-            self.rules.append((re.compile(a["topic"]),
-                               [re.compile(c) for c in a.get("channels") or []], perms))
+            try:
+                self.rules.append((re.compile(topic), [re.compile(c) for c in channels],
+                                   frozenset(perms)))
+            except re.error as e:
+                raise ValueError(f"bad regular expression: {e}") from None
 
     def allows(self, permission: str, topic: str, channel: str) -> bool:
         # Regexes are unanchored, as nsqd's MatchString; PUB checks channel "".
         return any(permission in perms and t.search(topic) and any(c.search(channel) for c in chans)
                    for t, chans, perms in self.rules)
+
+
+def _auth_field(reply: Dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+    value = reply.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{key!r} has the wrong type ({type(value).__name__})")
+    return value
 
 
 class Authorizer:
@@ -4618,23 +4911,65 @@ class Authorizer:
     The secrets file is JSON mapping each secret to what an auth server would
     reply: ``{"s3cret": {"identity": "ingest", "authorizations": [{"topic":
     "^orders$", "channels": [".*"], "permissions": ["publish"]}]}}``.
+
+    Guessing is throttled: after ``max_failures`` failed AUTHs from one
+    address within ``failure_window`` seconds, AUTH from it fails at once
+    for ``lockout`` seconds.
     """
+
+    max_failures = 10
+    failure_window = 60.0
+    lockout = 30.0
 
     def __init__(self, http_addresses: Iterable[str] = (), secrets_file: Optional[str] = None,
                  timeout: float = 5.0) -> None:
         self.urls = [a if "://" in a else f"http://{a}/auth" for a in http_addresses]
         self.timeout = timeout
         self.secrets: Dict[str, Dict[str, Any]] = {}
+        self._failures: Dict[str, List[float]] = {}    # address -> recent failure times
+        self._locked: Dict[str, float] = {}
+        self._lock = threading.Lock()
         if secrets_file:
-            with open(secrets_file, "rb") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise InvalidArgument(f"{secrets_file}: expected a JSON object of secrets")
-            for secret, reply in data.items():
-                _AuthState(reply, 0.0)  # fail now on a bad rule, not at AUTH time
+            try:
+                with open(secrets_file, "rb") as f:
+                    data = json.load(f)
+                if not isinstance(data, dict):
+                    raise ValueError("expected a JSON object of secrets")
+                for secret, reply in data.items():
+                    _AuthState(reply, 0.0)  # fail now on a bad rule, not at AUTH time
+            except (ValueError, RecursionError) as e:
+                raise InvalidArgument(f"{secrets_file}: {e}") from None
             self.secrets = data
         if not self.urls and not self.secrets:
             raise InvalidArgument("an Authorizer needs auth server addresses or a secrets file")
+
+    def locked_out(self, address: str) -> float:
+        """Seconds until *address* may try AUTH again (0: it may now)."""
+        with self._lock:
+            left = self._locked.get(address, 0.0) - time.monotonic()
+            if left <= 0:
+                self._locked.pop(address, None)
+            return max(left, 0.0)
+
+    def failed(self, address: str) -> None:
+        """Count a failed AUTH from *address*; lock it out after too many."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 10_000:       # forget the quiet ones
+                self._failures = {a: t for a, t in self._failures.items()
+                                  if t[-1] > now - self.failure_window}
+            times = [t for t in self._failures.get(address, ()) if t > now - self.failure_window]
+            times.append(now)
+            if len(times) >= self.max_failures:
+                self._locked[address] = now + self.lockout
+                log.warning("AUTH: %d failures from %s within %gs; locked out for %gs",
+                            len(times), address, self.failure_window, self.lockout)
+                times = []
+            self._failures[address] = times
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
 
     def authorize(self, secret: str, remote_ip: str, tls: bool,
                   common_name: str = "") -> Optional[_AuthState]:
@@ -4651,13 +4986,65 @@ class Authorizer:
             try:
                 with urllib.request.urlopen(f"{url}?{query}", timeout=self.timeout) as r:
                     reply = json.loads(r.read(DEFAULT_MAX_BODY_SIZE))
-                if not isinstance(reply, dict) or not reply.get("ttl", 0) > 0:
-                    raise ValueError(f"auth server reply without a positive ttl: {reply!r:.200}")
+                if not isinstance(reply, dict) or reply.get("ttl") is None:
+                    raise ValueError("a reply without a ttl")
                 return _AuthState(reply, now)
+            except RecursionError:
+                last = ValueError("a reply nested too deep")
+                log.warning("auth server %s failed: %s", url, last)
             except (OSError, ValueError) as e:
                 last = e
                 log.warning("auth server %s failed: %s", url, e)
         raise last if last is not None else OSError("no auth server answered")
+
+
+class MemoryBudget:
+    """Bytes of request bodies that all connections may hold at once.
+
+    A front end takes a body's size from it before reading the body (TCP
+    ``PUB``/``MPUB``/``DPUB``, HTTP ``/pub``/``/mpub``) and gives it back when
+    the publish is done, so a thousand connections that each send a
+    maximum-size MPUB wait for each other instead of exhausting memory.
+    Bodies under ``SMALL`` bytes are not counted; one body is always let
+    through when nothing else is held, whatever its size.
+    """
+
+    SMALL = 64 * 1024
+
+    def __init__(self, limit: int) -> None:
+        _check_range("limit", limit, 1, None)
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters: List[Callable[[], None]] = []
+
+    def try_take(self, n: int, waiter: Optional[Callable[[], None]] = None) -> bool:
+        """Take *n* bytes if they fit now; else remember *waiter*, called
+        (on the thread that frees memory) when some is given back."""
+        with self._cond:
+            if self.used and self.used + n > self.limit:
+                if waiter is not None:
+                    self._waiters.append(waiter)
+                return False
+            self.used += n
+            return True
+
+    def take(self, n: int, timeout: float) -> bool:
+        """Take *n* bytes, waiting up to *timeout* seconds for them to fit."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self.used or self.used + n <= self.limit,
+                                       timeout):
+                return False
+            self.used += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter()
 
 
 class _EventLoop:
@@ -4839,7 +5226,8 @@ class TCPServer:
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  tls_required: bool = False, deflate: bool = True,
                  max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
-                 authorizer: Optional[Authorizer] = None, workers: int = 16) -> None:
+                 authorizer: Optional[Authorizer] = None, workers: int = 16,
+                 body_budget: Optional[MemoryBudget] = None) -> None:
         _check_range("max_deflate_level", max_deflate_level, 1, 9)
         _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
         _check_range("workers", workers, 1, 1024)
@@ -4852,6 +5240,9 @@ class TCPServer:
         self.deflate = deflate
         self.max_deflate_level = max_deflate_level
         self.authorizer = authorizer
+        #: shared with the HTTP face when ``serve`` runs both
+        self.body_budget = body_budget or MemoryBudget(
+            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
         self.tls_context: Optional[ssl.SSLContext] = None
         if tls_cert or tls_key:
             if not (tls_cert and tls_key):
@@ -5042,6 +5433,8 @@ class _ClientV2(Consumer):
         # grows by itself): past _MAX_UNSENT in it, the client's input waits.
         self._sent_unchecked = 0
         self._outq_full = False
+        self._budget_held = 0            # bytes of the body being read, taken from the budget
+        self._awaiting_budget = False
         self._drops: List[bytes] = []   # ids dropped by sample_rate, finished at the end of the pass
         self._dirty = False
         self._events = 0           # what the selector watches for
@@ -5088,7 +5481,7 @@ class _ClientV2(Consumer):
 
     def _update_events(self) -> None:
         reading = self._closing or (
-            not self._eof and not self._held_back()
+            not self._eof and not self._held_back() and not self._awaiting_budget
             and self._avail < _MAX_UNSENT + self._need
             and not (self._decompress is not None and self._decompress.unconsumed_tail))
         events = (selectors.EVENT_READ if reading else 0) | (
@@ -5193,6 +5586,7 @@ class _ClientV2(Consumer):
             self._closing = True
             self._leave()
         self._gone = True
+        self._give_back_budget()
         if self._events:
             self.loop.selector.unregister(self.sock)
             self._events = 0
@@ -5605,6 +5999,13 @@ class _ClientV2(Consumer):
                                               f"too big {size} > {limit}"))
                 return True
             pending[5] = size  # type: ignore[index]
+        if size >= MemoryBudget.SMALL and not self._budget_held:
+            # A big body is read only once the server's body memory has room.
+            if not self.server.body_budget.try_take(size, self._budget_freed):
+                self._awaiting_budget = True
+                self._need = size
+                return False
+            self._budget_held = size
         if have < size:
             self._need = size
             return False
@@ -5614,11 +6015,30 @@ class _ClientV2(Consumer):
         try:
             reply = then(self, params, body)
         except _ClientError as e:
+            self._give_back_budget()
             self._error(e)
             return True
-        if reply is not None and reply is not _ASYNC:
-            self._respond(_OK_FRAME if reply == b"OK" else _frame(FRAME_TYPE_RESPONSE, reply))
+        if reply is not _ASYNC:           # else the worker's _job_done gives it back
+            self._give_back_budget()
+            if reply is not None:
+                self._respond(_OK_FRAME if reply == b"OK" else
+                              _frame(FRAME_TYPE_RESPONSE, reply))
         return True
+
+    def _give_back_budget(self) -> None:
+        if self._budget_held:
+            self.server.body_budget.give_back(self._budget_held)
+            self._budget_held = 0
+
+    def _budget_freed(self) -> None:
+        # Called by whichever thread gave memory back: retry on the loop.
+        self.loop.post(_ClientV2._retry_body, self)
+
+    def _retry_body(self) -> None:
+        if self._gone or not self._awaiting_budget:
+            return
+        self._awaiting_budget = False
+        self._resume_input()
 
     def _error(self, e: _ClientError) -> None:
         if e.fatal:
@@ -5640,6 +6060,7 @@ class _ClientV2(Consumer):
 
     def _job_done(self, result: Tuple[Any, Optional[_ClientError]]) -> None:
         self._busy = False
+        self._give_back_budget()
         if self._gone:
             return
         reply, error = result
@@ -5669,7 +6090,7 @@ class _ClientV2(Consumer):
             data = json.loads(body)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):       # RecursionError: nested too deep
             raise _ClientError("E_BAD_BODY", "IDENTIFY failed to decode JSON body") from None
         self._apply_identify(data)
         if not data.get("feature_negotiation"):
@@ -5778,14 +6199,23 @@ class _ClientV2(Consumer):
                            "permission_count": len(self.auth.rules)}).encode()
 
     def _query_auth(self, secret: str) -> _AuthState:
+        authorizer = self.server.authorizer
+        assert authorizer is not None
+        wait = authorizer.locked_out(self.remote_ip)
+        if wait:
+            log.info("client %s: AUTH refused: locked out for %.0fs more",
+                     self.remote_address, wait)
+            raise _ClientError("E_AUTH_FAILED", "AUTH failed: too many failures; "
+                                                f"retry in {math.ceil(wait)}s")
         try:
-            state = self.server.authorizer.authorize(  # type: ignore[union-attr]
-                secret, self.remote_ip, self._tls is not None)
+            state = authorizer.authorize(secret, self.remote_ip, self._tls is not None)
         except (OSError, ValueError) as e:
             log.warning("client %s: AUTH failed: %s", self.remote_address, e)
-            raise _ClientError("E_AUTH_FAILED", "AUTH failed") from e
+            state = None
         if state is None:
+            authorizer.failed(self.remote_ip)
             raise _ClientError("E_AUTH_FAILED", "AUTH failed")
+        authorizer.succeeded(self.remote_ip)
         state.secret = secret  # type: ignore[attr-defined]
         return state
 
@@ -5950,38 +6380,11 @@ class _ClientV2(Consumer):
                                  self.broker.max_body_size, "E_BAD_BODY")
 
     def _mpub_body(self, params: List[Any], payload: bytes) -> object:
-        return self._publish("MPUB", params[1], self._split_mpub(payload), 0.0)
-
-    def _split_mpub(self, payload: bytes) -> Union[List[bytes], _BodyRun]:
-        """``[count][(size, bytes) x count]`` -> bodies; every size checked before use."""
-        if len(payload) < 4:
-            raise _ClientError("E_BAD_BODY", "MPUB failed to read message count")
-        count = _LEN.unpack_from(payload)[0]
-        if not 0 < count <= (self.broker.max_body_size - 4) // 5:
-            raise _ClientError("E_BAD_BODY", f"MPUB invalid message count {count}")
-        limit = self.broker.max_msg_size
-        if len(payload) >= 8:
-            size = _LEN.unpack_from(payload, 4)[0]
-            step = size + 4
-            # Bodies of one size (the usual batch): lengths checked a column at a time.
-            if (0 < size <= limit and len(payload) == 4 + count * step
-                    and _same_length_run(payload, 4, step, count) == count):
-                return _BodyRun(payload, 8, size, step, count)
-        bodies, pos = [], 4
-        for i in range(count):
-            if pos + 4 > len(payload):
-                raise _ClientError("E_BAD_MESSAGE", f"MPUB failed to read message({i}) body size")
-            size = _LEN.unpack_from(payload, pos)[0]
-            pos += 4
-            if size <= 0:
-                raise _ClientError("E_BAD_MESSAGE", f"MPUB invalid message({i}) body size {size}")
-            if size > limit:
-                raise _ClientError("E_BAD_MESSAGE", f"MPUB message too big {size} > {limit}")
-            if pos + size > len(payload):
-                raise _ClientError("E_BAD_MESSAGE", "MPUB failed to read message body")
-            bodies.append(payload[pos:pos + size])
-            pos += size
-        return bodies
+        try:
+            bodies = _split_mpub(payload, self.broker.max_msg_size, self.broker.max_body_size)
+        except _BadMPUB as e:
+            raise _ClientError("E_" + e.code, str(e)) from None
+        return self._publish("MPUB", params[1], bodies, 0.0)
 
     def _publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> object:
         if self.broker.fsync or self._auth_expired() or not self._has_topic(topic):
@@ -6271,11 +6674,12 @@ class _LookupdPeer:
 # =============================================================================
 
 _NSQ_CONTENT_TYPE = "nsq; version=1.0"
+# nsqd's keys, then minq's own (records lost to damaged segments)
 _TOPIC_KEYS = ("topic_name", "channels", "depth", "backend_depth", "message_count",
-               "message_bytes", "paused", "e2e_processing_latency")
+               "message_bytes", "paused", "e2e_processing_latency", "corrupt_count")
 _CHANNEL_KEYS = ("channel_name", "depth", "backend_depth", "in_flight_count", "deferred_count",
                  "message_count", "requeue_count", "timeout_count", "client_count", "clients",
-                 "paused", "e2e_processing_latency")
+                 "paused", "e2e_processing_latency", "corrupt_count")
 _CLIENT_KEYS = ("client_id", "hostname", "version", "remote_address", "state", "ready_count",
                 "in_flight_count", "message_count", "finish_count", "requeue_count",
                 "connect_ts", "sample_rate", "deflate", "snappy", "user_agent", "authed",
@@ -6578,20 +6982,44 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """nsqd's HTTP API for a Broker (``start()`` / ``close()`` like TCPServer).
 
     *tcp_address* is what ``/info`` reports as the TCP port clients use.
+    With *tls_context* it serves HTTPS (nsqd's ``--https-address``).  Each
+    connection has a thread; none can hold one for long: the request line
+    and headers must arrive within ``http_header_timeout``, a body within
+    ``http_read_timeout``, and a keep-alive connection idle for
+    ``http_idle_timeout`` is closed (each an *options* key, seconds).
     """
 
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    request_queue_size = _LISTEN_BACKLOG
 
     def __init__(self, broker: Broker, address: Any = DEFAULT_HTTP_ADDRESS, *,
                  tcp_address: Optional[str] = None,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None,
+                 tls_context: Optional[ssl.SSLContext] = None,
+                 body_budget: Optional[MemoryBudget] = None) -> None:
         self.broker = broker
         self.tcp_address = tcp_address
-        self.options = dict(options or {})
+        self.options = opts = dict(options or {})
+        self.tls_context = tls_context
+        #: nsqd's --tls-required=true: plain HTTP answers 403 TLS_REQUIRED
+        self.tls_required = tls_context is None and opts.get("tls_required") is True
+        self.header_timeout = float(opts.get("http_header_timeout", DEFAULT_HTTP_HEADER_TIMEOUT))
+        self.read_timeout = float(opts.get("http_read_timeout", DEFAULT_HTTP_READ_TIMEOUT))
+        self.idle_timeout = float(opts.get("http_idle_timeout", DEFAULT_HTTP_IDLE_TIMEOUT))
+        self.body_budget = body_budget or MemoryBudget(
+            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
         self._thread: Optional[threading.Thread] = None
-        super().__init__(_split_address(address, 4151), _HTTPHandler)
+        # connection -> [state, deadline]: "head" (request line and headers,
+        # or a TLS handshake), "body", "busy" (handled, answered) or "idle"
+        self._conns: Dict[socket.socket, List[Any]] = {}
+        self._conns_lock = threading.Lock()
+        self.closing = False
+        host, port = _split_address(address, 4151)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _HTTPHandler)
         listen = _split_address(tcp_address, 4150)[0] if tcp_address else self.server_address[0]
         #: what /info and the lookupd endpoints tell clients to connect to
         self.broadcast_address: str = (self.options.get("broadcast_address")
@@ -6610,7 +7038,7 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def address(self) -> str:
         host, port = self.server_address[:2]
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def start(self) -> "HTTPServer":
         self._thread = threading.Thread(target=self.serve_forever, name="minq-http",
@@ -6618,13 +7046,81 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Stop accepting, finish requests in progress, join every thread."""
+    def stop_accepting(self) -> None:
+        """Accept no more connections (those open go on)."""
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
             self._thread = None
-        self.server_close()
+        self.socket.close()
+
+    def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:
+        """Stop accepting; close idle and half-read connections at once; give
+        requests being handled up to *grace* seconds (less if *hurry* is
+        set meanwhile), then close them too; join every thread."""
+        self.closing = True
+        self.stop_accepting()
+        deadline = time.monotonic() + grace
+        while True:
+            with self._conns_lock:
+                for sock, state in self._conns.items():
+                    if state[0] != "busy":
+                        _cut(sock)
+                busy = [s for s, state in self._conns.items() if state[0] == "busy"]
+            if not busy or time.monotonic() >= deadline or hurry is not None and hurry.is_set():
+                break
+            time.sleep(0.01)
+        for sock in busy:
+            log.warning("http: a request from %s outlived the shutdown grace; cut",
+                        _peer(sock))
+            _cut(sock)
+        self.server_close()        # joins the connections' threads
+
+    # -- connections: their states and deadlines --------------------------------
+    def get_request(self) -> Tuple[socket.socket, Any]:
+        sock, addr = self.socket.accept()
+        if self.tls_context is not None:
+            sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.set_state(request, "head")
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def set_state(self, sock: socket.socket, state: str) -> None:
+        """What a connection does now, which sets how long it may take."""
+        timeout = {"head": self.header_timeout, "idle": self.idle_timeout}.get(
+            state, self.read_timeout)
+        with self._conns_lock:
+            self._conns[sock] = [state, time.monotonic() + timeout]
+            if self.closing and state != "busy":
+                _cut(sock)
+
+    def service_actions(self) -> None:
+        # Called by serve_forever between polls: close connections past their deadline.
+        super().service_actions()
+        now = time.monotonic()
+        with self._conns_lock:
+            late = [(s, st) for s, st in self._conns.items() if st[1] <= now]
+            for sock, state in late:
+                state[1] = math.inf           # cut once
+                log.info("http: closing the connection from %s: %s", _peer(sock),
+                         {"head": "no complete request headers in time",
+                          "idle": "idle too long", "body": "body not sent in time",
+                          "busy": "response not read in time"}[state[0]])
+                _cut(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection's unexpected end (a cut, a reset, a failed handshake):
+        # one line, no traceback.
+        e = sys.exc_info()[1]
+        log.info("http: connection from %s ended: %s", client_address[0], e)
 
     def __enter__(self) -> "HTTPServer":
         return self
@@ -6633,22 +7129,39 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.close()
 
 
+def _cut(sock: socket.socket) -> None:
+    """Shut a connection down from another thread: its blocked read returns at once."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
     """Routes one request to a ``_get_*`` / ``_post_*`` method; replies as nsqd does."""
 
     server: HTTPServer
     protocol_version = "HTTP/1.1"
     server_version = f"minq/{VERSION}"
+    # Every answer has a status line: HTTP/0.9's bare replies are not spoken.
+    default_request_version = "HTTP/1.0"
     # Buffer each response and send it in one write when the request is done:
     # headers and body in separate small writes meet Nagle and delayed ACKs
     # (40 ms per request on keep-alive connections).
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
 
-    # (path) -> (allowed methods, handler name)
+    # (path) -> (allowed methods, handler name), as nsqd's router has them
     _ROUTES: Dict[str, Tuple[Tuple[str, ...], str]] = {
-        "/ping": (("GET", "HEAD"), "ping"), "/info": (("GET",), "info"),
-        "/pub": (("POST", "PUT"), "pub"), "/mpub": (("POST", "PUT"), "mpub"),
+        "/ping": (("GET",), "ping"), "/info": (("GET",), "info"),
+        "/pub": (("POST",), "pub"), "/mpub": (("POST",), "mpub"),
         "/stats": (("GET",), "stats"),
         "/topic/create": (("POST",), "topic_create"), "/topic/delete": (("POST",), "topic_delete"),
         "/topic/empty": (("POST",), "topic_empty"), "/topic/pause": (("POST",), "topic_pause"),
@@ -6664,9 +7177,43 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         "/metrics": (("GET",), "metrics"),
         "/": (("GET", "HEAD"), "admin_page"),
     }
+    # the body each route reads: (limit option, error code when over it)
+    _BODY_LIMITS = {"pub": ("max_msg_size", "MSG_TOO_BIG"),
+                    "mpub": ("max_body_size", "BODY_TOO_BIG")}
+    _OTHER_BODY_LIMIT = 64 * 1024      # read and ignored by the other endpoints
+
+    _requests = 0                  # answered on this connection
+    _unread_body = False           # a body is left unread: the connection must close
+    _budget_held = 0
+    body = b""
+
+    def setup(self) -> None:
+        super().setup()
+        if self.server.tls_context is not None:
+            self.connection.do_handshake()   # bounded by the header timeout
+
+    def handle_one_request(self) -> None:
+        """Wait (idle) for the next request, then read and answer it."""
+        if self._requests:
+            self.server.set_state(self.connection, "idle")
+            try:
+                first = self.rfile.peek(1)
+            except (OSError, ValueError):
+                first = b""
+            if not first:
+                self.close_connection = True
+                return
+            self.server.set_state(self.connection, "head")
+        self._requests += 1
+        self._unread_body = False
+        self.body = b""
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s %s", self.address_string(), format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.info("http %s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -6687,24 +7234,38 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         try:
-            if url.path.startswith("/config/"):
-                if method != "GET":
-                    raise _HTTPError(405, "METHOD_NOT_ALLOWED")
-                result = self._config(url.path[len("/config/"):])
-            else:
-                route = self._ROUTES.get(url.path)
+            try:
+                if self.server.tls_required:
+                    self._unread_body = self._announces_body()
+                    raise _HTTPError(403, "TLS_REQUIRED")
+                route = (("GET",), "config") if url.path.startswith("/config/") else \
+                    self._ROUTES.get(url.path)
+                name = route[1] if route is not None else ""
+                self.server.set_state(self.connection, "body")
+                self.body = self._read_body(name)
+                self.server.set_state(self.connection, "busy")
                 if route is None:
                     raise _HTTPError(404, "NOT_FOUND")
                 if method not in route[0]:
                     raise _HTTPError(405, "METHOD_NOT_ALLOWED")
-                result = getattr(self, "_" + route[1])()
+                if name == "config":
+                    result = self._config(url.path[len("/config/"):])
+                else:
+                    result = getattr(self, "_" + name)()
+            finally:
+                if self._budget_held:
+                    self.server.body_budget.give_back(self._budget_held)
+                    self._budget_held = 0
         except _HTTPError as e:
             log.info("http %s %s: %d %s", method, self.path, e.status, e.code)
-            self._reply(e.status, json.dumps({"message": e.code}).encode(), "application/json")
+            data: Dict[str, Any] = {"message": e.code}
+            if e.code == "TLS_REQUIRED":
+                data["https_port"] = self.server.options.get("https_port", 0)
+            self._reply(e.status, json.dumps(data).encode(), "application/json; charset=utf-8")
             return
-        except Exception:
-            log.exception("http %s %s failed", method, self.path)
-            self._reply(500, b'{"message":"INTERNAL_ERROR"}', "application/json")
+        except Exception as e:
+            log.error("http %s %s failed: %s: %s", method, self.path, type(e).__name__, e)
+            self._reply(500, b'{"message":"INTERNAL_ERROR"}', "application/json; charset=utf-8")
             return
         if result is None:
             self._reply(200, b"", "text/plain; charset=utf-8")
@@ -6721,7 +7282,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if v1:
             self.send_header("X-NSQ-Content-Type", _NSQ_CONTENT_TYPE)
-        if self.close_connection or status >= 400 and self._unread_body:
+        if self.close_connection or self.server.closing or self._unread_body:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -6729,8 +7290,6 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         if self._unread_body:
             self._linger()
-
-    _unread_body = False
 
     def _linger(self) -> None:
         try:
@@ -6765,19 +7324,91 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except InvalidName:
             raise _HTTPError(400, "INVALID_ARG_CHANNEL") from None
 
-    def _read_body(self, limit: int, too_big: str) -> bytes:
-        """The request body, refused by its Content-Length before reading when too big."""
-        length = self.headers.get("Content-Length")
-        try:
-            n = int(length) if length is not None else 0
-        except ValueError:
-            raise _HTTPError(400, "INVALID_REQUEST") from None
-        if n < 0:
+    def _announces_body(self) -> bool:
+        length = self.headers.get("Content-Length", "0").strip()
+        return bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0")
+
+    def _read_body(self, route: str) -> bytes:
+        """The request's body, whatever the route (an unread one would be
+        taken for the next request): by Content-Length, or chunked.  Refused
+        by its size before it is read when too big; over the memory budget
+        it waits up to the read timeout, then is refused (503)."""
+        opt, too_big = self._BODY_LIMITS.get(route, (None, "BODY_TOO_BIG"))
+        limit = getattr(self.server.broker, opt) if opt else self._OTHER_BODY_LIMIT
+        lengths = self.headers.get_all("Content-Length") or []
+        coding = self.headers.get_all("Transfer-Encoding") or []
+        if coding:
+            if lengths:             # both: the classic request smuggling; refused
+                self._unread_body = True
+                raise _HTTPError(400, "INVALID_REQUEST")
+            if [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
+                self._unread_body = True
+                raise _HTTPError(501, "UNSUPPORTED_TRANSFER_ENCODING")
+            self._take_budget(limit)
+            return self._read_chunked(limit, too_big)
+        if len({v.strip() for v in lengths}) > 1:
+            self._unread_body = True
             raise _HTTPError(400, "INVALID_REQUEST")
+        text = lengths[0].strip() if lengths else "0"
+        if not _DIGITS.fullmatch(text.encode()):
+            self._unread_body = True
+            raise _HTTPError(400, "INVALID_REQUEST")
+        n = int(text)
         if n > limit:
             self._unread_body = True   # not read: the connection must close
             raise _HTTPError(413, too_big)
-        return self.rfile.read(n) if n else b""
+        if not n:
+            return b""
+        self._take_budget(n)
+        data = self.rfile.read(n)
+        if len(data) < n:
+            self.close_connection = True
+            raise _HTTPError(400, "INVALID_REQUEST")
+        return data
+
+    def _take_budget(self, n: int) -> None:
+        if n < MemoryBudget.SMALL:
+            return
+        budget, srv = self.server.body_budget, self.server
+        deadline = time.monotonic() + srv.read_timeout
+        while not budget.take(n, 0.1):
+            if srv.closing or time.monotonic() >= deadline:
+                self._unread_body = True
+                raise _HTTPError(503, "BODY_MEMORY_FULL")
+        self._budget_held = n
+
+    def _read_chunked(self, limit: int, too_big: str) -> bytes:
+        # Transfer-Encoding: chunked, strictly: hex sizes, CRLF after each
+        # chunk, trailers read and dropped; any fault closes the connection.
+        parts: List[bytes] = []
+        total = 0
+        rfile = self.rfile
+        while True:
+            line = rfile.readline(1024)
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _HEX.fullmatch(size_text):
+                self.close_connection = True
+                raise _HTTPError(400, "INVALID_CHUNKED_BODY")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                self._unread_body = True
+                raise _HTTPError(413, too_big)
+            data = rfile.read(size)
+            if len(data) < size or rfile.read(2) != b"\r\n":
+                self.close_connection = True
+                raise _HTTPError(400, "INVALID_CHUNKED_BODY")
+            parts.append(data)
+        for _ in range(64):              # trailers, up to the blank line
+            line = rfile.readline(8192)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(parts)
+            if not line.endswith(b"\n"):
+                break
+        self.close_connection = True
+        raise _HTTPError(400, "INVALID_CHUNKED_BODY")
 
     # -- endpoints ---------------------------------------------------------------
     def _ping(self) -> Any:
@@ -6803,7 +7434,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def _pub(self) -> Any:
         b = self.server.broker
-        body = self._read_body(b.max_msg_size, "MSG_TOO_BIG")
+        body = self.body
         topic = self._topic_arg()
         defer = 0.0
         raw = self._arg("defer")
@@ -6818,37 +7449,21 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def _mpub(self) -> Any:
         b = self.server.broker
-        body = self._read_body(b.max_body_size, "BODY_TOO_BIG")
+        body = self.body
         topic = self._topic_arg()
         binary = self._arg("binary")
-        if binary is not None and binary not in ("false", "0"):
-            bodies = self._split_binary(body)
-        else:
-            bodies = [line for line in body.split(b"\n") if line]
-            if any(len(x) > b.max_msg_size for x in bodies):
-                raise _HTTPError(413, "MSG_TOO_BIG")
+        try:
+            if binary is not None and binary not in ("false", "0"):
+                bodies = _split_mpub(body, b.max_msg_size, b.max_body_size)
+            else:
+                bodies = _split_lines(body, b.max_msg_size)
+        except _BadMPUB as e:
+            raise _HTTPError(413, e.code) from None
+        except InvalidMessage:
+            raise _HTTPError(413, "MSG_TOO_BIG") from None
         if bodies:
             self._publish(topic, bodies, 0.0)
         return b"OK"
-
-    def _split_binary(self, body: bytes) -> List[bytes]:
-        b = self.server.broker
-        if len(body) < 4:
-            raise _HTTPError(413, "BAD_BODY")
-        count = _LEN.unpack_from(body)[0]
-        if not 0 < count <= (b.max_body_size - 4) // 5:
-            raise _HTTPError(413, "BAD_BODY")
-        out, pos = [], 4
-        for _ in range(count):
-            if pos + 4 > len(body):
-                raise _HTTPError(413, "BAD_MESSAGE")
-            size = _LEN.unpack_from(body, pos)[0]
-            pos += 4
-            if not 0 < size <= b.max_msg_size or pos + size > len(body):
-                raise _HTTPError(413, "BAD_MESSAGE")
-            out.append(body[pos:pos + size])
-            pos += size
-        return out
 
     def _publish(self, topic: str, bodies: List[bytes], defer: float) -> None:
         b = self.server.broker
@@ -7047,9 +7662,10 @@ def _parse_bool(value: Any) -> bool:
     raise InvalidArgument(f"invalid boolean {value!r}: use true or false")
 
 
-def _parse_tls_required(value: Any) -> bool:
-    # nsqd's values: true, false, tcp-https (TLS required on TCP only).
-    return True if str(value).lower() == "tcp-https" else _parse_bool(value)
+def _parse_tls_required(value: Any) -> Union[bool, str]:
+    """nsqd's values: true (TCP and HTTP), tcp-https (TCP only; HTTP stays
+    open beside HTTPS), false."""
+    return "tcp-https" if str(value).strip().lower() == "tcp-https" else _parse_bool(value)
 
 
 # (flag, parser, default, help) for ``serve``; cfg keys are flags with "_".
@@ -7087,7 +7703,10 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("tls-cert", str, "", "certificate file (PEM) for TLS"),
     ("tls-key", str, "", "private key file (PEM) for TLS"),
     ("tls-required", _parse_tls_required, False,
-     "refuse every command but IDENTIFY until the client has upgraded to TLS"),
+     "true: TCP clients must upgrade to TLS, plain HTTP answers 403 TLS_REQUIRED; "
+     "tcp-https: TCP only"),
+    ("https-address", str, DEFAULT_HTTPS_ADDRESS,
+     "<addr>:<port> to listen on for HTTPS clients (with --tls-cert and --tls-key; '' = none)"),
     ("deflate", _parse_bool, True, "let clients negotiate deflate compression"),
     ("max-deflate-level", int, DEFAULT_MAX_DEFLATE_LEVEL, "highest deflate level (1-9)"),
     ("auth-http-address", str, None,
@@ -7100,6 +7719,18 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
      "0.0.0.0, else the listening host)"),
     ("broadcast-tcp-port", int, 0, "TCP port given to lookupd (default: the listening port)"),
     ("broadcast-http-port", int, 0, "HTTP port given to lookupd (default: the listening port)"),
+    ("http-header-timeout", parse_duration, DEFAULT_HTTP_HEADER_TIMEOUT,
+     "time an HTTP client has to send a request line and headers"),
+    ("http-read-timeout", parse_duration, DEFAULT_HTTP_READ_TIMEOUT,
+     "time an HTTP client has to send a body, and to read a response"),
+    ("http-idle-timeout", parse_duration, DEFAULT_HTTP_IDLE_TIMEOUT,
+     "time a keep-alive HTTP connection may wait for its next request"),
+    ("max-body-memory", int, 0,
+     "bytes of PUB/MPUB bodies held at once over TCP and HTTP; more wait "
+     "(default: 8 x --max-body-size)"),
+    ("shutdown-timeout", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT,
+     "on SIGTERM/SIGINT, time HTTP requests in progress have to finish "
+     "(a second signal cuts it short)"),
     ("log-level", str, "info", "debug, info, warn, error or fatal"),
 ]
 _BOOL_FLAGS = {"durable", "fsync", "deflate", "tls-required"}
@@ -7227,8 +7858,14 @@ def _tune_gc() -> None:
 
 
 def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = None,
-          stop: Optional[threading.Event] = None) -> int:
-    """Run broker + TCP server until *stop* is set (SIGINT/SIGTERM in main); 0 on a clean stop."""
+          stop: Optional[threading.Event] = None, hurry: Optional[threading.Event] = None) -> int:
+    """Run broker + servers until *stop* is set (SIGINT/SIGTERM in main); 0 on a clean stop.
+
+    Stopping: every face stops accepting, TCP connections and idle or
+    half-read HTTP ones close at once, HTTP requests in progress get
+    ``shutdown_timeout`` (cut short when *hurry* is set: a second signal),
+    then the broker is persisted.
+    """
     stop = stop or threading.Event()
     _tune_gc()
     broker = Broker(
@@ -7240,6 +7877,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         max_body_size=opts["max_body_size"], max_req_timeout=opts["max_req_timeout"],
         max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"])
     try:
+        budget = MemoryBudget(opts["max_body_memory"] or
+                              DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
         authorizer = None
         if opts["auth_http_address"] or opts["auth_secrets"]:
             authorizer = Authorizer(opts["auth_http_address"] or (), opts["auth_secrets"] or None)
@@ -7252,15 +7891,21 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             max_output_buffer_timeout=opts["max_output_buffer_timeout"],
             tls_cert=opts["tls_cert"] or None, tls_key=opts["tls_key"] or None,
             tls_required=opts["tls_required"], deflate=opts["deflate"],
-            max_deflate_level=opts["max_deflate_level"], authorizer=authorizer)
+            max_deflate_level=opts["max_deflate_level"], authorizer=authorizer,
+            body_budget=budget)
     except BaseException:
         broker.close()
         raise
-    http_server = registrar = None
+    http_server = https_server = registrar = None
     try:
+        if opts["https_address"] and server.tls_context is not None:
+            https_server = HTTPServer(broker, opts["https_address"], tcp_address=server.address,
+                                      options=opts, tls_context=server.tls_context,
+                                      body_budget=budget)
+            opts["https_port"] = https_server.server_address[1]
         if opts["http_address"]:
             http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
-                                     options=opts)
+                                     options=opts, body_budget=budget)
         if opts["lookupd_tcp_address"]:
             tcp_host, tcp_port = _split_address(server.address, 4150)
             registrar = LookupdRegistrar(
@@ -7271,8 +7916,9 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
                 http_port=(opts["broadcast_http_port"] or
                            (http_server.server_address[1] if http_server else 0)))
     except BaseException:
-        if http_server is not None:
-            http_server.server_close()
+        for s in (http_server, https_server):
+            if s is not None:
+                s.server_close()
         server.close()
         broker.close()
         raise
@@ -7280,11 +7926,13 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             f"data in {broker.data_path}" + (" (durable, fsync)" if broker.fsync else
                                              " (durable)" if broker.durable else ""))
     http_text = f", http://{http_server.address}" if http_server else ""
+    http_text += f", https://{https_server.address}" if https_server else ""
     print(f"minq {VERSION} (nsqd {NSQ_VERSION} protocol) listening on "
           f"tcp://{server.address}{http_text}; {mode}", flush=True)
+    webs = [s for s in (http_server, https_server) if s is not None]
     server.start()
-    if http_server is not None:
-        http_server.start()
+    for web in webs:
+        web.start()
     if registrar is not None:
         registrar.start()
     if ready is not None:
@@ -7292,13 +7940,20 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     try:
         stop.wait()
     finally:
+        started = time.monotonic()
         log.info("stopping: closing connections, persisting")
-        if registrar is not None:
-            registrar.close()
-        server.close()
-        if http_server is not None:
-            http_server.close()
-        broker.close()
+        try:
+            for web in webs:
+                web.stop_accepting()
+            if registrar is not None:
+                registrar.close()
+            server.close()
+            grace = opts.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
+            for web in webs:
+                web.close(max(0.0, grace - (time.monotonic() - started)), hurry)
+        finally:
+            broker.close()
+        log.info("stopped in %.2fs", time.monotonic() - started)
     return 0
 
 
@@ -7499,10 +8154,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if level is None:
         parser.error(f"--log-level {opts['log_level']!r}: use debug, info, warn, error or fatal")
     logging.basicConfig(level=level, format="[minq] %(asctime)s %(levelname)s %(message)s")
+    hurry = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():          # a second signal: cut the grace short
+            log.warning("second signal: persisting and exiting now")
+            hurry.set()
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        return serve(opts, stop=stop)
+        return serve(opts, stop=stop, hurry=hurry)
     except (MinqError, OSError, ssl.SSLError) as e:
         log.critical("cannot start: %s", e)
         return 1

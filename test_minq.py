@@ -243,6 +243,55 @@ def test_message_encode_decode_roundtrip_matches_nsqd_layout():
         minq.Message.decode(b"short")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_text_mpub_lines_split_like_nsqd(seed):
+    rnd = random.Random(seed)
+    size = rnd.choice([1, 3, 40])
+    lines = [bytes([97 + rnd.randrange(26)]) * (size if seed % 2 else rnd.randrange(0, 50))
+             for _ in range(rnd.randrange(1000, 4000))]
+    body = b"\n".join(lines) + (b"\n" if rnd.random() < 0.5 else b"")
+    got = minq._split_lines(body, 1 << 20)
+    assert list(got) == [line for line in lines if line]
+    assert minq._nbytes(got) == sum(map(len, lines))
+    if len(body) >= 4096:           # big bodies cost no bytes object per line
+        assert isinstance(got, (minq._BodyRun, minq._BodySpans))
+    with pytest.raises(minq.InvalidMessage):
+        minq._split_lines(body + b"\n" + b"x" * 60, 59)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binary_mpub_split_checks_every_size(seed):
+    rnd = random.Random(seed)
+    bodies = [rnd.randbytes(rnd.choice([7, rnd.randrange(1, 300)])) for _ in range(500)]
+    if seed % 2:
+        bodies = [b"s" * 9] * 500                      # one size: a _BodyRun
+    payload = struct.pack(">l", len(bodies)) + b"".join(
+        struct.pack(">l", len(b)) + b for b in bodies)
+    got = minq._split_mpub(payload, 1 << 20, 5 << 20)
+    assert list(got) == bodies
+    assert list(minq._body_slice(got, 10, 20)) == bodies[10:20]
+    for bad, code in [(payload[:3], "BAD_BODY"), (struct.pack(">l", 0), "BAD_BODY"),
+                      (struct.pack(">l", 10**8), "BAD_BODY"), (payload[:-1], "BAD_MESSAGE"),
+                      (struct.pack(">ll", 1, 0), "BAD_MESSAGE"),
+                      (struct.pack(">ll", 1, -5) + b"x", "BAD_MESSAGE"),
+                      (struct.pack(">ll", 1, 2 << 20) + b"x", "BAD_MESSAGE")]:
+        with pytest.raises(minq._BadMPUB) as e:
+            minq._split_mpub(bad, 1 << 20, 5 << 20)
+        assert e.value.code == code
+
+
+def test_a_big_batch_taken_in_parts_keeps_ids_and_order(broker):
+    bodies = minq._split_lines(b"abc\n" * 5000, 100)
+    broker.publish_bodies("t", bodies)
+    got = []
+    with broker.consumer("t", "c", max_in_flight=1000) as c:   # taken 1000 at a time
+        while len(got) < 5000 and (m := c.get(timeout=2)) is not None:
+            got.append((m.body, int(m.id, 16)))
+            m.finish()
+    assert [body for body, _ in got] == [b"abc"] * 5000
+    assert [i for _, i in got] == list(range(got[0][1], got[0][1] + 5000))
+
+
 # =============================================================================
 # Segment log
 # =============================================================================
@@ -558,6 +607,34 @@ def test_framed_moves_in_ack_mode_survive_a_crash(tmp_path):
     assert rest == [b"r%04d" % i for i in range(len(positions), 1000)]
     again.close()
     os.close(src._write_fd)
+
+
+@pytest.mark.parametrize("damage, lost", [("huge length", 1), ("small length", 1),
+                                          ("three records zeroed", 3)])
+def test_damaged_length_resyncs_at_the_next_good_record(tmp_path, damage, lost, caplog):
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    positions = lg.append([b"rec%03d" % i + b"x" * 30 for i in range(200)])
+    lg.close()
+    seg = next(tmp_path.glob("q.*.seg"))
+    data = bytearray(seg.read_bytes())
+    off = positions[50] & ((1 << 40) - 1)
+    if damage == "huge length":
+        data[off:off + 4] = struct.pack(">I", 0x7FFFFFFF)
+    elif damage == "small length":                  # plausible, wrong: the CRC fails
+        data[off:off + 4] = struct.pack(">I", 5)
+    else:
+        end = positions[53] & ((1 << 40) - 1)
+        data[off:end] = bytes(end - off)
+    seg.write_bytes(bytes(data))
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    got = []
+    while (rec := lg.read()) is not None:
+        got.append(rec[1][:6])
+    assert got == [b"rec%03d" % i for i in range(200) if not 50 <= i < 50 + lost]
+    assert lg.corrupt_count == lost                  # counted exactly
+    assert lg.depth == 0                             # a drain ends
+    assert "skipped to the next good record" in caplog.text
+    lg.close()
 
 
 # =============================================================================
@@ -1083,6 +1160,48 @@ def test_memory_stays_bounded_while_overflowing(tmp_path):
     grown, depth = map(int, r.stdout.split())
     assert depth == 401_000
     assert grown < 20 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB"
+
+
+def test_damaged_record_in_a_channel_backlog_is_counted_and_depth_reaches_zero(tmp_path):
+    with disk_broker(tmp_path, mem_queue_size=0) as b:
+        b.topic("t").channel("c")
+        b.publish_many("t", [b"m%03d" % i for i in range(100)])
+    seg = next(tmp_path.glob("t:c.*.seg"))  # the channel's log
+    data = bytearray(seg.read_bytes())
+    off = 0
+    for _ in range(30):                          # the length field of record 30
+        off += 8 + struct.unpack_from(">I", data, off)[0]
+    data[off:off + 4] = struct.pack(">I", 0x7FFFFFFF)
+    seg.write_bytes(bytes(data))
+    with disk_broker(tmp_path, mem_queue_size=0) as b:
+        with b.consumer("t", "c", max_in_flight=100) as c:
+            got = drain_finishing(c, 99)
+        assert got == [b"m%03d" % i for i in range(100) if i != 30]
+        stats = minq.nsqd_stats(b.stats())["topics"][0]["channels"][0]
+        assert (stats["depth"], stats["corrupt_count"]) == (0, 1)
+
+
+def _full_disk_for_new_files(monkeypatch, path):
+    real_open = os.open
+
+    def full_open(name, flags, *args, **kw):
+        if flags & os.O_CREAT and str(name).startswith(str(path)):
+            raise OSError(errno.ENOSPC, "No space left on device", name)
+        return real_open(name, flags, *args, **kw)
+    monkeypatch.setattr(os, "open", full_open)
+
+
+def test_publish_to_a_new_topic_on_a_full_disk_fails_cleanly_and_recovers(tmp_path, monkeypatch):
+    with disk_broker(tmp_path) as b:
+        b.publish("old", b"kept")
+        _full_disk_for_new_files(monkeypatch, tmp_path)
+        with pytest.raises(minq.PublishFailed):
+            b.publish("new", b"x")
+        b.publish("old", b"still fine")
+        assert "new" not in b.topics
+        monkeypatch.undo()
+        b.publish("new", b"now")
+        assert b.get_topic("new").depth == 1 and b.get_topic("old").depth == 2
 
 
 # =============================================================================
@@ -2780,6 +2899,111 @@ def test_pub_failed_when_storage_fails(tmp_path, monkeypatch):
         assert r.response() == b"OK"
 
 
+def test_pub_to_a_new_topic_on_a_full_disk_gets_e_pub_failed(tmp_path, monkeypatch):
+    with minq.Broker(data_path=str(tmp_path)) as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+        _full_disk_for_new_files(monkeypatch, tmp_path)
+        r = Raw(srv)
+        r.cmd("PUB fresh", b"x")
+        assert r.error().startswith("E_PUB_FAILED PUB failed")
+        assert r.closed()                          # fatal, as in nsqd
+        monkeypatch.undo()
+        r = Raw(srv)
+        r.cmd("PUB fresh", b"x")
+        assert r.response() == b"OK"
+
+
+def test_identify_with_deeply_nested_json_is_e_bad_body(server, caplog):
+    r = Raw(server)
+    r.cmd("IDENTIFY", b"[" * 50_000)
+    assert r.error() == "E_BAD_BODY IDENTIFY failed to decode JSON body"
+    assert "Traceback" not in caplog.text
+    with minq.Client(server.address) as c:
+        c.publish("t", b"others unaffected")
+
+
+def test_a_big_body_waits_for_the_memory_budget(server):
+    budget = server.body_budget
+    assert budget.try_take(budget.limit)             # all of it held elsewhere
+    payload = struct.pack(">l", 1) + struct.pack(">l", 100_000) + b"x" * 100_000
+    r = Raw(server, timeout=0.3)
+    r.cmd("MPUB t", payload)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        r.frame()                                  # not read, not answered
+    budget.give_back(budget.limit)
+    r.sock.settimeout(5)
+    assert r.response() == b"OK"
+    assert budget.used == 0
+    r.cmd("PUB t", b"small bodies never wait")
+    assert r.response() == b"OK"
+
+
+AUTH_REPLIES = [b"[" * 50_000, b"5", b'{"ttl": "60", "authorizations": []}',
+                b'{"ttl": 60, "authorizations": 5}',
+                b'{"ttl": 60, "authorizations": [{"channels": [".*"], "permissions": ["publish"]}]}',
+                b'{"ttl": 60, "authorizations": [{"topic": "(", "channels": [], '
+                b'"permissions": ["publish"]}]}',
+                b'{"ttl": 60, "authorizations": [{"topic": "t", "channels": [3], '
+                b'"permissions": ["publish"]}]}', b"not json"]
+
+
+def fake_auth_server(replies):
+    import http.server
+
+    class Auth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = replies.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Auth)
+    t = threading.Thread(target=httpd.serve_forever)
+    t.start()
+    return httpd, t
+
+
+def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
+    replies = list(AUTH_REPLIES)
+    httpd, t = fake_auth_server(replies)
+    try:
+        auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
+        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+            for _ in AUTH_REPLIES:
+                r = Raw(srv)
+                r.cmd("AUTH", b"secret")
+                assert r.error() == "E_AUTH_FAILED AUTH failed"
+            assert not replies
+            assert "Traceback" not in caplog.text
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join()
+
+
+def test_failed_auth_attempts_are_throttled_per_address(tmp_path, monkeypatch):
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({"good": {"authorizations": [
+        {"topic": ".*", "channels": [".*"], "permissions": ["publish"]}]}}))
+    auth = minq.Authorizer(secrets_file=str(secrets))
+    monkeypatch.setattr(auth, "max_failures", 3)
+    monkeypatch.setattr(auth, "lockout", 0.5)
+    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+        for _ in range(3):
+            r = Raw(srv)
+            r.cmd("AUTH", b"guess")
+            assert r.error() == "E_AUTH_FAILED AUTH failed"
+        r = Raw(srv)
+        r.cmd("AUTH", b"good")                     # locked out: even a good secret fails
+        assert r.error().startswith("E_AUTH_FAILED AUTH failed: too many failures; retry in")
+        wait_until(lambda: not auth.locked_out("127.0.0.1"), 5, "the lockout to end")
+        r = Raw(srv)
+        r.cmd("AUTH", b"good")
+        assert json.loads(r.response())["permission_count"] == 1
+
+
 # -- interop with a real NSQ client ----------------------------------------------
 
 def pynsq_round_trip(address, **writer_options):
@@ -3174,12 +3398,14 @@ def test_http_stats_json_matches_nsqd_schema(web):
         assert list(stats) == ["version", "health", "start_time", "topics", "memory", "producers"]
         assert stats["producers"] is None               # HTTP publishes are not producers
         (t,) = stats["topics"]
+        # nsqd's keys in nsqd's order, then minq's one addition (records lost to damage)
         assert list(t) == ["topic_name", "channels", "depth", "backend_depth", "message_count",
-                           "message_bytes", "paused", "e2e_processing_latency"]
+                           "message_bytes", "paused", "e2e_processing_latency", "corrupt_count"]
         (c,) = t["channels"]
         assert list(c) == ["channel_name", "depth", "backend_depth", "in_flight_count",
                            "deferred_count", "message_count", "requeue_count", "timeout_count",
-                           "client_count", "clients", "paused", "e2e_processing_latency"]
+                           "client_count", "clients", "paused", "e2e_processing_latency",
+                           "corrupt_count"]
         assert c["in_flight_count"] == 1 and c["client_count"] == 1
         assert list(c["clients"][0]) == [
             "client_id", "hostname", "version", "remote_address", "state", "ready_count",
@@ -3488,6 +3714,213 @@ def test_serve_http_curl_style_publish(tmp_path):
         assert s.stop() == 0
 
 
+def raw_http(srv, data, timeout=5.0, shut=True):
+    """Send raw bytes to an HTTP server; return everything it answers until it closes."""
+    host, port = srv.server_address[:2] if not isinstance(srv, str) else srv.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    finally:
+        s.close()
+
+
+def statuses(reply):
+    return [int(m) for m in re.findall(rb"^HTTP/1\.[01] (\d{3}) ", reply, re.M)]
+
+
+def test_http_chunked_body_is_read_as_the_body_not_as_a_request(web):
+    hidden = b"POST /topic/create?topic=smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    body = b"5\r\nhello\r\n" + b"%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n"
+    reply = raw_http(web, b"POST /pub?topic=t HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert statuses(reply) == [200]
+    assert "smuggled" not in web.broker.topics
+    with web.broker.consumer("t", "c") as c:
+        assert c.get(timeout=2).body == b"hello" + hidden
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),     # both: refused
+    (b"Content-Length: 5\r\nContent-Length: 7\r\n", 400),              # differing lengths
+    (b"Transfer-Encoding: gzip\r\n", 501),
+    (b"Content-Length: -1\r\n", 400),
+    (b"Content-Length: 5\r\nContent-Length: 5\r\n", 200),              # the same twice: fine
+])
+def test_http_ambiguous_bodies_are_refused(web, head, status):
+    reply = raw_http(web, b"POST /pub?topic=t HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n"
+                          b"hello\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert statuses(reply)[0] == status
+    if status != 200:
+        assert statuses(reply) == [status]          # closed: the rest is not a request
+        assert b'"message"' in reply
+
+
+@pytest.mark.parametrize("chunks", [b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXX0\r\n\r\n",
+                                    b"5\r\nhel", b"3\r\nabc\r\n0\r\nTrailer: x"])
+def test_http_bad_chunked_framing_is_400_and_closes(web, chunks):
+    reply = raw_http(web, b"POST /pub?topic=t HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
+    assert statuses(reply) in ([400], [])
+    assert "t" not in web.broker.topics
+
+
+def test_http_chunked_body_over_the_limit_is_413(web):
+    big = b"x" * (1024 * 1024)
+    body = b"%x\r\n" % len(big) + big + b"\r\n" + b"1\r\ny\r\n0\r\n\r\n"
+    reply = raw_http(web, b"POST /pub?topic=t HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert statuses(reply) == [413] and b"MSG_TOO_BIG" in reply
+
+
+def test_http_a_body_sent_to_a_get_endpoint_is_not_a_second_request(web):
+    inner = b"POST /topic/create?topic=smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    reply = raw_http(web, b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(inner) + inner)
+    assert statuses(reply) == [200]
+    assert "smuggled" not in web.broker.topics
+
+
+@pytest.mark.parametrize("method, path, status", [("PUT", "/pub?topic=t", 405),
+                                                  ("PUT", "/mpub?topic=t", 405),
+                                                  ("HEAD", "/ping", 405), ("GET", "/pub", 405),
+                                                  ("HEAD", "/", 200)])
+def test_http_methods_as_nsqd_allows(web, method, path, status):
+    assert http(web, method, path, b"x" if method == "PUT" else None)[0] == status
+    assert "t" not in web.broker.topics
+
+
+@pytest.fixture
+def strict_web():
+    b = minq.Broker()
+    srv = minq.HTTPServer(b, "127.0.0.1:0", options={
+        "http_header_timeout": 0.3, "http_read_timeout": 0.3, "http_idle_timeout": 0.3}).start()
+    yield srv
+    srv.close()
+    b.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /pi", b"GET /ping HTTP/1.1\r\nHost: x\r\n",
+                                  b"POST /pub?topic=t HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"])
+def test_http_partial_requests_are_closed_after_their_timeout(strict_web, sent):
+    started = time.monotonic()
+    reply = raw_http(strict_web, sent, timeout=10, shut=False)
+    assert reply == b""                             # closed, nothing half-handled
+    assert time.monotonic() - started < 8
+    assert "t" not in strict_web.broker.topics
+    assert http(strict_web, "GET", "/ping")[0] == 200
+
+
+def test_http_idle_keep_alive_connection_is_closed(strict_web):
+    from http.client import HTTPConnection
+    conn = HTTPConnection(*strict_web.server_address[:2], timeout=10)
+    conn.request("GET", "/ping")
+    assert conn.getresponse().read() == b"OK"
+    s = conn.sock
+    s.settimeout(10)
+    assert s.recv(1) == b""                          # the server closed it when idle
+    conn.close()
+
+
+def test_http_listen_backlog_takes_a_burst_of_connections(web):
+    assert web.request_queue_size >= 1024
+    socks = [socket.create_connection(web.server_address[:2], timeout=5) for _ in range(300)]
+    try:
+        for s in socks[:5]:
+            s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in socks[:5]:
+            assert s.recv(1000).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_http_tls_required_answers_403_and_https_serves(tmp_path):
+    import ssl
+    from http.client import HTTPSConnection
+    cert, key = make_cert(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    with minq.Broker() as b:
+        https = minq.HTTPServer(b, "127.0.0.1:0", tls_context=ctx,
+                                options={"tls_required": True}).start()
+        plain = minq.HTTPServer(b, "127.0.0.1:0", options={
+            "tls_required": True, "https_port": https.server_address[1]}).start()
+        open_ = minq.HTTPServer(b, "127.0.0.1:0", options={"tls_required": "tcp-https"}).start()
+        try:
+            status, _, body = http(plain, "POST", "/pub?topic=t", b"x")
+            assert status == 403
+            assert json.loads(body) == {"message": "TLS_REQUIRED",
+                                        "https_port": https.server_address[1]}
+            assert http(plain, "GET", "/ping")[0] == 403
+            conn = HTTPSConnection(*https.server_address[:2], timeout=5,
+                                               context=client_tls_context())
+            conn.request("POST", "/pub?topic=t", body=b"over tls")
+            assert conn.getresponse().status == 200
+            conn.close()
+            assert http(open_, "GET", "/ping")[0] == 200      # tcp-https: HTTP stays open
+            assert b.get_topic("t").depth == 1
+        finally:
+            for s in (https, plain, open_):
+                s.close()
+
+
+def test_http_over_the_memory_budget_waits_then_503(strict_web):
+    budget = strict_web.body_budget
+    assert budget.try_take(budget.limit)
+    body = b"x\n" * 50_000
+    status, _, reply = http(strict_web, "POST", "/mpub?topic=t", body)
+    assert (status, json.loads(reply)) == (503, {"message": "BODY_MEMORY_FULL"})
+    budget.give_back(budget.limit)
+    assert http(strict_web, "POST", "/mpub?topic=t", body)[0] == 200
+    assert strict_web.broker.get_topic("t").depth == 50_000 and budget.used == 0
+
+
+def test_http_pub_to_a_new_topic_on_a_full_disk_is_503_json(tmp_path, monkeypatch, caplog):
+    with minq.Broker(data_path=str(tmp_path)) as b, \
+            minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
+        _full_disk_for_new_files(monkeypatch, tmp_path)
+        status, _, body = http(srv, "POST", "/pub?topic=fresh", b"x")
+        assert (status, json.loads(body)) == (503, {"message": "EXITING"})
+        assert "Traceback" not in caplog.text
+
+
+def test_http_fuzz_every_reply_is_well_formed_and_the_server_stays(strict_web):
+    rnd = random.Random(99)
+    methods = [b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"PATCH", b"G\x00T", b""]
+    paths = [b"/pub?topic=t", b"/mpub?topic=t&binary=true", b"/mpub?topic=t", b"/stats",
+             b"/ping", b"/topic/create?topic=x", b"/channel/pause?topic=t&channel=c",
+             b"/config/msg_timeout", b"/%zz", b"*", b"/" + b"a" * 70000]
+    for i in range(120):
+        lines = [rnd.choice(methods) + b" " + rnd.choice(paths) + b" " +
+                 rnd.choice([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9", b""])]
+        body = rnd.randbytes(rnd.randrange(0, 300))
+        for _ in range(rnd.randrange(0, 4)):
+            lines.append(rnd.choice([b"Content-Length: %d" % rnd.randrange(-2, 400),
+                                     b"Transfer-Encoding: chunked", b"Host: x",
+                                     b"Expect: 100-continue", b"X: " + rnd.randbytes(20),
+                                     b"Connection: keep-alive", b"bad header line"]))
+        if rnd.random() < 0.3:
+            body = b"".join(b"%x\r\n" % n + rnd.randbytes(n) + b"\r\n"
+                            for n in [rnd.randrange(0, 40) for _ in range(3)]) + b"0\r\n\r\n"
+        data = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        if rnd.random() < 0.2:
+            data = data[:rnd.randrange(len(data))]
+        reply = raw_http(strict_web, data, timeout=10)
+        for m in re.finditer(rb"HTTP/1\.[01] (\d{3}) ", reply):
+            assert 100 <= int(m.group(1)) < 600
+        assert not reply or reply.startswith(b"HTTP/1."), (data, reply[:200])
+    assert http(strict_web, "GET", "/ping")[0] == 200
+    assert threading.active_count() < 20
+
+
 # =============================================================================
 # CLI: python minq.py serve
 # =============================================================================
@@ -3794,6 +4227,85 @@ def test_tools_help_explains_with_examples():
         assert r.returncode == 0 and b"examples:" in r.stdout and b"NSQ" in r.stdout
     r = run_tool("--help")
     assert all(t in r.stdout for t in (b"serve", b"pub", b"tail", b"stats"))
+
+
+def proc_memory(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_max_size_mpub_of_one_byte_messages_costs_a_small_multiple_of_its_size(tmp_path):
+    s = Served("--data-path", "data", cwd=tmp_path)
+    try:
+        assert http(s.http_address, "POST", "/channel/create?topic=t&channel=c")[0] == 404
+        assert http(s.http_address, "POST", "/topic/create?topic=t")[0] == 200
+        assert http(s.http_address, "POST", "/channel/create?topic=t&channel=c")[0] == 200
+        base = proc_memory(s.proc.pid, "VmRSS")
+        size = 5 * 1024 * 1024
+        assert http(s.http_address, "POST", "/mpub?topic=t", b"x\n" * (size // 2))[0] == 200
+        text_peak = proc_memory(s.proc.pid, "VmHWM") - base
+        count = (size - 4) // 5
+        payload = struct.pack(">l", count) + (struct.pack(">l", 1) + b"y") * count
+        r = Raw(s.address, timeout=30)
+        r.cmd("MPUB t", payload)
+        assert r.response() == b"OK"
+        both_peak = proc_memory(s.proc.pid, "VmHWM") - base
+        depth = minq_stats(s)["topics"][0]["channels"][0]["depth"]
+        assert depth == size // 2 + count
+        # the body itself, its offsets and a chunk of records at a time:
+        # not a Python object per message (which cost 1.2 GB here)
+        assert text_peak < 6 * size and both_peak < 6 * size, (text_peak, both_peak)
+    finally:
+        assert s.stop() == 0
+
+
+def minq_stats(s):
+    return json.loads(http(s.http_address, "GET", "/stats?format=json")[2])
+
+
+def test_sigterm_with_idle_half_sent_and_busy_clients_stops_at_once_and_keeps_all(tmp_path):
+    s = Served("--data-path", "data", cwd=tmp_path)
+    host, port = s.http_address.split(":")
+    idle = socket.create_connection((host, int(port)), timeout=10)     # keep-alive, idle
+    idle.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(1000).startswith(b"HTTP/1.1 200")
+    half = socket.create_connection((host, int(port)), timeout=10)     # half-sent request
+    half.sendall(b"POST /pub?topic=t HTTP/1.1\r\nContent-Length: 100\r\n\r\nnot all")
+    silent = socket.create_connection((host, int(port)), timeout=10)   # nothing sent
+    for i in range(100):
+        assert http(s.http_address, "POST", "/pub?topic=t", b"m%d" % i)[0] == 200
+    stop_publishing = threading.Event()
+    published = []
+
+    def busy():                                    # a TCP client publishing flat out
+        try:
+            with minq.Client(s.address, timeout=0.5) as c:
+                while not stop_publishing.is_set():
+                    c.publish("t", b"busy")
+                    published.append(1)
+        except minq.MinqError:
+            pass
+    t = threading.Thread(target=busy)
+    t.start()
+    wait_until(lambda: len(published) > 100, 10, "the busy publisher to get going")
+    started = time.monotonic()
+    rc = s.stop()
+    took = time.monotonic() - started
+    stop_publishing.set()
+    t.join(10)
+    for sock in (idle, half, silent):
+        sock.close()
+    assert rc == 0 and took < 8, took               # not held open by any client
+    s = Served("--data-path", "data", cwd=tmp_path)
+    try:
+        depth = minq_stats(s)["topics"][0]["depth"]
+        assert depth >= 100 + len(published) - 1    # each acknowledged publish kept
+    finally:
+        assert s.stop() == 0
 
 
 # =============================================================================
