@@ -6260,6 +6260,9 @@ class _ClientV2(Consumer):
             self.broker.topic(topic).channel(channel).add_consumer(self)
         except BrokerClosed as e:
             raise _ClientError("E_SUB_FAILED", f"SUB failed {e}") from e
+        except OSError as e:         # a new topic or channel could not be stored
+            log.error("client %s: SUB %s %s failed: %s", self.remote_address, topic, channel, e)
+            raise _ClientError("E_SUB_FAILED", f"SUB failed {e.strerror or e}") from None
         self.state = STATE_SUBSCRIBED
         return b"OK"
 

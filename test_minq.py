@@ -2899,13 +2899,17 @@ def test_pub_failed_when_storage_fails(tmp_path, monkeypatch):
         assert r.response() == b"OK"
 
 
-def test_pub_to_a_new_topic_on_a_full_disk_gets_e_pub_failed(tmp_path, monkeypatch):
+def test_pub_and_sub_to_a_new_topic_on_a_full_disk_get_errors(tmp_path, monkeypatch, caplog):
     with minq.Broker(data_path=str(tmp_path)) as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
         _full_disk_for_new_files(monkeypatch, tmp_path)
         r = Raw(srv)
         r.cmd("PUB fresh", b"x")
         assert r.error().startswith("E_PUB_FAILED PUB failed")
         assert r.closed()                          # fatal, as in nsqd
+        r = Raw(srv)
+        r.cmd("SUB fresh c")
+        assert r.error() == "E_SUB_FAILED SUB failed No space left on device"
+        assert "Traceback" not in caplog.text
         monkeypatch.undo()
         r = Raw(srv)
         r.cmd("PUB fresh", b"x")
