@@ -27,7 +27,10 @@ import collections
 import concurrent.futures
 import errno
 import gc
-import fcntl
+try:
+    import fcntl           # POSIX: the data folder's lock; a socket's unsent bytes
+except ImportError:        # Windows: memory-only brokers and the servers still work
+    fcntl = None  # type: ignore[assignment]
 import heapq
 import http.server
 import itertools
@@ -70,7 +73,7 @@ __all__ = [
     "broadcast_address",
     "nsqd_stats", "prometheus_metrics", "parse_duration", "main",
     # constants
-    "VERSION", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
+    "VERSION", "__version__", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
 ]
 
 log = logging.getLogger("minq")
@@ -83,6 +86,7 @@ log = logging.getLogger("minq")
 # =============================================================================
 
 VERSION = "0.1.0"
+__version__ = VERSION
 NSQ_VERSION = "1.3.0"  # the nsqd version whose behaviour minq reproduces
 
 DEFAULT_MEM_QUEUE_SIZE = 10_000
@@ -155,11 +159,18 @@ class PublishFailed(MinqError):
     """The broker could not accept a publish; nothing of it was accepted (E_PUB_FAILED)."""
 
 
-class TopicNotFound(MinqError, KeyError):
+class _NotFound(MinqError, KeyError):
+    # A KeyError (``except KeyError`` keeps working) that prints as its text,
+    # not as a quoted key.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TopicNotFound(_NotFound):
     """An admin operation named a topic that does not exist (TOPIC_NOT_FOUND)."""
 
 
-class ChannelNotFound(MinqError, KeyError):
+class ChannelNotFound(_NotFound):
     """An admin operation named a channel that does not exist (CHANNEL_NOT_FOUND)."""
 
 
@@ -3436,11 +3447,12 @@ class Broker:
     def _checked_body(self, body: Any) -> bytes:
         if not isinstance(body, bytes):
             if isinstance(body, str):
-                body = body.encode()
+                body = body.encode()           # UTF-8, as the Client does
             elif isinstance(body, (bytearray, memoryview)):
                 body = bytes(body)
             else:
-                raise InvalidMessage(f"message body must be bytes, not {type(body).__name__}")
+                raise InvalidMessage(f"message body must be bytes or str, "
+                                     f"not {type(body).__name__}")
         n = len(body)
         if n == 0 or n > self.max_msg_size:
             raise InvalidMessage(f"invalid message body size {n}: must be 1-"
@@ -3703,6 +3715,10 @@ class Broker:
 
     # -- storage ---------------------------------------------------------------
     def _open_data_path(self) -> None:
+        if fcntl is None or not hasattr(os, "pread"):
+            raise InvalidArgument(f"data_path {self.data_path!r}: storing messages needs a "
+                                  f"POSIX system (Linux, macOS, BSD); on {sys.platform} run "
+                                  f"memory only (data_path=None, serve --data-path '')")
         os.makedirs(self.data_path, exist_ok=True)
         lock_path = os.path.join(self.data_path, "minq.lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -4549,7 +4565,7 @@ class Client:
     def publish(self, topic: str, body: bytes, defer: float = 0.0) -> None:
         """PUB (or DPUB when *defer* > 0 seconds); returns once the server said OK."""
         validate_name(topic)
-        _check_body(body)
+        body = _as_body(body)
         if defer:
             _check_range("defer", defer, 0, None)
             cmd = b"DPUB %s %d\n" % (topic.encode(), int(defer * 1000))
@@ -4564,8 +4580,7 @@ class Client:
             raise InvalidArgument("NSQ's MPUB cannot defer; publish deferred messages one by one")
         parts = []
         for b in bodies:
-            _check_body(b)
-            parts.append(_body(b))
+            parts.append(_body(_as_body(b)))
         if not parts:
             raise InvalidMessage("publish_many needs at least one message")
         payload = _LEN.pack(len(parts)) + b"".join(parts)
@@ -4651,9 +4666,17 @@ class Client:
                 self._pub_thread = None
 
 
-def _check_body(body: Any) -> None:
-    if not isinstance(body, bytes) or not body:
-        raise InvalidMessage(f"message body must be non-empty bytes, not {body!r:.40}")
+def _as_body(body: Any) -> bytes:
+    """A message body as bytes: ``str`` is encoded as UTF-8 (as ``Broker.publish`` does)."""
+    if isinstance(body, str):
+        body = body.encode()
+    elif isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if not isinstance(body, bytes):
+        raise InvalidMessage(f"message body must be bytes or str, not {type(body).__name__}")
+    if not body:
+        raise InvalidMessage("message body must not be empty")
+    return body
 
 
 def _retry(connect: Callable[[], _Connection], timeout: float, max_backoff: float,
@@ -4707,8 +4730,9 @@ class RemoteConsumer:
             try:
                 conn = _Connection(self.client)
             except (MinqError, OSError, ssl.SSLError) as e:
-                log.warning("consumer %s/%s: cannot connect to %s: %s",
-                            self.topic, self.channel, self.client.address, e)
+                log.warning("consumer %s/%s: %s", self.topic, self.channel,
+                            e if isinstance(e, ConnectionLost) else
+                            f"cannot connect to {self.client.address}: {e}")
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.client.max_backoff)
                 continue
@@ -5047,6 +5071,62 @@ class MemoryBudget:
             waiter()
 
 
+def _listen(address: Any, default_port: int, face: str) -> socket.socket:
+    """A listening socket on *address*; InvalidArgument naming the face and
+    address when it cannot be had (in use, not an address of this host)."""
+    host, port = _split_address(address, default_port)
+    try:
+        return socket.create_server((host, port), backlog=_LISTEN_BACKLOG,
+                                    family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise InvalidArgument(f"cannot listen on {face} address {host}:{port}: "
+                              f"{e.strerror or e}") from None
+
+
+_TLS_VERSIONS = {"ssl3.0": "SSLv3", "tls1.0": "TLSv1", "tls1.1": "TLSv1_1",
+                 "tls1.2": "TLSv1_2", "tls1.3": "TLSv1_3"}
+_TLS_CLIENT_AUTH = ("", "require", "require-verify")
+
+
+def _server_tls_context(cert: Optional[str], key: Optional[str], root_ca: Optional[str] = None,
+                        client_auth: str = "", min_version: str = "") -> Optional[ssl.SSLContext]:
+    """nsqd's server TLS settings as an SSLContext (None without a certificate).
+
+    *client_auth* ``require`` or ``require-verify`` asks every client for a
+    certificate, verified against *root_ca* (Python's ssl module cannot take
+    a certificate without verifying it, so ``require`` verifies too, against
+    the system's CAs when no *root_ca* is given).  *min_version* is nsqd's
+    ``ssl3.0`` ... ``tls1.3`` ('' = Python's default, TLS 1.2 today).
+    """
+    if client_auth not in _TLS_CLIENT_AUTH:
+        raise InvalidArgument(f"tls client auth policy {client_auth!r}: use require or "
+                              f"require-verify")
+    if min_version and min_version.lower() not in _TLS_VERSIONS:
+        raise InvalidArgument(f"tls min version {min_version!r}: use one of "
+                              f"{', '.join(_TLS_VERSIONS)}")
+    if not (cert or key):
+        if root_ca or client_auth:
+            raise InvalidArgument("client certificates need tls_cert and tls_key")
+        return None
+    if not (cert and key):
+        raise InvalidArgument("TLS needs both tls_cert and tls_key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+        if root_ca:
+            ctx.load_verify_locations(cafile=root_ca)
+        elif client_auth:
+            ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgument(f"TLS files {cert}, {key}{', ' + root_ca if root_ca else ''}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+    if client_auth:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if min_version:
+        ctx.minimum_version = getattr(ssl.TLSVersion, _TLS_VERSIONS[min_version.lower()])
+    return ctx
+
+
 class _EventLoop:
     """One thread's ``selectors`` loop: socket events, timers, calls from other threads.
 
@@ -5227,8 +5307,12 @@ class TCPServer:
                  tls_required: bool = False, deflate: bool = True,
                  max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
                  authorizer: Optional[Authorizer] = None, workers: int = 16,
-                 body_budget: Optional[MemoryBudget] = None) -> None:
+                 body_budget: Optional[MemoryBudget] = None,
+                 min_output_buffer_timeout: float = DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT,
+                 max_channel_consumers: int = 0, tls_root_ca_file: Optional[str] = None,
+                 tls_client_auth_policy: str = "", tls_min_version: str = "") -> None:
         _check_range("max_deflate_level", max_deflate_level, 1, 9)
+        _check_range("max_channel_consumers", max_channel_consumers, 0, None)
         _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
         _check_range("workers", workers, 1, 1024)
         self.broker = broker
@@ -5237,25 +5321,23 @@ class TCPServer:
         self.output_buffer_timeout = output_buffer_timeout
         self.max_output_buffer_size = max_output_buffer_size
         self.max_output_buffer_timeout = max_output_buffer_timeout
+        self.min_output_buffer_timeout = min_output_buffer_timeout
+        #: most consumers a channel may have over TCP (0: no limit), as nsqd
+        self.max_channel_consumers = max_channel_consumers
         self.deflate = deflate
         self.max_deflate_level = max_deflate_level
         self.authorizer = authorizer
         #: shared with the HTTP face when ``serve`` runs both
         self.body_budget = body_budget or MemoryBudget(
             DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
-        self.tls_context: Optional[ssl.SSLContext] = None
-        if tls_cert or tls_key:
-            if not (tls_cert and tls_key):
-                raise InvalidArgument("TLS needs both tls_cert and tls_key")
-            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.tls_context.load_cert_chain(tls_cert, tls_key)
+        self.tls_context = _server_tls_context(tls_cert, tls_key, tls_root_ca_file,
+                                               tls_client_auth_policy, tls_min_version)
+        if tls_client_auth_policy and not tls_required:
+            tls_required = True         # nsqd: a client certificate policy requires TLS
         if tls_required and self.tls_context is None:
             raise InvalidArgument("tls_required needs tls_cert and tls_key")
         self.tls_required = tls_required
-        host, port = _split_address(address, 4150)
-        self._listener = socket.create_server(
-            (host, port), backlog=_LISTEN_BACKLOG,
-            family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._listener = _listen(address, 4150, "TCP")
         self._listener.setblocking(False)
         self.server_address: Tuple[Any, ...] = self._listener.getsockname()
         self.loop = _EventLoop()
@@ -5752,7 +5834,7 @@ class _ClientV2(Consumer):
 
     def _check_outq(self) -> None:
         self._sent_unchecked = 0
-        if _TIOCOUTQ is None:
+        if _TIOCOUTQ is None or fcntl is None:
             return
         try:
             queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _TIOCOUTQ, b"\0" * 4))[0]
@@ -6147,7 +6229,7 @@ class _ClientV2(Consumer):
             obt_s = 0.0
         elif obt == 0:
             obt_s = srv.output_buffer_timeout
-        elif DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT * 1000 <= obt <= srv.max_output_buffer_timeout * 1000:
+        elif srv.min_output_buffer_timeout * 1000 <= obt <= srv.max_output_buffer_timeout * 1000:
             obt_s = obt / 1000
         else:
             raise _ClientError("E_BAD_BODY", f"IDENTIFY output buffer timeout ({obt}) is invalid")
@@ -6257,7 +6339,13 @@ class _ClientV2(Consumer):
     def _do_sub(self, topic: str, channel: str) -> bytes:
         self._check_auth("SUB", "subscribe", topic, channel)
         try:
-            self.broker.topic(topic).channel(channel).add_consumer(self)
+            ch = self.broker.topic(topic).channel(channel)
+            limit = self.server.max_channel_consumers
+            if limit and ch.client_count >= limit:
+                raise _ClientError("E_TOO_MANY_CHANNEL_CONSUMERS",
+                                   f"channel consumers for {topic}:{channel} exceeds limit "
+                                   f"of {limit}")
+            ch.add_consumer(self)
         except BrokerClosed as e:
             raise _ClientError("E_SUB_FAILED", f"SUB failed {e}") from e
         except OSError as e:         # a new topic or channel could not be stored
@@ -6734,12 +6822,17 @@ def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any
 _ADMIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>minq</title>
 <style>
  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
  h1 { font-size: 1.3em; margin: 0 0 .2em; } h1 small { color: #777; font-weight: normal; }
  #status { color: #666; margin-bottom: 1em; } #status.error { color: #b00; }
- table { border-collapse: collapse; min-width: 60em; }
+ table { border-collapse: collapse; table-layout: fixed; width: 78em; }
+ col.name { width: 18em; } col.num { width: 5.5em; } col.state { width: 5em; }
+ col.actions { width: 15em; } td { overflow: hidden; white-space: nowrap;
+   font-variant-numeric: tabular-nums; }
+ button[data-action=pause], button[data-action=unpause] { min-width: 5.5em; }
  th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; text-align: right; }
  th { background: #f4f4f4; font-weight: 600; } td.name, th.name { text-align: left; }
  tr.topic td { background: #fafafa; font-weight: 600; border-top: 2px solid #ccc; }
@@ -6750,7 +6843,8 @@ _ADMIN_PAGE = """<!doctype html>
 <body>
 <h1>minq <small id="version"></small></h1>
 <div id="status">loading&hellip;</div>
-<table id="stats"><thead><tr>
+<table id="stats"><colgroup><col class="name"><col class="num" span="9"><col class="state">
+ <col class="actions"></colgroup><thead><tr>
  <th class="name">topic / channel</th><th>depth</th><th>on disk</th><th>in flight</th>
  <th>deferred</th><th>requeued</th><th>timed out</th><th>messages</th><th>msg/s</th>
  <th>clients</th><th>state</th><th>actions</th>
@@ -6800,7 +6894,7 @@ function row(tbody, kind, topic, channel, s, now) {
   cell(tr, "rate", rate === null ? "-" : rate.toFixed(1));
   cell(tr, "clients", kind === "channel" ? s.client_count
                                          : s.channels.reduce((n, c) => n + c.client_count, 0));
-  cell(tr, "state", s.paused ? "paused" : "", s.paused ? "paused" : "");
+  cell(tr, "state", s.paused ? "paused" : "active", s.paused ? "paused" : "");
   const td = cell(tr, "actions", "");
   if (s.paused) button(td, "unpause", kind, "unpause", topic, channel);
   else button(td, "pause", kind, "pause", topic, channel);
@@ -6856,7 +6950,8 @@ async function act(kind, action, topic, channel) {
 
 document.querySelector("#empty code").textContent =
   "curl -d hello 'http://" + location.host + "/pub?topic=test'";
-refresh();
+// a second look soon after the first, so rates show at once
+refresh().then(() => setTimeout(refresh, 500));
 setInterval(refresh, REFRESH_MS);
 </script>
 </body></html>
@@ -7022,7 +7117,12 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         host, port = _split_address(address, 4151)
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), _HTTPHandler)
+        try:
+            super().__init__((host, port), _HTTPHandler)
+        except OSError as e:
+            self.socket.close()
+            raise InvalidArgument(f"cannot listen on {'HTTPS' if tls_context else 'HTTP'} "
+                                  f"address {host}:{port}: {e.strerror or e}") from None
         listen = _split_address(tcp_address, 4150)[0] if tcp_address else self.server_address[0]
         #: what /info and the lookupd endpoints tell clients to connect to
         self.broadcast_address: str = (self.options.get("broadcast_address")
@@ -7734,23 +7834,69 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("shutdown-timeout", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT,
      "on SIGTERM/SIGINT, time HTTP requests in progress have to finish "
      "(a second signal cuts it short)"),
+    ("min-output-buffer-timeout", parse_duration, DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT,
+     "smallest output buffer timeout a client may ask for"),
+    ("max-channel-consumers", int, 0, "most consumers per channel over TCP (0 = no limit)"),
+    ("tls-root-ca-file", str, "", "CA certificates (PEM) that client certificates must be "
+                                  "signed by"),
+    ("tls-client-auth-policy", str, "",
+     "require or require-verify: TCP clients must present a certificate, verified against "
+     "--tls-root-ca-file (implies --tls-required)"),
+    ("tls-min-version", str, "",
+     "oldest TLS version accepted: ssl3.0, tls1.0, tls1.1, tls1.2 or tls1.3 "
+     "(default: Python's, TLS 1.2)"),
+    ("http-client-connect-timeout", parse_duration, 2.0,
+     "time to connect to an auth server"),
+    ("http-client-request-timeout", parse_duration, 5.0,
+     "time an auth server has to answer"),
     ("log-level", str, "info", "debug, info, warn, error or fatal"),
 ]
+# nsqd 1.3.0's flags that only change what is reported (statsd, latency
+# percentiles, log prefix) or tune nsqd's internals: accepted, ignored with
+# a warning, so an nsqd command line starts minq unchanged.
+_IGNORED_FLAGS = ("e2e-processing-latency-percentile", "e2e-processing-latency-window-time",
+                  "log-prefix", "node-id", "worker-id", "verbose", "statsd-address",
+                  "statsd-exclude-ephemeral", "statsd-interval", "statsd-mem-stats",
+                  "statsd-prefix", "statsd-udp-packet-size", "queue-scan-selection-count",
+                  "queue-scan-worker-pool-max", "snappy")
 _BOOL_FLAGS = {"durable", "fsync", "deflate", "tls-required"}
 _LIST_FLAGS = {"auth-http-address", "lookupd-tcp-address"}
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
 
 
+def format_duration(seconds: float) -> str:
+    """nsqd's short duration form: ``60s``, ``15m``, ``1h``, ``250ms``."""
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 600 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    if seconds == int(seconds):
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
+
+
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="run the broker: NSQ's TCP protocol on --tcp-address",
         description="Run minq as a server speaking nsqd's TCP protocol, so any NSQ client "
-                    "can publish and consume. Durations take nsqd's forms: 60s, 15m, 250ms.")
+                    "can publish and consume. Flags are nsqd's: --flag=value, --flag value, "
+                    "-flag=value and -flag value all work. Durations take nsqd's forms: "
+                    "60s, 15m, 250ms.")
+    p.add_argument("--version", action="version",
+                   version=f"minq {VERSION} (nsqd {NSQ_VERSION} protocol)")
     p.add_argument("--config", metavar="FILE",
                    help="TOML file of options (keys like flags, with _); flags win")
-    for flag, _, default, text in _SERVE_OPTIONS:
-        shown = "" if default in (None, "") else f" (default {default})"
+    for flag in _IGNORED_FLAGS:
+        p.add_argument(f"--{flag}", nargs="?", const="true", action="append",
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for flag, parse, default, text in _SERVE_OPTIONS:
+        if default in (None, "", 0) or "(default" in text:
+            shown = ""
+        elif parse is parse_duration:
+            shown = f" (default {format_duration(default)})"
+        else:
+            shown = f" (default {str(default).lower() if isinstance(default, bool) else default})"
         if flag in _BOOL_FLAGS:
             p.add_argument(f"--{flag}", nargs="?", const="true", default=argparse.SUPPRESS,
                            metavar="BOOL", help=text + shown)
@@ -7819,13 +7965,17 @@ def _toml_scalar(value: str) -> Any:
 def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
     """Defaults, then the --config file, then the command line; each value parsed."""
     given: Dict[str, Any] = {}
+    ignored = [flag for flag in _IGNORED_FLAGS if hasattr(args, flag.replace("-", "_"))]
     if getattr(args, "config", None):
         cfg = _read_config(args.config)
         known = {flag.replace("-", "_") for flag, *_ in _SERVE_OPTIONS}
-        unknown = sorted(set(cfg) - known)
+        skip = {flag.replace("-", "_") for flag in _IGNORED_FLAGS}
+        unknown = sorted(set(cfg) - known - skip)
         if unknown:
             raise InvalidArgument(f"{args.config}: unknown option(s) {', '.join(unknown)}")
-        given.update(cfg)
+        ignored += [k.replace("_", "-") for k in cfg if k in skip]
+        given.update((k, v) for k, v in cfg.items() if k not in skip)
+
     for flag, *_ in _SERVE_OPTIONS:
         key = flag.replace("-", "_")
         if hasattr(args, key):
@@ -7843,6 +7993,7 @@ def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
                 opts[key] = parse(given[key])
             except (ValueError, MinqError) as e:
                 raise InvalidArgument(f"--{flag}: {e}") from None
+    opts["ignored_flags"] = sorted(set(ignored))
     return opts
 
 
@@ -7860,6 +8011,22 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
+def _abandon(broker: Broker, fresh: bool, existed: bool) -> None:
+    """Close a broker whose server could not start; a data folder it made
+    (or found empty) is left as it was found."""
+    broker.close()
+    if fresh and broker.data_path:
+        if not existed:
+            shutil.rmtree(broker.data_path, ignore_errors=True)
+            return
+        for name in os.listdir(broker.data_path):
+            path = os.path.join(broker.data_path, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+
 def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = None,
           stop: Optional[threading.Event] = None, hurry: Optional[threading.Event] = None) -> int:
     """Run broker + servers until *stop* is set (SIGINT/SIGTERM in main); 0 on a clean stop.
@@ -7871,8 +8038,11 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     """
     stop = stop or threading.Event()
     _tune_gc()
+    data_path = opts["data_path"] or None
+    existed = bool(data_path) and os.path.isdir(data_path)    # type: ignore[arg-type]
+    fresh = bool(data_path) and not (existed and os.listdir(data_path))  # type: ignore[arg-type]
     broker = Broker(
-        data_path=opts["data_path"] or None, mem_queue_size=opts["mem_queue_size"],
+        data_path=data_path, mem_queue_size=opts["mem_queue_size"],
         durable=opts["durable"] or opts["fsync"], fsync=opts["fsync"],
         max_bytes_per_file=opts["max_bytes_per_file"], sync_every=opts["sync_every"],
         sync_timeout=opts["sync_timeout"], msg_timeout=opts["msg_timeout"],
@@ -7884,7 +8054,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
                               DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
         authorizer = None
         if opts["auth_http_address"] or opts["auth_secrets"]:
-            authorizer = Authorizer(opts["auth_http_address"] or (), opts["auth_secrets"] or None)
+            authorizer = Authorizer(opts["auth_http_address"] or (), opts["auth_secrets"] or None,
+                                    timeout=opts["http_client_request_timeout"])
         server = TCPServer(
             broker, opts["tcp_address"],
             max_heartbeat_interval=opts["max_heartbeat_interval"],
@@ -7895,9 +8066,13 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             tls_cert=opts["tls_cert"] or None, tls_key=opts["tls_key"] or None,
             tls_required=opts["tls_required"], deflate=opts["deflate"],
             max_deflate_level=opts["max_deflate_level"], authorizer=authorizer,
-            body_budget=budget)
+            body_budget=budget, min_output_buffer_timeout=opts["min_output_buffer_timeout"],
+            max_channel_consumers=opts["max_channel_consumers"],
+            tls_root_ca_file=opts["tls_root_ca_file"] or None,
+            tls_client_auth_policy=opts["tls_client_auth_policy"],
+            tls_min_version=opts["tls_min_version"])
     except BaseException:
-        broker.close()
+        _abandon(broker, fresh, existed)
         raise
     http_server = https_server = registrar = None
     try:
@@ -7923,7 +8098,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             if s is not None:
                 s.server_close()
         server.close()
-        broker.close()
+        _abandon(broker, fresh, existed)
         raise
     mode = ("memory only" if not broker.data_path else
             f"data in {broker.data_path}" + (" (durable, fsync)" if broker.fsync else
@@ -7963,16 +8138,16 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
 # -- the tools: pub (like to_nsq), tail (like nsq_tail), stats (like nsq_stat) --
 # They speak only NSQ's wire protocols, so they work against nsqd as well.
 
-def _tool_parsers(sub: Any) -> None:
+def _tool_parsers(sub: Any, cmd: str) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "pub", help="publish a message, or each line of stdin, to a topic",
         formatter_class=fmt,
         description="Publish to TOPIC on minq or nsqd over TCP (like NSQ's to_nsq).",
         epilog="examples:\n"
-               "  python minq.py pub orders '{\"id\": 1}'      one message\n"
-               "  cat events.txt | python minq.py pub events   one message per line\n"
-               "  python minq.py pub later hi --defer 30s      delivered in 30 seconds")
+               f"  {cmd} pub orders '{{\"id\": 1}}'      one message\n"
+               f"  cat events.txt | {cmd} pub events   one message per line\n"
+               f"  {cmd} pub later hi --defer 30s      delivered in 30 seconds")
     p.add_argument("topic", metavar="TOPIC")
     p.add_argument("message", metavar="MSG", nargs="?", default="-",
                    help="the message body; '-' or nothing reads stdin, one message per line")
@@ -7991,9 +8166,9 @@ def _tool_parsers(sub: Any) -> None:
                     "it sees only new messages, takes none from other consumers, and "
                     "leaves nothing behind when it exits.",
         epilog="examples:\n"
-               "  python minq.py tail orders            follow until Ctrl-C\n"
-               "  python minq.py tail orders -n 10      stop after 10 messages\n"
-               "  python minq.py tail orders --channel billing   take from a real channel")
+               f"  {cmd} tail orders            follow until Ctrl-C\n"
+               f"  {cmd} tail orders -n 10      stop after 10 messages\n"
+               f"  {cmd} tail orders --channel billing   take from a real channel")
     t.add_argument("topic", metavar="TOPIC")
     t.add_argument("--channel", default=None, metavar="NAME",
                    help="channel to read (default: tail<random>#ephemeral)")
@@ -8004,6 +8179,9 @@ def _tool_parsers(sub: Any) -> None:
     t.add_argument("--max-in-flight", type=int, default=200, metavar="N",
                    help="messages the server may send before they are finished (default 200)")
     t.add_argument("--print-topic", action="store_true", help="prefix each line with the topic")
+    t.add_argument("--connect-timeout", default="5s", metavar="DURATION",
+                   help="give up (exit 1) when the server cannot be reached within this "
+                        "long at the start (default 5s)")
 
     s = sub.add_parser(
         "stats", help="show a live table of depths and rates",
@@ -8013,8 +8191,8 @@ def _tool_parsers(sub: Any) -> None:
                     "disk), in flight, deferred, requeued, timed out, messages and "
                     "messages per second since the last row.",
         epilog="examples:\n"
-               "  python minq.py stats                    every topic, every 2 s\n"
-               "  python minq.py stats --topic orders --interval 1s --count 5")
+               f"  {cmd} stats                    every topic, every 2 s\n"
+               f"  {cmd} stats --topic orders --interval 1s --count 5")
     s.add_argument("--topic", default=None, metavar="T", help="only this topic")
     s.add_argument("--channel", default=None, metavar="C", help="only this channel")
     s.add_argument("--nsqd-http-address", default=DEFAULT_HTTP_ADDRESS, metavar="ADDR",
@@ -8060,21 +8238,27 @@ def _tail(args: argparse.Namespace, stop: threading.Event) -> int:
     out = sys.stdout.buffer
     prefix = args.topic.encode() + b" | " if args.print_topic else b""
     seen = 0
-    with Client(args.nsqd_tcp_address) as client, \
-            client.consumer(args.topic, channel, max(1, args.max_in_flight)) as cons:
-        while not stop.is_set() and (not args.n or seen < args.n):
-            msg = cons.get(timeout=0.2)
-            if msg is None:
-                continue
-            out.write(prefix + msg.body + b"\n")
-            out.flush()
-            msg.finish()
-            seen += 1
+    wait = parse_duration(args.connect_timeout)
+    with Client(args.nsqd_tcp_address, timeout=max(wait, 0.001)) as client:
+        _retry(lambda: _Connection(client), wait, client.max_backoff, stop).close()
+        cons = client.consumer(args.topic, channel, max(1, args.max_in_flight))
+        try:
+            while not stop.is_set() and (not args.n or seen < args.n):
+                msg = cons.get(timeout=0.2)
+                if msg is None:
+                    continue
+                out.write(prefix + msg.body + b"\n")
+                out.flush()
+                msg.finish()
+                seen += 1
+        finally:
+            cons.close()
     return 0
 
 
 _STATS_HEADER = (f"{'topic/channel':<32} {'depth':>8} {'mem':>8} {'disk':>8} {'inflt':>6} "
-                 f"{'def':>6} {'req':>8} {'t-o':>6} {'msgs':>10} {'msg/s':>9} {'clients':>7}")
+                 f"{'def':>6} {'req':>8} {'t-o':>6} {'msgs':>10} {'msg/s':>9} {'clients':>7} "
+                 f"state")
 
 
 def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -8089,8 +8273,13 @@ def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
     last: Dict[str, Tuple[float, int]] = {}
     reports = 0
     while not stop.is_set():
-        with urllib.request.urlopen(url, timeout=10) as r:
-            data = json.loads(r.read())
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                data = json.loads(r.read())
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConnectionLost(f"cannot get stats from http://{args.nsqd_http_address}: "
+                                 f"{getattr(reason, 'strerror', None) or reason}") from None
         now = time.monotonic()
         if reports % 20 == 0:
             print(_STATS_HEADER)
@@ -8110,7 +8299,7 @@ def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
                   f"{d['backend_depth']:>8} {d.get('in_flight_count', ''):>6} "
                   f"{d.get('deferred_count', ''):>6} {d.get('requeue_count', ''):>8} "
                   f"{d.get('timeout_count', ''):>6} {d['message_count']:>10} {rate} "
-                  f"{clients:>7}")
+                  f"{clients:>7} {'paused' if d.get('paused') else 'active'}")
         sys.stdout.flush()
         reports += 1
         if args.count and reports >= args.count:
@@ -8119,20 +8308,32 @@ def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
+_GO_FLAG = re.compile(r"-[a-z][a-z0-9]*(-[a-z0-9]+)+(=.*)?|-[a-z]{2,}(=.*)?", re.S)
+
+
+def _go_style_flags(argv: List[str]) -> List[str]:
+    """nsqd's single-dash long flags (Go's flag package) as argparse's double-dash ones."""
+    if not argv or argv[0] != "serve":
+        return argv
+    return [("-" + a if _GO_FLAG.fullmatch(a) else a) for a in argv]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: ``python minq.py serve|pub|tail|stats``; see ``--help``."""
+    installed = os.path.basename(sys.argv[0]) in ("minq", "minq.exe")
+    prog, cmd = ("minq", "minq") if installed else ("minq.py", "python minq.py")
     parser = argparse.ArgumentParser(
-        prog="minq.py",
-        description="minq: an NSQ-compatible message broker in one file. "
-                    "Start a server with 'python minq.py serve'; then publish with "
-                    "'python minq.py pub', read with 'python minq.py tail', watch with "
-                    "'python minq.py stats', or use any NSQ client.")
+        prog=prog,
+        description=f"minq: an NSQ-compatible message broker in one file. "
+                    f"Start a server with '{cmd} serve'; then publish with "
+                    f"'{cmd} pub', read with '{cmd} tail', watch with "
+                    f"'{cmd} stats', or use any NSQ client.")
     parser.add_argument("--version", action="version",
                         version=f"minq {VERSION} (nsqd {NSQ_VERSION} protocol)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    _tool_parsers(sub)
-    args = parser.parse_args(argv)
+    _tool_parsers(sub, cmd)
+    args = parser.parse_args(_go_style_flags(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return 2
@@ -8157,6 +8358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if level is None:
         parser.error(f"--log-level {opts['log_level']!r}: use debug, info, warn, error or fatal")
     logging.basicConfig(level=level, format="[minq] %(asctime)s %(levelname)s %(message)s")
+    ignored = opts.pop("ignored_flags", [])
+    if ignored:
+        log.warning("ignoring nsqd option(s) that change only what nsqd reports or tune its "
+                    "internals: %s", ", ".join(ignored))
     hurry = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

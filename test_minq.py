@@ -180,6 +180,13 @@ def test_bad_broker_options_rejected():
         minq.Broker(max_attempts=-1)
 
 
+def test_not_found_errors_print_without_quotes(broker):
+    with pytest.raises(minq.TopicNotFound) as e:
+        broker.get_topic("missing")
+    assert str(e.value) == "topic 'missing' does not exist"
+    assert isinstance(e.value, KeyError)
+
+
 # =============================================================================
 # Message
 # =============================================================================
@@ -3008,6 +3015,69 @@ def test_failed_auth_attempts_are_throttled_per_address(tmp_path, monkeypatch):
         assert json.loads(r.response())["permission_count"] == 1
 
 
+def test_max_channel_consumers_refuses_one_more():
+    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", max_channel_consumers=2).start() as srv:
+        first, second, third = Raw(srv), Raw(srv), Raw(srv)
+        for r in (first, second):
+            r.cmd("SUB t c")
+            assert r.response() == b"OK"
+        third.cmd("SUB t c")
+        assert third.error() == "E_TOO_MANY_CHANNEL_CONSUMERS channel consumers for t:c " \
+                                "exceeds limit of 2"
+        assert third.closed()
+        other = Raw(srv)
+        other.cmd("SUB t other")                    # per channel
+        assert other.response() == b"OK"
+
+
+def make_ca_and_client_cert(tmp_path):
+    make_cert(tmp_path)                              # skips without openssl
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
+    ca_key, ca, key, csr, cert = (str(tmp_path / n) for n in
+                                  ("ca.key", "ca.pem", "client.key", "client.csr", "client.pem"))
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+        "-keyout", ca_key, "-out", ca)
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client", "-keyout", key, "-out", csr)
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+        "-out", cert)
+    return ca, cert, key
+
+
+def test_tls_client_auth_policy_require_verify(tmp_path):
+    import ssl
+    cert, key = make_cert(tmp_path)
+    ca, client_cert, client_key = make_ca_and_client_cert(tmp_path)
+    with minq.Broker() as b, minq.TCPServer(
+            b, "127.0.0.1:0", tls_cert=cert, tls_key=key, tls_root_ca_file=ca,
+            tls_client_auth_policy="require-verify").start() as srv:
+        assert srv.tls_required                       # the policy implies it, as in nsqd
+        with pytest.raises((minq.MinqError, ssl.SSLError, OSError)):
+            with minq.Client(srv.address, tls=client_tls_context(), timeout=1) as c:
+                c.publish("t", b"no certificate")
+        ctx = client_tls_context()
+        ctx.load_cert_chain(client_cert, client_key)
+        with minq.Client(srv.address, tls=ctx) as c:
+            c.publish("t", b"with a certificate")
+        assert b.get_topic("t").depth == 1
+
+
+def test_tls_min_version_refuses_older_clients(tmp_path):
+    import ssl
+    cert, key = make_cert(tmp_path)
+    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert, tls_key=key,
+                                            tls_min_version="tls1.3").start() as srv:
+        old = client_tls_context()
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises((minq.MinqError, ssl.SSLError, OSError)):
+            with minq.Client(srv.address, tls=old, timeout=1) as c:
+                c.publish("t", b"x")
+        with minq.Client(srv.address, tls=client_tls_context()) as c:
+            c.publish("t", b"tls 1.3")
+    for bad in ({"tls_min_version": "tls9"}, {"tls_client_auth_policy": "maybe"}):
+        with minq.Broker() as b, pytest.raises(minq.InvalidArgument):
+            minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert, tls_key=key, **bad)
+
+
 # -- interop with a real NSQ client ----------------------------------------------
 
 def pynsq_round_trip(address, **writer_options):
@@ -3059,6 +3129,9 @@ def test_pynsq_against_python_minq_py_serve_defaults(tmp_path):
         pynsq_round_trip(s.address)
     finally:
         assert s.stop() == 0
+
+
+
 
 
 # =============================================================================
@@ -3293,6 +3366,29 @@ def test_lookupd_error_reply_is_logged_and_retried(caplog):
             assert lk.next()[1] == "IDENTIFY"      # the second attempt, after the refusal
         assert "E_BAD_BODY" in caplog.text
     b.close()
+
+
+def test_str_bodies_are_utf8_everywhere(server):
+    web = minq.HTTPServer(server.broker, "127.0.0.1:0").start()
+    try:
+        b = server.broker
+        b.publish("t", "héllo")                                   # in-process
+        b.publish_many("t", ["wörld"])
+        with minq.Client(server.address) as c:                    # over TCP
+            c.publish("t", "über")
+            c.publish_many("t", ["ça", b"bytes too"])
+        assert http(web, "POST", "/pub?topic=t", "ünï".encode())[0] == 200   # over HTTP
+        with b.consumer("t", "c", max_in_flight=10) as cons:
+            got = drain_finishing(cons, 6)
+        assert got == [s.encode() for s in ("héllo", "wörld", "über", "ça")] + \
+            [b"bytes too", "ünï".encode()]
+        for bad in (5, None, ["list"]):
+            with pytest.raises(minq.InvalidMessage):
+                b.publish("t", bad)
+            with minq.Client(server.address) as c, pytest.raises(minq.InvalidMessage):
+                c.publish("t", bad)
+    finally:
+        web.close()
 
 
 # =============================================================================
@@ -3625,6 +3721,8 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                 "--disable-sync"])
             try:
                 page = browser.new_page()
+                asked = []
+                page.on("request", lambda r: asked.append(r.url))
                 page.goto(f"http://{web.address}/")
                 page.wait_for_selector('tr[data-channel="billing"]', timeout=10000)
 
@@ -3638,6 +3736,13 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                         assert shown(ch, field) == str(stats[ch][field]), (ch, field)
                 assert shown("audit", "in_flight_count") == "3"
                 assert shown("billing", "depth") == "7"
+                assert shown("billing", "state") == "active"
+                # Rates show after a moment, not only after the second 2 s refresh.
+                page.wait_for_function(
+                    """() => document.querySelector(
+                        'tr[data-channel="billing"] td[data-field="rate"]').textContent !== '-'""",
+                    timeout=1500)
+                width = page.evaluate("document.querySelector('#stats').offsetWidth")
                 assert shown("audit", "clients") == "1"
                 assert page.inner_text('tr.topic[data-topic="orders"] td[data-field="clients"]') == "1"
                 # It refreshes by itself.
@@ -3652,6 +3757,7 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                                        timeout=10000)
                 assert b.get_topic("orders").get_channel("billing").paused
                 assert shown("billing", "state") == "paused"
+                assert page.evaluate("document.querySelector('#stats').offsetWidth") == width
                 # Destructive actions ask first: dismissing keeps the messages ...
                 page.once("dialog", lambda d: d.dismiss())
                 page.click('tr[data-channel="billing"] button[data-action="empty"]')
@@ -3677,6 +3783,7 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                                        timeout=10000)
                 assert messages[1].startswith("Delete channel orders/billing")
                 assert "billing" not in b.get_topic("orders").channels
+                assert not [u for u in asked if "favicon" in u]    # no 404 to log
             finally:
                 browser.close()
 
@@ -4210,13 +4317,13 @@ def test_stats_tool_prints_depths_and_rates(web):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert lines[0].split() == ["topic/channel", "depth", "mem", "disk", "inflt", "def",
-                                "req", "t-o", "msgs", "msg/s", "clients"]
+                                "req", "t-o", "msgs", "msg/s", "clients", "state"]
     with b.consumer("orders", "billing") as cons:
         cons.get(timeout=5)
         r = run_tool("stats", "--nsqd-http-address", web.address, "--count", "1")
     topic_row = [line.split() for line in r.stdout.decode().splitlines()
                  if line.startswith("orders ")][0]
-    assert topic_row[-1] == "1"                    # the topic's clients: those of its channels
+    assert topic_row[-2] == "1"                    # the topic's clients: those of its channels
     rows = [line.split() for line in lines if line.startswith("orders/billing")]
     assert len(rows) == 2
     assert rows[0][1:4] == ["5", "5", "0"] and rows[0][8:10] == ["5", "-"]
@@ -4312,6 +4419,139 @@ def test_sigterm_with_idle_half_sent_and_busy_clients_stops_at_once_and_keeps_al
         assert s.stop() == 0
 
 
+def run_minq(*args, timeout=30, cwd=None, argv0=None):
+    code = None
+    if argv0:                                       # as the installed command would run
+        code = (f"import sys; sys.argv[0] = {argv0!r}; import minq; "
+                f"sys.exit(minq.main({list(args)!r}))")
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, str(HERE / "minq.py"), *args]
+    return subprocess.run(cmd, cwd=cwd or HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(HERE)})
+
+
+@pytest.mark.parametrize("nsqd_args", [
+    # command lines as nsqd's documentation writes them
+    ["-data-path=data", "-mem-queue-size=100", "-msg-timeout=90s", "-max-rdy-count", "20"],
+    ["--lookupd-tcp-address=127.0.0.1:1", "--broadcast-address=127.0.0.1", "-node-id=7",
+     "-statsd-address=127.0.0.1:8125", "-statsd-prefix=nsq.%s", "-statsd-mem-stats=false",
+     "-e2e-processing-latency-percentile=0.99,0.95", "-snappy", "-verbose"],
+    ["-max-channel-consumers=2", "-min-output-buffer-timeout=50ms", "-tls-min-version=tls1.2",
+     "-http-client-connect-timeout=1s", "-http-client-request-timeout=3s", "-deflate=false",
+     "-max-deflate-level=5", "-sync-every=100", "-sync-timeout=1s", "-queue-scan-worker-pool-max=4"],
+])
+def test_serve_starts_unchanged_from_an_nsqd_command_line(tmp_path, nsqd_args):
+    s = Served(*nsqd_args, cwd=tmp_path)
+    try:
+        with minq.Client(s.address) as c:
+            c.publish("t", b"works")
+        r = Raw(s.address)
+        r.cmd("IDENTIFY", b'{"feature_negotiation": true, "output_buffer_timeout": 30}')
+        reply = r.response() if "-min-output-buffer-timeout=50ms" not in nsqd_args else r.error()
+        if "-max-rdy-count" in nsqd_args:
+            assert json.loads(reply)["max_rdy_count"] == 20
+            assert json.loads(reply)["msg_timeout"] == 90000
+            assert (tmp_path / "data" / "minq.dat").exists() or (tmp_path / "data").is_dir()
+        if "-min-output-buffer-timeout=50ms" in nsqd_args:
+            assert reply == "E_BAD_BODY IDENTIFY output buffer timeout (30) is invalid"
+    finally:
+        assert s.stop() == 0
+
+
+def test_serve_warns_once_about_the_nsqd_flags_it_ignores(tmp_path):
+    r = run_minq("serve", "-tcp-address=127.0.0.1:0", "-http-address=", "-data-path=",
+                 "-statsd-address=127.0.0.1:8125", "-node-id", "3", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("minq ")    # --version after the flags
+    p = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "serve", "-tcp-address=127.0.0.1:0",
+                          "-http-address=", "-data-path=", "-statsd-address=127.0.0.1:8125",
+                          "-node-id", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert "listening on" in p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+    lines = [line for line in err.splitlines() if "ignoring nsqd option" in line]
+    assert len(lines) == 1 and "node-id, statsd-address" in lines[0]
+
+
+def test_serve_version_and_help_in_nsqd_forms():
+    r = run_minq("serve", "--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"minq {minq.VERSION} (nsqd 1.3.0 protocol)")
+    assert minq.__version__ == minq.VERSION
+    text = " ".join(run_minq("serve", "--help").stdout.split())
+    for shown in ("(default 60s)", "(default 250ms)", "(default 15m)", "(default 1h)",
+                  "(default 25ms)"):
+        assert shown in text
+    assert "(default 0)" not in text and "60.0" not in text and "0.25" not in text
+
+
+def test_installed_command_calls_itself_minq():
+    r = run_minq("--help", argv0="/usr/local/bin/minq")
+    assert r.stdout.startswith("usage: minq ") and "python minq.py" not in r.stdout
+    r = run_minq("tail", "--help", argv0="/usr/local/bin/minq")
+    assert "  minq tail orders -n 10" in r.stdout
+    assert "usage: minq.py" in run_minq("--help").stdout
+
+
+@pytest.mark.parametrize("face", ["TCP", "HTTP"])
+def test_address_in_use_names_the_face_and_leaves_no_data_behind(tmp_path, face):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        flag = "--tcp-address" if face == "TCP" else "--http-address"
+        r = run_minq("serve", "--tcp-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0",
+                     flag, f"127.0.0.1:{port}", "--data-path", "data", cwd=tmp_path)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert f"cannot listen on {face} address 127.0.0.1:{port}: Address already in use" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_stats_and_tail_against_a_server_that_is_down_exit_1_naming_it():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]           # bound, never accepting: then closed
+    r = run_minq("stats", "--nsqd-http-address", f"127.0.0.1:{port}")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"minq stats: cannot get stats from http://127.0.0.1:{port}: " \
+                               "Connection refused"
+    started = time.monotonic()
+    r = run_minq("tail", "t", "-n", "1", "--nsqd-tcp-address", f"127.0.0.1:{port}",
+                 "--connect-timeout", "500ms")
+    assert r.returncode == 1 and time.monotonic() - started < 20
+    assert r.stderr.strip().startswith(f"minq tail: cannot connect to 127.0.0.1:{port}: ")
+    assert r.stderr.count("cannot connect") == 1
+
+
+def test_stats_tool_shows_paused_channels(tmp_path):
+    s = Served(cwd=tmp_path)
+    try:
+        assert http(s.http_address, "POST", "/topic/create?topic=t")[0] == 200
+        assert http(s.http_address, "POST", "/channel/create?topic=t&channel=c")[0] == 200
+        assert http(s.http_address, "POST", "/channel/pause?topic=t&channel=c")[0] == 200
+        r = run_minq("stats", "--nsqd-http-address", s.http_address, "--count", "1")
+        rows = {line.split()[0]: line.split()[-1] for line in r.stdout.splitlines()[1:]}
+        assert rows == {"t": "active", "t/c": "paused"}
+    finally:
+        assert s.stop() == 0
+
+
+def test_without_fcntl_memory_mode_works_and_a_data_path_says_why_not(tmp_path):
+    r = run_child(f"""
+        import sys
+        sys.modules["fcntl"] = None                   # as on Windows
+        import minq
+        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+            with minq.Client(srv.address) as c:
+                c.publish("t", b"memory mode")
+                with c.consumer("t", "c") as cons:
+                    assert cons.get(timeout=5).body == b"memory mode"
+        try:
+            minq.Broker(data_path={str(tmp_path / 'd')!r})
+        except minq.InvalidArgument as e:
+            print(e)
+        """)
+    assert r.returncode == 0, r.stderr
+    assert "storing messages needs a POSIX system" in r.stdout and "memory only" in r.stdout
+
+
 # =============================================================================
 # Docs: every code example in README.md runs
 # =============================================================================
@@ -4337,29 +4577,38 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
         assert b.stats()["topics"], "the example published nothing"
 
 
-def test_readme_curl_examples_run(tmp_path):
-    """The curl block, each line against a live server (skipped where curl is missing)."""
+def test_readme_curl_examples_run_and_then_the_tools_in_order(web):
+    """The curl block, each line against a live server (skipped where curl is missing),
+    then the tools' block on the same server, as a reader following README would."""
     if not shutil.which("curl"):
         pytest.skip("curl is not installed")
     text = (HERE / "README.md").read_text()
     lines = [ln for block in re.findall(r"```sh\n(.*?)```", text, re.S)
              for ln in block.splitlines() if ln.startswith("curl ")]
     assert lines
-    with minq.Broker() as b, minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
-        for line in lines:
-            r = subprocess.run(["bash", "-c", line.replace("127.0.0.1:4151", srv.address)
-                                + " -w ' %{http_code}'"], capture_output=True, text=True,
-                               timeout=30)
-            assert r.stdout.endswith(" 200"), (line, r.stdout)
-        assert channel_stats(b, "orders", "billing")["paused"]
-        assert b.stats()["topics"][0]["message_count"] == 4
+    b = web.broker
+    for line in lines:
+        r = subprocess.run(["bash", "-c", line.replace("127.0.0.1:4151", web.address)
+                            + " -w ' %{http_code}'"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.stdout.endswith(" 200"), (line, r.stdout)
+    assert not channel_stats(b, "orders", "billing")["paused"]
+    assert b.stats()["topics"][0]["message_count"] == 4
+    outputs = run_readme_tool_block(web)
+    assert outputs[2].splitlines() == ["hello", "one", "two"]   # what curl published
 
 
 def test_readme_tool_examples_run(web):
     """The pub/tail/stats block, each line against a live server."""
+    web.broker.topic("orders").channel("billing")
+    outputs = run_readme_tool_block(web)
+    assert outputs[2].splitlines() == ["order #3", "order #4", "order #5"]
+    assert "orders/billing" in outputs[3]
+
+
+def run_readme_tool_block(web):
     text = (HERE / "README.md").read_text()
     [block] = [b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "minq.py pub" in b]
-    web.broker.topic("orders").channel("billing")
     outputs = []
     for line in block.splitlines():
         line = re.sub(r"\s{2,}#.*$", "", line)
@@ -4370,8 +4619,14 @@ def test_readme_tool_examples_run(web):
                            timeout=60)
         assert r.returncode == 0, (line, r.stderr)
         outputs.append(r.stdout)
-    assert outputs[2].splitlines() == ["order #3", "order #4", "order #5"]
-    assert "orders/billing" in outputs[3]
+    return outputs
+
+
+def test_readme_test_command_is_what_ci_runs():
+    first_block = re.search(r"```\n(.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    serve, test = [re.sub(r"\s+#.*$", "", line) for line in first_block.splitlines()]
+    assert serve == "python minq.py serve"
+    assert test in (HERE / ".ci" / "run").read_text().splitlines()
 
 
 def test_readme_go_example_runs(tmp_path):
