@@ -7110,7 +7110,8 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
         self._thread: Optional[threading.Thread] = None
         # connection -> [state, deadline]: "head" (request line and headers,
-        # or a TLS handshake), "body", "busy" (handled, answered) or "idle"
+        # or a TLS handshake), "wait" (for body memory), "body", "busy"
+        # (handled, answered) or "idle"
         self._conns: Dict[socket.socket, List[Any]] = {}
         self._conns_lock = threading.Lock()
         self.closing = False
@@ -7198,8 +7199,8 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def set_state(self, sock: socket.socket, state: str) -> None:
         """What a connection does now, which sets how long it may take."""
-        timeout = {"head": self.header_timeout, "idle": self.idle_timeout}.get(
-            state, self.read_timeout)
+        timeout = {"head": self.header_timeout, "idle": self.idle_timeout,
+                   "wait": math.inf}.get(state, self.read_timeout)
         with self._conns_lock:
             self._conns[sock] = [state, time.monotonic() + timeout]
             if self.closing and state != "busy":
@@ -7473,11 +7474,15 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         if n < MemoryBudget.SMALL:
             return
         budget, srv = self.server.body_budget, self.server
-        deadline = time.monotonic() + srv.read_timeout
-        while not budget.take(n, 0.1):
-            if srv.closing or time.monotonic() >= deadline:
-                self._unread_body = True
-                raise _HTTPError(503, "BODY_MEMORY_FULL")
+        if not budget.take(n, 0):
+            # Waiting is not the client's delay: no read deadline meanwhile.
+            srv.set_state(self.connection, "wait")
+            deadline = time.monotonic() + srv.read_timeout
+            while not budget.take(n, 0.1):
+                if srv.closing or time.monotonic() >= deadline:
+                    self._unread_body = True
+                    raise _HTTPError(503, "BODY_MEMORY_FULL")
+            srv.set_state(self.connection, "body")
         self._budget_held = n
 
     def _read_chunked(self, limit: int, too_big: str) -> bytes:
