@@ -26,6 +26,7 @@ import bisect
 import collections
 import concurrent.futures
 import errno
+import functools
 import gc
 try:
     import fcntl           # POSIX: the data folder's lock; a socket's unsent bytes
@@ -68,6 +69,7 @@ __all__ = [
     "SystemClock", "FakeClock",
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
+    "log_timing", "dedup", "keep_touching", "requeue_on",
     # servers and the command line
     "TCPServer", "HTTPServer", "MemoryBudget", "Authorizer", "LookupdRegistrar",
     "broadcast_address",
@@ -120,7 +122,7 @@ FRAME_TYPE_RESPONSE, FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE = 0, 1, 2
 EPHEMERAL_SUFFIX = "#ephemeral"
 MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[.a-zA-Z0-9_-]+(#ephemeral)?")
-DISPATCH_POLICIES = ("round_robin", "weighted", "hash")
+DISPATCH_POLICIES = ("round_robin", "weighted", "hash", "random")
 
 # End-to-end latency (publish to FIN) is counted per channel in these buckets
 # (upper bounds, seconds), for /metrics' histograms.
@@ -132,6 +134,7 @@ _E2E_BOUNDS_NS = tuple(int(b * 1e9) for b in E2E_LATENCY_BUCKETS)
 _TIMER_IDLE_WAIT = 1.0
 _DEADLINE_GRAIN = 0.01   # in-flight deadlines fire at most this late (seconds)
 _PUMP_RETRY = 1.0      # seconds before a topic's pump tries again after a write error
+_random = random.Random()   # the random dispatch policy's draws (tests may seed it)
 _ID_MASK = (1 << 64) - 1
 
 
@@ -2502,9 +2505,30 @@ class Channel:
         if self.dispatch == "weighted":
             for msg in msgs:
                 self._start_flight_locked((msg,), self._pick_weighted(), now, out)  # type: ignore[arg-type]
+        elif self.dispatch == "random":
+            self._share_random_locked(msgs, now, out)
         else:
             self._share_round_robin_locked(msgs, now, out)
         return out
+
+    def _share_random_locked(self, msgs: List[Message], now: float, out: Deliveries) -> None:
+        # Each message to a consumer drawn at random among those with room.
+        cs = [c for c in self._consumers if not c.closed and c.in_flight_count < c.ready_count]
+        rooms = [c.ready_count - c.in_flight_count for c in cs]
+        shares: List[List[Message]] = [[] for _ in cs]
+        live = list(range(len(cs)))
+        draw = _random.randrange
+        for m in msgs:
+            k = draw(len(live))
+            i = live[k]
+            shares[i].append(m)
+            rooms[i] -= 1
+            if not rooms[i]:             # full: no longer drawn
+                live[k] = live[-1]
+                live.pop()
+        for c, share in zip(cs, shares):
+            if share:
+                self._start_flight_locked(share, c, now, out)
 
     def _share_round_robin_locked(self, msgs: List[Message], now: float,
                                   out: Deliveries) -> None:
@@ -3577,15 +3601,18 @@ class Broker:
     def subscribe(self, topic: str, channel: str, handler: Callable[[Message], Any],
                   max_in_flight: int = 32, workers: int = 4, *,
                   msg_timeout: Optional[float] = None, weight: int = 1,
-                  backoff: float = 1.0, max_backoff: float = 60.0) -> "Subscription":
+                  backoff: float = 1.0, max_backoff: float = 60.0,
+                  middleware: Iterable[Any] = ()) -> "Subscription":
         """Run *handler* on every message of *topic*/*channel* in *workers* threads.
 
         A handler that returns finishes the message; one that raises requeues
         it after ``backoff * 2**(attempts-1)`` seconds (at most *max_backoff*).
+        *middleware*: layers ``layer(message, next)`` around the handler, the
+        first listed outermost (see ``log_timing``, ``dedup``, ...).
         """
         return Subscription(self, topic, channel, handler, max_in_flight, workers,
                             msg_timeout=msg_timeout, weight=weight,
-                            backoff=backoff, max_backoff=max_backoff)
+                            backoff=backoff, max_backoff=max_backoff, middleware=middleware)
 
     def _register_client(self, client: Any) -> None:
         with self._lock:
@@ -4018,6 +4045,109 @@ class PullConsumer(Consumer):
         self.close()
 
 
+# -- middleware: layers around a subscription's handler --------------------------
+# A layer is ``layer(message, next)``: it runs code before and after calling
+# ``next(message)`` (the next layer, the handler last), or settles the message
+# itself and does not call it, or raises.  The first listed is the outermost.
+
+Handler = Callable[[Message], Any]
+Layer = Callable[[Message, Handler], Any]
+
+
+def _chain(handler: Handler, middleware: Iterable[Layer]) -> Handler:
+    call = handler
+    for layer in reversed(list(middleware)):
+        call = functools.partial(_through, layer, call)
+    return call
+
+
+def _through(layer: Layer, inner: Handler, msg: Message) -> Any:
+    return layer(msg, inner)
+
+
+def log_timing(logger: Optional[logging.Logger] = None, level: int = logging.INFO) -> Layer:
+    """A layer that logs how long each message took, and failures with their error."""
+    out = logger or log
+
+    def layer(msg: Message, nxt: Handler) -> Any:
+        start = time.perf_counter()
+        try:
+            result = nxt(msg)
+        except Exception as e:
+            out.log(level, "message %s failed after %.1f ms (attempt %d): %s", msg.id.decode(),
+                    (time.perf_counter() - start) * 1000, msg.attempts, e)
+            raise
+        out.log(level, "message %s handled in %.1f ms", msg.id.decode(),
+                (time.perf_counter() - start) * 1000)
+        return result
+    return layer
+
+
+def dedup(window: int = 10_000, key: Optional[Callable[[Message], Any]] = None) -> Layer:
+    """A layer that finishes, unhandled, a message whose key (its id, or
+    ``key(message)``) was handled among the last *window* keys: at-least-once
+    delivery made at-most-once within that window, in bounded memory."""
+    _check_range("window", window, 1, None)
+    seen: "collections.OrderedDict[Any, None]" = collections.OrderedDict()
+    lock = threading.Lock()
+
+    def layer(msg: Message, nxt: Handler) -> Any:
+        k = key(msg) if key is not None else msg.id
+        with lock:
+            if k in seen:
+                seen.move_to_end(k)
+                log.debug("message %s: a duplicate of %r; finished unhandled",
+                          msg.id.decode(), k)
+                return None
+        result = nxt(msg)              # a failure is not remembered: it will be retried
+        with lock:
+            seen[k] = None
+            if len(seen) > window:
+                seen.popitem(last=False)
+        return result
+    return layer
+
+
+def keep_touching(interval: float) -> Layer:
+    """A layer that TOUCHes a message every *interval* seconds while its handler
+    runs, so a long job does not time out (up to the server's max_msg_timeout)."""
+    _check_range("interval", interval, 0.001, None)
+
+    def layer(msg: Message, nxt: Handler) -> Any:
+        done = threading.Event()
+
+        def touch() -> None:
+            while not done.wait(interval):
+                try:
+                    msg.touch()
+                except (NotInFlight, ConnectionLost):
+                    return
+        toucher = threading.Thread(target=touch, name="minq-touch")
+        toucher.start()
+        try:
+            return nxt(msg)
+        finally:
+            done.set()
+            toucher.join()
+    return layer
+
+
+def requeue_on(*exceptions: type, delay: float = 0.0) -> Layer:
+    """A layer that turns the given exceptions into a requeue after *delay*
+    seconds: no error logged, no backoff (a known, temporary condition)."""
+    _check_range("delay", delay, 0, None)
+    kinds = exceptions or (Exception,)
+
+    def layer(msg: Message, nxt: Handler) -> Any:
+        try:
+            return nxt(msg)
+        except kinds as e:
+            log.info("message %s: %s; requeued in %gs", msg.id.decode(), e, delay)
+            msg.requeue(delay)
+            return None
+    return layer
+
+
 class _HandlerPool:
     """Worker threads that run a handler on each message ``self.get()`` returns.
 
@@ -4030,11 +4160,11 @@ class _HandlerPool:
     get: Callable[..., Optional[Message]]
 
     def _init_pool(self, handler: Callable[[Message], Any], workers: int,
-                   backoff: float, max_backoff: float) -> None:
+                   backoff: float, max_backoff: float, middleware: Iterable[Layer] = ()) -> None:
         _check_range("workers", workers, 1, 1024)
         _check_range("backoff", backoff, 0, None)
         _check_range("max_backoff", max_backoff, 0, None)
-        self.handler = handler
+        self.handler = _chain(handler, middleware)
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._workers = [threading.Thread(target=self._work, name=f"minq-handler-{i}")
@@ -4089,8 +4219,9 @@ class Subscription(_HandlerPool, PullConsumer):
     def __init__(self, broker: Broker, topic: str, channel: str,
                  handler: Callable[[Message], Any], max_in_flight: int = 32,
                  workers: int = 4, *, msg_timeout: Optional[float] = None, weight: int = 1,
-                 backoff: float = 1.0, max_backoff: float = 60.0) -> None:
-        self._init_pool(handler, workers, backoff, max_backoff)
+                 backoff: float = 1.0, max_backoff: float = 60.0,
+                 middleware: Iterable[Layer] = ()) -> None:
+        self._init_pool(handler, workers, backoff, max_backoff, middleware)
         super().__init__(broker, topic, channel, max_in_flight,
                          msg_timeout=msg_timeout, weight=weight)
         self._start_workers()
@@ -4648,10 +4779,12 @@ class Client:
 
     def subscribe(self, topic: str, channel: str, handler: Callable[[Message], Any],
                   max_in_flight: int = 32, workers: int = 4, *,
-                  backoff: float = 1.0, max_backoff: float = 60.0) -> "RemoteSubscription":
+                  backoff: float = 1.0, max_backoff: float = 60.0,
+                  middleware: Iterable[Layer] = ()) -> "RemoteSubscription":
         """Run *handler* on every message in *workers* threads (see Broker.subscribe)."""
         return RemoteSubscription(self, topic, channel, handler, max_in_flight, workers,
-                                  backoff=backoff, max_backoff=max_backoff)
+                                  backoff=backoff, max_backoff=max_backoff,
+                                  middleware=middleware)
 
     def close(self) -> None:
         """Close every consumer and the publishing connection; join their threads."""
@@ -4821,8 +4954,9 @@ class RemoteSubscription(_HandlerPool, RemoteConsumer):
 
     def __init__(self, client: Client, topic: str, channel: str,
                  handler: Callable[[Message], Any], max_in_flight: int = 32,
-                 workers: int = 4, *, backoff: float = 1.0, max_backoff: float = 60.0) -> None:
-        self._init_pool(handler, workers, backoff, max_backoff)
+                 workers: int = 4, *, backoff: float = 1.0, max_backoff: float = 60.0,
+                 middleware: Iterable[Layer] = ()) -> None:
+        self._init_pool(handler, workers, backoff, max_backoff, middleware)
         super().__init__(client, topic, channel, max_in_flight)
         self._start_workers()
 

@@ -1568,6 +1568,34 @@ def test_weighted_dispatch_follows_weights(broker):
         light.close()
 
 
+def test_random_dispatch_spreads_without_a_fixed_order(broker, monkeypatch):
+    monkeypatch.setattr(minq, "_random", random.Random(7))
+    broker.topic("t").channel("c", dispatch="random")
+    cs = [broker.consumer("t", "c", max_in_flight=2500) for _ in range(3)]
+    try:
+        broker.publish_many("t", [b"%d" % i for i in range(3000)])
+        got = [[int(m.body) for m in drain(c, timeout=0.05)] for c in cs]
+        assert sorted(sum(got, [])) == list(range(3000))           # each exactly once
+        assert all(850 < len(g) < 1150 for g in got), [len(g) for g in got]
+        assert got[0][:10] != list(range(0, 30, 3))                # not round-robin
+    finally:
+        for c in cs:
+            c.close()
+
+
+def test_random_dispatch_respects_each_consumers_room(broker):
+    broker.topic("t").channel("c", dispatch="random")
+    small = broker.consumer("t", "c", max_in_flight=2)
+    big = broker.consumer("t", "c", max_in_flight=100)
+    try:
+        broker.publish_many("t", [b"x"] * 50)
+        assert len(drain(small, timeout=0.05)) == 2
+        assert len(drain(big, timeout=0.05)) == 48
+    finally:
+        small.close()
+        big.close()
+
+
 def test_hash_dispatch_keeps_key_on_same_consumer(broker):
     broker.topic("t").channel("c", dispatch="hash", key=lambda m: m.body.split(b":")[0])
     cs = [broker.consumer("t", "c", max_in_flight=1000) for _ in range(3)]
@@ -2042,6 +2070,101 @@ def test_subscription_close_requeues_unhandled(broker):
     closer.join(5)
     st = channel_stats(broker, "t", "c")
     assert st["in_flight_count"] == 0 and st["depth"] == 4 and st["client_count"] == 0
+
+
+def test_middleware_runs_in_onion_order_and_may_settle_or_raise(broker, clock):
+    trace = []
+
+    def layer(name):
+        def run(msg, nxt):
+            trace.append(f"{name} in")
+            try:
+                return nxt(msg)
+            finally:
+                trace.append(f"{name} out")
+        return run
+
+    def gate(msg, nxt):                     # settles some messages itself
+        if msg.body == b"skip":
+            msg.finish()
+            return None
+        if msg.body == b"later":
+            msg.requeue(30)
+            return None
+        return nxt(msg)
+    handled = []
+    sub = broker.subscribe("t", "c", lambda m: (handled.append(m.body), trace.append("handler")),
+                           workers=1, middleware=[layer("outer"), layer("inner"), gate])
+    try:
+        broker.publish("t", b"run")
+        wait_until(lambda: handled == [b"run"] and len(trace) == 5)
+        assert trace == ["outer in", "inner in", "handler", "inner out", "outer out"]
+        broker.publish_many("t", [b"skip", b"later"])
+        wait_until(lambda: channel_stats(broker, "t", "c")["deferred_count"] == 1)
+        st = channel_stats(broker, "t", "c")
+        assert handled == [b"run"] and st["in_flight_count"] == 0 and st["requeue_count"] == 1
+    finally:
+        sub.close()
+
+
+def test_log_timing_layer_logs_each_message_and_failures(broker, caplog):
+    calls = []
+
+    def handler(m):
+        calls.append(m.body)
+        if m.body == b"bad":
+            raise ValueError("broken input")
+    with caplog.at_level(logging.INFO, logger="minq"):
+        sub = broker.subscribe("t", "c", handler, workers=1, middleware=[minq.log_timing()])
+        broker.publish_many("t", [b"good", b"bad"])
+        wait_until(lambda: len(calls) == 2)
+        sub.close()
+    assert re.search(r"message [0-9a-f]{16} handled in [0-9.]+ ms", caplog.text)
+    assert re.search(r"message [0-9a-f]{16} failed after [0-9.]+ ms \(attempt 1\): broken input",
+                     caplog.text)
+
+
+def test_dedup_layer_handles_each_key_once_within_its_window(broker):
+    handled = []
+    sub = broker.subscribe("t", "c", lambda m: handled.append(m.body), workers=1,
+                           middleware=[minq.dedup(window=2, key=lambda m: m.body)])
+    try:
+        broker.publish_many("t", [b"a", b"a", b"b", b"a", b"c", b"d", b"a"])
+        wait_until(lambda: channel_stats(broker, "t", "c")["message_count"] == 7
+                   and channel_stats(broker, "t", "c")["in_flight_count"] == 0
+                   and channel_stats(broker, "t", "c")["depth"] == 0)
+        # a, (a dup), b, (a dup: still in the window of 2), c, d, a (forgotten: handled again)
+        assert handled == [b"a", b"b", b"c", b"d", b"a"]
+    finally:
+        sub.close()
+
+
+def test_keep_touching_layer_keeps_a_long_job_from_timing_out():
+    with minq.Broker(msg_timeout=0.3) as b:
+        done = []
+        sub = b.subscribe("t", "c", lambda m: (time.sleep(0.9), done.append(m.attempts)),
+                          workers=1, middleware=[minq.keep_touching(0.1)])
+        b.publish("t", b"slow")
+        wait_until(lambda: done)
+        sub.close()
+        st = channel_stats(b, "t", "c")
+        assert done == [1] and st["timeout_count"] == 0 and st["depth"] == 0
+
+
+def test_requeue_on_layer_turns_an_error_into_a_chosen_delay(broker, caplog):
+    tries = []
+
+    def handler(m):
+        tries.append(m.attempts)
+        raise ConnectionRefusedError("backend down")
+    with caplog.at_level(logging.INFO, logger="minq"):
+        sub = broker.subscribe("t", "c", handler, workers=1,
+                               middleware=[minq.requeue_on(ConnectionRefusedError, delay=42)])
+        broker.publish("t", b"x")
+        wait_until(lambda: channel_stats(broker, "t", "c")["deferred_count"] == 1)
+        sub.close()
+    assert tries == [1]
+    assert "requeued in 42s" in caplog.text and "Traceback" not in caplog.text
 
 
 # =============================================================================
@@ -3389,6 +3512,35 @@ def test_str_bodies_are_utf8_everywhere(server):
                 c.publish("t", bad)
     finally:
         web.close()
+
+
+def test_client_subscription_takes_middleware_too(server):
+    trace = []
+
+    def outer(msg, nxt):
+        trace.append("outer")
+        return nxt(msg)
+    done = threading.Event()
+    with minq.Client(server.address) as c:
+        sub = c.subscribe("t", "c", lambda m: (trace.append(m.body), done.set()),
+                          middleware=[outer, minq.dedup()])
+        c.publish("t", b"over tcp")
+        assert done.wait(10)
+        sub.close()
+    assert trace == ["outer", b"over tcp"]
+
+
+def test_random_dispatch_over_tcp(server, monkeypatch):
+    monkeypatch.setattr(minq, "_random", random.Random(3))
+    server.broker.topic("t").channel("c", dispatch="random")
+    with minq.Client(server.address) as c:
+        cons = [c.consumer("t", "c", max_in_flight=300) for _ in range(2)]
+        wait_until(lambda: channel_stats(server.broker, "t", "c")["client_count"] == 2)
+        c.publish_many("t", [b"x"] * 300)
+        counts = [len(drain(k, timeout=0.5)) for k in cons]
+        assert sum(counts) == 300 and min(counts) > 100, counts
+        for k in cons:
+            k.close()
 
 
 # =============================================================================
