@@ -32,7 +32,9 @@ try:
     import fcntl           # POSIX: the data folder's lock; a socket's unsent bytes
 except ImportError:        # Windows: memory-only brokers and the servers still work
     fcntl = None  # type: ignore[assignment]
+import hashlib
 import heapq
+import http.client
 import http.server
 import itertools
 import json
@@ -69,7 +71,7 @@ __all__ = [
     "SystemClock", "FakeClock",
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
-    "log_timing", "dedup", "keep_touching", "requeue_on",
+    "log_timing", "dedup", "keep_touching", "requeue_on", "HTTPForwarder", "message_key",
     # servers and the command line
     "TCPServer", "HTTPServer", "MemoryBudget", "Authorizer", "LookupdRegistrar",
     "broadcast_address",
@@ -2048,6 +2050,9 @@ class Consumer:
 
     _ids = itertools.count(1)
 
+    #: what /stats shows as the client's user agent
+    user_agent = f"minq/{VERSION}"
+
     def __init__(self, ready_count: int = 1, msg_timeout: Optional[float] = None,
                  weight: int = 1, client_id: Optional[str] = None) -> None:
         self.channel: Optional[Channel] = None
@@ -2086,7 +2091,7 @@ class Consumer:
             "message_count": self.message_count, "finish_count": self.finish_count,
             "requeue_count": self.requeue_count, "connect_ts": self.connect_ts,
             "sample_rate": 0, "deflate": False, "snappy": False,
-            "user_agent": f"minq/{VERSION}", "topology_zone": "", "topology_region": "",
+            "user_agent": self.user_agent, "topology_zone": "", "topology_region": "",
             "tls": False, "tls_cipher_suite": "", "tls_version": "",
             "tls_negotiated_protocol": "", "tls_negotiated_protocol_is_mutual": False,
             "weight": self.weight,
@@ -4526,7 +4531,7 @@ class _Connection:
         c = self.client
         ident = {
             "client_id": c.client_id, "hostname": platform.node(),
-            "user_agent": f"minq/{VERSION}", "feature_negotiation": True,
+            "user_agent": c.user_agent, "feature_negotiation": True,
             "heartbeat_interval": int(c.heartbeat_interval * 1000) if c.heartbeat_interval > 0 else -1,
             "tls_v1": c.tls is not None, "deflate": c.deflate, "deflate_level": c.deflate_level,
             "snappy": False, "output_buffer_size": c.output_buffer_size,
@@ -4662,8 +4667,10 @@ class Client:
                  output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
                  msg_timeout: Optional[float] = None,
                  timeout: float = 5.0, max_backoff: float = 10.0,
-                 max_frame_size: int = DEFAULT_MAX_BODY_SIZE + 64) -> None:
+                 max_frame_size: int = DEFAULT_MAX_BODY_SIZE + 64,
+                 user_agent: str = f"minq/{VERSION}") -> None:
         _check_range("deflate_level", deflate_level, 1, 9)
+        self.user_agent = user_agent
         _check_range("timeout", timeout, 0.001, None)
         self.address = address
         self.tls = tls
@@ -4970,6 +4977,334 @@ class RemoteSubscription(_HandlerPool, RemoteConsumer):
         self._buffer.put(None)
         self._join_workers()
         super().close()
+
+
+# -- forwarding to HTTP services (nsq_to_http) -------------------------------------
+
+TO_HTTP_MODES = ("hostpool", "round-robin", "epsilon-greedy", "random", "weighted", "hash")
+
+
+class _Backend:
+    """One HTTP endpoint of a forwarder, with its health and figures."""
+
+    __slots__ = ("url", "weight", "current", "dead_until", "retry_delay", "latency",
+                 "ok", "failed")
+
+    def __init__(self, url: str, weight: int) -> None:
+        self.url, self.weight, self.current = url, weight, 0
+        self.dead_until = 0.0              # monotonic time it is tried again
+        self.retry_delay = 0.0
+        self.latency = 0.0                 # moving average of good requests (seconds)
+        self.ok = self.failed = 0
+
+
+class _BackendPool:
+    """Picks the backend for each message by a mode: nsq_to_http's ``hostpool``
+    (round-robin over the healthy ones), ``round-robin``, ``epsilon-greedy``
+    (mostly the fastest, sometimes another), and ``random``, ``weighted``
+    (smooth weighted round-robin, as nginx) and ``hash`` (a consistent hash of
+    ``key(message)``: one key, one backend while it is healthy, else the next
+    on the ring).  A backend that fails sits out *retry_delay* seconds,
+    doubling on each failure up to *max_retry_delay* (as go-hostpool); when
+    all sit out, all are tried.
+    """
+
+    EPSILON = 0.1           # epsilon-greedy: how often a backend other than the fastest
+    VIRTUAL_NODES = 64      # hash: points per backend on the ring
+
+    def __init__(self, urls: Iterable[str], mode: str = "hostpool",
+                 weights: Optional[Iterable[int]] = None,
+                 key: Optional[Callable[[Message], Any]] = None,
+                 retry_delay: float = 30.0, max_retry_delay: float = 900.0) -> None:
+        urls = list(urls)
+        if not urls:
+            raise InvalidArgument("to-http needs at least one URL")
+        if mode not in TO_HTTP_MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(TO_HTTP_MODES)}, not {mode!r}")
+        weights = list(weights) if weights is not None else [1] * len(urls)
+        if len(weights) != len(urls) or any(not isinstance(w, int) or w < 1 for w in weights):
+            raise InvalidArgument("weights: one whole number >= 1 per URL")
+        if mode == "hash" and key is None:
+            raise InvalidArgument("mode 'hash' needs a key (a JSON field or a header)")
+        self.mode, self.key = mode, key
+        self.retry_delay, self.max_retry_delay = retry_delay, max_retry_delay
+        self.backends = [_Backend(u, w) for u, w in zip(urls, weights)]
+        self._lock = threading.Lock()
+        self._next = 0
+        self._ring = sorted((_ring_point(f"{b.url}#{i}".encode()), n)
+                            for n, b in enumerate(self.backends)
+                            for i in range(self.VIRTUAL_NODES))
+
+    def order(self, msg: Message) -> List[_Backend]:
+        """The backends to try for *msg*: the one the mode picks, then the
+        other healthy ones (in ring order for ``hash``)."""
+        now = time.monotonic()
+        with self._lock:
+            live = [b for b in self.backends if b.dead_until <= now] or list(self.backends)
+            if self.mode == "hash":
+                return self._ring_walk(msg, live)
+            first = self._pick(live)
+        return [first] + [b for b in live if b is not first]
+
+    def _pick(self, live: List[_Backend]) -> _Backend:
+        mode = self.mode
+        if mode == "random" or mode == "epsilon-greedy" and _random.random() < self.EPSILON:
+            return _random.choice(live)
+        if mode == "epsilon-greedy":
+            return min(live, key=lambda b: b.latency)
+        if mode == "weighted":
+            total = sum(b.weight for b in live)
+            for b in live:
+                b.current += b.weight
+            best = max(live, key=lambda b: b.current)
+            best.current -= total
+            return best
+        self._next += 1                    # hostpool, round-robin
+        return live[self._next % len(live)]
+
+    def _ring_walk(self, msg: Message, live: List[_Backend]) -> List[_Backend]:
+        try:
+            point = _ring_point(_key_bytes(self.key(msg)))  # type: ignore[misc]
+        except Exception as e:
+            log.warning("to-http: no hash key in message %s (%s); using its id",
+                        msg.id.decode(), e)
+            point = _ring_point(msg.id)
+        start = bisect.bisect(self._ring, (point, -1))
+        seen: List[_Backend] = []
+        for i in range(len(self._ring)):
+            b = self.backends[self._ring[(start + i) % len(self._ring)][1]]
+            if b in live and b not in seen:
+                seen.append(b)
+        return seen
+
+    def mark(self, backend: _Backend, ok: bool, elapsed: float) -> None:
+        with self._lock:
+            if ok:
+                backend.ok += 1
+                backend.retry_delay = 0.0
+                backend.dead_until = 0.0
+                backend.latency = elapsed if not backend.latency else \
+                    0.8 * backend.latency + 0.2 * elapsed
+                return
+            backend.failed += 1
+            backend.retry_delay = min(max(backend.retry_delay * 2, self.retry_delay),
+                                      self.max_retry_delay)
+            backend.dead_until = time.monotonic() + backend.retry_delay
+
+
+def _ring_point(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def message_key(spec: str) -> Callable[[Message], Any]:
+    """A key function from ``json:<field>[.<field>...]`` (a field of a JSON body)
+    or ``header:<Name>`` (a ``Name: value`` line in the header lines that open
+    the body, up to a blank line, as in an HTTP or mail message)."""
+    kind, _, name = spec.partition(":")
+    if kind == "json" and name:
+        path = name.split(".")
+
+        def json_key(msg: Message) -> Any:
+            value: Any = json.loads(msg.body)
+            for part in path:
+                value = value[part]
+            return value
+        return json_key
+    if kind == "header" and name:
+        wanted = name.strip().lower().encode()
+
+        def header_key(msg: Message) -> Any:
+            for line in msg.body.split(b"\n", 64)[:64]:
+                line = line.rstrip(b"\r")
+                if not line:
+                    break
+                field, sep, value = line.partition(b":")
+                if sep and field.strip().lower() == wanted:
+                    return value.strip()
+            raise KeyError(f"no {name} header")
+        return header_key
+    raise InvalidArgument(f"hash key {spec!r}: use json:<field> or header:<Name>")
+
+
+class HTTPForwarder:
+    """Deliver every message of *topic*/*channel* to HTTP services (nsq_to_http).
+
+    *sources* is a Broker, a Client, or a list of them (one subscription
+    each, sharing the backends).  Each message is POSTed (the body as the
+    request body) or, with ``method="GET"``, sent as ``url % quoted_body``.
+    A 2xx (GET: 200) finishes it; any other answer, a timeout or a refused
+    connection marks that backend failed and tries the other healthy ones;
+    when none answered, the message is requeued after ``requeue_delay *
+    attempts`` seconds (at most *max_requeue_delay*) and every worker backs
+    off (``backoff * 2**n``, at most *max_backoff*).  A message delivered
+    more than *max_attempts* times goes to the dead-letter topic
+    ``<topic>.<channel>.dead``.  Defaults are nsq_to_http's and go-nsq's.
+    """
+
+    def __init__(self, sources: Any, topic: str, channel: str, urls: Iterable[str], *,
+                 method: str = "POST", mode: str = "hostpool",
+                 weights: Optional[Iterable[int]] = None,
+                 key: Optional[Callable[[Message], Any]] = None,
+                 content_type: str = "application/octet-stream",
+                 headers: Optional[Dict[str, str]] = None,
+                 connect_timeout: float = 2.0, request_timeout: float = 20.0,
+                 workers: int = 100, max_in_flight: int = 200, sample: float = 1.0,
+                 status_every: int = 250, max_attempts: int = 5, requeue_delay: float = 90.0,
+                 max_requeue_delay: float = 900.0, backoff: float = 1.0,
+                 max_backoff: float = 120.0, retry_delay: float = 30.0,
+                 middleware: Iterable[Layer] = ()) -> None:
+        if method not in ("POST", "GET"):
+            raise InvalidArgument(f"method must be POST or GET, not {method!r}")
+        urls = list(urls)
+        if method == "GET" and any(u.count("%s") != 1 for u in urls):
+            raise InvalidArgument("invalid GET address - must be a printf string")
+        _check_range("sample", sample, 0.0, 1.0)
+        self.topic, self.channel, self.method = topic, channel, method
+        self.pool = _BackendPool(urls, mode, weights, key, retry_delay)
+        self.headers = {"User-Agent": f"nsq_to_http v{NSQ_VERSION} (minq {VERSION})",
+                        **({"Content-Type": content_type} if method == "POST" else {}),
+                        **(headers or {})}
+        self.connect_timeout, self.request_timeout = connect_timeout, request_timeout
+        self.sample, self.status_every, self.max_attempts = sample, status_every, max_attempts
+        self.requeue_delay, self.max_requeue_delay = requeue_delay, max_requeue_delay
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.sent = self.failed = self.dead_lettered = 0
+        self._lock = threading.Lock()
+        self._backoff_level = 0
+        self._backoff_until = 0.0
+        self._closing = threading.Event()
+        self._local = threading.local()        # each worker's open connections
+        self._open: List[http.client.HTTPConnection] = []     # all of them, to close
+        self._sources: List[Any] = []
+        self._subs: List[Any] = []
+        try:
+            for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+                self.add_source(source, max_in_flight, workers, middleware)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_source(self, source: Any, max_in_flight: int = 200, workers: int = 100,
+                   middleware: Iterable[Layer] = ()) -> None:
+        """Also forward what *source* (a Broker or Client) has for the topic
+        and channel: a producer that lookupd found later."""
+        sub = source.subscribe(self.topic, self.channel, self._handle, max_in_flight, workers,
+                               middleware=middleware)
+        sub.user_agent = self.headers["User-Agent"]
+        self._sources.append(source)
+        self._subs.append(sub)
+
+    def close(self) -> None:
+        """Stop taking messages, let requests in progress end, join the workers."""
+        self._closing.set()
+        for sub in self._subs:
+            sub.close()
+        self._subs = []
+        with self._lock:
+            conns, self._open = self._open, []
+        for conn in conns:             # the workers' keep-alive connections
+            conn.close()
+
+    def __enter__(self) -> "HTTPForwarder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- one message -------------------------------------------------------------
+    def _handle(self, msg: Message) -> None:
+        if self.sample < 1.0 and _random.random() > self.sample:
+            return                                  # not sampled: finished unsent
+        if self.max_attempts and msg.attempts > self.max_attempts:
+            self._dead_letter(msg)
+            return
+        wait = self._backoff_until - time.monotonic()
+        if wait > 0:
+            self._closing.wait(wait)
+        errors = []
+        for backend in self.pool.order(msg):
+            if self._closing.is_set():
+                break
+            started = time.monotonic()
+            error = self._send(backend.url, msg.body)
+            self.pool.mark(backend, error is None, time.monotonic() - started)
+            if error is None:
+                self._count(True)
+                return
+            errors.append(f"{backend.url}: {error}")
+            log.warning("to-http: %s failed for message %s: %s; it sits out %gs",
+                        backend.url, msg.id.decode(), error, backend.retry_delay)
+        self._count(False)
+        delay = min(self.requeue_delay * msg.attempts, self.max_requeue_delay)
+        log.warning("to-http: message %s (attempt %d) reached no backend; requeued in %gs",
+                    msg.id.decode(), msg.attempts, delay)
+        msg.requeue(delay)
+
+    def _dead_letter(self, msg: Message) -> None:
+        name = dead_letter_name(self.topic, self.channel)
+        source = self._sources[0]
+        source.publish(name, msg.body)
+        with self._lock:
+            self.dead_lettered += 1
+        log.warning("to-http: message %s failed %d times; moved to %s", msg.id.decode(),
+                    msg.attempts - 1, name)
+
+    def _count(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.sent += 1
+                self._backoff_level = 0
+            else:
+                self.failed += 1
+                self._backoff_level += 1
+                self._backoff_until = time.monotonic() + min(
+                    self.backoff * 2 ** (self._backoff_level - 1), self.max_backoff)
+            n = self.sent + self.failed
+        if self.status_every and n % self.status_every == 0:
+            log.info("to-http [aggregate]: %d requests, %d delivered, %d failed; %s", n,
+                     self.sent, self.failed,
+                     ", ".join(f"{b.url} ok {b.ok} failed {b.failed} "
+                               f"{b.latency * 1000:.1f} ms" for b in self.pool.backends))
+
+    def _send(self, url: str, body: bytes) -> Optional[str]:
+        """One request; None if the backend accepted it, else what went wrong."""
+        if self.method == "GET":
+            url = url % urllib.parse.quote_plus(body)
+        parts = urllib.parse.urlsplit(url)
+        conns = self._local.__dict__.setdefault("conns", {})
+        where = (parts.scheme, parts.netloc)
+        conn = conns.get(where)
+        try:
+            if conn is None:
+                cls = (http.client.HTTPSConnection if parts.scheme == "https"
+                       else http.client.HTTPConnection)
+                conn = conns[where] = cls(parts.hostname or "", parts.port,
+                                          timeout=self.connect_timeout)
+                with self._lock:
+                    self._open.append(conn)
+                conn.connect()
+                conn.sock.settimeout(self.request_timeout)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request(self.method, target, body=body if self.method == "POST" else None,
+                         headers=self.headers)
+            reply = conn.getresponse()
+            reply.read()
+            status = reply.status
+            if reply.will_close:
+                self._discard(conns, where)
+        except (OSError, http.client.HTTPException) as e:
+            self._discard(conns, where)
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        ok = status == 200 if self.method == "GET" else 200 <= status < 300
+        return None if ok else f"got status code {status}"
+
+    def _discard(self, conns: Dict[Any, Any], where: Any) -> None:
+        conn = conns.pop(where, None)
+        if conn is not None:
+            conn.close()
+            with self._lock:
+                if conn in self._open:
+                    self._open.remove(conn)
 
 
 # =============================================================================
@@ -8342,6 +8677,179 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
                    help="stop after N reports (default 0: run until Ctrl-C)")
 
 
+def _to_http_parser(sub: Any, cmd: str) -> None:
+    p = sub.add_parser(
+        "to-http", help="deliver a channel's messages to HTTP services (like nsq_to_http)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Consume TOPIC/CHANNEL from minq or nsqd and POST (or GET) every message "
+                    "to HTTP endpoints, as NSQ's nsq_to_http 1.3.0 does, with its flags and "
+                    "defaults. A 2xx finishes a message; anything else, a timeout or a "
+                    "refused connection takes that backend out of rotation for a while and "
+                    "tries the others; when none answers the message is requeued with "
+                    "backoff, and after --consumer-opt max_attempts it goes to the "
+                    "dead-letter topic <topic>.<channel>.dead.",
+        epilog="examples:\n"
+               f"  {cmd} to-http --topic orders --post http://127.0.0.1:8080/orders\n"
+               f"  {cmd} to-http --topic orders --get 'http://svc/hook?body=%s' --n 10\n"
+               f"  {cmd} to-http --topic events --post http://a/e --post http://b/e \\\n"
+               "        --mode hash --hash-key json:user_id")
+    p.add_argument("--version", action="version",
+                   version=f"minq to-http {VERSION} (nsq_to_http v{NSQ_VERSION})")
+    p.add_argument("--topic", default="", help="nsq topic")
+    p.add_argument("--channel", default="nsq_to_http", help="nsq channel (default nsq_to_http)")
+    p.add_argument("--nsqd-tcp-address", action="append", default=[], metavar="ADDR",
+                   help="nsqd TCP address (may be given multiple times)")
+    p.add_argument("--lookupd-http-address", action="append", default=[], metavar="ADDR",
+                   help="lookupd HTTP address (may be given multiple times)")
+    p.add_argument("--post", action="append", default=[], metavar="URL",
+                   help="HTTP address to make a POST request to; data will be in the body "
+                        "(may be given multiple times)")
+    p.add_argument("--get", action="append", default=[], metavar="URL",
+                   help="HTTP address to make a GET request to; '%%s' will be replaced with "
+                        "the data (may be given multiple times)")
+    p.add_argument("--content-type", default=None,
+                   help="the Content-Type used for POST requests (default "
+                        "application/octet-stream)")
+    p.add_argument("--header", action="append", default=[], metavar="'KEY: VALUE'",
+                   help="custom header for HTTP requests (may be given multiple times)")
+    p.add_argument("--http-client-connect-timeout", default="2s", metavar="DURATION",
+                   help="timeout for HTTP connect (default 2s)")
+    p.add_argument("--http-client-request-timeout", default="20s", metavar="DURATION",
+                   help="timeout for HTTP request (default 20s)")
+    p.add_argument("-n", "--n", type=int, default=100, dest="n",
+                   help="number of concurrent publishers (default 100)")
+    p.add_argument("--max-in-flight", type=int, default=200,
+                   help="max number of messages to allow in flight (default 200)")
+    p.add_argument("--mode", default="hostpool",
+                   help="how a backend is picked: hostpool (default), round-robin, "
+                        "epsilon-greedy, and minq's random, weighted, hash")
+    p.add_argument("--sample", type=float, default=1.0,
+                   help="fraction of messages to publish, 0.0 - 1.0 (default 1.0)")
+    p.add_argument("--status-every", type=int, default=250,
+                   help="requests between status lines, 0 disables (default 250)")
+    p.add_argument("--consumer-opt", action="append", default=[], metavar="KEY,VALUE",
+                   help="go-nsq consumer option (may be given multiple times): max_attempts "
+                        "(5), default_requeue_delay (90s), max_requeue_delay (15m), "
+                        "backoff_multiplier (1s), max_backoff_duration (2m), max_in_flight, "
+                        "msg_timeout, heartbeat_interval, output_buffer_size, "
+                        "output_buffer_timeout, deflate, deflate_level, tls_v1, auth_secret, "
+                        "client_id, user_agent, lookupd_poll_interval (60s)")
+    p.add_argument("--weights", default=None, metavar="W,W,...",
+                   help="minq: --mode weighted: a weight per URL, in order")
+    p.add_argument("--hash-key", default=None, metavar="json:FIELD|header:NAME",
+                   help="minq: --mode hash: where a message's key is")
+    p.add_argument("--retry-delay", default="30s", metavar="DURATION",
+                   help="minq: how long a failed backend first sits out (doubling, at most "
+                        "15m; default 30s)")
+
+
+# go-nsq's consumer options: name -> (parser, where it goes)
+_CONSUMER_OPTS: Dict[str, Callable[[str], Any]] = {
+    "max_attempts": int, "default_requeue_delay": parse_duration,
+    "max_requeue_delay": parse_duration, "backoff_multiplier": parse_duration,
+    "max_backoff_duration": parse_duration, "max_in_flight": int,
+    "msg_timeout": parse_duration, "heartbeat_interval": parse_duration,
+    "output_buffer_size": int, "output_buffer_timeout": parse_duration,
+    "deflate": _parse_bool, "deflate_level": int, "tls_v1": _parse_bool, "auth_secret": str,
+    "client_id": str, "user_agent": str, "lookupd_poll_interval": parse_duration,
+}
+
+
+def _consumer_opts(given: List[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"max_attempts": 5, "default_requeue_delay": 90.0,
+                           "max_requeue_delay": 900.0, "backoff_multiplier": 1.0,
+                           "max_backoff_duration": 120.0, "lookupd_poll_interval": 60.0}
+    for opt in given:
+        key, sep, value = opt.partition(",")
+        key = key.strip()
+        if key not in _CONSUMER_OPTS:
+            raise InvalidArgument(f"--consumer-opt {key!r}: unknown; known: "
+                                  f"{', '.join(sorted(_CONSUMER_OPTS))}")
+        try:
+            out[key] = _CONSUMER_OPTS[key](value.strip() if sep else "true")
+        except (ValueError, MinqError) as e:
+            raise InvalidArgument(f"--consumer-opt {key}: {e}") from None
+    return out
+
+
+def _to_http(args: argparse.Namespace, stop: threading.Event) -> int:
+    def fatal(text: str) -> int:
+        print(f"minq to-http: {text}", file=sys.stderr)
+        return 1
+    headers: Dict[str, str] = {}
+    for h in args.header:
+        key, sep, value = h.partition(":")
+        if not sep or not key.strip() or not value.strip():
+            return fatal(f"--header {h!r}: the format is 'key: value'")
+        headers[key.strip()] = value.strip()
+    if not args.topic or not args.channel:
+        return fatal("--topic and --channel are required")
+    if args.content_type is not None and not args.post:
+        return fatal("--content-type only used with --post")
+    if not args.nsqd_tcp_address and not args.lookupd_http_address:
+        return fatal("--nsqd-tcp-address or --lookupd-http-address required")
+    if args.nsqd_tcp_address and args.lookupd_http_address:
+        return fatal("use --nsqd-tcp-address or --lookupd-http-address not both")
+    if not args.get and not args.post:
+        return fatal("--get or --post required")
+    if args.get and args.post:
+        return fatal("use --get or --post not both")
+    if not 0.0 <= args.sample <= 1.0:
+        return fatal("--sample must be between 0.0 and 1.0")
+    opts = _consumer_opts(args.consumer_opt)
+    weights = [int(w) for w in args.weights.split(",")] if args.weights else None
+    client_kw = {k: opts[k] for k in ("msg_timeout", "heartbeat_interval", "output_buffer_size",
+                                      "output_buffer_timeout", "deflate", "deflate_level",
+                                      "auth_secret", "client_id") if k in opts}
+    client_kw["user_agent"] = opts.get("user_agent", f"nsq_to_http/{NSQ_VERSION} minq/{VERSION}")
+    if opts.get("tls_v1"):
+        client_kw["tls"] = ssl.create_default_context()
+    clients: Dict[str, Client] = {}
+
+    def connect(address: str) -> Client:
+        clients[address] = Client(address, **client_kw)
+        return clients[address]
+    forwarder = HTTPForwarder(
+        [connect(a) for a in args.nsqd_tcp_address], args.topic, args.channel,
+        args.post or args.get, method="POST" if args.post else "GET", mode=args.mode,
+        weights=weights, key=message_key(args.hash_key) if args.hash_key else None,
+        content_type=args.content_type or "application/octet-stream", headers=headers,
+        connect_timeout=parse_duration(args.http_client_connect_timeout),
+        request_timeout=parse_duration(args.http_client_request_timeout),
+        workers=args.n, max_in_flight=args.max_in_flight, sample=args.sample,
+        status_every=args.status_every, max_attempts=opts["max_attempts"],
+        requeue_delay=opts["default_requeue_delay"],
+        max_requeue_delay=opts["max_requeue_delay"], backoff=opts["backoff_multiplier"],
+        max_backoff=opts["max_backoff_duration"], retry_delay=parse_duration(args.retry_delay))
+    try:
+        while not stop.is_set():
+            for lookupd in args.lookupd_http_address:       # new producers join
+                for address in _lookup_producers(lookupd, args.topic):
+                    if address not in clients:
+                        log.info("to-http: consuming from %s (found by %s)", address, lookupd)
+                        forwarder.add_source(connect(address), args.max_in_flight, args.n)
+            stop.wait(opts["lookupd_poll_interval"] if args.lookupd_http_address else 3600)
+    finally:
+        forwarder.close()
+        for c in clients.values():
+            c.close()
+    return 0
+
+
+def _lookup_producers(lookupd: str, topic: str) -> List[str]:
+    """The TCP addresses nsqlookupd gives for *topic* (none if it cannot be asked)."""
+    base = lookupd if "://" in lookupd else f"http://{lookupd}"
+    url = f"{base}/lookup?{urllib.parse.urlencode({'topic': topic})}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            data = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        log.warning("to-http: lookupd %s: %s", lookupd, getattr(e, "reason", e))
+        return []
+    data = data.get("data", data)           # nsqlookupd before 1.0 wrapped its replies
+    return [f"{p['broadcast_address']}:{p['tcp_port']}" for p in data.get("producers") or []]
+
+
 def _pub(args: argparse.Namespace) -> int:
     defer = parse_duration(args.defer)
     _check_range("--batch", args.batch, 1, None)
@@ -8452,7 +8960,7 @@ _GO_FLAG = re.compile(r"-[a-z][a-z0-9]*(-[a-z0-9]+)+(=.*)?|-[a-z]{2,}(=.*)?", re
 
 def _go_style_flags(argv: List[str]) -> List[str]:
     """nsqd's single-dash long flags (Go's flag package) as argparse's double-dash ones."""
-    if not argv or argv[0] != "serve":
+    if not argv or argv[0] not in ("serve", "to-http"):
         return argv
     return [("-" + a if _GO_FLAG.fullmatch(a) else a) for a in argv]
 
@@ -8472,17 +8980,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _tool_parsers(sub, cmd)
+    _to_http_parser(sub, cmd)
     args = parser.parse_args(_go_style_flags(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return 2
     stop = threading.Event()
     if args.command != "serve":
-        logging.basicConfig(level=logging.WARNING, format="[minq] %(levelname)s %(message)s")
+        logging.basicConfig(level=logging.INFO if args.command == "to-http" else logging.WARNING,
+                            format="[minq] %(levelname)s %(message)s")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())    # tail, stats: end cleanly
         try:
             if args.command == "pub":
                 return _pub(args)
+            if args.command == "to-http":
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                return _to_http(args, stop)
             return (_tail if args.command == "tail" else _stats)(args, stop)
         except KeyboardInterrupt:
             return 0

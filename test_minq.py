@@ -2167,6 +2167,211 @@ def test_requeue_on_layer_turns_an_error_into_a_chosen_delay(broker, caplog):
     assert "requeued in 42s" in caplog.text and "Traceback" not in caplog.text
 
 
+# -- to-http: forwarding to HTTP services
+
+
+class Backend:
+    """A local HTTP service for to-http: records what it got, answers as told."""
+
+    def __init__(self, behaviour="ok", hang=2.0):
+        import http.server
+        self.behaviour, self.hang = behaviour, hang
+        self.got, self.accepted, self.lock = [], [], threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, body):
+                with outer.lock:
+                    outer.got.append((body, dict(self.headers)))
+                    n = len(outer.got)
+                    mode = outer.behaviour
+                if mode == "hang":
+                    time.sleep(outer.hang)
+                status = 500 if mode == "fail" or mode == "flaky" and n % 2 == 0 else 200
+                if status == 200:
+                    with outer.lock:
+                        outer.accepted.append(body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self):
+                self._answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def do_GET(self):
+                self._answer(self.path.encode())
+
+            def log_message(self, *a):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = False      # close() joins them
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/in"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def backends():
+    made = []
+
+    def make(behaviour="ok", **kw):
+        made.append(Backend(behaviour, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close()
+
+
+def down_url():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return f"http://127.0.0.1:{s.getsockname()[1]}/in"      # closed: refused
+
+
+def fast(**kw):
+    """Forwarder options that keep tests short."""
+    return {"workers": 4, "requeue_delay": 0.05, "backoff": 0.01, "max_backoff": 0.05,
+            "retry_delay": 60.0, **kw}
+
+
+def settled(broker, topic="t", channel="c"):
+    st = channel_stats(broker, topic, channel)
+    return st["depth"] == 0 and st["in_flight_count"] == 0 and st["deferred_count"] == 0
+
+
+def test_forwarder_posts_each_message_once_with_nsq_to_https_headers(backends):
+    ok = backends()
+    with minq.Broker() as b, minq.HTTPForwarder(
+            b, "t", "c", [ok.url], headers={"X-Team": "billing"}, **fast()) as fwd:
+        b.publish_many("t", [b"m%d" % i for i in range(50)])
+        wait_until(lambda: settled(b) and len(ok.accepted) == 50)
+        assert sorted(ok.accepted) == sorted(b"m%d" % i for i in range(50))
+        headers = ok.got[0][1]
+        assert headers["Content-Type"] == "application/octet-stream"
+        assert headers["User-Agent"].startswith("nsq_to_http v1.3.0")
+        assert headers["X-Team"] == "billing"
+        client = channel_stats(b, "t", "c")["clients"][0]
+        assert client["user_agent"].startswith("nsq_to_http") and client["finish_count"] == 50
+        assert fwd.sent == 50 and fwd.failed == 0
+
+
+def test_forwarder_get_puts_the_quoted_body_in_the_url(backends):
+    ok = backends()
+    with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [ok.url + "?data=%s"],
+                                                method="GET", **fast()):
+        b.publish("t", b"a b&c")
+        wait_until(lambda: settled(b) and ok.accepted)
+    assert ok.accepted == [b"/in?data=a+b%26c"]
+
+
+def test_forwarder_failing_hanging_and_down_backends_lose_nothing_finish_nothing_early(backends):
+    flaky, hanging, good = backends("flaky"), backends("hang", hang=1.0), backends()
+    bodies = [b"m%d" % i for i in range(40)]
+    with minq.Broker() as b, minq.HTTPForwarder(
+            b, "t", "c", [flaky.url, hanging.url, down_url(), good.url], mode="round-robin",
+            request_timeout=0.3, **fast()) as fwd:
+        b.publish_many("t", bodies)
+        wait_until(lambda: settled(b), 30)
+        accepted = flaky.accepted + hanging.accepted + good.accepted
+        # every message was taken by a backend that answered 200, once
+        assert sorted(accepted) == sorted(bodies)
+        assert channel_stats(b, "t", "c")["clients"][0]["finish_count"] == 40
+        # the hanging one sat out after its timeouts (retry_delay 60 s), while
+        # the flaky one, revived by each success, kept taking its share
+        assert len(hanging.got) <= 4 and flaky.accepted and len(flaky.got) > len(flaky.accepted)
+        assert fwd.pool.backends[2].failed >= 1 and fwd.pool.backends[3].ok >= 30
+
+
+def test_forwarder_requeues_when_no_backend_answers_then_dead_letters(backends):
+    bad = backends("fail")
+    with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [bad.url], max_attempts=2,
+                                                **fast(retry_delay=0.01)) as fwd:
+        b.topic("t.c.dead").channel("inspect")
+        b.publish("t", b"poison")
+        wait_until(lambda: settled(b) and fwd.dead_lettered == 1)
+        assert len(bad.got) == 2                      # two deliveries, two refusals
+        assert channel_stats(b, "t", "c")["requeue_count"] == 2
+        with b.consumer("t.c.dead", "inspect") as dead:
+            assert dead.get(timeout=2).body == b"poison"
+
+
+def test_forwarder_hash_mode_keeps_keys_on_one_backend_and_moves_them_when_it_dies(backends):
+    bs = [backends() for _ in range(3)]
+    key = minq.message_key("json:user")
+    with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [x.url for x in bs], mode="hash",
+                                                key=key, **fast()) as fwd:
+        b.publish_many("t", [json.dumps({"user": u, "n": n}).encode()
+                             for n in range(5) for u in range(20)])
+        wait_until(lambda: settled(b) and sum(len(x.accepted) for x in bs) == 100)
+
+        def owners():
+            where = collections.defaultdict(set)
+            for i, x in enumerate(bs):
+                for body in x.accepted:
+                    where[json.loads(body)["user"]].add(i)
+            return where
+        before = owners()
+        assert all(len(v) == 1 for v in before.values()) and len(before) == 20
+        assert len({next(iter(v)) for v in before.values()}) == 3      # all three used
+        victim = next(iter(before[0]))
+        bs[victim].behaviour = "fail"
+        for x in bs:
+            x.accepted.clear()
+        b.publish_many("t", [json.dumps({"user": u, "n": 9}).encode() for u in range(20)])
+        wait_until(lambda: settled(b) and sum(len(x.accepted) for x in bs) == 20)
+        after = owners()
+        for user, was in before.items():
+            now = after[user]
+            assert len(now) == 1
+            if was != {victim}:
+                assert now == was                  # untouched keys stay put
+            else:
+                assert victim not in now           # moved to the next on the ring
+        assert fwd.pool.backends[victim].failed >= 1
+
+
+def test_forwarder_weighted_mode_follows_the_weights(backends):
+    heavy, light = backends(), backends()
+    with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [heavy.url, light.url],
+                                                mode="weighted", weights=[3, 1], **fast()):
+        b.publish_many("t", [b"x"] * 400)
+        wait_until(lambda: settled(b) and len(heavy.accepted) + len(light.accepted) == 400)
+    assert (len(heavy.accepted), len(light.accepted)) == (300, 100)
+
+
+@pytest.mark.parametrize("mode", ["hostpool", "round-robin", "epsilon-greedy", "random"])
+def test_forwarder_other_modes_deliver_everything_across_backends(backends, mode):
+    bs = [backends() for _ in range(3)]
+    with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [x.url for x in bs], mode=mode,
+                                                **fast()):
+        b.publish_many("t", [b"%d" % i for i in range(90)])
+        wait_until(lambda: settled(b) and sum(len(x.accepted) for x in bs) == 90)
+    assert sorted(sum((x.accepted for x in bs), [])) == sorted(b"%d" % i for i in range(90))
+    if mode != "epsilon-greedy":                   # that one prefers the fastest
+        assert all(x.accepted for x in bs)
+
+
+def test_forwarder_refuses_bad_settings():
+    with minq.Broker() as b:
+        for kw, text in [({"mode": "all"}, "mode must be one of"),
+                         ({"mode": "hash"}, "needs a key"),
+                         ({"mode": "weighted", "weights": [1]}, "one whole number"),
+                         ({"method": "GET"}, "printf string")]:
+            with pytest.raises(minq.InvalidArgument, match=text):
+                minq.HTTPForwarder(b, "t", "c", ["http://127.0.0.1:1/a", "http://127.0.0.1:1/b"],
+                                   **kw)
+    with pytest.raises(minq.InvalidArgument):
+        minq.message_key("xml:a")
+    header = minq.message_key("header:Tenant")
+    assert header(minq.Message(b"0" * 16, b"Tenant: acme\r\nX: y\r\n\r\nbody", 0)) == b"acme"
+
+
 # =============================================================================
 # TCP protocol V2: raw-socket tests of every command, reply and error code
 # =============================================================================
@@ -4702,6 +4907,49 @@ def test_without_fcntl_memory_mode_works_and_a_data_path_says_why_not(tmp_path):
         """)
     assert r.returncode == 0, r.stderr
     assert "storing messages needs a POSIX system" in r.stdout and "memory only" in r.stdout
+
+
+def test_to_http_command_like_nsq_to_http_from_nsqd_and_from_lookupd(backends, web):
+    ok = backends()
+    tcp = web.tcp_address
+    for how in (["-nsqd-tcp-address", tcp], ["--lookupd-http-address", web.address]):
+        web.broker.publish_many("t", [b"a", b"b", b"c"])
+        p = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "to-http", "-topic=t",
+                              *how, "--post", ok.url, "-n", "2", "--status-every", "1",
+                              "--consumer-opt", "max_attempts,3", "-content-type=text/plain"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: len(ok.accepted) == 3 and settled(web.broker, "t", "nsq_to_http"))
+            client = channel_stats(web.broker, "t", "nsq_to_http")["clients"][0]
+            assert client["user_agent"].startswith("nsq_to_http/1.3.0")
+        finally:
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        assert "to-http [aggregate]: 3 requests, 3 delivered" in err
+        assert sorted(ok.accepted) == [b"a", b"b", b"c"]
+        assert ok.got[0][1]["Content-Type"] == "text/plain"
+        ok.accepted.clear()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--post", "http://x/"], "--nsqd-tcp-address or --lookupd-http-address required"),
+    (["--nsqd-tcp-address", "a:1"], "--get or --post required"),
+    (["--nsqd-tcp-address", "a:1", "--get", "http://x/"], "invalid GET address"),
+    (["--nsqd-tcp-address", "a:1", "--lookupd-http-address", "b:2", "--post", "http://x/"],
+     "not both"),
+    (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--get", "http://x/%s"], "not both"),
+    (["--nsqd-tcp-address", "a:1", "--get", "http://x/%s", "--content-type", "a/b"],
+     "--content-type only used with --post"),
+    (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--sample", "2"], "between 0.0 and 1.0"),
+    (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--header", "nocolon"], "key: value"),
+    (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--consumer-opt", "bogus,1"],
+     "unknown"),
+])
+def test_to_http_command_refuses_what_nsq_to_http_refuses(args, text):
+    r = run_minq("to-http", "--topic", "t", *args)
+    assert r.returncode == 1 and text in r.stderr, r.stderr
+    assert run_minq("to-http", "--version").stdout.startswith("minq to-http")
 
 
 # =============================================================================
