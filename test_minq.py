@@ -5047,3 +5047,24 @@ def test_readme_go_example_runs(tmp_path):
                            timeout=120)
         assert r.returncode == 0, r.stderr
         assert "hello" in r.stderr
+
+
+def test_readme_to_http_example_runs(web, backends):
+    text = (HERE / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "to-http" in b]
+    one, two = backends(), backends()
+    line = (block.replace("\\\n", " ").strip()
+            .replace("127.0.0.1:4150", web.tcp_address)
+            .replace("http://127.0.0.1:8080/orders", one.url)
+            .replace("http://127.0.0.1:8081/orders", two.url)
+            .replace("python minq.py", f"{sys.executable} {HERE / 'minq.py'}"))
+    web.broker.topic("orders").channel("billing")
+    web.broker.publish_many("orders", [b"o%d" % i for i in range(10)])
+    p = subprocess.Popen(["bash", "-c", f"exec {line}"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(one.accepted) + len(two.accepted) == 10)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+    assert p.returncode == 0
+    assert len(one.accepted) == len(two.accepted) == 5          # round-robin
