@@ -1157,8 +1157,52 @@ def section_http(scale: float) -> None:
         report(f"http {name}", value, "msg/s", "raw http.server, same body", raw)
 
 
+def codec_sample(size: int) -> bytes:
+    """Message-like data: JSON records of a few kinds (compressible, not trivially)."""
+    import json
+    rows = [{"id": i, "user": f"user{i % 97}", "event": ("click", "view", "buy")[i % 3],
+             "amount": round(i * 1.37 % 1000, 2)} for i in range(size // 40)]
+    return json.dumps(rows).encode()[:size]
+
+
+def mb_per_s(fn: Callable[[], object], nbytes: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return nbytes / (time.perf_counter() - t0) / 1e6
+
+
+def section_codecs(scale: float) -> None:
+    import zlib
+    size = max(1 << 18, int((4 << 20) * scale))
+    print(f"\n[codecs] the compression a client can negotiate, on {size >> 10} KiB of JSON "
+          "records: minq's snappy (Python) vs zlib's deflate (C, level 6) as nsqd uses it")
+    data = codec_sample(size)
+    packed = minq.SnappyCompressor().compress(data)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+    deflated = deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
+    progress("snappy")
+    comp = best_of(3, lambda: mb_per_s(lambda: minq.SnappyCompressor().compress(data), size))
+    decomp = best_of(3, lambda: mb_per_s(
+        lambda: minq.SnappyDecompressor().decompress(packed), size))
+    crc = best_of(3, lambda: mb_per_s(lambda: minq.crc32c(data), size))
+    progress("deflate")
+
+    def deflate() -> bytes:
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    z_comp = best_of(3, lambda: mb_per_s(deflate, size))
+    z_decomp = best_of(3, lambda: mb_per_s(lambda: zlib.decompressobj(-15).decompress(deflated),
+                                           size))
+    report("snappy compress", comp, "MB/s", "zlib deflate compress", z_comp)
+    report("snappy decompress (checksums verified)", decomp, "MB/s", "zlib deflate decompress",
+           z_decomp)
+    report("crc32c (snappy's checksum)", crc, "MB/s", "zlib deflate decompress", z_decomp)
+    print(f"{'compressed size, snappy vs deflate':<44} {len(packed) / size * 100:>13.1f}% "
+          f"{'of input':<10} | {'deflate':<28} {len(deflated) / size * 100:>13.1f}%")
+
+
 SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp,
-            "load": section_load, "http": section_http}
+            "load": section_load, "http": section_http, "codecs": section_codecs}
 
 
 def main(argv: List[str] = None) -> int:

@@ -72,6 +72,7 @@ __all__ = [
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
     "log_timing", "dedup", "keep_touching", "requeue_on", "HTTPForwarder", "message_key",
+    "SnappyCompressor", "SnappyDecompressor", "SnappyError", "crc32c",
     # servers and the command line
     "TCPServer", "HTTPServer", "MemoryBudget", "Authorizer", "LookupdRegistrar",
     "broadcast_address",
@@ -4242,6 +4243,242 @@ class Subscription(_HandlerPool, PullConsumer):
         super().close()
 
 
+# -- snappy: NSQ's other compression, in Python (framing format, CRC-32C) ----------
+
+_CRC32C_TABLES: List[List[int]] = []
+
+
+def _crc32c_tables() -> List[List[int]]:
+    if not _CRC32C_TABLES:
+        first = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            first.append(c)
+        tables = [first]
+        for _ in range(7):            # slicing by 8: a table per byte position
+            prev = tables[-1]
+            tables.append([(p >> 8) ^ first[p & 0xFF] for p in prev])
+        _CRC32C_TABLES[:] = tables
+    return _CRC32C_TABLES
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli), as snappy's framing format checksums its chunks."""
+    t0, t1, t2, t3, t4, t5, t6, t7 = _crc32c_tables()
+    crc ^= 0xFFFFFFFF
+    n = len(data) & ~7
+    for a, b in struct.iter_unpack("<II", memoryview(data)[:n]):
+        a ^= crc
+        crc = (t7[a & 0xFF] ^ t6[(a >> 8) & 0xFF] ^ t5[(a >> 16) & 0xFF] ^ t4[a >> 24]
+               ^ t3[b & 0xFF] ^ t2[(b >> 8) & 0xFF] ^ t1[(b >> 16) & 0xFF] ^ t0[b >> 24])
+    for byte in data[n:]:
+        crc = t0[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    c = crc32c(data)
+    return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+class SnappyError(MinqError, ValueError):
+    """Snappy input that does not decode (a bad chunk, checksum or copy)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _literal(out: bytearray, data: bytes, start: int, end: int) -> None:
+    n = end - start - 1
+    if n < 0:
+        return
+    if n < 60:
+        out.append(n << 2)
+    elif n < 0x100:
+        out += bytes((60 << 2, n))
+    elif n < 0x10000:
+        out.append(61 << 2)
+        out += n.to_bytes(2, "little")
+    else:
+        out.append(62 << 2)
+        out += n.to_bytes(3, "little")
+    out += data[start:end]
+
+
+def _copy(out: bytearray, offset: int, length: int) -> None:
+    while length > 0:                  # copies of at most 64 bytes, never under 4 left
+        n = 64 if length >= 68 else 60 if length > 64 else length
+        out.append(((n - 1) << 2) | 2)
+        out += offset.to_bytes(2, "little")
+        length -= n
+
+
+def snappy_compress_block(data: bytes) -> bytes:
+    """One snappy block (at most 64 KiB): a greedy matcher over 4-byte
+    sequences, skipping ahead faster through input that does not compress."""
+    out = bytearray(_varint(len(data)))
+    n = len(data)
+    table: Dict[bytes, int] = {}
+    i = lit = 0
+    misses = 32
+    while i + 4 <= n:
+        key = data[i:i + 4]
+        cand = table.get(key)
+        table[key] = i
+        if cand is None or i - cand > 0xFFFF:
+            i += misses >> 5
+            misses += 1
+            continue
+        m = 4
+        while i + m + 8 <= n and data[cand + m:cand + m + 8] == data[i + m:i + m + 8]:
+            m += 8
+        while i + m < n and data[cand + m] == data[i + m]:
+            m += 1
+        _literal(out, data, lit, i)
+        _copy(out, i - cand, m)
+        i += m
+        lit = i
+        misses = 32
+    _literal(out, data, lit, n)
+    return bytes(out)
+
+
+def snappy_decompress_block(data: bytes) -> bytes:
+    """Decode one snappy block; SnappyError if it is not one."""
+    n = shift = pos = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise SnappyError("bad length preamble")
+        byte = data[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    out = bytearray()
+    end = len(data)
+    while pos < end:
+        tag = data[pos]
+        kind = tag & 3
+        pos += 1
+        if kind == 0:
+            length = (tag >> 2) + 1
+            if length > 60:
+                extra = length - 60
+                length = int.from_bytes(data[pos:pos + extra], "little") + 1
+                pos += extra
+            if pos + length > end:
+                raise SnappyError("literal runs past the end")
+            out += data[pos:pos + length]
+            pos += length
+            continue
+        if kind == 1:
+            length = 4 + ((tag >> 2) & 7)
+            offset = ((tag >> 5) << 8) | (data[pos] if pos < end else 0)
+            pos += 1
+        else:
+            length = (tag >> 2) + 1
+            size = 2 if kind == 2 else 4
+            offset = int.from_bytes(data[pos:pos + size], "little")
+            pos += size
+        if pos > end or not 0 < offset <= len(out):
+            raise SnappyError("bad copy offset")
+        start = len(out) - offset
+        if offset >= length:
+            out += out[start:start + length]
+        else:                                   # overlapping: the pattern repeats
+            out += (out[start:] * (length // offset + 1))[:length]
+        if len(out) > n:
+            raise SnappyError("block longer than its preamble says")
+    if len(out) != n:
+        raise SnappyError("block shorter than its preamble says")
+    return bytes(out)
+
+
+_SNAPPY_STREAM_ID = b"\xff\x06\x00\x00sNaPpY"
+_SNAPPY_MAX_CHUNK = 65536
+
+
+class SnappyCompressor:
+    """Snappy's framing format, as nsqd's snappy writer sends it: the stream
+    identifier first, then a chunk per 64 KiB (kept uncompressed when
+    compressing saves less than an eighth).  zlib's compressobj interface."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def compress(self, data: bytes) -> bytes:
+        out = []
+        if not self._started:
+            out.append(_SNAPPY_STREAM_ID)
+            self._started = True
+        for i in range(0, len(data), _SNAPPY_MAX_CHUNK):
+            piece = data[i:i + _SNAPPY_MAX_CHUNK]
+            packed = snappy_compress_block(piece)
+            kind, body = (0, packed) if len(packed) < len(piece) - len(piece) // 8 else (1, piece)
+            size = 4 + len(body)
+            out.append(bytes((kind,)) + size.to_bytes(3, "little") + _masked_crc(piece) + body)
+        return b"".join(out)
+
+    def flush(self, mode: int = 0) -> bytes:
+        return b""
+
+
+class SnappyDecompressor:
+    """Reads snappy's framing format; zlib's decompressobj interface (output
+    bounded by *max_length* per call, the rest kept in ``unconsumed_tail``).
+    Raises SnappyError for a bad stream identifier, chunk type or checksum."""
+
+    def __init__(self) -> None:
+        self.unconsumed_tail = b""
+        self._started = False
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        buf = self.unconsumed_tail + data if self.unconsumed_tail else data
+        out: List[bytes] = []
+        made = pos = 0
+        while pos + 4 <= len(buf) and not (max_length and made >= max_length):
+            kind = buf[pos]
+            size = int.from_bytes(buf[pos + 1:pos + 4], "little")
+            if pos + 4 + size > len(buf):
+                break                           # the rest of the chunk is still coming
+            body = buf[pos + 4:pos + 4 + size]
+            pos += 4 + size
+            if kind == 0xFF:
+                if body != b"sNaPpY":
+                    raise SnappyError("bad stream identifier")
+                self._started = True
+                continue
+            if not self._started:
+                raise SnappyError("no stream identifier")
+            if kind in (0, 1):
+                if size < 4:
+                    raise SnappyError("chunk too short for its checksum")
+                piece = snappy_decompress_block(body[4:]) if kind == 0 else body[4:]
+                if len(piece) > _SNAPPY_MAX_CHUNK:
+                    raise SnappyError("chunk larger than 64 KiB")
+                if _masked_crc(piece) != body[:4]:
+                    raise SnappyError("checksum mismatch")
+                out.append(piece)
+                made += len(piece)
+            elif kind <= 0x7F:
+                raise SnappyError(f"reserved unskippable chunk type {kind:#x}")
+            # 0x80 - 0xfe: padding and skippable chunks
+        if len(buf) - pos > 4 + (1 << 24):
+            raise SnappyError("chunk too large")
+        self.unconsumed_tail = buf[pos:]
+        return b"".join(out)
+
+
+
 # -- the wire: frames and the connection stream (used by Client and TCPServer)
 
 _FRAME_HEAD = struct.Struct(">lL")   # size = 4 + len(data), frame type
@@ -4391,6 +4628,12 @@ class _Stream:
         self._decompress = zlib.decompressobj(-15)
         self._backlog = leftover
 
+    def start_snappy(self, leftover: bytes = b"") -> None:
+        """Snappy's framing format both ways from now on."""
+        self._compress = SnappyCompressor()
+        self._decompress = SnappyDecompressor()
+        self._backlog = leftover
+
     def tls_stats(self) -> Dict[str, Any]:
         """nsqd's tls fields of a client object."""
         obj = self._tls
@@ -4534,7 +4777,7 @@ class _Connection:
             "user_agent": c.user_agent, "feature_negotiation": True,
             "heartbeat_interval": int(c.heartbeat_interval * 1000) if c.heartbeat_interval > 0 else -1,
             "tls_v1": c.tls is not None, "deflate": c.deflate, "deflate_level": c.deflate_level,
-            "snappy": False, "output_buffer_size": c.output_buffer_size,
+            "snappy": c.snappy, "output_buffer_size": c.output_buffer_size,
             "output_buffer_timeout": int(c.output_buffer_timeout * 1000),
         }
         if c.msg_timeout:
@@ -4551,7 +4794,10 @@ class _Connection:
                                   server_hostname=host if c.tls.check_hostname else None,
                                   timeout=c.timeout)
             self._expect_ok("TLS")
-        if self.server_info.get("deflate"):
+        if self.server_info.get("snappy"):
+            self.stream.start_snappy(self.reader.take_leftover())
+            self._expect_ok("snappy")
+        elif self.server_info.get("deflate"):
             level = int(self.server_info.get("deflate_level") or c.deflate_level)
             self.stream.start_deflate(level, self.reader.take_leftover())
             self._expect_ok("deflate")
@@ -4603,7 +4849,7 @@ class _Connection:
                 else:
                     on_frame(ftype, data)
             return None
-        except (MinqError, OSError, ssl.SSLError, zlib.error) as e:
+        except (MinqError, OSError, ssl.SSLError, zlib.error, SnappyError) as e:
             return e
         finally:
             self.close()
@@ -4668,8 +4914,11 @@ class Client:
                  msg_timeout: Optional[float] = None,
                  timeout: float = 5.0, max_backoff: float = 10.0,
                  max_frame_size: int = DEFAULT_MAX_BODY_SIZE + 64,
-                 user_agent: str = f"minq/{VERSION}") -> None:
+                 user_agent: str = f"minq/{VERSION}", snappy: bool = False) -> None:
         _check_range("deflate_level", deflate_level, 1, 9)
+        if snappy and deflate:
+            raise InvalidArgument("choose deflate or snappy, not both (as nsqd)")
+        self.snappy = snappy
         self.user_agent = user_agent
         _check_range("timeout", timeout, 0.001, None)
         self.address = address
@@ -5773,7 +6022,7 @@ class TCPServer:
                  max_output_buffer_size: int = DEFAULT_MAX_OUTPUT_BUFFER_SIZE,
                  max_output_buffer_timeout: float = DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 tls_required: bool = False, deflate: bool = True,
+                 tls_required: bool = False, deflate: bool = True, snappy: bool = True,
                  max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
                  authorizer: Optional[Authorizer] = None, workers: int = 16,
                  body_budget: Optional[MemoryBudget] = None,
@@ -5794,6 +6043,7 @@ class TCPServer:
         #: most consumers a channel may have over TCP (0: no limit), as nsqd
         self.max_channel_consumers = max_channel_consumers
         self.deflate = deflate
+        self.snappy = snappy
         self.max_deflate_level = max_deflate_level
         self.authorizer = authorizer
         #: shared with the HTTP face when ``serve`` runs both
@@ -5957,6 +6207,7 @@ class _ClientV2(Consumer):
         self.output_buffer_timeout = server.output_buffer_timeout
         self.sample_rate = 0
         self.deflate = False
+        self.snappy = False
         self.identified = False
         self.auth: Optional[_AuthState] = None
         self.pub_counts: Dict[str, int] = {}
@@ -5994,10 +6245,11 @@ class _ClientV2(Consumer):
         self._tls_in: Optional[ssl.MemoryBIO] = None
         self._tls_out: Optional[ssl.MemoryBIO] = None
         self._handshake_until = math.inf
-        self._then_deflate = 0     # deflate level to start once TLS is up (0: none)
+        # compression to start once TLS is up: ("deflate", level), ("snappy", 0) or None
+        self._then_compress: Optional[Tuple[str, int]] = None
         self._compress: Any = None
         self._decompress: Any = None
-        self._deflated_input = b""   # read past IDENTIFY, before deflate started
+        self._deflated_input = b""   # read past IDENTIFY, before compression started
         # Timers (monotonic seconds; inf: none).
         now = time.monotonic()
         self._timer_at = math.inf
@@ -6071,8 +6323,10 @@ class _ClientV2(Consumer):
                 self._inflate(data)
             else:
                 self._feed(data)
-        except (ssl.SSLError, zlib.error) as e:
+        except ssl.SSLError as e:
             self._shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
+        except (zlib.error, SnappyError) as e:
+            self._compressed_input_failed(e)
 
     def _feed(self, data: bytes) -> None:
         if data:
@@ -6082,7 +6336,7 @@ class _ClientV2(Consumer):
             return              # a layer started mid-command: the running pass goes on
         if self._avail >= self._need:
             self._process()
-        if self._deflated_input:      # read before deflate started, for it to inflate
+        if self._deflated_input:      # read before compression started, for it to inflate
             data, self._deflated_input = self._deflated_input, b""
             self._inflate(data)
             return
@@ -6368,9 +6622,9 @@ class _ClientV2(Consumer):
             self._handshake_until = math.inf
             self._send_raw(outb.read())  # type: ignore[union-attr]
             self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-            if self._then_deflate:
+            if self._then_compress:
                 self._flush()              # the TLS OK is not compressed
-                self._start_deflate(self._then_deflate)
+                self._start_compression(*self._then_compress)
         parts = []
         while True:
             try:
@@ -6393,13 +6647,21 @@ class _ClientV2(Consumer):
         self._handshake_until = math.inf
         self._fatal(_ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {why}"))
 
-    def _start_deflate(self, level: int) -> None:
-        self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
-        self._decompress = zlib.decompressobj(-15)
-        self.deflate = True
-        self._then_deflate = 0
+    def _start_compression(self, kind: str, level: int) -> None:
+        if kind == "snappy":
+            self._compress, self._decompress = SnappyCompressor(), SnappyDecompressor()
+            self.snappy = True
+        else:
+            self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
+            self._decompress = zlib.decompressobj(-15)
+            self.deflate = True
+        self._then_compress = None
         self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
         self._deflated_input = self._take_input()     # inflated once this command ends
+
+    def _compressed_input_failed(self, e: Exception) -> None:
+        codec = "snappy" if self.snappy else "deflate"
+        self._fatal(_ClientError("E_INVALID", f"failed to read command - {codec}: {e}"))
 
     def _take_input(self) -> bytes:
         """Everything read but not parsed: it belongs to a layer starting now."""
@@ -6649,6 +6911,10 @@ class _ClientV2(Consumer):
         srv = self.server
         tls = bool(data.get("tls_v1")) and srv.tls_context is not None
         deflate = bool(data.get("deflate")) and srv.deflate
+        snappy = bool(data.get("snappy")) and srv.snappy
+        if deflate and snappy:
+            raise _ClientError("E_IDENTIFY_FAILED",
+                               "cannot enable both deflate and snappy compression")
         level = _json_int(data, "deflate_level", 0) or 6
         level = min(level, srv.max_deflate_level) if deflate else min(6, srv.max_deflate_level)
         reply = {
@@ -6656,7 +6922,7 @@ class _ClientV2(Consumer):
             "max_msg_timeout": int(self.broker.max_msg_timeout * 1000),
             "msg_timeout": int((self.msg_timeout or self.broker.msg_timeout) * 1000),
             "tls_v1": tls, "deflate": deflate, "deflate_level": level,
-            "max_deflate_level": srv.max_deflate_level, "snappy": False,
+            "max_deflate_level": srv.max_deflate_level, "snappy": snappy,
             "sample_rate": self.sample_rate, "auth_required": srv.authorizer is not None,
             "output_buffer_size": self.output_buffer_size,
             "output_buffer_timeout": int(self.output_buffer_timeout * 1000),
@@ -6664,13 +6930,14 @@ class _ClientV2(Consumer):
         }
         # The reply goes out in plain text; each upgrade then answers OK inside it.
         self._respond(_frame(FRAME_TYPE_RESPONSE, json.dumps(reply).encode()))
-        if tls or deflate:
+        if tls or deflate or snappy:
             self._flush()
+        compression = ("snappy", 0) if snappy else ("deflate", level) if deflate else None
         if tls:
-            self._then_deflate = level if deflate else 0
+            self._then_compress = compression
             self._start_tls()
-        elif deflate:
-            self._start_deflate(level)
+        elif compression:
+            self._start_compression(*compression)
         return None
 
     def _apply_identify(self, data: Dict[str, Any]) -> None:
@@ -6982,7 +7249,7 @@ class _ClientV2(Consumer):
         stats.update({"client_id": self.client_id, "hostname": self.hostname,
                       "remote_address": self.remote_address, "state": self.state,
                       "sample_rate": self.sample_rate, "deflate": self.deflate,
-                      "user_agent": self.user_agent})
+                      "snappy": self.snappy, "user_agent": self.user_agent})
         stats.update(self.tls_stats())
         if self.auth is not None:
             stats.update({"authed": True, "auth_identity": self.auth.identity,
@@ -8285,6 +8552,7 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("https-address", str, DEFAULT_HTTPS_ADDRESS,
      "<addr>:<port> to listen on for HTTPS clients (with --tls-cert and --tls-key; '' = none)"),
     ("deflate", _parse_bool, True, "let clients negotiate deflate compression"),
+    ("snappy", _parse_bool, True, "let clients negotiate snappy compression"),
     ("max-deflate-level", int, DEFAULT_MAX_DEFLATE_LEVEL, "highest deflate level (1-9)"),
     ("auth-http-address", str, None,
      "nsqd auth server <addr>:<port> or URL (repeatable); clients must AUTH"),
@@ -8332,8 +8600,8 @@ _IGNORED_FLAGS = ("e2e-processing-latency-percentile", "e2e-processing-latency-w
                   "log-prefix", "node-id", "worker-id", "verbose", "statsd-address",
                   "statsd-exclude-ephemeral", "statsd-interval", "statsd-mem-stats",
                   "statsd-prefix", "statsd-udp-packet-size", "queue-scan-selection-count",
-                  "queue-scan-worker-pool-max", "snappy")
-_BOOL_FLAGS = {"durable", "fsync", "deflate", "tls-required"}
+                  "queue-scan-worker-pool-max")
+_BOOL_FLAGS = {"durable", "fsync", "deflate", "snappy", "tls-required"}
 _LIST_FLAGS = {"auth-http-address", "lookupd-tcp-address"}
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
@@ -8538,7 +8806,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             max_output_buffer_size=opts["max_output_buffer_size"],
             max_output_buffer_timeout=opts["max_output_buffer_timeout"],
             tls_cert=opts["tls_cert"] or None, tls_key=opts["tls_key"] or None,
-            tls_required=opts["tls_required"], deflate=opts["deflate"],
+            tls_required=opts["tls_required"], deflate=opts["deflate"], snappy=opts["snappy"],
             max_deflate_level=opts["max_deflate_level"], authorizer=authorizer,
             body_budget=budget, min_output_buffer_timeout=opts["min_output_buffer_timeout"],
             max_channel_consumers=opts["max_channel_consumers"],
@@ -8732,7 +9000,8 @@ def _to_http_parser(sub: Any, cmd: str) -> None:
                         "(5), default_requeue_delay (90s), max_requeue_delay (15m), "
                         "backoff_multiplier (1s), max_backoff_duration (2m), max_in_flight, "
                         "msg_timeout, heartbeat_interval, output_buffer_size, "
-                        "output_buffer_timeout, deflate, deflate_level, tls_v1, auth_secret, "
+                        "output_buffer_timeout, deflate, deflate_level, snappy, tls_v1, "
+                        "auth_secret, "
                         "client_id, user_agent, lookupd_poll_interval (60s)")
     p.add_argument("--weights", default=None, metavar="W,W,...",
                    help="minq: --mode weighted: a weight per URL, in order")
@@ -8750,7 +9019,8 @@ _CONSUMER_OPTS: Dict[str, Callable[[str], Any]] = {
     "max_backoff_duration": parse_duration, "max_in_flight": int,
     "msg_timeout": parse_duration, "heartbeat_interval": parse_duration,
     "output_buffer_size": int, "output_buffer_timeout": parse_duration,
-    "deflate": _parse_bool, "deflate_level": int, "tls_v1": _parse_bool, "auth_secret": str,
+    "deflate": _parse_bool, "deflate_level": int, "snappy": _parse_bool,
+    "tls_v1": _parse_bool, "auth_secret": str,
     "client_id": str, "user_agent": str, "lookupd_poll_interval": parse_duration,
 }
 
@@ -8800,7 +9070,7 @@ def _to_http(args: argparse.Namespace, stop: threading.Event) -> int:
     weights = [int(w) for w in args.weights.split(",")] if args.weights else None
     client_kw = {k: opts[k] for k in ("msg_timeout", "heartbeat_interval", "output_buffer_size",
                                       "output_buffer_timeout", "deflate", "deflate_level",
-                                      "auth_secret", "client_id") if k in opts}
+                                      "snappy", "auth_secret", "client_id") if k in opts}
     client_kw["user_agent"] = opts.get("user_agent", f"nsq_to_http/{NSQ_VERSION} minq/{VERSION}")
     if opts.get("tls_v1"):
         client_kw["tls"] = ssl.create_default_context()

@@ -1741,7 +1741,7 @@ def test_hash_dispatch_needs_key(broker):
     with pytest.raises(minq.InvalidArgument):
         broker.topic("t").channel("c", dispatch="hash")
     with pytest.raises(minq.InvalidArgument):
-        broker.topic("t").channel("c", dispatch="random")
+        broker.topic("t").channel("c", dispatch="bogus")
 
 
 # =============================================================================
@@ -2372,6 +2372,57 @@ def test_forwarder_refuses_bad_settings():
     assert header(minq.Message(b"0" * 16, b"Tenant: acme\r\nX: y\r\n\r\nbody", 0)) == b"acme"
 
 
+# -- snappy codec
+
+
+SNAPPY_SAMPLES = [b"", b"x", os.urandom(65537), b"na" * 100_000,
+                  json.dumps([{"id": i, "user": f"u{i % 7}"} for i in range(3000)]).encode()]
+
+
+@pytest.mark.parametrize("data", SNAPPY_SAMPLES, ids=["empty", "1 byte", "64 KiB + 1 random",
+                                                       "repetitive", "json"])
+def test_snappy_framing_round_trips_and_matches_an_independent_codec(data):
+    packed = minq.SnappyCompressor().compress(data)
+    assert packed.startswith(b"\xff\x06\x00\x00sNaPpY")
+    d = minq.SnappyDecompressor()
+    assert b"".join(d.decompress(packed[i:i + 1000]) for i in range(0, len(packed), 1000)) == data
+    if len(data) > 1000 and data[:2] == b"na":
+        assert len(packed) < len(data) / 10            # it does compress
+    if len(data) == 65537:
+        assert len(packed) <= len(data) + 2 * 8 + 10   # stored, not grown
+    cramjam = pytest.importorskip("cramjam")           # test-only: another implementation
+    assert bytes(cramjam.snappy.decompress(packed)) == data
+    assert minq.SnappyDecompressor().decompress(bytes(cramjam.snappy.compress(data))) == data
+
+
+def test_snappy_decompressor_bounds_its_output_per_call():
+    packed = minq.SnappyCompressor().compress(b"z" * 300_000)
+    d = minq.SnappyDecompressor()
+    first = d.decompress(packed, 65536)
+    assert len(first) == 65536 and d.unconsumed_tail
+    rest = d.decompress(b"")
+    assert first + rest == b"z" * 300_000 and not d.unconsumed_tail
+
+
+@pytest.mark.parametrize("damage", ["checksum", "stream id", "chunk type", "copy offset",
+                                    "no stream id"])
+def test_snappy_rejects_corrupt_frames(damage):
+    good = bytearray(minq.SnappyCompressor().compress(b"hello hello hello hello"))
+    if damage == "checksum":
+        good[14] ^= 1
+    elif damage == "stream id":
+        good[4] = ord("X")
+    elif damage == "chunk type":
+        good[10] = 0x05
+    elif damage == "copy offset":
+        block = bytes([11, 0x02 << 2 | 2, 0xFF, 0x00])        # a copy before any output
+        good = bytearray(good[:10]) + bytes([0, len(block) + 4, 0, 0]) + bytes(4) + block
+    else:
+        good = good[10:]
+    with pytest.raises(minq.SnappyError):
+        minq.SnappyDecompressor().decompress(bytes(good))
+
+
 # =============================================================================
 # TCP protocol V2: raw-socket tests of every command, reply and error code
 # =============================================================================
@@ -2499,7 +2550,7 @@ def test_identify_plain_ok_without_feature_negotiation(server):
 
 def test_identify_feature_negotiation_reply_matches_nsqd(server):
     r = Raw(server)
-    r.cmd("IDENTIFY", json.dumps({"feature_negotiation": True, "snappy": True,
+    r.cmd("IDENTIFY", json.dumps({"feature_negotiation": True, "snappy": False,
                                   "short_id": "legacy"}).encode())
     reply = r.response()
     assert reply.startswith(b'{"max_rdy_count":') or reply.startswith(b'{"max_rdy_count": ')
@@ -3459,7 +3510,42 @@ def test_pynsq_against_python_minq_py_serve_defaults(tmp_path):
         assert s.stop() == 0
 
 
+def test_client_and_server_speak_snappy(server):
+    with minq.Client(server.address, snappy=True) as c:
+        c.publish("t", b"squeezed " * 1000)
+        with c.consumer("t", "c") as cons:
+            m = cons.get(timeout=5)
+            assert m.body == b"squeezed " * 1000
+            assert channel_stats(server.broker, "t", "c")["clients"][0]["snappy"] is True
+            m.finish()
+    r = Raw(server)
+    r.cmd("IDENTIFY", b'{"feature_negotiation": true, "snappy": true, "deflate": true}')
+    assert r.error() == "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression"
 
+
+def test_corrupt_snappy_input_gets_e_invalid(server):
+    r = Raw(server)
+    r.cmd("IDENTIFY", b'{"feature_negotiation": true, "snappy": true}')
+    assert json.loads(r.response())["snappy"] is True
+    packed = bytearray(minq.SnappyCompressor().compress(b"NOP\n"))
+    packed[-5] ^= 0xFF                                 # the chunk's checksum no longer fits
+    r.send(bytes(packed))
+    d = minq.SnappyDecompressor()
+    plain = d.decompress(r.buf)            # what came with the IDENTIFY reply
+    r.sock.settimeout(5)
+    while True:
+        chunk = r.sock.recv(65536)
+        if not chunk:
+            break
+        plain += d.decompress(chunk)
+    assert plain.startswith(struct.pack(">lL", 6, 0) + b"OK")           # the upgrade's OK
+    assert b"E_INVALID failed to read command - snappy: checksum mismatch" in plain
+
+
+def test_pynsq_with_snappy(server):
+    pytest.importorskip("snappy")
+    pynsq_round_trip(server.address, snappy=True)
+    assert channel_stats(server.broker, "interop", "py")["depth"] == 0
 
 
 # =============================================================================
