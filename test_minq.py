@@ -3373,6 +3373,20 @@ def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
         t.join()
 
 
+def test_auth_server_that_never_answers_fails_after_the_request_timeout():
+    silent = socket.create_server(("127.0.0.1", 0))      # accepts into its backlog, says nothing
+    try:
+        auth = minq.Authorizer([f"127.0.0.1:{silent.getsockname()[1]}"], timeout=0.3)
+        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+            r = Raw(srv)
+            started = time.monotonic()
+            r.cmd("AUTH", b"secret")
+            assert r.error() == "E_AUTH_FAILED AUTH failed"
+            assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+
+
 def test_failed_auth_attempts_are_throttled_per_address(tmp_path, monkeypatch):
     secrets = tmp_path / "secrets.json"
     secrets.write_text(json.dumps({"good": {"authorizations": [
