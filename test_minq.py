@@ -3233,19 +3233,14 @@ def test_auth_with_secrets_file(tmp_path):
                 assert cons.get(timeout=5).body == b"x"
 
 
-def test_auth_with_http_auth_server(tmp_path):
+def fake_auth_server(answer):
+    """An nsqd auth server on a free port: ``answer(query)`` gives each reply's body."""
     import http.server
-    seen = []
+    import urllib.parse
 
     class Auth(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            q = __import__("urllib.parse").parse.parse_qs(self.path.split("?", 1)[1])
-            seen.append(q)
-            ok = q["secret"] == ["good"]
-            body = json.dumps({"ttl": 3600, "identity": "svc", "identity_url": "http://x",
-                               "authorizations": [{"topic": ".*", "channels": [".*"],
-                                                   "permissions": ["publish", "subscribe"]}]}
-                              if ok else {"ttl": 1, "authorizations": []}).encode()
+            body = answer(urllib.parse.parse_qs(self.path.split("?", 1)[1]))
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -3253,10 +3248,23 @@ def test_auth_with_http_auth_server(tmp_path):
 
         def log_message(self, *a):
             pass
-
     httpd = http.server.HTTPServer(("127.0.0.1", 0), Auth)
     t = threading.Thread(target=httpd.serve_forever)
     t.start()
+    return httpd, t
+
+
+def test_auth_with_http_auth_server(tmp_path):
+    seen = []
+
+    def answer(q):
+        seen.append(q)
+        ok = q["secret"] == ["good"]
+        return json.dumps({"ttl": 3600, "identity": "svc", "identity_url": "http://x",
+                           "authorizations": [{"topic": ".*", "channels": [".*"],
+                                               "permissions": ["publish", "subscribe"]}]}
+                          if ok else {"ttl": 1, "authorizations": []}).encode()
+    httpd, t = fake_auth_server(answer)
     try:
         auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
         with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
@@ -3336,28 +3344,9 @@ AUTH_REPLIES = [b"[" * 50_000, b"5", b'{"ttl": "60", "authorizations": []}',
                 b'"permissions": ["publish"]}]}', b"not json"]
 
 
-def fake_auth_server(replies):
-    import http.server
-
-    class Auth(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = replies.pop(0)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Auth)
-    t = threading.Thread(target=httpd.serve_forever)
-    t.start()
-    return httpd, t
-
-
 def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
     replies = list(AUTH_REPLIES)
-    httpd, t = fake_auth_server(replies)
+    httpd, t = fake_auth_server(lambda q: replies.pop(0))
     try:
         auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
         with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
