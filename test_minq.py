@@ -1555,17 +1555,21 @@ def test_round_robin_is_fair(broker):
             c.close()
 
 
-def test_weighted_dispatch_follows_weights(broker):
-    broker.topic("t").channel("c", dispatch="weighted")
-    heavy = broker.consumer("t", "c", max_in_flight=1000, weight=3)
-    light = broker.consumer("t", "c", max_in_flight=1000, weight=1)
+@pytest.mark.parametrize("dispatch, first, second, n, shares", [
+    ("weighted", {"max_in_flight": 1000, "weight": 3}, {"max_in_flight": 1000, "weight": 1},
+     400, (300, 100)),                          # weighted follows the weights
+    ("random", {"max_in_flight": 2}, {"max_in_flight": 100}, 50, (2, 48)),   # random: the room
+])
+def test_two_consumers_share_as_the_policy_says(broker, dispatch, first, second, n, shares):
+    broker.topic("t").channel("c", dispatch=dispatch)
+    a = broker.consumer("t", "c", **first)
+    b = broker.consumer("t", "c", **second)
     try:
-        broker.publish_many("t", [b"x"] * 400)
-        assert len(drain(heavy, timeout=0.05)) == 300
-        assert len(drain(light, timeout=0.05)) == 100
+        broker.publish_many("t", [b"x"] * n)
+        assert (len(drain(a, timeout=0.05)), len(drain(b, timeout=0.05))) == shares
     finally:
-        heavy.close()
-        light.close()
+        a.close()
+        b.close()
 
 
 def test_random_dispatch_spreads_without_a_fixed_order(broker, monkeypatch):
@@ -1581,19 +1585,6 @@ def test_random_dispatch_spreads_without_a_fixed_order(broker, monkeypatch):
     finally:
         for c in cs:
             c.close()
-
-
-def test_random_dispatch_respects_each_consumers_room(broker):
-    broker.topic("t").channel("c", dispatch="random")
-    small = broker.consumer("t", "c", max_in_flight=2)
-    big = broker.consumer("t", "c", max_in_flight=100)
-    try:
-        broker.publish_many("t", [b"x"] * 50)
-        assert len(drain(small, timeout=0.05)) == 2
-        assert len(drain(big, timeout=0.05)) == 48
-    finally:
-        small.close()
-        big.close()
 
 
 def test_hash_dispatch_keeps_key_on_same_consumer(broker):
