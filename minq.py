@@ -5437,7 +5437,7 @@ class HTTPForwarder:
                    middleware: Iterable[Layer] = ()) -> None:
         """Also forward what *source* (a Broker or Client) has for the topic
         and channel: a producer that lookupd found later."""
-        sub = source.subscribe(self.topic, self.channel, self._handle, max_in_flight, workers,
+        sub = source.subscribe(self.topic, self.channel, self._forward, max_in_flight, workers,
                                middleware=middleware)
         sub.user_agent = self.headers["User-Agent"]
         self._sources.append(source)
@@ -5461,11 +5461,11 @@ class HTTPForwarder:
         self.close()
 
     # -- one message -------------------------------------------------------------
-    def _handle(self, msg: Message) -> None:
+    def _forward(self, msg: Message) -> None:
         if self.sample < 1.0 and _random.random() > self.sample:
             return                                  # not sampled: finished unsent
         if self.max_attempts and msg.attempts > self.max_attempts:
-            self._dead_letter(msg)
+            self._to_dead_letters(msg)
             return
         wait = self._backoff_until - time.monotonic()
         if wait > 0:
@@ -5489,7 +5489,7 @@ class HTTPForwarder:
                     msg.id.decode(), msg.attempts, delay)
         msg.requeue(delay)
 
-    def _dead_letter(self, msg: Message) -> None:
+    def _to_dead_letters(self, msg: Message) -> None:
         name = dead_letter_name(self.topic, self.channel)
         source = self._sources[0]
         source.publish(name, msg.body)
@@ -7524,7 +7524,7 @@ class _HTTPError(Exception):
         self.code = code
 
 
-def _pick(d: Dict[str, Any], keys: Tuple[str, ...]) -> Dict[str, Any]:
+def _pick_keys(d: Dict[str, Any], keys: Tuple[str, ...]) -> Dict[str, Any]:
     """nsqd's keys of *d*, in nsqd's order (optional ones only when present)."""
     return {k: d[k] for k in keys if k in d}
 
@@ -7532,17 +7532,17 @@ def _pick(d: Dict[str, Any], keys: Tuple[str, ...]) -> Dict[str, Any]:
 def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any]:
     """Broker.stats() reduced to exactly nsqd's /stats?format=json keys and order."""
     def client(c: Dict[str, Any]) -> Dict[str, Any]:
-        return _pick(c, _CLIENT_KEYS)
+        return _pick_keys(c, _CLIENT_KEYS)
 
     def channel(c: Dict[str, Any]) -> Dict[str, Any]:
-        out = _pick(c, _CHANNEL_KEYS)
+        out = _pick_keys(c, _CHANNEL_KEYS)
         if out.get("clients") is not None:
             out["clients"] = [client(x) for x in out["clients"]]
         return out
 
     topics = stats["topics"]
     if topics is not None:
-        topics = [dict(_pick(t, _TOPIC_KEYS), channels=[channel(c) for c in t["channels"]])
+        topics = [dict(_pick_keys(t, _TOPIC_KEYS), channels=[channel(c) for c in t["channels"]])
                   for t in topics]
     out: Dict[str, Any] = {"version": stats["version"], "health": stats["health"],
                            "start_time": stats["start_time"], "topics": topics}
@@ -8089,9 +8089,9 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
                 if method not in route[0]:
                     raise _HTTPError(405, "METHOD_NOT_ALLOWED")
                 if name == "config":
-                    result = self._config(url.path[len("/config/"):])
+                    result = self._ep_config(url.path[len("/config/"):])
                 else:
-                    result = getattr(self, "_" + name)()
+                    result = getattr(self, "_ep_" + name)()
             finally:
                 if self._budget_held:
                     self.server.body_budget.give_back(self._budget_held)
@@ -8129,9 +8129,9 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         if self._unread_body:
-            self._linger()
+            self._drain_unread()
 
-    def _linger(self) -> None:
+    def _drain_unread(self) -> None:
         try:
             self.wfile.flush()
         except OSError:
@@ -8255,13 +8255,13 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         raise _HTTPError(400, "INVALID_CHUNKED_BODY")
 
     # -- endpoints ---------------------------------------------------------------
-    def _ping(self) -> Any:
+    def _ep_ping(self) -> Any:
         health = self.server.broker.health
         if health != "OK":
             raise _HTTPError(500, health)
         return b"OK"
 
-    def _info(self) -> Any:
+    def _ep_info(self) -> Any:
         b, srv = self.server.broker, self.server
         return {"version": NSQ_VERSION, "broadcast_address": srv.broadcast_address,
                 "hostname": socket.gethostname(), "http_port": srv.http_port,
@@ -8276,7 +8276,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
                                                      DEFAULT_MAX_DEFLATE_LEVEL),
                 "topology_zone": "", "topology_region": ""}
 
-    def _pub(self) -> Any:
+    def _ep_pub(self) -> Any:
         b = self.server.broker
         body = self.body
         topic = self._topic_arg()
@@ -8288,10 +8288,10 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             defer = int(raw) / 1000
         if not body:
             raise _HTTPError(400, "MSG_EMPTY")
-        self._publish(topic, [body], defer)
+        self._publish_bodies(topic, [body], defer)
         return b"OK"
 
-    def _mpub(self) -> Any:
+    def _ep_mpub(self) -> Any:
         b = self.server.broker
         body = self.body
         topic = self._topic_arg()
@@ -8306,10 +8306,10 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except InvalidMessage:
             raise _HTTPError(413, "MSG_TOO_BIG") from None
         if bodies:
-            self._publish(topic, bodies, 0.0)
+            self._publish_bodies(topic, bodies, 0.0)
         return b"OK"
 
-    def _publish(self, topic: str, bodies: List[bytes], defer: float) -> None:
+    def _publish_bodies(self, topic: str, bodies: List[bytes], defer: float) -> None:
         b = self.server.broker
         try:
             b.publish_bodies(topic, bodies, defer)
@@ -8318,7 +8318,7 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except InvalidMessage:
             raise _HTTPError(413, "BODY_TOO_BIG") from None
 
-    def _stats(self) -> Any:
+    def _ep_stats(self) -> Any:
         topic, channel = self._arg("topic"), self._arg("channel")
         include_clients = _http_bool(self._arg("include_clients"), True)
         include_mem = _http_bool(self._arg("include_mem"), True)
@@ -8327,28 +8327,28 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             return stats
         return _stats_text(stats).encode()
 
-    def _admin_page(self) -> Any:
+    def _ep_admin_page(self) -> Any:
         return _ADMIN_PAGE.encode(), "text/html; charset=utf-8"
 
-    def _metrics(self) -> Any:
+    def _ep_metrics(self) -> Any:
         text = prometheus_metrics(self.server.broker.stats(include_clients=False))
         return text.encode(), "text/plain; version=0.0.4; charset=utf-8"
 
     # -- nsqlookupd's read endpoints (which, like lookupd, do not validate names) ----
-    def _lookup(self) -> Any:
+    def _ep_lookup(self) -> Any:
         t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
         if t is None:
             raise _HTTPError(404, "TOPIC_NOT_FOUND")
         return {"channels": sorted(t.channels), "producers": [self.server.producer()]}
 
-    def _topics(self) -> Any:
+    def _ep_topics(self) -> Any:
         return {"topics": sorted(self.server.broker.topics)}
 
-    def _channels(self) -> Any:
+    def _ep_channels(self) -> Any:
         t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
         return {"channels": sorted(t.channels) if t is not None else []}
 
-    def _nodes(self) -> Any:
+    def _ep_nodes(self) -> Any:
         topics = sorted(self.server.broker.topics)
         return {"producers": [dict(self.server.producer(), tombstones=[False] * len(topics),
                                    topics=topics)]}
@@ -8370,43 +8370,43 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except ChannelNotFound:
             raise _HTTPError(404, "CHANNEL_NOT_FOUND") from None
 
-    def _topic_create(self) -> Any:
+    def _ep_topic_create(self) -> Any:
         self.server.broker.topic(self._topic_arg())
 
-    def _topic_delete(self) -> Any:
+    def _ep_topic_delete(self) -> Any:
         t = self._existing_topic()
         self.server.broker.delete_topic(t.name)
 
-    def _topic_empty(self) -> Any:
+    def _ep_topic_empty(self) -> Any:
         self._existing_topic().empty()
 
-    def _topic_pause(self) -> Any:
+    def _ep_topic_pause(self) -> Any:
         self._existing_topic().pause()
 
-    def _topic_unpause(self) -> Any:
+    def _ep_topic_unpause(self) -> Any:
         self._existing_topic().unpause()
 
-    def _channel_create(self) -> Any:
+    def _ep_channel_create(self) -> Any:
         topic, channel = self._channel_arg()
         try:
             self.server.broker.get_topic(topic).channel(channel)
         except TopicNotFound:
             raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
 
-    def _channel_delete(self) -> Any:
+    def _ep_channel_delete(self) -> Any:
         c = self._existing_channel()
         c.topic.delete_channel(c.name)
 
-    def _channel_empty(self) -> Any:
+    def _ep_channel_empty(self) -> Any:
         self._existing_channel().empty()
 
-    def _channel_pause(self) -> Any:
+    def _ep_channel_pause(self) -> Any:
         self._existing_channel().pause()
 
-    def _channel_unpause(self) -> Any:
+    def _ep_channel_unpause(self) -> Any:
         self._existing_channel().unpause()
 
-    def _config(self, name: str) -> Any:
+    def _ep_config(self, name: str) -> Any:
         opts = self.server.options
         if name not in opts:
             raise _HTTPError(400, "INVALID_OPTION")
@@ -9042,7 +9042,7 @@ def _consumer_opts(given: List[str]) -> Dict[str, Any]:
     return out
 
 
-def _to_http(args: argparse.Namespace, stop: threading.Event) -> int:
+def _to_http_command(args: argparse.Namespace, stop: threading.Event) -> int:
     def fatal(text: str) -> int:
         print(f"minq to-http: {text}", file=sys.stderr)
         return 1
@@ -9120,7 +9120,7 @@ def _lookup_producers(lookupd: str, topic: str) -> List[str]:
     return [f"{p['broadcast_address']}:{p['tcp_port']}" for p in data.get("producers") or []]
 
 
-def _pub(args: argparse.Namespace) -> int:
+def _pub_command(args: argparse.Namespace) -> int:
     defer = parse_duration(args.defer)
     _check_range("--batch", args.batch, 1, None)
     sent = 0
@@ -9149,7 +9149,7 @@ def _pub(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tail(args: argparse.Namespace, stop: threading.Event) -> int:
+def _tail_command(args: argparse.Namespace, stop: threading.Event) -> int:
     channel = args.channel or f"tail{random.randrange(1000000):06d}{EPHEMERAL_SUFFIX}"
     _check_range("-n", args.n, 0, None)
     out = sys.stdout.buffer
@@ -9178,7 +9178,7 @@ _STATS_HEADER = (f"{'topic/channel':<32} {'depth':>8} {'mem':>8} {'disk':>8} {'i
                  f"state")
 
 
-def _stats(args: argparse.Namespace, stop: threading.Event) -> int:
+def _stats_command(args: argparse.Namespace, stop: threading.Event) -> int:
     interval = parse_duration(args.interval)
     _check_range("--interval", interval, 0.01, None)
     query = {"format": "json", "include_clients": "false", "include_mem": "false"}
@@ -9262,11 +9262,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())    # tail, stats: end cleanly
         try:
             if args.command == "pub":
-                return _pub(args)
+                return _pub_command(args)
             if args.command == "to-http":
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
-                return _to_http(args, stop)
-            return (_tail if args.command == "tail" else _stats)(args, stop)
+                return _to_http_command(args, stop)
+            return (_tail_command if args.command == "tail" else _stats_command)(args, stop)
         except KeyboardInterrupt:
             return 0
         except (MinqError, OSError, ValueError) as e:
