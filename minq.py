@@ -102,9 +102,11 @@ DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
 DEFAULT_BODY_MEMORY_FACTOR = 8      # request bodies held at once: 8 x max_body_size
 DEFAULT_MAX_REQ_TIMEOUT = 60 * 60.0
 DEFAULT_MAX_RDY_COUNT = 2500
-DEFAULT_TCP_ADDRESS = "127.0.0.1:4150"   # nsqd binds 0.0.0.0; minq stays on loopback
-DEFAULT_HTTP_ADDRESS = "127.0.0.1:4151"
-DEFAULT_HTTPS_ADDRESS = "127.0.0.1:4152"  # served only when a TLS certificate is given
+TCP_PORT, HTTP_PORT, HTTPS_PORT = 4150, 4151, 4152   # nsqd's
+LOOKUPD_TCP_PORT = 4160                                 # nsqlookupd's
+DEFAULT_TCP_ADDRESS = f"127.0.0.1:{TCP_PORT}"   # nsqd binds 0.0.0.0; minq stays on loopback
+DEFAULT_HTTP_ADDRESS = f"127.0.0.1:{HTTP_PORT}"
+DEFAULT_HTTPS_ADDRESS = f"127.0.0.1:{HTTPS_PORT}"  # served only when a TLS certificate is given
 DEFAULT_HTTP_HEADER_TIMEOUT = 10.0        # request line and headers (and a TLS handshake)
 DEFAULT_HTTP_READ_TIMEOUT = 60.0          # a request's body; a response's writing
 DEFAULT_HTTP_IDLE_TIMEOUT = 120.0         # a keep-alive connection between requests
@@ -137,6 +139,7 @@ _E2E_BOUNDS_NS = tuple(int(b * 1e9) for b in E2E_LATENCY_BUCKETS)
 _TIMER_IDLE_WAIT = 1.0
 _DEADLINE_GRAIN = 0.01   # in-flight deadlines fire at most this late (seconds)
 _PUMP_RETRY = 1.0      # seconds before a topic's pump tries again after a write error
+_PUT_RETRIES = 3       # a publish racing deletes of its topic tries this often
 _random = random.Random()   # the random dispatch policy's draws (tests may seed it)
 _ID_MASK = (1 << 64) - 1
 
@@ -1724,6 +1727,7 @@ def _encode_record(msg: Message, due_ns: int = 0) -> bytes:
 
 
 _RECORD_HEAD_SIZE = _RECORD_HEAD.size
+_RECORD_SLACK = 64     # a log record may exceed the largest body by its head and framing
 _RECORD_FIXED = struct.Struct(">qqH")   # the head up to the id: due, timestamp, attempts
 _RECORD_LAYOUTS: Dict[int, struct.Struct] = {}   # payload size -> the record with its body
 
@@ -3577,7 +3581,7 @@ class Broker:
         return msgs
 
     def _put(self, topic: str, msgs: Messages, defer: float) -> None:
-        for _ in range(3):  # a topic deleted under our feet is recreated
+        for _ in range(_PUT_RETRIES):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
             try:
@@ -3801,7 +3805,8 @@ class Broker:
         if self.data_path and not ephemeral:
             seglog = SegmentLog(self.data_path, name, ack_mode=self.durable,
                                 max_bytes_per_file=self.max_bytes_per_file,
-                                max_record_size=max(self.max_msg_size, self.max_body_size) + 64)
+                                max_record_size=max(self.max_msg_size, self.max_body_size)
+                                + _RECORD_SLACK)
             with self._logs_lock:
                 self._logs[name] = seglog
         return _MessageQueue(seglog, self.mem_queue_size, self.durable, ephemeral,
@@ -3959,8 +3964,9 @@ def _check_range(name: str, value: Any, low: Optional[float], high: Optional[flo
 # In-process clients
 #
 # PullConsumer: ``get()`` messages at your own pace.  Subscription: a pool of
-# worker threads runs a handler per message.  Both are core Consumers whose
-# delivery callback only appends to a local buffer.
+# worker threads runs a handler per message, through middleware layers.
+# Both are core Consumers whose delivery callback only appends to a local
+# buffer.
 # =============================================================================
 
 class PullConsumer(Consumer):
@@ -4243,6 +4249,16 @@ class Subscription(_HandlerPool, PullConsumer):
         super().close()
 
 
+# =============================================================================
+# TCP client
+#
+# The wire both ends share (frames, the connection stream with its TLS,
+# deflate and snappy layers), then ``Client``: the Broker's API over NSQ's
+# TCP protocol, against minq or any nsqd, with remote consumers and
+# subscriptions; and ``HTTPForwarder`` (``to-http``), a consumer that hands
+# each message to HTTP services.
+# =============================================================================
+
 # -- snappy: NSQ's other compression, in Python (framing format, CRC-32C) ----------
 
 _CRC32C_TABLES: List[List[int]] = []
@@ -4482,6 +4498,7 @@ class SnappyDecompressor:
 # -- the wire: frames and the connection stream (used by Client and TCPServer)
 
 _FRAME_HEAD = struct.Struct(">lL")   # size = 4 + len(data), frame type
+_FRAME_SLACK = 64    # a frame may exceed the largest body by its headers
 _HEARTBEAT = b"_heartbeat_"
 
 
@@ -4747,7 +4764,7 @@ class _Connection:
 
     def __init__(self, client: "Client") -> None:
         self.client = client
-        host, port = _split_address(client.address, 4150)
+        host, port = _split_address(client.address, TCP_PORT)
         try:
             sock = socket.create_connection((host, port), timeout=client.timeout)
         except OSError as e:
@@ -4913,7 +4930,7 @@ class Client:
                  output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
                  msg_timeout: Optional[float] = None,
                  timeout: float = 5.0, max_backoff: float = 10.0,
-                 max_frame_size: int = DEFAULT_MAX_BODY_SIZE + 64,
+                 max_frame_size: int = DEFAULT_MAX_BODY_SIZE + _FRAME_SLACK,
                  user_agent: str = f"minq/{VERSION}", snappy: bool = False) -> None:
         _check_range("deflate_level", deflate_level, 1, 9)
         if snappy and deflate:
@@ -5068,11 +5085,14 @@ def _as_body(body: Any) -> bytes:
     return body
 
 
+_FIRST_RETRY = 0.05      # seconds before reconnecting the first time; doubles each time
+
+
 def _retry(connect: Callable[[], _Connection], timeout: float, max_backoff: float,
            stop: Optional[threading.Event] = None) -> _Connection:
     """Call *connect* until it succeeds, backing off exponentially, within *timeout*."""
     deadline = time.monotonic() + timeout
-    delay = 0.05
+    delay = _FIRST_RETRY
     while True:
         try:
             return connect()
@@ -5114,7 +5134,7 @@ class RemoteConsumer:
         self._thread.start()
 
     def _run(self) -> None:
-        delay = 0.05
+        delay = _FIRST_RETRY
         while not self._stop.is_set():
             try:
                 conn = _Connection(self.client)
@@ -5974,6 +5994,8 @@ _LINGER = 0.5                    # after a fatal error: how long unread input is
 _LINGER_BYTES = 4 << 20          # ... and how much of it, so the error frame is not reset
 _ASYNC = object()                # a command's reply comes later, from a worker thread
 _MSG_FRAME = struct.Struct(">lLqH16s")   # frame size, type, then the message header
+_MSG_FRAME_OVERHEAD = _MSG_FRAME.size            # 34 bytes before a message's body
+_MSG_FRAME_SIZE_FIELD = _MSG_FRAME.size - 4      # the size field counts all but itself
 _FIN_LINE = 21                   # b"FIN " + a 16-byte id + b"\n"
 _OK_FRAME = struct.pack(">lL", 6, FRAME_TYPE_RESPONSE) + b"OK"
 _OUTQ_CHECK = 256 * 1024         # bytes sent between two looks at the kernel's send queue
@@ -6056,7 +6078,7 @@ class TCPServer:
         if tls_required and self.tls_context is None:
             raise InvalidArgument("tls_required needs tls_cert and tls_key")
         self.tls_required = tls_required
-        self._listener = _listen(address, 4150, "TCP")
+        self._listener = _listen(address, TCP_PORT, "TCP")
         self._listener.setblocking(False)
         self.server_address: Tuple[Any, ...] = self._listener.getsockname()
         self.loop = _EventLoop()
@@ -6482,9 +6504,10 @@ class _ClientV2(Consumer):
                 continue
             body = m.body
             n = len(body)
-            add(pack(n + 30, FRAME_TYPE_MESSAGE, m.timestamp, m.attempts, m.id))
+            add(pack(n + _MSG_FRAME_SIZE_FIELD, FRAME_TYPE_MESSAGE, m.timestamp, m.attempts,
+                     m.id))
             add(body)                          # joined when written
-            size += n + 34
+            size += n + _MSG_FRAME_OVERHEAD
         self._out_bytes = size
         if not self._dirty:
             self._dirty = True
@@ -7328,7 +7351,7 @@ class LookupdRegistrar:
         self.max_backoff = max_backoff
         self._stop = threading.Event()
         for a in addresses:
-            _split_address(a, 4160)          # a malformed address fails now, not forever later
+            _split_address(a, LOOKUPD_TCP_PORT)          # a malformed address fails now, not forever later
         self.peers = [_LookupdPeer(self, a) for a in addresses]
 
     def start(self) -> "LookupdRegistrar":
@@ -7415,7 +7438,7 @@ class _LookupdPeer:
 
     def _connect(self) -> None:
         reg = self.registrar
-        host, port = _split_address(self.address, 4160)
+        host, port = _split_address(self.address, LOOKUPD_TCP_PORT)
         self.sock = socket.create_connection((host, port), timeout=reg.timeout)
         self.sock.sendall(_MAGIC_V1)
         reply = self._command(b"IDENTIFY\n" + _body(json.dumps(reg.identity).encode()))
@@ -7851,7 +7874,7 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._conns: Dict[socket.socket, List[Any]] = {}
         self._conns_lock = threading.Lock()
         self.closing = False
-        host, port = _split_address(address, 4151)
+        host, port = _split_address(address, HTTP_PORT)
         if ":" in host:
             self.address_family = socket.AF_INET6
         try:
@@ -7860,12 +7883,12 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.socket.close()
             raise InvalidArgument(f"cannot listen on {'HTTPS' if tls_context else 'HTTP'} "
                                   f"address {host}:{port}: {e.strerror or e}") from None
-        listen = _split_address(tcp_address, 4150)[0] if tcp_address else self.server_address[0]
+        listen = _split_address(tcp_address, TCP_PORT)[0] if tcp_address else self.server_address[0]
         #: what /info and the lookupd endpoints tell clients to connect to
         self.broadcast_address: str = (self.options.get("broadcast_address")
                                        or broadcast_address(listen))
         self.tcp_port = (self.options.get("broadcast_tcp_port")
-                         or (_split_address(tcp_address, 4150)[1] if tcp_address else -1))
+                         or (_split_address(tcp_address, TCP_PORT)[1] if tcp_address else -1))
         self.http_port = self.options.get("broadcast_http_port") or self.server_address[1]
 
     def producer(self) -> Dict[str, Any]:
@@ -8827,7 +8850,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
                                      options=opts, body_budget=budget)
         if opts["lookupd_tcp_address"]:
-            tcp_host, tcp_port = _split_address(server.address, 4150)
+            tcp_host, tcp_port = _split_address(server.address, TCP_PORT)
             registrar = LookupdRegistrar(
                 broker, opts["lookupd_tcp_address"],
                 broadcast_address=(http_server.broadcast_address if http_server else

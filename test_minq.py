@@ -2158,6 +2158,11 @@ def test_requeue_on_layer_turns_an_error_into_a_chosen_delay(broker, caplog):
     assert "requeued in 42s" in caplog.text and "Traceback" not in caplog.text
 
 
+# =============================================================================
+# TCP client: the snappy codec and to-http's HTTPForwarder (Client itself is
+# tested after the TCP protocol, against the server)
+# =============================================================================
+
 # -- to-http: forwarding to HTTP services
 
 
