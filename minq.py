@@ -359,13 +359,13 @@ class _Delivery(Message):
         c = self.consumer
         if c is None or c.channel is None:
             Message.requeue(self)
-        c.channel._settle(self, "requeue", delay)  # type: ignore[union-attr]
+        c.channel._requeue(self, delay)  # type: ignore[union-attr]
 
     def touch(self) -> None:
         c = self.consumer
         if c is None or c.channel is None:
             Message.touch(self)
-        c.channel._settle(self, "touch", 0.0)  # type: ignore[union-attr]
+        c.channel._touch(self)  # type: ignore[union-attr]
 
 
 class _BodyRun:
@@ -2321,9 +2321,8 @@ class Channel:
             self._ring = None
             mine = [h for h in self._in_flight.values() if h.consumer is consumer]
             for h in mine:
-                self._out_of_flight_locked(h)
+                self._take_out_of_flight_locked(h)
                 self._return_locked(h, 0.0, dead)
-            consumer.in_flight_count = 0
             deliveries = self._dispatch_locked([])
             last_gone = self.ephemeral and not self._consumers
         self._hand_over(deliveries, dead)
@@ -2381,26 +2380,23 @@ class Channel:
 
     def requeue(self, consumer: Consumer, msg_id: bytes, delay: float = 0.0) -> None:
         """REQ by id: back to the queue, or to the deferred set if delay > 0."""
-        self._settle_id(consumer, msg_id, "requeue", delay)
+        with self._lock:
+            h = self._held_locked(consumer, msg_id, "REQ")
+            deliveries, dead = self._requeue_locked(h, delay)
+        self._hand_over(deliveries, dead)
 
     def touch(self, consumer: Consumer, msg_id: bytes) -> None:
         """TOUCH by id: restart the in-flight deadline."""
-        self._settle_id(consumer, msg_id, "touch", 0.0)
-
-    def _settle_id(self, consumer: Consumer, msg_id: bytes, action: str, delay: float) -> None:
         with self._lock:
-            h = self._in_flight.get(msg_id)
-        if h is None or h.consumer is not consumer:
-            raise NotInFlight(f"{_ACTION_CODES[action]} {msg_id!r} failed: "
-                              f"ID not in flight for this consumer")
-        self._settle(h, action, delay)
+            self._touch_locked(self._held_locked(consumer, msg_id, "TOUCH"))
 
+    # The same, for a delivered handle (in-process consumers settle these).
     def _finish(self, h: _Delivery) -> None:
-        # The in-process hot path of _settle(h, "finish"): no requeue, no dead letters.
+        # The in-process hot path: no requeue, no dead letters, and
+        # _take_out_of_flight_locked's three lines written in place.
         with self._lock:
             if self._in_flight.get(h.id) is not h:
-                raise NotInFlight(f"FIN {h.id.decode()} failed: message not in flight "
-                                  f"(finished, requeued, timed out or emptied)")
+                raise _not_in_flight(h, "FIN")
             del self._in_flight[h.id]
             del h._bucket[h.id]
             c = h.consumer
@@ -2416,6 +2412,51 @@ class Channel:
                 return
             deliveries = self._dispatch_locked([])
         _hand_over_all(deliveries)
+
+    def _requeue(self, h: _Delivery, delay: float) -> None:
+        with self._lock:
+            if self._in_flight.get(h.id) is not h:
+                raise _not_in_flight(h, "REQ")
+            deliveries, dead = self._requeue_locked(h, delay)
+        self._hand_over(deliveries, dead)
+
+    def _touch(self, h: _Delivery) -> None:
+        with self._lock:
+            if self._in_flight.get(h.id) is not h:
+                raise _not_in_flight(h, "TOUCH")
+            self._touch_locked(h)
+
+    # -- the steps they share ------------------------------------------------------
+    def _held_locked(self, consumer: Consumer, msg_id: bytes, code: str) -> _Delivery:
+        """The in-flight message *msg_id* if *consumer* holds it, else NotInFlight."""
+        h = self._in_flight.get(msg_id)
+        if h is None or h.consumer is not consumer:
+            raise NotInFlight(f"{code} {msg_id!r} failed: ID not in flight for this consumer")
+        return h
+
+    def _take_out_of_flight_locked(self, h: _Delivery) -> Consumer:
+        """Take *h* out of flight (and its deadline bucket); return who held it."""
+        del self._in_flight[h.id]
+        del h._bucket[h.id]
+        c = h.consumer
+        c.in_flight_count -= 1  # type: ignore[union-attr]
+        return c  # type: ignore[return-value]
+
+    def _requeue_locked(self, h: _Delivery, delay: float) -> Tuple[Deliveries, List[Message]]:
+        c = self._take_out_of_flight_locked(h)
+        c.requeue_count += 1
+        self.requeue_count += 1
+        dead: List[Message] = []
+        self._return_locked(h, min(max(delay, 0.0), self.broker.max_req_timeout), dead)
+        return self._dispatch_locked([]), dead
+
+    def _touch_locked(self, h: _Delivery) -> None:
+        now = self._monotonic()
+        h.deadline = min(now + self._timeout_for(h.consumer),  # type: ignore[arg-type]
+                         h.delivered_at + self.broker.max_msg_timeout)
+        del h._bucket[h.id]
+        h._bucket = self._bucket_locked(h.deadline)
+        h._bucket[h.id] = h
 
     def _count_latencies_locked(self, stamps: List[int]) -> None:
         """Count publish-to-FIN latencies of finished messages published at *stamps*."""
@@ -2434,43 +2475,12 @@ class Channel:
             below = above
         counts[-1] += below
 
-    def _out_of_flight_locked(self, h: _Delivery) -> None:
-        del self._in_flight[h.id]
-        del h._bucket[h.id]
-
     def _ack_locked(self, positions: List[int]) -> None:
         """Durable mode: release the records of finished messages."""
         seglog = self._queue.log
         seglog.ack_many(positions)  # type: ignore[union-attr]
         if seglog.pinned:  # type: ignore[union-attr]
             self._unpin_locked()
-
-    def _settle(self, h: _Delivery, action: str, delay: float) -> None:
-        if action == "finish":
-            return self._finish(h)
-        dead: List[Message] = []
-        with self._lock:
-            if self._in_flight.get(h.id) is not h:
-                raise NotInFlight(f"{_ACTION_CODES[action]} {h.id.decode()} failed: "
-                                  f"message not in flight (finished, requeued, timed out "
-                                  f"or emptied)")
-            c = h.consumer
-            if action == "touch":
-                now = self._monotonic()
-                h.deadline = min(now + self._timeout_for(c),
-                                 h.delivered_at + self.broker.max_msg_timeout)
-                del h._bucket[h.id]
-                h._bucket = self._bucket_locked(h.deadline)
-                h._bucket[h.id] = h
-                return
-            self._out_of_flight_locked(h)
-            c.in_flight_count -= 1
-            c.requeue_count += 1
-            self.requeue_count += 1
-            delay = min(max(delay, 0.0), self.broker.max_req_timeout)
-            self._return_locked(h, delay, dead)
-            deliveries = self._dispatch_locked([])
-        self._hand_over(deliveries, dead)
 
     def _return_locked(self, msg: Message, delay: float, dead: List[Message]) -> None:
         """Put a message that left flight back, or dead-letter it if out of attempts."""
@@ -2507,8 +2517,7 @@ class Channel:
                 self._start_flight_locked(q.take(room), c, now, out)
             return out
         # Several consumers: take what all of them have room for, then share it.
-        room = sum(c.ready_count - c.in_flight_count for c in cs
-                   if not c.closed and c.in_flight_count < c.ready_count)
+        room = sum(c.ready_count - c.in_flight_count for c in cs if c.is_ready())
         if room <= 0:
             return out
         msgs = q.take(room)
@@ -2523,7 +2532,7 @@ class Channel:
 
     def _share_random_locked(self, msgs: List[Message], now: float, out: Deliveries) -> None:
         # Each message to a consumer drawn at random among those with room.
-        cs = [c for c in self._consumers if not c.closed and c.in_flight_count < c.ready_count]
+        cs = [c for c in self._consumers if c.is_ready()]
         rooms = [c.ready_count - c.in_flight_count for c in cs]
         shares: List[List[Message]] = [[] for _ in cs]
         live = list(range(len(cs)))
@@ -2567,7 +2576,7 @@ class Channel:
     def _start_flight_locked(self, msgs: Iterable[Message], c: Consumer, now: float,
                              out: Deliveries) -> None:
         """Put *msgs* in flight with consumer *c*; their deliveries go to *out*."""
-        deadline = now + (c.msg_timeout or self.broker.msg_timeout)
+        deadline = now + self._timeout_for(c)
         last_k, bucket = self._last_bucket
         if last_k != math.ceil(deadline / _DEADLINE_GRAIN):
             bucket = self._bucket_locked(deadline)
@@ -2606,8 +2615,7 @@ class Channel:
     def _pick_weighted(self) -> Optional[Consumer]:
         # Smooth weighted round-robin (as nginx): every ready consumer gains its
         # weight, the richest is picked and pays back the total.
-        ready = [c for c in self._consumers
-                 if not c.closed and c.in_flight_count < c.ready_count]
+        ready = [c for c in self._consumers if c.is_ready()]
         if not ready:
             return None
         total = 0
@@ -2644,7 +2652,7 @@ class Channel:
             c = self._ring.lookup(key)
             if c is None:
                 return
-            if c.in_flight_count < c.ready_count and not c.closed:
+            if c.is_ready():
                 queue.remove_at(i)
                 self._start_flight_locked((msg,), c, now, out)
             else:
@@ -2832,7 +2840,11 @@ class Channel:
             }
 
 
-_ACTION_CODES = {"finish": "FIN", "requeue": "REQ", "touch": "TOUCH"}
+
+
+def _not_in_flight(h: Message, code: str) -> NotInFlight:
+    return NotInFlight(f"{code} {h.id.decode()} failed: message not in flight "
+                       f"(finished, requeued, timed out or emptied)")
 
 
 def dead_letter_name(topic: str, channel: str) -> str:
