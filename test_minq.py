@@ -1946,12 +1946,10 @@ def test_stress_many_publishers_two_channels_exactly_once(clock):
         for p in pubs:
             p.join()
         total = n_pub * per_pub
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        def all_seen():
             with lock:
-                if sum(seen["a"].values()) >= total and sum(seen["b"].values()) >= total:
-                    break
-            time.sleep(0.01)
+                return min(sum(seen[ch].values()) for ch in ("a", "b")) >= total
+        wait_until(all_seen, 60, "every message on both channels")
         for s in subs:
             s.close()
         for ch in ("a", "b"):
@@ -2026,17 +2024,14 @@ def test_subscribe_handler_error_requeues_with_backoff(broker, clock, caplog):
     sub = broker.subscribe("t", "c", handler, workers=1, backoff=2.0)
     with caplog.at_level(logging.ERROR, logger="minq"):
         broker.publish("t", b"x")
-        deadline = time.monotonic() + 5
-        while len(attempts) < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        while channel_stats(broker, "t", "c")["deferred_count"] != 1:
-            time.sleep(0.005)
+        wait_until(lambda: attempts and channel_stats(broker, "t", "c")["deferred_count"] == 1,
+                   5, "the first attempt to be requeued")
         clock.advance(1.9)
-        time.sleep(0.05)
+        assert channel_stats(broker, "t", "c")["deferred_count"] == 1
         assert attempts == [1]        # backoff 2 s not yet over
         clock.advance(0.2)             # second attempt after 2 s
-        while channel_stats(broker, "t", "c")["deferred_count"] != 1 or len(attempts) < 2:
-            time.sleep(0.005)
+        wait_until(lambda: len(attempts) == 2
+                   and channel_stats(broker, "t", "c")["deferred_count"] == 1, 5)
         clock.advance(4.1)             # third after 4 s
         assert ok.wait(5)
     sub.close()
@@ -2822,10 +2817,8 @@ def test_sample_rate_drops_most_messages_for_that_client(server):
             received += 1
     assert received < 50                     # ~2 % kept (nsqd: rand(100) <= 1)
     # The dropped ones count as finished for this channel; the kept ones are in flight.
-    deadline = time.monotonic() + 5
-    while channel_stats(server.broker, "t", "c")["clients"][0]["finish_count"] < 200 - received:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: channel_stats(server.broker, "t", "c")["clients"][0]["finish_count"]
+               >= 200 - received, 5)
     assert channel_stats(server.broker, "t", "c")["in_flight_count"] == received
 
 
@@ -4555,10 +4548,7 @@ def test_lookupd_channels_exist_before_a_new_topics_first_message():
         with FakeLookupd(http_port=web.server_address[1]) as lk, \
                 minq.LookupdRegistrar(b, [lk.address], broadcast_address="h", tcp_port=1,
                                       http_port=2) as reg:
-            deadline = time.monotonic() + 10
-            while not reg.peers[0].connected:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_until(lambda: reg.peers[0].connected, 10, "the registrar to connect")
             b.publish("new", b"first")
             assert sorted(b.get_topic("new").channels) == ["archive"]   # ephemeral skipped
             assert b.get_topic("new").get_channel("archive").stats()["depth"] == 1
@@ -4708,10 +4698,8 @@ def test_tail_tool_prints_new_messages_on_an_ephemeral_channel(web):
                              "--print-topic", "--nsqd-tcp-address", web.tcp_address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while not [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")]:
-            assert time.monotonic() < deadline, proc.stderr.read1()
-            time.sleep(0.02)
+        wait_until(lambda: [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")],
+                   10, "tail's ephemeral channel")
         for body in (b"one", b"two", b"three"):
             b.publish("t", body)
         out, err = proc.communicate(timeout=10)
@@ -4721,10 +4709,8 @@ def test_tail_tool_prints_new_messages_on_an_ephemeral_channel(web):
     assert proc.returncode == 0, err
     assert out.splitlines() == [b"t | one", b"t | two"]
     assert b.get_topic("t").get_channel("work").stats()["depth"] == 3
-    deadline = time.monotonic() + 5                # its ephemeral channel went with it
-    while [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")]:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: not [c for c in b.get_topic("t").channels if c.endswith("#ephemeral")],
+               5, "its ephemeral channel to go with it")
 
 
 def test_tail_tool_ends_cleanly_on_sigterm(web):
@@ -4733,10 +4719,7 @@ def test_tail_tool_ends_cleanly_on_sigterm(web):
                              "--nsqd-tcp-address", web.tcp_address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while "t" not in b.topics or not b.get_topic("t").channels:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: "t" in b.topics and b.get_topic("t").channels, 10, "tail's channel")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
     finally:
@@ -4744,10 +4727,7 @@ def test_tail_tool_ends_cleanly_on_sigterm(web):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    deadline = time.monotonic() + 5     # its ephemeral channel went with it
-    while b.get_topic("t").channels:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: not b.get_topic("t").channels, 5, "its ephemeral channel to go with it")
 
 
 def test_stats_tool_prints_depths_and_rates(web):
