@@ -2151,14 +2151,15 @@ class Channel:
                  dead_letter_topic: Optional[str] = None, dispatch: str = "round_robin",
                  key: Optional[Callable[[Message], Any]] = None) -> None:
         self.topic = topic
-        self.broker = topic.broker
+        self.broker = topic.broker             # for its options (public attributes)
+        self._env: _BrokerServices = topic._env
         self.name = name
         self.ephemeral = is_ephemeral(name)
-        self._monotonic = self.broker.clock.monotonic
+        self._monotonic = self._env.monotonic
         # _lock guards every field below; it is never held while calling user
         # code, consumer callbacks or another topic's methods.
         self._lock = threading.Lock()
-        self._queue = self.broker._new_queue(f"{topic.name}:{name}", self.ephemeral,
+        self._queue = self._env.new_queue(f"{topic.name}:{name}", self.ephemeral,
                                              self._defer_from_disk)
         self._in_flight: Dict[bytes, _Delivery] = {}
         # In-flight deadlines, in buckets _DEADLINE_GRAIN wide: bucket k holds
@@ -2254,7 +2255,7 @@ class Channel:
         Called with the topic's lock held, and with this channel's lock held
         unless the topic has no other channel (the log has its own locks).
         """
-        due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
+        due_ns = self._env.time_ns() + int(defer * 1e9) if defer > 0 else 0
         return self._queue.prepare(msgs, due_ns)
 
     def _commit_locked(self, token: Tuple[Any, ...], defer: float, out: Deliveries) -> None:
@@ -2292,11 +2293,11 @@ class Channel:
     def _defer_locked(self, msg: Message, due: float) -> None:
         self._deferred[msg.id] = msg
         heapq.heappush(self._deferred_heap, (due, msg.id))
-        self.broker._schedule(due)
+        self._env.schedule(due)
 
     def _defer_from_disk(self, msg: Message, due_ns: int) -> None:
         # A deferred record met while reading the log (after a restart).
-        self._defer_locked(msg, self._monotonic() + (due_ns - self.broker._time_ns()) / 1e9)
+        self._defer_locked(msg, self._monotonic() + (due_ns - self._env.time_ns()) / 1e9)
 
     # -- consumers -------------------------------------------------------------
     def add_consumer(self, consumer: Consumer) -> None:
@@ -2328,6 +2329,12 @@ class Channel:
         self._hand_over(deliveries, dead)
         if last_gone:
             self.topic._delete_channel_if_unused(self)
+
+    def holds(self, msg: Message) -> bool:
+        """Whether the delivered handle *msg* is still in flight here.  One
+        dict lookup (atomic without the lock); like any answer about flight,
+        true only until its deadline passes."""
+        return self._in_flight.get(msg.id) is msg
 
     def set_ready(self, consumer: Consumer, count: int) -> None:
         """Change a consumer's RDY window and deliver what now fits."""
@@ -2402,7 +2409,7 @@ class Channel:
             c = h.consumer
             c.in_flight_count -= 1
             c.finish_count += 1
-            latency = self.broker._time_ns() - h.timestamp
+            latency = self._env.time_ns() - h.timestamp
             self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
             self._e2e_sum_ns += latency
             if h._pos is not None:
@@ -2460,7 +2467,7 @@ class Channel:
 
     def _count_latencies_locked(self, stamps: List[int]) -> None:
         """Count publish-to-FIN latencies of finished messages published at *stamps*."""
-        now_ns = self.broker._time_ns()
+        now_ns = self._env.time_ns()
         counts = self._e2e_counts
         self._e2e_sum_ns += now_ns * len(stamps) - sum(stamps)
         if len(stamps) == 1:
@@ -2607,8 +2614,8 @@ class Channel:
             bucket = self._buckets[k] = {}
             heapq.heappush(self._bucket_heap, k)
             due = k * _DEADLINE_GRAIN
-            if due < self.broker._next_due:
-                self.broker._schedule(due)
+            if due < self._env.next_due:
+                self._env.schedule(due)
         self._last_bucket = (k, bucket)     # deliveries in a row share one
         return bucket
 
@@ -2663,7 +2670,7 @@ class Channel:
         if deliveries:
             _hand_over_all(deliveries)
         if dead:
-            self.broker._dead_letter(self, dead)
+            self._env.dead_letter(self, dead)
 
     # -- timers ----------------------------------------------------------------
     def _process_due(self, now: float) -> float:
@@ -2700,7 +2707,7 @@ class Channel:
         """Stop delivering (messages are still accepted and queued)."""
         with self._lock:
             self.paused = True
-        self.broker._metadata_changed()
+        self._env.metadata_changed()
 
     def unpause(self) -> None:
         """Resume delivering."""
@@ -2708,7 +2715,7 @@ class Channel:
             self.paused = False
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
-        self.broker._metadata_changed()
+        self._env.metadata_changed()
 
     def empty(self) -> None:
         """Drop every queued, in-flight and deferred message (as nsqd)."""
@@ -2744,7 +2751,7 @@ class Channel:
             self._clear_flight_locked()
             self._deferred.clear()
             self._queue.drop_memory()
-            self.broker._drop_log(self._queue.log)
+            self._env.drop_log(self._queue.log)
             consumers, self._consumers = self._consumers, []
             for c in consumers:
                 c.closed = True
@@ -2765,7 +2772,7 @@ class Channel:
     def _held_records_locked(self) -> List[Tuple[Message, int]]:
         """In-flight and deferred messages with the due time their record keeps
         (wall-clock ns; 0: deliver at once)."""
-        now, now_ns = self._monotonic(), self.broker._time_ns()
+        now, now_ns = self._monotonic(), self._env.time_ns()
         out: List[Tuple[Message, int]] = [(h, 0) for h in self._in_flight.values()]
         for due, msg_id in self._deferred_heap:
             m = self._deferred.get(msg_id)
@@ -2881,7 +2888,8 @@ class Topic:
     INLINE_CHUNKS = 4     # moved at once by a new channel or unpause
 
     def __init__(self, broker: "Broker", name: str) -> None:
-        self.broker = broker
+        self.broker = broker                   # for its options (public attributes)
+        self._env: _BrokerServices = broker._services
         self.name = name
         self.ephemeral = is_ephemeral(name)
         # _lock guards the fields below.  Order: a topic's lock may be held
@@ -2893,7 +2901,7 @@ class Topic:
         self._opening = 0      # channels made but not yet on record: messages wait
         # Messages waiting for a channel (or for unpause), and deferred ones
         # among them as (due wall-clock ns, message).
-        self._queue = broker._new_queue(name, self.ephemeral, self._hold_deferred)
+        self._queue = self._env.new_queue(name, self.ephemeral, self._hold_deferred)
         self._held_deferred: List[Tuple[int, Message]] = []
         self.paused = False
         self.deleted = False
@@ -2944,7 +2952,7 @@ class Topic:
 
     def _hold_locked(self, msgs: Messages, defer: float) -> List[Tuple[SegmentLog, int]]:
         # Deferral of held messages counts from publish (nsqd starts it at hand-off).
-        due_ns = self.broker._time_ns() + int(defer * 1e9) if defer > 0 else 0
+        due_ns = self._env.time_ns() + int(defer * 1e9) if defer > 0 else 0
         token = self._queue.prepare(msgs, due_ns)
         self._queue.commit(token)
         if due_ns:
@@ -3036,14 +3044,14 @@ class Topic:
         except OSError as e:
             log.error("topic %s: could not hand held messages to its channels: %s",
                       self.name, e)
-            self.broker._schedule_pump(self, retry=True)
+            self._env.schedule_pump(self, retry=True)
             return
         if more:
-            self.broker._schedule_pump(self)
+            self._env.schedule_pump(self)
 
     def _pump_locked(self, out: Deliveries) -> bool:
         if (self.deleted or self.paused or self._opening or not self._channels
-                or self.broker._loading):
+                or self._env.loading):
             return False
         q = self._queue
         if q.mem:
@@ -3066,7 +3074,7 @@ class Topic:
                         q.unshift(batch)
                         raise
         elif self._held_deferred:
-            now_ns = self.broker._time_ns()
+            now_ns = self._env.time_ns()
             chunk = self._held_deferred[:self.RELEASE_BATCH]
             for i, (due_ns, m) in enumerate(chunk):
                 try:
@@ -3125,7 +3133,7 @@ class Topic:
                 ch._dispatch_locked(out)
         in_memory = [ch for ch in chans if ch._queue.log is None]
         if in_memory:
-            now_ns = self.broker._time_ns()
+            now_ns = self._env.time_ns()
             for ch in in_memory:
                 for msgs, defer in _decode_framed(data, now_ns):
                     ch._put_memory(msgs, defer, out)
@@ -3158,9 +3166,9 @@ class Topic:
     def _opened(self, ch: Channel) -> None:
         deliveries: Deliveries = []
         try:
-            self.broker._announce("create", self.name, ch.name)
+            self._env.announce("create", self.name, ch.name)
             if not ch.ephemeral:
-                self.broker._metadata_changed()
+                self._env.metadata_changed()
         finally:
             with self._lock:
                 self._opening -= 1
@@ -3185,7 +3193,7 @@ class Topic:
             last = self.ephemeral and not self._channels
         self._finish_channel(ch)
         if last:
-            self.broker._delete_topic_if_unused(self)
+            self._env.delete_topic_if_unused(self)
 
     def _delete_channel_if_unused(self, ch: Channel) -> None:
         """Ephemeral channels vanish with their last consumer."""
@@ -3197,21 +3205,21 @@ class Topic:
             last = self.ephemeral and not self._channels
         self._finish_channel(ch)
         if last:
-            self.broker._delete_topic_if_unused(self)
+            self._env.delete_topic_if_unused(self)
 
     def _finish_channel(self, ch: Channel) -> None:
         for c in ch._close():
             c._on_channel_closed()
-        self.broker._announce("delete", self.name, ch.name)
+        self._env.announce("delete", self.name, ch.name)
         if not ch.ephemeral:
-            self.broker._metadata_changed()
+            self._env.metadata_changed()
 
     # -- admin -----------------------------------------------------------------
     def pause(self) -> None:
         """Keep messages at the topic; channels get nothing new until unpause."""
         with self._lock:
             self.paused = True
-        self.broker._metadata_changed()
+        self._env.metadata_changed()
 
     def unpause(self) -> None:
         deliveries: Deliveries = []
@@ -3219,7 +3227,7 @@ class Topic:
             self.paused = False
             self._start_pump_locked(deliveries)
         _hand_over_all(deliveries)
-        self.broker._metadata_changed()
+        self._env.metadata_changed()
 
     def empty(self) -> None:
         """Drop the messages held at the topic itself (channels are untouched)."""
@@ -3242,7 +3250,7 @@ class Topic:
             self._channels_changed_locked()
             self._queue.drop_memory()
             self._held_deferred.clear()
-            self.broker._drop_log(self._queue.log)
+            self._env.drop_log(self._queue.log)
         for ch in chans:
             for c in ch._close():
                 c._on_channel_closed()
@@ -3303,6 +3311,40 @@ def _hand_over_all(deliveries: Deliveries) -> None:
 # in-flight deadlines and deferrals, stats and an orderly close.
 # =============================================================================
 
+class _BrokerServices:
+    """What topics and channels need from their broker, named, so that their
+    arrows point here and not at the broker's insides: the clock, the timer,
+    the topic pump, saving the metadata, change notices, dead-lettering and
+    making queues.  Each is the broker's own method (see there for locking)."""
+
+    __slots__ = ("_broker", "time_ns", "monotonic", "schedule", "schedule_pump",
+                 "metadata_changed", "announce", "new_queue", "drop_log", "dead_letter",
+                 "delete_topic_if_unused")
+
+    def __init__(self, broker: "Broker") -> None:
+        self._broker = broker
+        self.time_ns = broker.clock.time_ns               # wall clock, ns (timestamps, due times)
+        self.monotonic = broker.clock.monotonic           # deadlines
+        self.schedule = broker._schedule                  # wake the timer by this monotonic time
+        self.schedule_pump = broker._schedule_pump        # a topic has held messages to move
+        self.metadata_changed = broker._metadata_changed  # minq.dat must be saved
+        self.announce = broker._announce                  # a topic or channel came or went
+        self.new_queue = broker._new_queue                # a ready queue, with its log if any
+        self.drop_log = broker._drop_log                  # a deleted queue's log goes
+        self.dead_letter = broker._dead_letter            # messages out of attempts
+        self.delete_topic_if_unused = broker._delete_topic_if_unused
+
+    @property
+    def next_due(self) -> float:
+        """The timer's next wake-up (a sooner deadline must call ``schedule``)."""
+        return self._broker._next_due
+
+    @property
+    def loading(self) -> bool:
+        """Whether the broker is restoring its state from the data path."""
+        return self._broker._loading
+
+
 class Broker:
     """An in-process NSQ-style broker.  All methods are thread-safe.
 
@@ -3360,6 +3402,7 @@ class Broker:
         self.sync_timeout = float(sync_timeout)
         self.clock = clock if clock is not None else SystemClock()
         self._time_ns = self.clock.time_ns
+        self._services = _BrokerServices(self)    # what topics and channels may call
         self.start_time = int(time.time())
         # _lock guards _topics and _clients; it may be held while taking a
         # topic's lock, never the reverse.
@@ -4037,7 +4080,7 @@ class PullConsumer(Consumer):
                 return None
             ch = self.channel
             # Skip messages that timed out while they sat in the buffer.
-            if ch is not None and ch._in_flight.get(h.id) is h:
+            if ch is not None and ch.holds(h):
                 return h
         return None
 
