@@ -4841,6 +4841,29 @@ def test_sigterm_with_idle_half_sent_and_busy_clients_stops_at_once_and_keeps_al
         assert s.stop() == 0
 
 
+def test_sigterm_lets_a_request_in_progress_finish_within_the_grace(tmp_path):
+    s = Served("--data-path", "data", "--shutdown-timeout", "20s", cwd=tmp_path)
+    count = 1_000_000
+    body = b"x\n" * count                          # about a second of work for the handler
+    result = {}
+
+    def post():
+        result["reply"] = http(s.http_address, "POST", "/mpub?topic=t", body)
+    t = threading.Thread(target=post)
+    t.start()
+    wait_until(lambda: list((tmp_path / "data").glob("t.*.seg")), 10,
+               "the handler to start writing")
+    rc = s.stop()                                   # SIGTERM while it is being handled
+    t.join(30)
+    assert rc == 0
+    assert result["reply"][0] == 200                # it finished and was answered
+    s = Served("--data-path", "data", cwd=tmp_path)
+    try:
+        assert minq_stats(s)["topics"][0]["depth"] == count
+    finally:
+        assert s.stop() == 0
+
+
 def run_minq(*args, timeout=30, cwd=None, argv0=None):
     code = None
     if argv0:                                       # as the installed command would run
