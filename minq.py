@@ -603,7 +603,6 @@ _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
 ACK_BUFFER = 64          # durable mode: finishes written per batch (lost at most on a crash)
-_LEAD = object()          # group commit: a follower's turn to lead the next fsync
 _ACKS_SLACK = 65536      # acks file entries beyond twice the live ones before it is compacted
 _UNPIN_ACKS = 65536      # acks held behind the oldest unacknowledged record before it moves
 # Records are copied into a window of the segment mapped in memory, its space
@@ -661,6 +660,97 @@ def _crcs_match(computed: bytes, buf: bytes, at: int, step: int, k: int) -> int:
         if mine != theirs:
             good = min(good, next(n for n in range(k) if mine[n] != theirs[n]))
     return good
+
+
+class _GroupCommit:
+    """fsync shared by concurrent callers (fsync mode's publishers).
+
+    ``sync_to(pos)`` returns once everything before *pos* is on disk: one
+    caller leads an fsync (``fsync()``, which returns the position it made
+    durable) while the others queue; when it ends, the leader releases each
+    follower it covered (a lock per follower, so none waits on a shared lock
+    to wake) and goes on with those who came meanwhile; after a few rounds it
+    hands the lead to the first of them.  An fsync's failure reaches every
+    caller it covered.  ``_lock`` guards ``durable_pos``, ``_leading`` and
+    ``_waiters``; it is never held across the fsync.
+    """
+
+    _LEAD = object()          # a follower's turn to lead the next fsync
+    ROUNDS = 4                # fsyncs one leader makes before handing the lead on
+
+    def __init__(self, fsync: Callable[[], int]) -> None:
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self.durable_pos = 0                       # everything before it is fsynced
+        self._leading = False
+        self._waiters: List[List[Any]] = []        # [pos, lock, outcome]
+
+    def advance(self, pos: int) -> None:
+        """Another fsync made everything before *pos* durable."""
+        with self._lock:
+            if self.durable_pos < pos:
+                self.durable_pos = pos
+
+    def sync_to(self, pos: int) -> None:
+        """Return once every record before *pos* is fsynced (OSError if that failed)."""
+        if self.durable_pos >= pos:
+            return
+        with self._lock:
+            if self.durable_pos >= pos:
+                return
+            if self._leading:
+                me: Optional[List[Any]] = [pos, threading.Lock(), None]
+                me[1].acquire()      # type: ignore[index]
+                self._waiters.append(me)   # type: ignore[arg-type]
+            else:
+                self._leading = True
+                me = None
+        if me is not None:
+            me[1].acquire()              # until the leader says how it went
+            outcome = me[2]
+            if outcome is not self._LEAD:
+                if isinstance(outcome, OSError):   # the fsync failed: each caller gets its own
+                    raise OSError(outcome.errno, outcome.strerror)
+                if outcome is not None:
+                    raise OSError(errno.EIO, f"fsync failed: {outcome!r}")
+                return
+        self._lead()
+
+    def _lead(self) -> None:
+        # The leader goes on with those who came during its fsync, for a few
+        # rounds, before it hands the lead on: getting the GIL back after an
+        # fsync is the slow part with many publishers, so the fewer threads
+        # need it between two fsyncs the better.
+        rounds = self.ROUNDS
+        with self._lock:
+            batch, self._waiters = self._waiters, []
+        while True:
+            error: Optional[BaseException] = None
+            target = -1
+            try:
+                target = self._fsync()
+            except BaseException as e:   # followers must never be left waiting
+                error = e
+            rounds -= 1
+            with self._lock:
+                if error is None and self.durable_pos < target:
+                    self.durable_pos = target
+                for w in batch:
+                    w[2] = error
+                    w[1].release()
+                batch, self._waiters = self._waiters, []
+                if not batch:
+                    self._leading = False
+                elif error is not None or rounds <= 0:
+                    nxt = batch.pop(0)      # hand the lead on, with the rest
+                    nxt[2] = self._LEAD
+                    self._waiters = batch
+                    nxt[1].release()
+                    batch = []
+            if error is not None:
+                raise error
+            if not batch:
+                return
 
 
 class SegmentLog:
@@ -727,12 +817,7 @@ class SegmentLog:
         self._acks_compact = False         # rewrite it at the next sync (a write failed)
         self._meta_stale = False           # a sync fsynced the data only
         self.meta_saved_at = 0.0           # time.monotonic() of the last metadata save
-        self._durable_pos = 0              # everything before it is fsynced
-        # _commit_lock guards _committing / _commit_waiters (group commit):
-        # each follower waits on a lock of its own, released by the leader.
-        self._commit_lock = threading.Lock()
-        self._committing = False
-        self._commit_waiters: List[List[Any]] = []   # [pos, lock, outcome]
+        self._commits = _GroupCommit(self._fsync_data)
         self._open()
 
     # -- positions and files ---------------------------------------------------
@@ -818,7 +903,7 @@ class SegmentLog:
             os.ftruncate(self._write_fd, write_off)     # cut a torn tail
         if not nums:
             _fsync_dir(self.directory)
-        self._durable_pos = self.write_pos
+        self._commits.advance(self.write_pos)
         if self.ack_mode:
             self._acks_fd = os.open(self._acks_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                     0o600)
@@ -1487,74 +1572,17 @@ class SegmentLog:
 
     # -- syncing ---------------------------------------------------------------
     def sync_to(self, pos: int) -> None:
-        """Return once every record before *pos* is fsynced (group commit).
+        """Return once every record before *pos* is fsynced (group commit)."""
+        self._commits.sync_to(pos)
 
-        One caller leads an fsync while the others queue; when it ends, the
-        leader releases each follower it covered (a lock per follower, so
-        none waits on a shared lock to wake) and goes on with those who came
-        meanwhile; after a few rounds it hands the lead to the first of them.
-        """
-        if self._durable_pos >= pos:
-            return
-        with self._commit_lock:
-            if self._durable_pos >= pos:
-                return
-            if self._committing:
-                me = [pos, threading.Lock(), None]
-                me[1].acquire()
-                self._commit_waiters.append(me)
-            else:
-                self._committing = True
-                me = None
-        if me is not None:
-            me[1].acquire()              # until the leader says how it went
-            outcome = me[2]
-            if outcome is not _LEAD:
-                if isinstance(outcome, OSError):   # the fsync failed: each caller gets its own
-                    raise OSError(outcome.errno, outcome.strerror)
-                if outcome is not None:
-                    raise OSError(errno.EIO, f"fsync failed: {outcome!r}")
-                return
-        self._lead_commits()
-
-    def _lead_commits(self, rounds: int = 4) -> None:
-        # The leader goes on with those who came during its fsync, for a few
-        # rounds, before it hands the lead on: getting the GIL back after an
-        # fsync is the slow part with many publishers, so the fewer threads
-        # need it between two fsyncs the better.
-        with self._commit_lock:
-            batch, self._commit_waiters = self._commit_waiters, []
-        while True:
-            error: Optional[BaseException] = None
-            target = -1
-            try:
-                with self._fsync_lock:
-                    with self._lock:
-                        target, fd = self.write_pos, self._write_fd
-                    os.fsync(fd)
-                    self.fsync_count += 1
-            except BaseException as e:   # followers must never be left waiting
-                error = e
-            rounds -= 1
-            with self._commit_lock:
-                if error is None and self._durable_pos < target:
-                    self._durable_pos = target
-                for w in batch:
-                    w[2] = error
-                    w[1].release()
-                batch, self._commit_waiters = self._commit_waiters, []
-                if not batch:
-                    self._committing = False
-                elif error is not None or rounds <= 0:
-                    nxt = batch.pop(0)      # hand the lead on, with the rest
-                    nxt[2] = _LEAD
-                    self._commit_waiters = batch
-                    nxt[1].release()
-                    batch = []
-            if error is not None:
-                raise error
-            if not batch:
-                return
+    def _fsync_data(self) -> int:
+        # One fsync of the write segment; returns the position it made durable.
+        with self._fsync_lock:
+            with self._lock:
+                target, fd = self.write_pos, self._write_fd
+            os.fsync(fd)
+            self.fsync_count += 1
+        return target
 
     def sync(self, save_meta: bool = True) -> None:
         """fsync the data and save the metadata (nsqd's sync_every / sync_timeout).
@@ -1571,7 +1599,7 @@ class SegmentLog:
                 retired, self._retired = self._retired, []
             os.fsync(fd)
             self.fsync_count += 1
-            self._durable_pos = max(self._durable_pos, target)
+            self._commits.advance(target)
             for rfd in retired:
                 os.close(rfd)
             if save_meta:
