@@ -5573,17 +5573,16 @@ class HTTPForwarder:
         wait = self._backoff_until - time.monotonic()
         if wait > 0:
             self._closing.wait(wait)
-        errors = []
         for backend in self.pool.order(msg):
-            if self._closing.is_set():
-                break
+            if self._closing.is_set():       # stopping: back at once, not a failure
+                msg.requeue(0.0)
+                return
             started = time.monotonic()
             error = self._send(backend.url, msg.body)
             self.pool.mark(backend, error is None, time.monotonic() - started)
             if error is None:
                 self._count(True)
                 return
-            errors.append(f"{backend.url}: {error}")
             log.warning("to-http: %s failed for message %s: %s; it sits out %gs",
                         backend.url, msg.id.decode(), error, backend.retry_delay)
         self._count(False)

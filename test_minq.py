@@ -2279,6 +2279,19 @@ def test_forwarder_failing_hanging_and_down_backends_lose_nothing_finish_nothing
         assert fwd.pool.backends[2].failed >= 1 and fwd.pool.backends[3].ok >= 30
 
 
+def test_forwarder_closing_mid_message_gives_it_back_at_once(backends):
+    good, hanging = backends(), backends("hang", hang=1.0)
+    with minq.Broker() as b:
+        fwd = minq.HTTPForwarder(b, "t", "c", [good.url, hanging.url], mode="round-robin",
+                                 request_timeout=0.5, workers=1, requeue_delay=90)
+        b.publish("t", b"caught in the middle")       # round-robin: the hanging one first
+        wait_until(lambda: hanging.got, 5, "the request to the hanging backend")
+        fwd.close()                                   # before it would try the good one
+        st = channel_stats(b, "t", "c")
+        assert (st["depth"], st["deferred_count"]) == (1, 0)   # back now, not in 90 s
+        assert not good.got and fwd.failed == 0
+
+
 def test_forwarder_requeues_when_no_backend_answers_then_dead_letters(backends):
     bad = backends("fail")
     with minq.Broker() as b, minq.HTTPForwarder(b, "t", "c", [bad.url], max_attempts=2,
