@@ -672,7 +672,9 @@ class _GroupCommit:
     to wake) and goes on with those who came meanwhile; after a few rounds it
     hands the lead to the first of them.  An fsync's failure reaches every
     caller it covered.  ``_lock`` guards ``durable_pos``, ``_leading`` and
-    ``_waiters``; it is never held across the fsync.
+    ``_waiters``; it is never held across the fsync.  ``_turn`` is held
+    across every fsync, the leader's and those of ``exclusive()`` (a full
+    sync): one at a time, so none runs on a descriptor another has closed.
     """
 
     _LEAD = object()          # a follower's turn to lead the next fsync
@@ -681,9 +683,14 @@ class _GroupCommit:
     def __init__(self, fsync: Callable[[], int]) -> None:
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._turn = threading.Lock()              # taken before _lock, never after
         self.durable_pos = 0                       # everything before it is fsynced
         self._leading = False
         self._waiters: List[List[Any]] = []        # [pos, lock, outcome]
+
+    def exclusive(self) -> "threading.Lock":
+        """``with group.exclusive():`` no group fsync runs meanwhile."""
+        return self._turn
 
     def advance(self, pos: int) -> None:
         """Another fsync made everything before *pos* durable."""
@@ -728,7 +735,8 @@ class _GroupCommit:
             error: Optional[BaseException] = None
             target = -1
             try:
-                target = self._fsync()
+                with self._turn:
+                    target = self._fsync()
             except BaseException as e:   # followers must never be left waiting
                 error = e
             rounds -= 1
@@ -753,16 +761,215 @@ class _GroupCommit:
                 return
 
 
+class _AckLedger:
+    """Durable mode's acknowledgements for one log: which of the records
+    handed out are finished, kept so that a restart hands out none of them
+    again.
+
+    A record is ``consumed`` (read, or written as already read) and later
+    acknowledged (``ack``); ``commit_point(cursor)`` is the oldest record
+    handed out and not yet acknowledged (or the cursor): the log may delete
+    everything before it.  Acks reach ``<name>.acks`` in batches of
+    ACK_BUFFER (a crash loses at most those, which only causes redelivery),
+    and at a metadata save the file is compacted once it holds many more
+    entries than are live.  ``_lock`` guards everything here; the log may
+    call in while holding its own lock, never the other way round.
+    """
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.name = name
+        self._path = os.path.join(directory, f"{name}.acks")
+        self._lock = threading.Lock()
+        self._unacked: List[int] = []      # heap of consumed positions not yet released
+        self._acked: set = set()           # acknowledged, lazily removed from _unacked
+        self._restart: set = set()         # acks read at open, kept until the commit point passes
+        self._fd: Optional[int] = None
+        self._buf: List[int] = []          # acks not yet written to the file
+        self._pending: Optional[List[int]] = None   # acks written during a compaction
+        self._count = 0                    # entries in the file
+        self._compact = False              # compact at the next save (a write failed)
+        # Many acks (unpin_at) wait behind the oldest unacknowledged record
+        # (a message deferred or in flight for long): its owner should
+        # rewrite it, and may raise unpin_at when that is not worth it yet.
+        self.pinned = False
+        self.unpin_at = _UNPIN_ACKS
+
+    def load(self, cursor: int, meta_write: int, acks_base: int,
+             segments: Iterable[int]) -> Tuple[set, int]:
+        """Read the acks file (a torn last entry is ignored) and open it for
+        appending.  Returns the acks of records at or past *cursor* (to be
+        passed over unread) and how many acks the metadata's depth does not
+        know: those after *acks_base*, of records it counted (before
+        *meta_write*) or a scan counted (in *segments*, still on disk); a
+        segment written and consumed after the save was deleted uncounted,
+        and so are its acks."""
+        listed: List[int] = []
+        if os.path.exists(self._path):
+            with open(self._path, "rb") as f:
+                data = f.read()
+            n = len(data) // _ACK.size
+            listed = [p for (p,) in _ACK.iter_unpack(data[:n * _ACK.size])]
+        here = set(segments)
+        since = sum(1 for p in listed[acks_base:] if p < meta_write or p >> _SEG_SHIFT in here)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with self._lock:
+            self._count = len(listed)
+            self._restart = {p for p in listed if p >= cursor}
+            self._fd = fd
+            return set(self._restart), since
+
+    def consumed(self, positions: Iterable[int]) -> None:
+        """These records were handed out: each holds the commit point until acked."""
+        with self._lock:
+            push, heap = heapq.heappush, self._unacked
+            for p in positions:
+                push(heap, p)
+
+    def forget(self, positions: set) -> None:
+        """These records were never stored after all (an append undone)."""
+        with self._lock:
+            self._unacked = [p for p in self._unacked if p not in positions]
+            heapq.heapify(self._unacked)
+
+    def ack(self, positions: Iterable[int], write: bool = False) -> bool:
+        """Acknowledge consumed records; True when the acks were written to
+        the file (a batch filled up, or *write*): the commit point may move."""
+        with self._lock:
+            self._acked.update(positions)
+            self._buf.extend(positions)
+            if len(self._buf) < ACK_BUFFER and not write:
+                return False
+            self._write_locked()
+            self.pinned = len(self._acked) >= self.unpin_at
+            return True
+
+    def commit_point(self, cursor: int) -> int:
+        """The oldest consumed record not acknowledged, or *cursor* if older.
+
+        Acked records past the cursor (deferred ones, rewritten ahead) stay
+        until the cursor passes them: their acks must outlive a restart."""
+        with self._lock:
+            heap, acked = self._unacked, self._acked
+            while heap and heap[0] in acked and heap[0] < cursor:
+                acked.discard(heapq.heappop(heap))
+            return min(heap[0], cursor) if heap else cursor
+
+    @property
+    def behind(self) -> int:
+        """Acknowledged records kept (in memory, and their segments on disk)
+        because an older one is not acknowledged yet."""
+        return len(self._acked)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether acks wait to be written to the file."""
+        return bool(self._buf)
+
+    def write(self) -> None:
+        """Write buffered acks to the file (to the OS: a killed process keeps them)."""
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        buf, self._buf = self._buf, []
+        if not buf or self._fd is None:
+            return
+        if self._pending is not None:
+            self._pending.extend(buf)
+        try:
+            os.write(self._fd, b"".join([_ACK.pack(p) for p in buf]))
+            self._count += len(buf)
+        except OSError as e:   # the records may be redelivered after a crash
+            log.error("segment log %s: could not record %d ack(s) (%s)", self.name,
+                      len(buf), e)
+            self._compact = True   # a part may have been written: start afresh
+
+    def checkpoint(self, commit: int) -> Tuple[int, int, Optional[int], Optional[List[int]]]:
+        """For a metadata save with the commit point at *commit*: write what is
+        buffered; return (records consumed and not acknowledged, the
+        metadata's ``acks_base``, a descriptor to fsync before the metadata
+        is written, or the live acks ``compact`` is to write once it is)."""
+        with self._lock:
+            self._write_locked()
+            if self._restart:
+                self._restart = {p for p in self._restart if p >= commit}
+            outstanding = len(self._unacked) - len(self._acked)
+            bound = 2 * (len(self._acked) + len(self._restart)) + _ACKS_SLACK
+            if self._compact or self._count > bound:
+                live = sorted(self._restart | {p for p in self._acked if p >= commit})
+                self._pending = []
+                return outstanding, len(live), None, live
+            return outstanding, self._count, self._fd, None
+
+    def compact(self, live: List[int]) -> None:
+        """Swap in a file holding *live* and the acks made since ``checkpoint``
+        (the metadata naming it is saved first: a crash keeps the old file,
+        which holds every ack).  On failure the old file stays and the next
+        save tries again."""
+        tmp = f"{self._path}.tmp"
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            os.write(fd, b"".join(_ACK.pack(p) for p in live))
+            os.fsync(fd)
+            with self._lock:
+                pending = self._pending or []
+                if pending:
+                    os.write(fd, b"".join(_ACK.pack(p) for p in pending))
+                self._pending = None
+                self._count = len(live) + len(pending)
+                self._compact = False
+                os.replace(tmp, self._path)
+                if self._fd is not None:
+                    os.close(self._fd)
+                self._fd, fd = fd, -1
+        except BaseException:
+            with self._lock:
+                self._pending = None
+                self._compact = True
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        _fsync_dir(os.path.dirname(self._path) or ".")
+
+    def clear(self) -> None:
+        """Every record is gone (the log was emptied)."""
+        with self._lock:
+            self._unacked.clear()
+            self._acked.clear()
+            self._restart.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def destroy(self) -> None:
+        """Close and delete the file."""
+        self.close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+
 class SegmentLog:
     """An append-only record log in ``<name>.NNNNNN.seg`` files under *directory*.
 
     ``append`` writes records to the OS at once (a killed process loses none);
-    ``sync`` fsyncs and saves the metadata (``<name>.meta``) atomically;
-    ``sync_to`` is a group commit: concurrent callers share one fsync.
+    ``read_many`` hands out the next records; ``sync`` fsyncs and saves the
+    metadata (``<name>.meta``) atomically; ``sync_to`` is a group commit
+    (``_GroupCommit``): concurrent callers share one fsync.  In ack mode an
+    ``_AckLedger`` (``acks``) keeps what was handed out until ``ack``.
     Opening costs O(segments) plus a scan of what was written after the last
     metadata sync.  A torn tail is cut off; a record whose CRC fails is
     skipped, its segment copied aside as ``.bad`` and the loss counted.
-    Every method is thread-safe (one lock, never held across an fsync).
+    Every method is thread-safe: ``_lock`` guards the state and is never
+    held across I/O that may block; ``_append_lock`` serialises writers (and
+    rolls), taken before ``_lock``, never after.  Every fsync of the data
+    and every metadata save happen in turn (``_GroupCommit.exclusive``).
 
     Records are written through a mapped window of ``map_window`` bytes
     (0: plain pwrite); the space of the window is reserved beforehand, so the
@@ -773,21 +980,21 @@ class SegmentLog:
 
     def __init__(self, directory: str, name: str, *, ack_mode: bool = False,
                  max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
-                 max_record_size: int = 1 << 30) -> None:
+                 max_record_size: int = 1 << 30,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.name = name
         self.ack_mode = ack_mode
         self.max_bytes_per_file = max_bytes_per_file
         self.max_record_size = max_record_size
+        self._clock = clock
         # _lock guards all state below and is held only briefly.
         # _append_lock serialises writers and is held across the write itself
-        # (taken before _lock, never after); _fsync_lock serialises fsyncs and
-        # is never taken while _lock is held.
+        # (taken before _lock, never after).
         self._append_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._fsync_lock = threading.Lock()
         self._meta_path = os.path.join(directory, f"{name}.meta")
-        self._acks_path = os.path.join(directory, f"{name}.acks")
+        self.acks = _AckLedger(directory, name) if ack_mode else None
         self.bytes_written = 0
         self.fsync_count = 0
         self.corrupt_count = 0
@@ -801,22 +1008,11 @@ class SegmentLog:
         self._read_fd_num = -1
         self._rbuf = b""                   # read-ahead: bytes at [_rbuf_pos, ...)
         self._rbuf_pos = 0
-        self._skip: set = set()            # records at >= cursor consumed elsewhere
-        self._unacked: List[int] = []      # heap of consumed, unacknowledged positions
-        self._acked: set = set()           # lazily removed from _unacked
-        self._restart_acks: set = set()    # acks of records not yet read since open
-        self._acks_fd: Optional[int] = None
-        self._ack_buf: List[int] = []      # acks not yet written to the acks file
-        self._pending_acks: Optional[List[int]] = None   # acks written during a rewrite
-        self._acks_count = 0               # entries in the acks file
-        # Many acks (unpin_at) wait behind the oldest unacknowledged record
-        # (a message deferred or in flight for long): its owner should
-        # rewrite it, and may raise unpin_at when that is not worth it yet.
-        self.pinned = False
-        self.unpin_at = _UNPIN_ACKS
-        self._acks_compact = False         # rewrite it at the next sync (a write failed)
+        # Records at or past the cursor to pass over unread: consumed
+        # elsewhere (appended as already read) or acked before a restart.
+        self._skip: set = set()
         self._meta_stale = False           # a sync fsynced the data only
-        self.meta_saved_at = 0.0           # time.monotonic() of the last metadata save
+        self.meta_saved_at = 0.0           # clock() of the last metadata save
         self._commits = _GroupCommit(self._fsync_data)
         self._open()
 
@@ -877,20 +1073,9 @@ class SegmentLog:
             # reuse those positions (old acks may name them); write anew.
             write_num, write_off = write_num + 1, 0
         acked_since = 0
-        if self.ack_mode and os.path.exists(self._acks_path):
-            with open(self._acks_path, "rb") as f:
-                data = f.read()
-            n = len(data) // _ACK.size      # a torn last entry is ignored
-            self._acks_count = n
-            listed = [p for (p,) in _ACK.iter_unpack(data[:n * _ACK.size])]
-            self._restart_acks = {p for p in listed if p >= read_pos}
-            # Acks made after the metadata was saved, of records it counted
-            # (older than its write position) or the scan above counted (in
-            # segments still here); a segment written and consumed after it
-            # was deleted uncounted, and so are its acks.
-            meta_write, here = int(meta.get("write", 0)), set(nums)
-            acked_since = sum(1 for p in listed[int(meta.get("acks_base", 0)):]
-                              if p < meta_write or p >> _SEG_SHIFT in here)
+        if self.acks is not None:
+            self._skip, acked_since = self.acks.load(
+                read_pos, int(meta.get("write", 0)), int(meta.get("acks_base", 0)), nums)
         self.depth = max(depth - acked_since, 0)   # unread, unacknowledged records
         if write_num not in nums:
             write_off = 0
@@ -904,9 +1089,6 @@ class SegmentLog:
         if not nums:
             _fsync_dir(self.directory)
         self._commits.advance(self.write_pos)
-        if self.ack_mode:
-            self._acks_fd = os.open(self._acks_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                                    0o600)
         os.fsync(self._write_fd)        # what a killed process left is durable now
         self._save_meta(self.write_pos)
 
@@ -949,7 +1131,7 @@ class SegmentLog:
     def needs_sync(self) -> bool:
         """Whether anything happened since the last sync (writes, reads, acks),
         or the last sync left the metadata for later."""
-        return bool(self.ops or self._ack_buf or self._meta_stale)
+        return bool(self.ops or self._meta_stale or self.acks is not None and self.acks.buffered)
 
     @property
     def unread(self) -> bool:
@@ -1035,17 +1217,13 @@ class SegmentLog:
                 self.ops += n
                 if not consume:
                     self.depth += n
-                elif at_end:
+                    return base, off, end
+                if at_end:
                     self._read_pos = base | end
-                    if self.ack_mode:
-                        for r in (rel or (0,)):
-                            heapq.heappush(self._unacked, base | (off + r))
                 else:
-                    positions = [base | (off + r) for r in (rel or (0,))]
-                    self._skip.update(positions)
-                    if self.ack_mode:
-                        for p in positions:
-                            heapq.heappush(self._unacked, p)
+                    self._skip.update([base | (off + r) for r in (rel or (0,))])
+                if self.acks is not None:
+                    self.acks.consumed([base | (off + r) for r in (rel or (0,))])
                 return base, off, end
             finally:
                 lock.release()
@@ -1063,9 +1241,8 @@ class SegmentLog:
             self._skip -= gone
             if self._read_pos > first:
                 self._read_pos = first
-            if self.ack_mode:
-                self._unacked = [p for p in self._unacked if p not in gone]
-                heapq.heapify(self._unacked)
+            if self.acks is not None:
+                self.acks.forget(gone)
 
     def unappend_framed(self, start: int, count: int) -> None:
         """Undo the last ``append_framed`` (nothing may have been appended since)."""
@@ -1178,7 +1355,7 @@ class SegmentLog:
         """The next unread record as (position, payload), or None at the end."""
         with self._lock:
             rec = self._read_one_locked()
-            if not self.ack_mode:
+            if self.acks is None:
                 self._advance_commit_locked()
             return rec
 
@@ -1189,7 +1366,7 @@ class SegmentLog:
         a segment's end, a skipped record or damage take ``read``'s path.
         """
         payloads: List[bytes] = []
-        positions: Optional[List[int]] = [] if self.ack_mode else None
+        positions: Optional[List[int]] = [] if self.acks is not None else None
         with self._lock:
             while len(payloads) < limit and self._read_pos < self.write_pos:
                 if self._take_run_locked(payloads, positions, limit):
@@ -1201,7 +1378,7 @@ class SegmentLog:
                 if positions is not None:
                     positions.append(rec[0])
             self._caught_up_locked()
-            if not self.ack_mode:
+            if self.acks is None:
                 self._advance_commit_locked()
         return payloads, positions
 
@@ -1217,12 +1394,10 @@ class SegmentLog:
             if pos in self._skip:
                 self._skip.discard(pos)
                 continue
-            if pos in self._restart_acks:    # acked before a restart
-                continue      # (kept until the commit point passes it)
             if self.depth > 0:        # an estimate: never below zero
                 self.depth -= 1
-            if self.ack_mode:
-                heapq.heappush(self._unacked, pos)
+            if self.acks is not None:
+                self.acks.consumed((pos,))
             return pos, payload
         self._caught_up_locked()
         return None
@@ -1254,9 +1429,8 @@ class SegmentLog:
         i, end, base = self._buffered_at_cursor()
         buf = self._rbuf
         unpack, crc32, biggest = _REC.unpack_from, zlib.crc32, self.max_record_size
-        skip, restart = self._skip, self._restart_acks
-        checked = bool(skip or restart)
-        found: Optional[List[int]] = [] if positions is not None or self.ack_mode else None
+        skip = self._skip
+        found: Optional[List[int]] = [] if positions is not None else None
         first = len(payloads)
         limit -= first
         while limit > 0 and i + _REC_SIZE <= end:
@@ -1265,9 +1439,9 @@ class SegmentLog:
             if size == 0 or size > biggest or i + step > end:
                 break
             k = min((end - i) // step, limit)
-            if k >= _BULK_RUN and not checked:
+            if k >= _BULK_RUN and not skip:
                 k = _same_length_run(buf, i, step, k)
-            if k >= _BULK_RUN and not checked:
+            if k >= _BULK_RUN and not skip:
                 stop = i + k * step
                 run = [buf[o:o + size] for o in range(i + _REC_SIZE, stop, step)]
                 good = _crcs_match(struct.pack(f">{k}I", *map(crc32, run)), buf, i + 4, step, k)
@@ -1284,7 +1458,7 @@ class SegmentLog:
             payload = buf[i + _REC_SIZE:i + step]
             if crc32(payload) != crc:
                 break
-            if checked and (base + i in skip or base + i in restart):
+            if skip and base + i in skip:
                 break
             if found is not None:
                 found.append(base + i)
@@ -1303,10 +1477,8 @@ class SegmentLog:
         self._read_pos = end
         self.ops += count
         self.depth = max(self.depth - count, 0)
-        if self.ack_mode:
-            push, heap = heapq.heappush, self._unacked
-            for p in found:
-                push(heap, p)
+        if self.acks is not None:
+            self.acks.consumed(found)
 
     def peek_framed(self, max_bytes: int) -> Optional[Tuple[bytes, List[int], int]]:
         """The next unread records exactly as stored: (bytes, positions, end position).
@@ -1330,8 +1502,7 @@ class SegmentLog:
             buf, first = self._rbuf, i
             stop = min(end, i + max_bytes)
             unpack, biggest = _REC.unpack_from, self.max_record_size
-            skip, restart = self._skip, self._restart_acks
-            checked = bool(skip or restart)
+            skip = self._skip
             positions: List[int] = []
             while i + _REC_SIZE <= end:
                 size = unpack(buf, i)[0]
@@ -1340,13 +1511,13 @@ class SegmentLog:
                 if size == 0 or size > biggest or j > end or (j > stop and positions):
                     break
                 k = (stop - i) // step
-                if k >= _BULK_RUN and not checked:     # a run of one length: no loop
+                if k >= _BULK_RUN and not skip:        # a run of one length: no loop
                     k = _same_length_run(buf, i, step, k)
                     if k >= _BULK_RUN:
                         positions += range(base + i, base + i + k * step, step)
                         i += k * step
                         continue
-                if checked and (base + i in skip or base + i in restart):
+                if skip and base + i in skip:
                     break
                 positions.append(base + i)
                 i = j
@@ -1362,13 +1533,9 @@ class SegmentLog:
             self.ops += len(positions)
             self.depth = max(self.depth - len(positions), 0)
             self._caught_up_locked()
-            if self.ack_mode:
-                push, heap = heapq.heappush, self._unacked
-                for p in positions:
-                    push(heap, p)
-                self._acked.update(positions)
-                self._ack_buf.extend(positions)
-                self._flush_acks_locked()
+            if self.acks is not None:
+                self.acks.consumed(positions)
+                self.acks.ack(positions, write=True)
             self._advance_commit_locked()
 
     def _read_record(self, pos: int) -> Optional[Tuple[bytes, int]]:
@@ -1501,62 +1668,19 @@ class SegmentLog:
             os.close(self._read_fd)
         self._read_fd, self._read_fd_num = None, -1
 
-    # -- consuming and acknowledging ------------------------------------------
+    # -- acknowledging ---------------------------------------------------------
     def ack(self, pos: int) -> None:
         """Acknowledge a consumed record (ack mode): it will not be read again."""
-        with self._lock:
-            if not self.ack_mode:
-                return
-            self._acked.add(pos)
-            buf = self._ack_buf
-            buf.append(pos)
-            if len(buf) >= ACK_BUFFER:      # the commit point moves per batch too
-                self._flush_acks_locked()
+        self.ack_many((pos,))
+
+    def ack_many(self, positions: Iterable[int]) -> None:
+        """``ack`` each of *positions*; the commit point moves once per batch."""
+        if self.acks is not None and self.acks.ack(positions):
+            with self._lock:
                 self._advance_commit_locked()
-                self.pinned = len(self._acked) >= self.unpin_at
-
-    def ack_many(self, positions: List[int]) -> None:
-        """``ack`` each of *positions*, under one lock."""
-        with self._lock:
-            if not self.ack_mode:
-                return
-            self._acked.update(positions)
-            buf = self._ack_buf
-            buf.extend(positions)
-            if len(buf) >= ACK_BUFFER:
-                self._flush_acks_locked()
-                self._advance_commit_locked()
-                self.pinned = len(self._acked) >= self.unpin_at
-
-    @property
-    def acks_behind(self) -> int:
-        """Acknowledged records kept (in memory, and their segments on disk)
-        because an older one is not acknowledged yet."""
-        return len(self._acked)
-
-    def _flush_acks_locked(self) -> None:
-        # Acks are written in batches: a crash loses at most ACK_BUFFER of them
-        # (those since the last flush or sync), which only causes redelivery.
-        buf, self._ack_buf = self._ack_buf, []
-        if not buf or self._acks_fd is None:
-            return
-        if self._pending_acks is not None:
-            self._pending_acks.extend(buf)
-        try:
-            os.write(self._acks_fd, b"".join([_ACK.pack(p) for p in buf]))
-            self._acks_count += len(buf)
-        except OSError as e:   # the records may be redelivered after a crash
-            log.error("segment log %s: could not record %d ack(s) (%s)", self.name,
-                      len(buf), e)
-            self._acks_compact = True   # a part may have been written: start afresh
 
     def _advance_commit_locked(self) -> None:
-        heap, acked = self._unacked, self._acked
-        # Acked records past the cursor (deferred ones) stay until the cursor
-        # passes them: their acks must outlive a restart.
-        while heap and heap[0] in acked and heap[0] < self._read_pos:
-            acked.discard(heapq.heappop(heap))
-        commit = min(heap[0], self._read_pos) if heap else self._read_pos
+        commit = self._read_pos if self.acks is None else self.acks.commit_point(self._read_pos)
         if commit >> _SEG_SHIFT > self._commit >> _SEG_SHIFT:
             for num in range(self._commit >> _SEG_SHIFT, commit >> _SEG_SHIFT):
                 self._delete_segment(num)
@@ -1576,12 +1700,12 @@ class SegmentLog:
         self._commits.sync_to(pos)
 
     def _fsync_data(self) -> int:
-        # One fsync of the write segment; returns the position it made durable.
-        with self._fsync_lock:
-            with self._lock:
-                target, fd = self.write_pos, self._write_fd
-            os.fsync(fd)
-            self.fsync_count += 1
+        # One fsync of the write segment (in _GroupCommit's turn); returns the
+        # position it made durable.
+        with self._lock:
+            target, fd = self.write_pos, self._write_fd
+        os.fsync(fd)
+        self.fsync_count += 1
         return target
 
     def sync(self, save_meta: bool = True) -> None:
@@ -1593,14 +1717,14 @@ class SegmentLog:
         since; saving it costs three more fsyncs, each a journal commit that
         stalls writers.
         """
-        with self._fsync_lock:
+        with self._commits.exclusive():
             with self._lock:
                 target, fd = self.write_pos, self._write_fd
                 retired, self._retired = self._retired, []
             os.fsync(fd)
             self.fsync_count += 1
             self._commits.advance(target)
-            for rfd in retired:
+            for rfd in retired:           # rolled segments: fsynced then, idle since
                 os.close(rfd)
             if save_meta:
                 self._save_meta(target)
@@ -1609,7 +1733,8 @@ class SegmentLog:
                 self.ops = 0
                 self.sync_requested = False
                 self._meta_stale = True
-                self._flush_acks_locked()   # to the OS now (a crash keeps them)
+            if self.acks is not None:
+                self.acks.write()         # to the OS now (a crash keeps them)
 
     def _save_meta(self, synced: int) -> None:
         # The acks file is appended to, and compacted only once it holds many
@@ -1617,66 +1742,28 @@ class SegmentLog:
         # costs the same however far one old message holds the commit point.
         # "acks_base" is how many entries the file held when the metadata was
         # taken: those after it are acks the metadata's depth does not know.
-        # Order matters for a crash in between: the metadata first (the old
-        # acks file still holds every ack), then a compacted acks file holding
-        # what lies past the new commit point, plus the acks made while it
-        # was being written, is swapped in atomically.
-        live: Optional[List[int]] = None
+        # Order matters for a crash in between: the acks the metadata counts
+        # are fsynced first, or else the metadata is written before a
+        # compacted acks file replaces the old one (which holds every ack).
         acks_fd: Optional[int] = None
+        live: Optional[List[int]] = None
         with self._lock:
             self.ops = 0
             self.sync_requested = False
             self._meta_stale = False
-            self.meta_saved_at = time.monotonic()
-            if self.ack_mode:
+            self.meta_saved_at = self._clock()
+            if self.acks is not None:
                 self._advance_commit_locked()
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth,
                     "synced": synced}      # everything before it was fsynced
-            if self.ack_mode:
-                self._flush_acks_locked()
-                if self._restart_acks:
-                    self._restart_acks = {p for p in self._restart_acks if p >= self._commit}
-                meta["depth"] = self.depth + len(self._unacked) - len(self._acked)
-                bound = 2 * (len(self._acked) + len(self._restart_acks)) + _ACKS_SLACK
-                if self._acks_compact or self._acks_count > bound:
-                    live = sorted(self._restart_acks
-                                  | {p for p in self._acked if p >= self._commit})
-                    meta["acks_base"] = len(live)
-                    self._pending_acks = []
-                else:
-                    meta["acks_base"] = self._acks_count
-                    acks_fd = self._acks_fd
+            if self.acks is not None:
+                outstanding, meta["acks_base"], acks_fd, live = self.acks.checkpoint(self._commit)
+                meta["depth"] = self.depth + outstanding
         if acks_fd is not None:
-            os.fsync(acks_fd)       # the acks the metadata counts come first
+            os.fsync(acks_fd)
         _write_atomic(self._meta_path, json.dumps(meta).encode())
-        if live is None:
-            return
-        tmp = f"{self._acks_path}.tmp"
-        fd = -1
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-            os.write(fd, b"".join(_ACK.pack(p) for p in live))
-            os.fsync(fd)
-            with self._lock:
-                pending = self._pending_acks or []
-                if pending:
-                    os.write(fd, b"".join(_ACK.pack(p) for p in pending))
-                self._pending_acks = None
-                self._acks_count = len(live) + len(pending)
-                self._acks_compact = False
-                os.replace(tmp, self._acks_path)
-                if self._acks_fd is not None:
-                    os.close(self._acks_fd)
-                self._acks_fd, fd = fd, -1
-        except BaseException:
-            with self._lock:    # the old file stays; try again at the next sync
-                self._pending_acks = None
-                self._acks_compact = True
-            raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        _fsync_dir(self.directory)
+        if live is not None:
+            self.acks.compact(live)  # type: ignore[union-attr]
 
     # -- life cycle --------------------------------------------------------------
     def empty(self) -> None:
@@ -1697,9 +1784,8 @@ class SegmentLog:
             self._read_pos = self._commit = self.write_pos
             self.depth = 0
             self._skip.clear()
-            self._unacked.clear()
-            self._acked.clear()
-            self._restart_acks.clear()
+            if self.acks is not None:
+                self.acks.clear()
         self.sync()
 
     def close(self) -> None:
@@ -1713,9 +1799,8 @@ class SegmentLog:
                 log.warning("segment log %s: could not trim its last segment: %s",
                             self.name, e)
             os.close(self._write_fd)
-            if self._acks_fd is not None:
-                os.close(self._acks_fd)
-                self._acks_fd = None
+        if self.acks is not None:
+            self.acks.close()
 
     def destroy(self) -> None:
         """Close and delete every file of the log."""
@@ -1725,16 +1810,14 @@ class SegmentLog:
             for fd in self._retired + [self._write_fd]:
                 os.close(fd)
             self._retired = []
-            if self._acks_fd is not None:
-                os.close(self._acks_fd)
-                self._acks_fd = None
+        if self.acks is not None:
+            self.acks.destroy()
         for num in self._segment_numbers():
             self._delete_segment(num)
-        for path in (self._meta_path, self._acks_path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self._meta_path)
+        except FileNotFoundError:
+            pass
 
 
 # =============================================================================
@@ -2514,7 +2597,7 @@ class Channel:
         """Durable mode: release the records of finished messages."""
         seglog = self._queue.log
         seglog.ack_many(positions)  # type: ignore[union-attr]
-        if seglog.pinned:  # type: ignore[union-attr]
+        if seglog.acks.pinned:  # type: ignore[union-attr]
             self._unpin_locked()
 
     def _return_locked(self, msg: Message, delay: float, dead: List[Message]) -> None:
@@ -2819,10 +2902,11 @@ class Channel:
         twice as many acks wait, so at most half a write per finish.
         """
         seglog = self._queue.log
-        seglog.pinned = False
+        acks = seglog.acks
+        acks.pinned = False
         held = len(self._in_flight) + len(self._deferred)
-        if seglog.acks_behind < 2 * held:      # not worth it yet: ask again later
-            seglog.unpin_at = 2 * held
+        if acks.behind < 2 * held:      # not worth it yet: ask again later
+            acks.unpin_at = 2 * held
             return
         items = [(m, due) for m, due in self._held_records_locked() if m._pos is not None]
         if not items:
@@ -2834,7 +2918,7 @@ class Channel:
             log.error("could not rewrite %d held record(s) of %s: %s", len(items),
                       seglog.name, e)
             return
-        seglog.unpin_at = _UNPIN_ACKS
+        acks.unpin_at = _UNPIN_ACKS
         for (m, _), pos in zip(items, positions):
             old, m._pos = m._pos, pos
             seglog.ack(old)
@@ -3832,6 +3916,8 @@ class Broker:
     def _on_clock_advance(self) -> None:
         if not self._closed:
             self._process_due()
+            if self._syncer is not None:
+                self._sync_wake.set()        # a sync may have fallen due
 
     # -- storage ---------------------------------------------------------------
     def _open_data_path(self) -> None:
@@ -3887,6 +3973,7 @@ class Broker:
         seglog = None
         if self.data_path and not ephemeral:
             seglog = SegmentLog(self.data_path, name, ack_mode=self.durable,
+                                clock=self.clock.monotonic,
                                 max_bytes_per_file=self.max_bytes_per_file,
                                 max_record_size=max(self.max_msg_size, self.max_body_size)
                                 + _RECORD_SLACK)
@@ -3913,18 +4000,26 @@ class Broker:
             log.error("could not delete the files of %s: %s", seglog.name, e)
 
     def _sync_loop(self) -> None:
-        # nsqd's sync policy: every sync_timeout, or after sync_every operations.
+        # nsqd's sync policy: every sync_timeout (on the broker's clock: a
+        # FakeClock's advance wakes this loop), or after sync_every operations.
+        clock = self.clock
+        due = clock.monotonic() + self.sync_timeout
         while not self._closed:
-            self._sync_wake.wait(self.sync_timeout)
+            self._sync_wake.wait(min(max(due - clock.monotonic(), 0.0), self.sync_timeout))
             self._sync_wake.clear()
-            self._sync_logs()
+            now = clock.monotonic()
+            every = now >= due
+            if every:
+                due = now + self.sync_timeout
+            self._sync_logs(every)
 
-    def _sync_logs(self) -> None:
+    def _sync_logs(self, every: bool = True) -> None:
+        """Sync the logs asked for by sync_every, or (*every*) all that need it."""
         with self._logs_lock:
             logs = list(self._logs.values())
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for seglog in logs:
-            if seglog.needs_sync:
+            if seglog.needs_sync and (every or seglog.sync_requested):
                 try:
                     # The data at every sync; the metadata (three more
                     # fsyncs) at most twice per sync_timeout.
@@ -5953,12 +6048,17 @@ class _EventLoop:
     Everything registered with it runs on its thread.  Other threads reach it
     only through ``post``, which appends to an inbox (a deque: thread-safe)
     and wakes the loop once per batch, not once per call.  Timers are kept in
-    a heap with lazy deletion: an object with ``_timer_at`` and
+    heaps with lazy deletion: an object with ``_timer_at`` and
     ``_on_timer(now)`` is armed with ``arm``; an entry whose time no longer
-    matches the object's ``_timer_at`` is skipped when it comes due.
+    matches the object's ``_timer_at`` is skipped when it comes due.  Two
+    kinds: ``arm`` for the mechanics of I/O (real time: lingering, polling a
+    full send queue, pausing accepts) and ``arm_deadline`` (``_deadline_at``,
+    ``_on_deadline(now)``) for the protocol's deadlines, on *clock*, the
+    broker's: heartbeats, output buffering, write deadlines.  A FakeClock's
+    ``advance`` wakes the loop to run those that fell due.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = SystemClock) -> None:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -5967,6 +6067,8 @@ class _EventLoop:
         self._inbox: Deque[Tuple[Callable[..., None], Any]] = collections.deque()
         self._woken = False            # a wake-up byte is on its way
         self._timers: List[Tuple[float, int, Any]] = []
+        self._deadlines: List[Tuple[float, int, Any]] = []
+        self.clock = clock
         self._seq = itertools.count()
         self.dirty: List[Any] = []     # objects whose _after_pass() runs at the end of a pass
         self.ident: Optional[int] = None
@@ -5983,23 +6085,36 @@ class _EventLoop:
                 pass            # the pipe is full: the loop is awake anyway
 
     def arm(self, obj: Any, when: float) -> None:
-        """Make sure ``obj._on_timer`` runs by *when* (monotonic seconds)."""
+        """Make sure ``obj._on_timer`` runs by *when* (``time.monotonic()`` seconds)."""
         if when < obj._timer_at:
             obj._timer_at = when
             heapq.heappush(self._timers, (when, next(self._seq), obj))
 
+    def arm_deadline(self, obj: Any, when: float) -> None:
+        """Make sure ``obj._on_deadline`` runs by *when* (``clock.monotonic()`` seconds)."""
+        if when < obj._deadline_at:
+            obj._deadline_at = when
+            heapq.heappush(self._deadlines, (when, next(self._seq), obj))
+
+    def clock_moved(self) -> None:
+        """A FakeClock was advanced (from any thread): look at the deadlines."""
+        self.post(_nothing)
+
     def run(self, on_stop: Callable[[], None]) -> None:
         """Serve events until ``stopping`` is set, then call *on_stop* (on this thread)."""
         self.ident = threading.get_ident()
-        select, timers, inbox = self.selector.select, self._timers, self._inbox
+        select, inbox = self.selector.select, self._inbox
+        timers, deadlines, clock = self._timers, self._deadlines, self.clock
         try:
             while not self.stopping:
                 if inbox or self.dirty:
                     timeout: Optional[float] = 0.0
-                elif timers:
-                    timeout = min(max(timers[0][0] - time.monotonic(), 0.0), _LOOP_IDLE_WAIT)
                 else:
                     timeout = _LOOP_IDLE_WAIT
+                    if timers:
+                        timeout = min(max(timers[0][0] - time.monotonic(), 0.0), timeout)
+                    if deadlines:
+                        timeout = min(max(deadlines[0][0] - clock.monotonic(), 0.0), timeout)
                 for key, mask in select(timeout):
                     handler = key.data
                     if handler is None:
@@ -6008,7 +6123,10 @@ class _EventLoop:
                         handler(mask)
                 self._run_inbox()
                 if timers and timers[0][0] <= time.monotonic():
-                    self._run_timers()
+                    self._run_timers(timers, "_timer_at", "_on_timer", time.monotonic())
+                if deadlines and deadlines[0][0] <= clock.monotonic():
+                    self._run_timers(deadlines, "_deadline_at", "_on_deadline",
+                                     clock.monotonic())
                 self._end_pass()
         finally:
             on_stop()
@@ -6041,18 +6159,20 @@ class _EventLoop:
             except Exception:
                 log.exception("TCP loop: %r failed", fn)
 
-    def _run_timers(self) -> None:
-        timers = self._timers
-        now = time.monotonic()
+    @staticmethod
+    def _run_timers(timers: List[Tuple[float, int, Any]], at: str, run: str,
+                    now: float) -> None:
+        # Every entry of the heap *timers* due by *now* whose object's
+        # attribute *at* still names its time: reset it, call method *run*.
         while timers and timers[0][0] <= now:
             when, _, obj = heapq.heappop(timers)
-            if obj._timer_at != when:
+            if getattr(obj, at) != when:
                 continue             # re-armed earlier, or already run
-            obj._timer_at = math.inf
+            setattr(obj, at, math.inf)
             try:
-                obj._on_timer(now)
+                getattr(obj, run)(now)
             except Exception:
-                log.exception("TCP loop: timer of %r failed", obj)
+                log.exception("TCP loop: %s of %r failed", run, obj)
 
     def _end_pass(self) -> None:
         # Output is written once per pass: every frame a read produced goes
@@ -6087,6 +6207,10 @@ try:                             # bytes a socket has not had acknowledged (Linu
     _TIOCOUTQ: Optional[int] = getattr(termios, "TIOCOUTQ", None)
 except ImportError:
     _TIOCOUTQ = None
+
+
+def _nothing(_: Any = None) -> None:
+    """What a post() that only wakes the loop runs."""
 
 
 def _fin_run(buf: bytes, pos: int) -> List[bytes]:
@@ -6163,7 +6287,7 @@ class TCPServer:
         self._listener = _listen(address, TCP_PORT, "TCP")
         self._listener.setblocking(False)
         self.server_address: Tuple[Any, ...] = self._listener.getsockname()
-        self.loop = _EventLoop()
+        self.loop = _EventLoop(broker.clock)
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="minq-tcp-worker")
         # _conns_lock guards _conns (the loop adds and removes, others list)
@@ -6183,6 +6307,8 @@ class TCPServer:
     def start(self) -> "TCPServer":
         """Serve connections from a background thread (the I/O loop)."""
         self.loop.selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        if hasattr(self.loop.clock, "add_listener"):
+            self.loop.clock.add_listener(self.loop.clock_moved)
         self._thread = threading.Thread(target=self.loop.run, args=(self._on_stop,),
                                         name="minq-tcp")
         self._thread.start()
@@ -6199,6 +6325,8 @@ class TCPServer:
                 return
             self._closing = True
         if self._thread is not None:
+            if hasattr(self.loop.clock, "remove_listener"):
+                self.loop.clock.remove_listener(self.loop.clock_moved)
             self.loop.post(self._stop_loop)
             self._thread.join()
         else:
@@ -6354,9 +6482,13 @@ class _ClientV2(Consumer):
         self._compress: Any = None
         self._decompress: Any = None
         self._deflated_input = b""   # read past IDENTIFY, before compression started
-        # Timers (monotonic seconds; inf: none).
-        now = time.monotonic()
+        # Timers (inf: none).  The protocol's deadlines are on the broker's
+        # clock (``_now``); lingering, the send-queue poll and the TLS
+        # handshake on time.monotonic().
+        self._now = self.loop.clock.monotonic
+        now = self._now()
         self._timer_at = math.inf
+        self._deadline_at = math.inf
         self._next_beat = now + self.heartbeat_interval
         self._read_deadline = now + 2 * self.heartbeat_interval
         self._flush_at = math.inf
@@ -6517,31 +6649,42 @@ class _ClientV2(Consumer):
     def _arm(self) -> None:
         if self._gone:
             return
-        hb = self.heartbeat_interval
-        when = min(self._flush_at if self._out else math.inf,
-                   self._write_deadline if self._unsent else math.inf,
-                   self._linger_until, self._handshake_until)
+        when = min(self._linger_until, self._handshake_until)
         if self._outq_full:
             when = min(when, time.monotonic() + _OUTQ_POLL)
-        if hb > 0 and not self._closing:
-            when = min(when, self._next_beat)
-            if not self._busy:
-                when = min(when, self._read_deadline)
         if when < math.inf:
             self.loop.arm(self, when)
+        hb = self.heartbeat_interval
+        due = min(self._flush_at if self._out else math.inf,
+                  self._write_deadline if self._unsent else math.inf)
+        if hb > 0 and not self._closing:
+            due = min(due, self._next_beat)
+            if not self._busy:
+                due = min(due, self._read_deadline)
+        if due < math.inf:
+            self.loop.arm_deadline(self, due)
 
     def _on_timer(self, now: float) -> None:
+        # The mechanics of I/O, on time.monotonic().
         if self._gone:
             return
         if now >= self._linger_until:
             self._destroy()
             return
+        if now >= self._handshake_until:
+            self._tls_failed("timed out")
+            return
+        if self._outq_full:
+            self._check_outq()
+        self._arm()
+
+    def _on_deadline(self, now: float) -> None:
+        # The protocol's deadlines, on the broker's clock.
+        if self._gone:
+            return
         if self._unsent and now >= self._write_deadline:
             self._shutdown("write timed out (the client reads nothing)", graceful=False,
                            level=logging.INFO)
-            return
-        if now >= self._handshake_until:
-            self._tls_failed("timed out")
             return
         hb = self.heartbeat_interval
         if hb > 0 and not self._closing:
@@ -6554,8 +6697,6 @@ class _ClientV2(Consumer):
                 self._respond(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT))
         if self._out and now >= self._flush_at:
             self._flush()
-        if self._outq_full and not self._gone:
-            self._check_outq()
         self._arm()
 
     # -- writing -----------------------------------------------------------------
@@ -6609,7 +6750,7 @@ class _ClientV2(Consumer):
                 or self.in_flight_count >= self.ready_count or self.output_buffer_timeout <= 0):
             self._flush()
         elif self._flush_at == math.inf:
-            self._flush_at = time.monotonic() + self.output_buffer_timeout
+            self._flush_at = self._now() + self.output_buffer_timeout
             self._arm()
 
     def _finish_drops(self) -> None:
@@ -6655,7 +6796,7 @@ class _ClientV2(Consumer):
             self._unsent.append(data[n:])
             self._unsent_bytes += len(data) - n
             hb = self.heartbeat_interval
-            self._write_deadline = time.monotonic() + (hb if hb > 0 else
+            self._write_deadline = self._now() + (hb if hb > 0 else
                                                        DEFAULT_MAX_HEARTBEAT_INTERVAL)
             self._update_events()
             self._arm()
@@ -6692,7 +6833,7 @@ class _ClientV2(Consumer):
                 return
         else:
             hb = self.heartbeat_interval    # progress: nsqd's write deadline starts again
-            self._write_deadline = time.monotonic() + (hb if hb > 0 else
+            self._write_deadline = self._now() + (hb if hb > 0 else
                                                        DEFAULT_MAX_HEARTBEAT_INTERVAL)
         if not self._busy:
             self._resume_input()      # input held back by the unsent output
@@ -6848,7 +6989,7 @@ class _ClientV2(Consumer):
                 ids = _fin_run(buf, pos)
                 if ids:                   # the hot path: a burst of FINs, settled at once
                     if self.heartbeat_interval > 0:
-                        self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+                        self._read_deadline = self._now() + 2 * self.heartbeat_interval
                     self._consume(len(ids) * _FIN_LINE)
                     self._fin_ids(ids)
                     continue
@@ -6871,7 +7012,7 @@ class _ClientV2(Consumer):
 
     def _run(self, line: bytes) -> None:
         if self.heartbeat_interval > 0:
-            self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+            self._read_deadline = self._now() + 2 * self.heartbeat_interval
         params = line.split(b" ")
         name = params[0]
         try:
@@ -6983,7 +7124,7 @@ class _ClientV2(Consumer):
             return
         reply, error = result
         if self.heartbeat_interval > 0:
-            self._read_deadline = time.monotonic() + 2 * self.heartbeat_interval
+            self._read_deadline = self._now() + 2 * self.heartbeat_interval
         if error is not None:
             self._error(error)
         elif reply is not None:
@@ -7089,7 +7230,7 @@ class _ClientV2(Consumer):
         if mt:
             self.msg_timeout = mt / 1000
         self.identified = True
-        now = time.monotonic()
+        now = self._now()
         self.heartbeat_interval = hb_s
         self._next_beat = now + hb_s
         self._read_deadline = now + 2 * hb_s

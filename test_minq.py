@@ -652,6 +652,36 @@ def disk_broker(path, clock=None, **options):
     return minq.Broker(data_path=str(path), clock=clock or minq.FakeClock(), **options)
 
 
+def test_logs_sync_every_sync_timeout_of_the_broker_clock(tmp_path):
+    clock = minq.FakeClock()
+    with disk_broker(tmp_path, clock, mem_queue_size=0, sync_timeout=60) as b:
+        b.topic("t").channel("c")
+        b.publish("t", b"on disk")
+        meta = tmp_path / "t:c.meta"
+
+        def saved_depth():
+            return json.loads(meta.read_text())["depth"]
+        fsyncs = b.stats()["storage"]["fsync_count"]
+        clock.advance(59)
+        time.sleep(0.05)                   # a sync would have started by now
+        assert b.stats()["storage"]["fsync_count"] == fsyncs and saved_depth() == 0
+        clock.advance(1)                   # a minute on the clock, none in real time
+        wait_until(lambda: saved_depth() == 1, timeout=5, what="the periodic sync")
+        assert b.stats()["storage"]["fsync_count"] > fsyncs
+
+
+def test_logs_sync_after_sync_every_operations(tmp_path):
+    with disk_broker(tmp_path, mem_queue_size=0, sync_every=10, sync_timeout=3600) as b:
+        b.topic("t").channel("c")
+        fsyncs = b.stats()["storage"]["fsync_count"]
+        b.publish_many("t", [b"%d" % i for i in range(9)])
+        time.sleep(0.05)
+        assert b.stats()["storage"]["fsync_count"] == fsyncs
+        b.publish("t", b"tenth")           # the clock never moves: the count alone
+        wait_until(lambda: b.stats()["storage"]["fsync_count"] > fsyncs, timeout=5,
+                   what="a sync after sync_every operations")
+
+
 def test_overflow_keeps_fifo_order_and_counts(tmp_path):
     with disk_broker(tmp_path, mem_queue_size=5) as b:
         b.topic("t").channel("c")
@@ -986,7 +1016,7 @@ def test_long_deferred_message_does_not_hold_back_finished_ones(tmp_path):
         log = b.topic("t").get_channel("c")._queue.log
         segs = len([f for f in os.listdir({str(tmp_path)!r}) if f.startswith("t:c.")
                     and f.endswith(".seg")])
-        print(segs, log.acks_behind, flush=True)
+        print(segs, log.acks.behind, flush=True)
         os._exit(0)        # a crash: no close, nothing persisted on the way out
     """
     r = run_child(code)
@@ -2766,37 +2796,59 @@ def test_truncated_frame_then_disconnect_leaves_server_serving(server):
     assert server.broker.stats()["topics"][0]["message_count"] == 1
 
 
-def test_heartbeats_sent_and_silent_client_closed_after_two(server):
-    r = Raw(server)
-    r.cmd("IDENTIFY", b'{"heartbeat_interval": 1000}')
+@pytest.fixture
+def clocked():
+    """A FakeClock broker behind a TCPServer: the protocol's deadlines
+    (heartbeats, output buffering, write and message timeouts) move only
+    when the test advances the clock.  Waits of a minute take milliseconds."""
+    clock = minq.FakeClock()
+    b = minq.Broker(clock=clock)
+    srv = minq.TCPServer(b, "127.0.0.1:0").start()
+    yield srv, clock
+    srv.close()
+    b.close()
+
+
+def test_heartbeats_sent_and_silent_client_closed_after_two(clocked):
+    srv, clock = clocked
+    r = Raw(srv, timeout=2.0)       # a minute of the fake clock must take no real time
+    r.cmd("IDENTIFY", b'{"heartbeat_interval": 60000}')
     assert r.response() == b"OK"
-    start = time.monotonic()
+    assert r.nothing_within(0.05)
+    clock.advance(60)
     assert r.frame(skip_heartbeats=False) == (0, b"_heartbeat_")
-    assert 0.5 < time.monotonic() - start < 3
-    with pytest.raises(EOFError):       # we never answer: closed after ~2 intervals
+    clock.advance(59.9)
+    assert r.nothing_within(0.05)       # the second interval has not ended
+    clock.advance(0.1)                  # two intervals without a command: nsqd closes
+    with pytest.raises(EOFError):
         while True:
-            r.frame(skip_heartbeats=False)
-    assert time.monotonic() - start < 5
+            assert r.frame(skip_heartbeats=False) == (0, b"_heartbeat_")
 
 
-def test_answered_heartbeats_keep_connection(server):
-    r = Raw(server)
-    r.cmd("IDENTIFY", b'{"heartbeat_interval": 1000}')
+def test_answered_heartbeats_keep_connection(clocked):
+    srv, clock = clocked
+    r = Raw(srv, timeout=2.0)
+    r.cmd("IDENTIFY", b'{"heartbeat_interval": 60000}')
     r.response()
-    for _ in range(3):
+    for _ in range(4):              # 4 minutes: twice the read deadline
+        clock.advance(60)
         assert r.frame(skip_heartbeats=False) == (0, b"_heartbeat_")
         r.cmd("NOP")
-    r.cmd("PUB t", b"alive")
-    assert r.response() == b"OK"
+        r.cmd("PUB t", b"alive")    # its OK: the NOP before it was read
+        assert r.response() == b"OK"
 
 
-def test_output_buffer_flushes_on_timeout(server):
-    c = subscribed(server, rdy=5, output_buffer_timeout=300)
-    p = Raw(server)
+def test_output_buffer_flushes_on_timeout(clocked):
+    srv, clock = clocked
+    c = subscribed(srv, rdy=5, output_buffer_timeout=10000)
+    c.sock.settimeout(2.0)          # a 10 s wait in real time would fail
+    p = Raw(srv)
     p.cmd("PUB t", b"buffered")
     p.response()
-    assert c.nothing_within(0.1)             # buffered: the client could take more
-    assert c.message()[2] == b"buffered"     # flushed by the 300 ms timeout
+    clock.advance(9.9)
+    assert c.nothing_within(0.05)            # buffered: the client could take more
+    clock.advance(10)
+    assert c.message()[2] == b"buffered"     # flushed by the 10 s timeout
 
 
 def test_not_ready_client_gets_frame_at_once(server):
@@ -2807,15 +2859,19 @@ def test_not_ready_client_gets_frame_at_once(server):
     assert c.message()[2] == b"now"          # not 30 s later: RDY 1 is full, so flush
 
 
-def test_per_client_msg_timeout_requeues(server):
-    c = subscribed(server, rdy=1, msg_timeout=1000)
+def test_per_client_msg_timeout_requeues(clocked):
+    srv, clock = clocked
+    c = subscribed(srv, rdy=1, msg_timeout=90000, heartbeat_interval=60000)
+    c.sock.settimeout(2.0)
     c.cmd("PUB t", b"slow")
     first = c.reply_and_message()
-    start = time.monotonic()
-    again = c.message()                      # not finished within 1 s: timed out, redelivered
+    clock.advance(89)               # the channel's default (60 s) is past: the client's counts
+    assert c.frame(skip_heartbeats=False) == (0, b"_heartbeat_")
+    assert c.nothing_within(0.05)
+    clock.advance(1)
+    again = c.message()                      # not finished within 90 s: timed out, redelivered
     assert again[0] == first[0] and again[1] == 2
-    assert 0.9 < time.monotonic() - start < 5
-    assert channel_stats(server.broker, "t", "c")["timeout_count"] == 1
+    assert channel_stats(srv.broker, "t", "c")["timeout_count"] == 1
 
 
 def test_sample_rate_drops_most_messages_for_that_client(server):
@@ -3015,22 +3071,28 @@ def test_deliveries_from_other_threads_reach_tcp_consumers(server):
     assert got == {b"%d-%d" % (k, i) for k in range(4) for i in range(250)}
 
 
-def test_consumer_that_reads_nothing_is_dropped_and_its_messages_requeued(server):
+def test_consumer_that_reads_nothing_is_dropped_and_its_messages_requeued(clocked, caplog):
     import socket
-    c = Raw(server)
+    srv, clock = clocked
+    c = Raw(srv)
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    c.cmd("IDENTIFY", b'{"heartbeat_interval": 1000}')
+    c.cmd("IDENTIFY", b'{"heartbeat_interval": 60000}')
     assert c.response() == b"OK"
     c.cmd("SUB t c")
     assert c.response() == b"OK"
     c.cmd("RDY 100")                                 # and never reads again
     big = b"b" * 200_000
     for _ in range(100):                             # 20 MB: more than any socket buffer
-        server.broker.publish("t", big)
-    # Nothing is written for a heartbeat interval: nsqd's write deadline.
-    wait_until(lambda: channel_stats(server.broker, "t", "c")["client_count"] == 0,
-               timeout=30, what="the stalled consumer to be dropped")
-    st = channel_stats(server.broker, "t", "c")
+        srv.broker.publish("t", big)
+    # Nothing is written for a heartbeat interval: nsqd's write deadline.  The
+    # clock moves a second per poll, so the stall is met well before the
+    # read deadline (two intervals after RDY).
+    with caplog.at_level(logging.INFO, logger="minq"):
+        wait_until(lambda: clock.advance(1) or
+                   channel_stats(srv.broker, "t", "c")["client_count"] == 0,
+                   timeout=30, what="the stalled consumer to be dropped")
+    assert "write timed out" in caplog.text
+    st = channel_stats(srv.broker, "t", "c")
     assert (st["in_flight_count"], st["depth"]) == (0, 100)
     c.close()
 
