@@ -323,6 +323,76 @@ def test_segment_log_rolls_segments_and_deletes_consumed_ones(tmp_path):
     lg.close()
 
 
+@pytest.mark.parametrize("window", [0, 4096, 256 * 1024], ids=["pwrite", "small-window", "window"])
+def test_single_record_appends_interleave_with_batches_across_windows_and_segments(
+        tmp_path, window):
+    # append_record (a publish's lean path) and the general appends share one
+    # write position, through window changes and segment rolls.
+    lg = minq.SegmentLog(str(tmp_path), "q", max_bytes_per_file=8000)
+    lg.map_window = window
+    want, positions = [], []
+    for i in range(600):
+        if i % 7 == 0:
+            batch = [b"batch-%04d-%d" % (i, k) * 3 for k in range(3)]
+            positions += lg.append(batch)
+            want += batch
+        else:
+            p = b"single-%04d" % i * (1 + i % 13)
+            start, end = lg.append_record(p)
+            assert end - start == len(p) + 8          # one record: 8 bytes of framing
+            positions.append(start)
+            want.append(p)
+    assert len(sorted(tmp_path.glob("q.*.seg"))) > 5 and lg.depth == len(want)
+    got = []
+    while (rec := lg.read()) is not None:
+        got.append(rec)
+    assert [p for _, p in got] == want and [pos for pos, _ in got] == positions
+    lg.close()
+
+
+def test_single_records_and_big_batches_from_two_threads_never_overlap(tmp_path):
+    # A big batch is written without the log's state lock (pwrite), and rolls
+    # fsync with it released: single records meanwhile must wait their turn.
+    lg = minq.SegmentLog(str(tmp_path), "q", max_bytes_per_file=256 * 1024)
+    big = [b"B" * 3000] * 8                       # 24 KB a batch: past the mapped path
+    start = threading.Barrier(2)
+
+    def batches():
+        start.wait()
+        for _ in range(30):
+            lg.append(big)
+    t = threading.Thread(target=batches)
+    t.start()
+    start.wait()
+    singles = 0
+    while t.is_alive() or singles < 2000:
+        lg.append_record(b"s%06d" % singles)
+        singles += 1
+    t.join()
+    got = collections.Counter()
+    while (rec := lg.read()) is not None:
+        got[rec[1][:1]] += 1
+        assert rec[1] == b"B" * 3000 or rec[1] == b"s%06d" % int(rec[1][1:])
+    assert got == {b"B": 240, b"s": singles} and lg.corrupt_count == 0
+    lg.close()
+
+
+def test_single_records_appended_as_consumed_are_read_again_only_unacked(tmp_path):
+    lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
+    lg.append([b"unread"])                       # the cursor is behind it
+    held = [lg.append_record(b"held-%d" % i, consume=True)[0] for i in range(3)]
+    assert lg.read()[1] == b"unread" and lg.read() is None   # the consumed ones: skipped
+    lg.ack(held[1])
+    lg.sync()
+    lg.close()
+    lg = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)  # after a restart: the unacked
+    got = []
+    while (rec := lg.read()) is not None:
+        got.append(rec[1])
+    assert got == [b"unread", b"held-0", b"held-2"]
+    lg.close()
+
+
 def test_segment_log_salvages_records_written_after_last_sync(tmp_path):
     lg = minq.SegmentLog(str(tmp_path), "q")
     lg.append([b"a", b"b"])
