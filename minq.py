@@ -955,6 +955,110 @@ class _AckLedger:
             pass
 
 
+class _SegmentWriter:
+    """Writes bytes at offsets of the open write segment.
+
+    Small writes are copies into a window of the file mapped in memory
+    (``map``, holding the file's bytes [``start``, ``end``)), its space
+    reserved first with posix_fallocate, so a full disk is an OSError there
+    and not a SIGBUS later; bigger writes, and any when no window can be
+    had, go through pwrite.  A write that fails leaves nothing of itself in
+    the file.  While a window is reserved the file is longer than what was
+    written: ``trim`` cuts it.  Not thread-safe: SegmentLog serialises its
+    writers (its ``_append_lock``, and ``_writing`` for its lean path).
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name                   # the log's, for messages
+        self.map: Optional[mmap.mmap] = None
+        self.start = self.end = 0
+
+    def write(self, data: bytes, offset: int, window: int) -> None:
+        """Write *data* at *offset*, through a window of *window* bytes (0: pwrite)."""
+        end = offset + len(data)
+        if len(data) <= _MAP_MAX_WRITE:
+            if self.map is None or offset < self.start or end > self.end:
+                self._remap(offset, end, window)
+            if self.map is not None:
+                self.map[offset - self.start:end - self.start] = data
+                return
+        try:
+            done = os.pwrite(self.fd, data, offset)
+            while done < len(data):      # short writes are rare: finish them
+                n = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+        except OSError:
+            try:
+                self.truncate(offset)    # nothing half-written stays
+            except OSError:
+                pass
+            raise
+
+    def write_chunks(self, chunks: Iterable[bytes], offset: int, size: int,
+                     window: int) -> None:
+        """Write each chunk after the last, *size* bytes in all; on any failure
+        nothing of them stays."""
+        at = offset
+        try:
+            for chunk in chunks:
+                self.write(chunk, at, window)
+                at += len(chunk)
+            if at != offset + size:
+                raise ValueError(f"framed chunks of {at - offset} bytes, {size} announced")
+        except BaseException:
+            if at > offset:
+                try:
+                    self.truncate(offset)
+                except OSError:
+                    pass
+            raise
+
+    def _remap(self, offset: int, end: int, window: int) -> None:
+        """Map a fresh window holding [offset, end), or leave none (use pwrite).
+
+        When reserving its space fails (a full disk, a file size limit, a
+        file system without fallocate) writes go through pwrite, which fails
+        or not on its own, and a later write tries again.
+        """
+        self.unmap()
+        if not _MAP_OK or window <= 0 or end - offset > window // 2:
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        if end > start + window:      # a window smaller than the alignment needs
+            return
+        try:
+            os.posix_fallocate(self.fd, start, window)
+            self.map = mmap.mmap(self.fd, window, offset=start)
+        except (OSError, ValueError) as e:
+            log.debug("segment log %s: no mapped window at %d (%s)", self.name, start, e)
+            return
+        self.start, self.end = start, start + window
+
+    def unmap(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+    def truncate(self, length: int) -> None:
+        """Cut the file to *length* bytes (unmapped first: never under a mapping)."""
+        self.unmap()
+        os.ftruncate(self.fd, length)
+
+    def trim(self, length: int) -> None:
+        """Unmap, and cut the reserved space past *length* off the file."""
+        self.unmap()
+        if os.fstat(self.fd).st_size > length:
+            os.ftruncate(self.fd, length)
+
+    def release(self) -> None:
+        """Unmap and close the file, as it is (what a crash leaves)."""
+        self.unmap()
+        os.close(self.fd)
+
+
 class SegmentLog:
     """An append-only record log in ``<name>.NNNNNN.seg`` files under *directory*.
 
@@ -971,9 +1075,10 @@ class SegmentLog:
     rolls), taken before ``_lock``, never after.  Every fsync of the data
     and every metadata save happen in turn (``_GroupCommit.exclusive``).
 
-    Records are written through a mapped window of ``map_window`` bytes
-    (0: plain pwrite); the space of the window is reserved beforehand, so the
-    write segment is longer than its records until it is rolled or closed.
+    Records are written by a ``_SegmentWriter``, through a mapped window of
+    ``map_window`` bytes (0: plain pwrite) whose space is reserved beforehand,
+    so the write segment is longer than its records until it is rolled or
+    closed.
     """
 
     map_window = 256 * 1024
@@ -1007,11 +1112,11 @@ class SegmentLog:
         self.sync_requested = False
         self._on_sync_due = on_sync_due
         self._retired: List[int] = []      # fds of rolled segments, closed at sync
-        # The write window: changed under _append_lock, and with _writing
-        # set (under _lock) while _lock is not held too.
-        self._map: Optional[mmap.mmap] = None
+        # The writer of the write segment (set by _open) is used under
+        # _append_lock, and with _writing set (under _lock) when _lock is not
+        # held too: append_record writes under _lock alone while it is clear.
+        self._writer: _SegmentWriter
         self._writing = False
-        self._map_start = self._map_end = 0
         self._read_fd: Optional[int] = None
         self._read_fd_num = -1
         self._rbuf = b""                   # read-ahead: bytes at [_rbuf_pos, ...)
@@ -1090,14 +1195,14 @@ class SegmentLog:
         self._read_pos = read_pos
         self._commit = read_pos
         self._write_num, self._write_off = write_num, write_off
-        path = self._seg_path(write_num)
-        self._write_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._write_fd).st_size > write_off:
-            os.ftruncate(self._write_fd, write_off)     # cut a torn tail
+        fd = os.open(self._seg_path(write_num), os.O_RDWR | os.O_CREAT, 0o600)
+        self._writer = _SegmentWriter(fd, self.name)
+        if os.fstat(fd).st_size > write_off:
+            os.ftruncate(fd, write_off)     # cut a torn tail
         if not nums:
             _fsync_dir(self.directory)
         self._commits.advance(self.write_pos)
-        os.fsync(self._write_fd)        # what a killed process left is durable now
+        os.fsync(fd)        # what a killed process left is durable now
         self._save_meta(self.write_pos)
 
     def _scan(self, num: int, start: int) -> Tuple[int, int]:
@@ -1183,12 +1288,12 @@ class SegmentLog:
         try:
             off = self._write_off
             end = off + n
-            m = self._map
-            fits = (m is not None and not self._writing and self._map_start <= off
-                    and end <= self._map_end and end <= self.max_bytes_per_file
-                    and n <= _MAP_MAX_WRITE)
+            w = self._writer
+            m = w.map
+            fits = (m is not None and not self._writing and w.start <= off and end <= w.end
+                    and end <= self.max_bytes_per_file and n <= _MAP_MAX_WRITE)
             if fits:
-                m[off - self._map_start:end - self._map_start] = data  # type: ignore[index]
+                m[off - w.start:end - w.start] = data  # type: ignore[index]
                 self.bytes_written += n
                 self._write_off = end
                 base = self._write_num << _SEG_SHIFT
@@ -1247,11 +1352,11 @@ class SegmentLog:
                 base = num << _SEG_SHIFT
                 at_end = self._read_pos == base | off
                 end = off + size
-                m = self._map
+                w = self._writer
+                m = w.map
                 if (m is not None and size <= _MAP_MAX_WRITE and chunks is None
-                        and self._map_start <= off and end <= self._map_end):
-                    m[off - self._map_start:end - self._map_start] = data   # a copy: no I/O
-                    self.bytes_written += size
+                        and w.start <= off and end <= w.end):
+                    m[off - w.start:end - w.start] = data   # a copy: no I/O
                 else:
                     # Written with only _append_lock held: readers and acks go
                     # on.  Nothing past _write_off is read, so the records
@@ -1260,34 +1365,32 @@ class SegmentLog:
                     lock.release()
                     try:
                         if chunks is None:
-                            self._write_data(data, off)
+                            w.write(data, off, self.map_window)
                         else:
-                            self._write_chunks(chunks, off, size)
+                            w.write_chunks(chunks, off, size, self.map_window)
                     finally:
                         lock.acquire()
                         self._writing = False
+                self.bytes_written += size
                 self._write_off = end
                 self.ops += n
-                if self.ops >= self.sync_every and self._sync_due_locked():
-                    lock.release()
-                    try:
-                        self._on_sync_due()  # type: ignore[misc]
-                    finally:
-                        lock.acquire()
+                due = self.ops >= self.sync_every and self._sync_due_locked()
                 if not consume:
                     self.depth += n
-                    return base, off, end
-                if at_end:
-                    self._read_pos = base | end
                 else:
-                    self._skip.update([base | (off + r) for r in (rel or (0,))])
-                if self.acks is not None:
-                    self.acks.consumed([base | (off + r) for r in (rel or (0,))])
-                return base, off, end
+                    if at_end:
+                        self._read_pos = base | end
+                    else:
+                        self._skip.update([base | (off + r) for r in (rel or (0,))])
+                    if self.acks is not None:
+                        self.acks.consumed([base | (off + r) for r in (rel or (0,))])
             finally:
                 lock.release()
         finally:
             append_lock.release()
+        if due:
+            self._on_sync_due()  # type: ignore[misc]
+        return base, off, end
 
     def _sync_due_locked(self) -> bool:
         # sync_every was reached: whether to call on_sync_due (once per sync).
@@ -1320,97 +1423,20 @@ class SegmentLog:
         num, off = first >> _SEG_SHIFT, first & _SEG_MASK
         if num != self._write_num:
             raise ValueError("unappend of a batch that is not the last one")
-        self._unmap()          # never truncate under a mapping (SIGBUS)
-        os.ftruncate(self._write_fd, off)
+        self._writer.truncate(off)
         self._write_off = off
         self._rbuf = b""          # it may hold the bytes just cut off
         self.ops -= count
         return first
 
-    def _write_data(self, data: bytes, offset: int) -> None:
-        end = offset + len(data)
-        if len(data) <= _MAP_MAX_WRITE:
-            if self._map is None or offset < self._map_start or end > self._map_end:
-                self._remap(offset, end)
-            if self._map is not None:
-                start = self._map_start
-                self._map[offset - start:end - start] = data
-                self.bytes_written += len(data)
-                return
-        try:
-            done = os.pwrite(self._write_fd, data, offset)
-            while done < len(data):      # short writes are rare: finish them
-                n = os.pwrite(self._write_fd, memoryview(data)[done:], offset + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += n
-        except OSError:
-            try:
-                self._unmap()          # never truncate under a mapping (SIGBUS)
-                os.ftruncate(self._write_fd, offset)   # nothing half-written stays
-            except OSError:
-                pass
-            raise
-        self.bytes_written += len(data)
-
-    def _write_chunks(self, chunks: Iterable[bytes], offset: int, size: int) -> None:
-        # Each chunk after the last; on any failure nothing of them stays.
-        at = offset
-        try:
-            for chunk in chunks:
-                self._write_data(chunk, at)
-                at += len(chunk)
-            if at != offset + size:
-                raise ValueError(f"framed chunks of {at - offset} bytes, {size} announced")
-        except BaseException:
-            if at > offset:
-                try:
-                    self._unmap()
-                    os.ftruncate(self._write_fd, offset)
-                except OSError:
-                    pass
-            raise
-
-    def _remap(self, offset: int, end: int) -> None:
-        """Map a fresh window holding [offset, end), or leave none (use pwrite).
-
-        The window's space is reserved first; when that fails (a full disk, a
-        file size limit, a file system without fallocate) writes go through
-        pwrite, which fails or not on its own, and a later write tries again.
-        """
-        self._unmap()
-        window = self.map_window
-        if not _MAP_OK or window <= 0 or end - offset > window // 2:
-            return
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        if end > start + window:      # a window smaller than the alignment needs
-            return
-        try:
-            os.posix_fallocate(self._write_fd, start, window)
-            self._map = mmap.mmap(self._write_fd, window, offset=start)
-        except (OSError, ValueError) as e:
-            log.debug("segment log %s: no mapped window at %d (%s)", self.name, start, e)
-            return
-        self._map_start, self._map_end = start, start + window
-
-    def _unmap(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-
-    def _trim(self) -> None:
-        """Unmap, and cut the reserved space past the records off the write segment."""
-        self._unmap()
-        if os.fstat(self._write_fd).st_size > self._write_off:
-            os.ftruncate(self._write_fd, self._write_off)
-
     def _roll(self) -> None:
         # Called with _append_lock held (not _lock): readers go on meanwhile.
         with self._lock:
             self._writing = True        # append_record keeps off the window
+        old = self._writer
         try:
-            self._trim()
-            os.fsync(self._write_fd)       # a finished segment is durable, as nsqd
+            old.trim(self._write_off)
+            os.fsync(old.fd)            # a finished segment is durable, as nsqd
             self.fsync_count += 1
             fd = os.open(self._seg_path(self._write_num + 1),
                          os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1418,10 +1444,10 @@ class SegmentLog:
             with self._lock:
                 self._writing = False
         with self._lock:
-            self._retired.append(self._write_fd)
+            self._retired.append(old.fd)
             self._write_num += 1
             self._write_off = 0
-            self._write_fd = fd
+            self._writer = _SegmentWriter(fd, self.name)
         _fsync_dir(self.directory)
 
     # -- reading ---------------------------------------------------------------
@@ -1777,7 +1803,7 @@ class SegmentLog:
         # One fsync of the write segment (in _GroupCommit's turn); returns the
         # position it made durable.
         with self._lock:
-            target, fd = self.write_pos, self._write_fd
+            target, fd = self.write_pos, self._writer.fd
         os.fsync(fd)
         self.fsync_count += 1
         return target
@@ -1793,7 +1819,7 @@ class SegmentLog:
         """
         with self._commits.exclusive():
             with self._lock:
-                target, fd = self.write_pos, self._write_fd
+                target, fd = self.write_pos, self._writer.fd
                 retired, self._retired = self._retired, []
             os.fsync(fd)
             self.fsync_count += 1
@@ -1848,12 +1874,13 @@ class SegmentLog:
             for num in range(first, self._write_num + 1):
                 if num != self._write_num:
                     self._delete_segment(num)
-            self._unmap()
-            self._retired.append(self._write_fd)
+            self._writer.unmap()
+            self._retired.append(self._writer.fd)
             self._write_num += 1
             self._write_off = 0
-            self._write_fd = os.open(self._seg_path(self._write_num),
-                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._writer = _SegmentWriter(
+                os.open(self._seg_path(self._write_num), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                        0o600), self.name)
             self._delete_segment(self._write_num - 1)
             self._read_pos = self._commit = self.write_pos
             self.depth = 0
@@ -1868,11 +1895,11 @@ class SegmentLog:
         with self._append_lock, self._lock:
             self._close_read_fd()
             try:
-                self._trim()
+                self._writer.trim(self._write_off)
             except OSError as e:     # only reserved space is left over
                 log.warning("segment log %s: could not trim its last segment: %s",
                             self.name, e)
-            os.close(self._write_fd)
+            self._writer.release()
         if self.acks is not None:
             self.acks.close()
 
@@ -1880,8 +1907,8 @@ class SegmentLog:
         """Close and delete every file of the log."""
         with self._append_lock, self._lock:
             self._close_read_fd()
-            self._unmap()
-            for fd in self._retired + [self._write_fd]:
+            self._writer.release()
+            for fd in self._retired:
                 os.close(fd)
             self._retired = []
         if self.acks is not None:

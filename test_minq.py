@@ -403,7 +403,7 @@ def test_segment_log_salvages_records_written_after_last_sync(tmp_path):
     assert [lg2.read()[1] for _ in range(3)] == [b"a", b"b", b"c"]
     assert lg2.read() is None
     lg2.close()
-    os.close(lg._write_fd)
+    lg._writer.release()
 
 
 def test_torn_tail_is_cut_silently(tmp_path, caplog):
@@ -447,8 +447,7 @@ def test_mapped_window_reserves_space_and_is_trimmed(tmp_path, monkeypatch, capl
     assert seg.stat().st_size > written + 12
     lg2.close()
     assert seg.stat().st_size == written + 12    # a clean close trims the reserve
-    lg._unmap()
-    os.close(lg._write_fd)
+    lg._writer.release()
 
 
 def test_crc_mismatch_mid_segment_skips_record_and_keeps_copy(tmp_path):
@@ -482,7 +481,7 @@ def test_ack_mode_rereads_unacked_after_reopen(tmp_path):
     assert lg2.depth == 1
     assert lg2.read()[1] == b"r1" and lg2.read() is None
     lg2.close()
-    os.close(lg._write_fd)
+    lg._writer.release()
 
 
 @pytest.mark.parametrize("save_meta", [True, False], ids=["full", "data-only"])
@@ -496,7 +495,7 @@ def test_ack_mode_sync_writes_buffered_acks(tmp_path, save_meta):
     lg2 = minq.SegmentLog(str(tmp_path), "q", ack_mode=True)
     assert lg2.read()[1] == b"a" and lg2.read() is None
     lg2.close()
-    os.close(lg._write_fd)
+    lg._writer.release()
 
 
 def test_depth_after_crash_ignores_segments_consumed_since_the_last_sync(tmp_path):
@@ -514,8 +513,7 @@ def test_depth_after_crash_ignores_segments_consumed_since_the_last_sync(tmp_pat
         got.append(rec[1][:4])
     assert got == [b"r%03d" % i for i in range(192, 200)] and lg2.depth == 0
     lg2.close()
-    lg._unmap()
-    os.close(lg._write_fd)
+    lg._writer.release()
 
 
 def test_ack_file_is_appended_and_compacted_only_when_mostly_dead(tmp_path, monkeypatch):
@@ -570,8 +568,7 @@ def test_power_loss_gap_in_reserved_space_never_hides_new_records(tmp_path, capl
     lg.sync()
     meta = json.loads((tmp_path / "q.meta").read_text())
     pos = lg.append([b"c", b"d"])
-    lg._unmap()
-    os.close(lg._write_fd)
+    lg._writer.release()
     # Power loss after a metadata save that counted c and d, before any fsync
     # covered them: the reserved space reads as zeros where they were.
     meta.update(write=pos[1] + 9, depth=4)
@@ -683,7 +680,7 @@ def test_framed_moves_in_ack_mode_survive_a_crash(tmp_path):
     rest = _records_of(again)
     assert rest == [b"r%04d" % i for i in range(len(positions), 1000)]
     again.close()
-    os.close(src._write_fd)
+    src._writer.release()
 
 
 @pytest.mark.parametrize("damage, lost", [("huge length", 1), ("small length", 1),
