@@ -1059,6 +1059,89 @@ class _SegmentWriter:
         os.close(self.fd)
 
 
+class _SegmentReader:
+    """Reads segment files through one open descriptor and a read-ahead buffer.
+
+    ``read(num, off, n, end)`` returns *n* bytes at *off* of segment *num*,
+    or None past what the file holds (or if it is gone), reading ahead
+    _READ_AHEAD bytes at a time but never past *end*: the write segment's
+    records end there, and what follows is reserved space or not written
+    yet.  ``buf`` holds the file's bytes from ``start``, for parsing in
+    place (``at``).  Not thread-safe: SegmentLog uses it under its ``_lock``.
+    """
+
+    def __init__(self, seg_path: Callable[[int], str]) -> None:
+        self._seg_path = seg_path
+        self.fd: Optional[int] = None
+        self.num = -1                      # the segment open, if any
+        self.buf = b""
+        self.start = 0
+
+    def read(self, num: int, off: int, n: int, end: Optional[int] = None) -> Optional[bytes]:
+        if self.num != num:
+            self.close()
+            try:
+                self.fd = os.open(self._seg_path(num), os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            self.num = num
+        i = off - self.start
+        if i < 0 or i + n > len(self.buf):
+            ahead = max(n, _READ_AHEAD)
+            if end is not None:
+                ahead = max(min(ahead, end - off), n)
+            self.buf = os.pread(self.fd, ahead, off)  # type: ignore[arg-type]
+            self.start = off
+            i = 0
+        if i + n > len(self.buf):
+            return None
+        return self.buf[i:i + n]
+
+    def at(self, num: int, off: int, end: Optional[int] = None) -> Tuple[int, int]:
+        """(index of *off* of segment *num* in ``buf``, index where what may be
+        parsed ends), or (-1, -1) if ``buf`` does not hold it."""
+        i = off - self.start
+        if num != self.num or i < 0:
+            return -1, -1
+        stop = len(self.buf)
+        if end is not None:
+            stop = min(stop, end - self.start)
+        return i, stop
+
+    def size(self) -> int:
+        """The length of the segment open (0: none)."""
+        return os.fstat(self.fd).st_size if self.fd is not None else 0
+
+    def next_record(self, off: int, end: int, biggest: int) -> Optional[int]:
+        """The offset of the first record after *off* (before *end*) of the
+        segment open whose length and CRC check out, or None: a damaged
+        length hides where the next record starts.  Scanned a window at a
+        time."""
+        unpack, crc32, fd = _REC.unpack_from, zlib.crc32, self.fd
+        window = 1 << 20
+        at = off + 1
+        while at + _REC_SIZE <= end and fd is not None:
+            buf = os.pread(fd, min(window + _REC_SIZE + biggest, end - at), at)
+            view = memoryview(buf)
+            for i in range(min(window, len(buf) - _REC_SIZE + 1)):
+                size, crc = unpack(buf, i)
+                if 0 < size <= biggest and i + _REC_SIZE + size <= len(buf) and \
+                        crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) == crc:
+                    return at + i
+            at += window
+        return None
+
+    def forget(self) -> None:
+        """Drop the read-ahead (the bytes it holds were cut off the file)."""
+        self.buf, self.start = b"", 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.num = None, -1
+        self.forget()
+
+
 class SegmentLog:
     """An append-only record log in ``<name>.NNNNNN.seg`` files under *directory*.
 
@@ -1117,10 +1200,7 @@ class SegmentLog:
         # held too: append_record writes under _lock alone while it is clear.
         self._writer: _SegmentWriter
         self._writing = False
-        self._read_fd: Optional[int] = None
-        self._read_fd_num = -1
-        self._rbuf = b""                   # read-ahead: bytes at [_rbuf_pos, ...)
-        self._rbuf_pos = 0
+        self._reader = _SegmentReader(self._seg_path)
         # Records at or past the cursor to pass over unread: consumed
         # elsewhere (appended as already read) or acked before a restart.
         self._skip: set = set()
@@ -1425,7 +1505,7 @@ class SegmentLog:
             raise ValueError("unappend of a batch that is not the last one")
         self._writer.truncate(off)
         self._write_off = off
-        self._rbuf = b""          # it may hold the bytes just cut off
+        self._reader.forget()          # it may hold the bytes just cut off
         self.ops -= count
         return first
 
@@ -1508,13 +1588,8 @@ class SegmentLog:
         buffer does not hold the cursor."""
         pos = self._read_pos
         num, off = pos >> _SEG_SHIFT, pos & _SEG_MASK
-        i = off - self._rbuf_pos
-        if num != self._read_fd_num or i < 0:
-            return -1, -1, 0
-        end = len(self._rbuf)
-        if num == self._write_num:          # never past the records
-            end = min(end, self._write_off - self._rbuf_pos)
-        return i, end, (num << _SEG_SHIFT) + self._rbuf_pos
+        i, end = self._reader.at(num, off, self._records_end(num))
+        return i, end, (num << _SEG_SHIFT) + self._reader.start
 
     def _take_run_locked(self, payloads: List[bytes], positions: Optional[List[int]],
                          limit: int) -> int:
@@ -1527,7 +1602,7 @@ class SegmentLog:
         per-record work is one slice and one crc32.
         """
         i, end, base = self._buffered_at_cursor()
-        buf = self._rbuf
+        buf = self._reader.buf
         unpack, crc32, biggest = _REC.unpack_from, zlib.crc32, self.max_record_size
         skip = self._skip
         found: Optional[List[int]] = [] if positions is not None else None
@@ -1599,7 +1674,7 @@ class SegmentLog:
                 if self._read_bytes(num, off, _REC_SIZE) is None:
                     return None
                 i, end, base = self._buffered_at_cursor()
-            buf, first = self._rbuf, i
+            buf, first = self._reader.buf, i
             stop = min(end, i + max_bytes)
             unpack, biggest = _REC.unpack_from, self.max_record_size
             skip = self._skip
@@ -1662,10 +1737,13 @@ class SegmentLog:
             return None
         return payload, self._pos(num, off + _REC_SIZE + size)
 
+    def _records_end(self, num: int) -> Optional[int]:
+        """Where the records of segment *num* end, if it is the write segment."""
+        return self._write_off if num == self._write_num else None
+
     def _segment_end(self, num: int) -> int:
-        if num == self._write_num:
-            return self._write_off
-        return os.fstat(self._read_fd).st_size if self._read_fd is not None else 0
+        end = self._records_end(num)
+        return self._reader.size() if end is None else end
 
     def _record_at(self, num: int, off: int) -> bool:
         """Whether a whole record whose length and CRC check out starts at *off*."""
@@ -1678,45 +1756,8 @@ class SegmentLog:
         payload = self._read_bytes(num, off + _REC_SIZE, size)
         return payload is not None and zlib.crc32(payload) == crc
 
-    def _resync(self, num: int, off: int) -> Optional[int]:
-        """The offset of the first record after *off* in segment *num* whose
-        length and CRC check out (a damaged length hides where the next
-        record starts), or None: scanned a window at a time."""
-        limit, biggest = self._segment_end(num), self.max_record_size
-        unpack, crc32, fd = _REC.unpack_from, zlib.crc32, self._read_fd
-        window = 1 << 20
-        at = off + 1
-        while at + _REC_SIZE <= limit and fd is not None:
-            buf = os.pread(fd, min(window + _REC_SIZE + biggest, limit - at), at)
-            view = memoryview(buf)
-            for i in range(min(window, len(buf) - _REC_SIZE + 1)):
-                size, crc = unpack(buf, i)
-                if 0 < size <= biggest and i + _REC_SIZE + size <= len(buf) and \
-                        crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) == crc:
-                    return at + i
-            at += window
-        return None
-
     def _read_bytes(self, num: int, off: int, n: int) -> Optional[bytes]:
-        if self._read_fd_num != num:
-            self._close_read_fd()
-            try:
-                self._read_fd = os.open(self._seg_path(num), os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-            self._read_fd_num = num
-            self._rbuf, self._rbuf_pos = b"", 0
-        i = off - self._rbuf_pos
-        if i < 0 or i + n > len(self._rbuf):
-            ahead = max(n, _READ_AHEAD)
-            if num == self._write_num:   # never cache what lies past the records
-                ahead = max(min(ahead, self._write_off - off), n)
-            self._rbuf = os.pread(self._read_fd, ahead, off)
-            self._rbuf_pos = off
-            i = 0
-        if i + n > len(self._rbuf):
-            return None
-        return self._rbuf[i:i + n]
+        return self._reader.read(num, off, n, self._records_end(num))
 
     def _next_segment(self, num: int) -> None:
         if num >= self._write_num:    # the write segment ended early: torn data
@@ -1735,7 +1776,7 @@ class SegmentLog:
                               self.name, num)
         self._depth_suspect = True
         if skip_to is None:
-            skip_to = self._resync(num, off)
+            skip_to = self._reader.next_record(off, self._segment_end(num), self.max_record_size)
             if skip_to is not None:
                 log.error("segment log %s: %s at segment %d offset %d; %d bytes skipped to "
                           "the next good record, copy kept as %s", self.name, why, num, off,
@@ -1763,11 +1804,6 @@ class SegmentLog:
             self.depth = 0
         self._depth_suspect = False
 
-    def _close_read_fd(self) -> None:
-        if self._read_fd is not None:
-            os.close(self._read_fd)
-        self._read_fd, self._read_fd_num = None, -1
-
     # -- acknowledging ---------------------------------------------------------
     def ack(self, pos: int) -> None:
         """Acknowledge a consumed record (ack mode): it will not be read again."""
@@ -1787,8 +1823,8 @@ class SegmentLog:
         self._commit = commit
 
     def _delete_segment(self, num: int) -> None:
-        if num == self._read_fd_num:
-            self._close_read_fd()
+        if num == self._reader.num:
+            self._reader.close()
         try:
             os.unlink(self._seg_path(num))
         except FileNotFoundError:
@@ -1870,7 +1906,7 @@ class SegmentLog:
         """Drop every record: delete the segments and start a new one."""
         with self._append_lock, self._lock:
             first = self._commit >> _SEG_SHIFT
-            self._close_read_fd()
+            self._reader.close()
             for num in range(first, self._write_num + 1):
                 if num != self._write_num:
                     self._delete_segment(num)
@@ -1893,7 +1929,7 @@ class SegmentLog:
         """Sync and release the files."""
         self.sync()
         with self._append_lock, self._lock:
-            self._close_read_fd()
+            self._reader.close()
             try:
                 self._writer.trim(self._write_off)
             except OSError as e:     # only reserved space is left over
@@ -1906,7 +1942,7 @@ class SegmentLog:
     def destroy(self) -> None:
         """Close and delete every file of the log."""
         with self._append_lock, self._lock:
-            self._close_read_fd()
+            self._reader.close()
             self._writer.release()
             for fd in self._retired:
                 os.close(fd)
