@@ -7,6 +7,7 @@ fires what fell due before it returns, so no test sleeps for a deadline.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -2528,14 +2529,18 @@ def test_snappy_rejects_corrupt_frames(damage):
 # TCP protocol V2: raw-socket tests of every command, reply and error code
 # =============================================================================
 
+@contextlib.contextmanager
+def tcp_server(address="127.0.0.1:0", **options):
+    """A real-clock broker behind a TCPServer with *options*, closed after."""
+    with minq.Broker() as b, minq.TCPServer(b, address, **options).start() as srv:
+        yield srv
+
+
 @pytest.fixture
 def server():
     """A real-clock broker behind a TCPServer on an ephemeral loopback port."""
-    b = minq.Broker()
-    srv = minq.TCPServer(b, "127.0.0.1:0").start()
-    yield srv
-    srv.close()
-    b.close()
+    with tcp_server() as srv:
+        yield srv
 
 
 class Raw:
@@ -3085,11 +3090,11 @@ def test_server_listens_on_ipv6_loopback():
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    with minq.Broker() as b, minq.TCPServer(b, "[::1]:0").start() as srv:
+    with tcp_server("[::1]:0") as srv:
         assert srv.address == f"[::1]:{srv.server_address[1]}"
         with minq.Client(srv.address) as c:
             c.publish("t", b"over ipv6")
-        assert b.stats()["topics"][0]["message_count"] == 1
+        assert srv.broker.stats()["topics"][0]["message_count"] == 1
 
 
 def test_pipelined_commands_in_one_write_are_answered_in_order(server):
@@ -3257,8 +3262,7 @@ def client_tls_context():
 
 def test_tls_upgrade_and_tls_required(tmp_path):
     cert, key = make_cert(tmp_path)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert, tls_key=key,
-                                            tls_required=True).start() as srv:
+    with tcp_server(tls_cert=cert, tls_key=key, tls_required=True) as srv:
         r = Raw(srv)
         r.cmd("PUB t", b"plain")
         assert r.error() == "E_INVALID cannot PUB in current state (TLS required)"
@@ -3267,15 +3271,14 @@ def test_tls_upgrade_and_tls_required(tmp_path):
             with c.consumer("t", "c") as cons:
                 m = cons.get(timeout=5)
                 assert m.body == b"secret"
-                client = channel_stats(b, "t", "c")["clients"][0]
+                client = channel_stats(srv.broker, "t", "c")["clients"][0]
                 assert client["tls"] is True and client["tls_version"].startswith("TLS1.")
                 m.finish()
 
 
 def test_failed_tls_handshake_gets_e_identify_failed(tmp_path):
     cert, key = make_cert(tmp_path)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert,
-                                            tls_key=key).start() as srv:
+    with tcp_server(tls_cert=cert, tls_key=key) as srv:
         r = Raw(srv)
         r.cmd("IDENTIFY", b'{"feature_negotiation": true, "tls_v1": true}')
         assert json.loads(r.response())["tls_v1"] is True
@@ -3289,8 +3292,7 @@ def test_failed_tls_handshake_gets_e_identify_failed(tmp_path):
 def test_stalled_tls_handshake_gets_e_identify_failed(tmp_path, monkeypatch):
     cert, key = make_cert(tmp_path)
     monkeypatch.setattr(minq, "_TLS_HANDSHAKE_TIMEOUT", 0.3)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert,
-                                            tls_key=key).start() as srv:
+    with tcp_server(tls_cert=cert, tls_key=key) as srv:
         r = Raw(srv)
         r.cmd("IDENTIFY", b'{"feature_negotiation": true, "tls_v1": true}')
         assert json.loads(r.response())["tls_v1"] is True
@@ -3338,8 +3340,7 @@ def test_auth_with_secrets_file(tmp_path):
             {"topic": "^orders$", "channels": [".*"], "permissions": ["publish"]}]},
         "reader": {"identity": "billing", "authorizations": [
             {"topic": "^orders$", "channels": ["^billing$"], "permissions": ["subscribe"]}]}}))
-    with minq.Broker() as b, minq.TCPServer(
-            b, "127.0.0.1:0", authorizer=minq.Authorizer(secrets_file=str(secrets))).start() as srv:
+    with tcp_server(authorizer=minq.Authorizer(secrets_file=str(secrets))) as srv:
         r = Raw(srv)
         r.cmd("IDENTIFY", b'{"feature_negotiation": true}')
         assert json.loads(r.response())["auth_required"] is True
@@ -3398,7 +3399,7 @@ def test_auth_with_http_auth_server(tmp_path):
     httpd, t = fake_auth_server(answer)
     try:
         auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
-        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+        with tcp_server(authorizer=auth) as srv:
             with minq.Client(srv.address, auth_secret="good") as c:
                 c.publish("t", b"authorized")
             assert seen[0]["remote_ip"] == ["127.0.0.1"] and seen[0]["tls"] == ["false"]
@@ -3480,7 +3481,7 @@ def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
     httpd, t = fake_auth_server(lambda q: replies.pop(0))
     try:
         auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
-        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+        with tcp_server(authorizer=auth) as srv:
             for _ in AUTH_REPLIES:
                 r = Raw(srv)
                 r.cmd("AUTH", b"secret")
@@ -3497,7 +3498,7 @@ def test_auth_server_that_never_answers_fails_after_the_request_timeout():
     silent = socket.create_server(("127.0.0.1", 0))      # accepts into its backlog, says nothing
     try:
         auth = minq.Authorizer([f"127.0.0.1:{silent.getsockname()[1]}"], timeout=0.3)
-        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+        with tcp_server(authorizer=auth) as srv:
             r = Raw(srv)
             started = time.monotonic()
             r.cmd("AUTH", b"secret")
@@ -3514,7 +3515,7 @@ def test_failed_auth_attempts_are_throttled_per_address(tmp_path, monkeypatch):
     auth = minq.Authorizer(secrets_file=str(secrets))
     monkeypatch.setattr(auth, "max_failures", 3)
     monkeypatch.setattr(auth, "lockout", 0.5)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", authorizer=auth).start() as srv:
+    with tcp_server(authorizer=auth) as srv:
         for _ in range(3):
             r = Raw(srv)
             r.cmd("AUTH", b"guess")
@@ -3529,7 +3530,7 @@ def test_failed_auth_attempts_are_throttled_per_address(tmp_path, monkeypatch):
 
 
 def test_max_channel_consumers_refuses_one_more():
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", max_channel_consumers=2).start() as srv:
+    with tcp_server(max_channel_consumers=2) as srv:
         first, second, third = Raw(srv), Raw(srv), Raw(srv)
         for r in (first, second):
             r.cmd("SUB t c")
@@ -3560,9 +3561,8 @@ def test_tls_client_auth_policy_require_verify(tmp_path):
     import ssl
     cert, key = make_cert(tmp_path)
     ca, client_cert, client_key = make_ca_and_client_cert(tmp_path)
-    with minq.Broker() as b, minq.TCPServer(
-            b, "127.0.0.1:0", tls_cert=cert, tls_key=key, tls_root_ca_file=ca,
-            tls_client_auth_policy="require-verify").start() as srv:
+    with tcp_server(tls_cert=cert, tls_key=key, tls_root_ca_file=ca,
+                    tls_client_auth_policy="require-verify") as srv:
         assert srv.tls_required                       # the policy implies it, as in nsqd
         with pytest.raises((minq.MinqError, ssl.SSLError, OSError)):
             with minq.Client(srv.address, tls=client_tls_context(), timeout=1) as c:
@@ -3571,14 +3571,13 @@ def test_tls_client_auth_policy_require_verify(tmp_path):
         ctx.load_cert_chain(client_cert, client_key)
         with minq.Client(srv.address, tls=ctx) as c:
             c.publish("t", b"with a certificate")
-        assert b.get_topic("t").depth == 1
+        assert srv.broker.get_topic("t").depth == 1
 
 
 def test_tls_min_version_refuses_older_clients(tmp_path):
     import ssl
     cert, key = make_cert(tmp_path)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0", tls_cert=cert, tls_key=key,
-                                            tls_min_version="tls1.3").start() as srv:
+    with tcp_server(tls_cert=cert, tls_key=key, tls_min_version="tls1.3") as srv:
         old = client_tls_context()
         old.maximum_version = ssl.TLSVersion.TLSv1_2
         with pytest.raises((minq.MinqError, ssl.SSLError, OSError)):
@@ -5125,7 +5124,7 @@ def test_without_fcntl_memory_mode_works_and_a_data_path_says_why_not(tmp_path):
         import sys
         sys.modules["fcntl"] = None                   # as on Windows
         import minq
-        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+        with tcp_server() as srv:
             with minq.Client(srv.address) as c:
                 c.publish("t", b"memory mode")
                 with c.consumer("t", "c") as cons:
@@ -5201,10 +5200,10 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     if "127.0.0.1:4150" not in code or "TCPServer(" in code:
         exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
         return
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+    with tcp_server() as srv:
         code = code.replace("127.0.0.1:4150", srv.address)
         exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
-        assert b.stats()["topics"], "the example published nothing"
+        assert srv.broker.stats()["topics"], "the example published nothing"
 
 
 def test_readme_curl_examples_run_and_then_the_tools_in_order(web):
@@ -5265,7 +5264,7 @@ def test_readme_go_example_runs(tmp_path):
         pytest.skip("Go is not installed")
     text = (HERE / "README.md").read_text()
     (snippet,) = re.findall(r"```go\n(.*?)```", text, re.S)
-    with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+    with tcp_server() as srv:
         (tmp_path / "main.go").write_text(
             'package main\nimport (\n"log"\n"time"\n"github.com/nsqio/go-nsq"\n)\n'
             "func main() {\n" + snippet.replace("127.0.0.1:4150", srv.address)
