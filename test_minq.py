@@ -5124,7 +5124,7 @@ def test_without_fcntl_memory_mode_works_and_a_data_path_says_why_not(tmp_path):
         import sys
         sys.modules["fcntl"] = None                   # as on Windows
         import minq
-        with tcp_server() as srv:
+        with minq.Broker() as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
             with minq.Client(srv.address) as c:
                 c.publish("t", b"memory mode")
                 with c.consumer("t", "c") as cons:
