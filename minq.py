@@ -825,7 +825,7 @@ class _AckLedger:
             for p in positions:
                 push(heap, p)
 
-    def forget(self, positions: set) -> None:
+    def withdraw(self, positions: set) -> None:
         """These records were never stored after all (an append undone)."""
         with self._lock:
             self._unacked = [p for p in self._unacked if p not in positions]
@@ -839,7 +839,7 @@ class _AckLedger:
             self._buf.extend(positions)
             if len(self._buf) < ACK_BUFFER and not write:
                 return False
-            self._write_locked()
+            self._flush_locked()
             self.pinned = len(self._acked) >= self.unpin_at
             return True
 
@@ -865,12 +865,12 @@ class _AckLedger:
         """Whether acks wait to be written to the file."""
         return bool(self._buf)
 
-    def write(self) -> None:
+    def flush(self) -> None:
         """Write buffered acks to the file (to the OS: a killed process keeps them)."""
         with self._lock:
-            self._write_locked()
+            self._flush_locked()
 
-    def _write_locked(self) -> None:
+    def _flush_locked(self) -> None:
         buf, self._buf = self._buf, []
         if not buf or self._fd is None:
             return
@@ -890,7 +890,7 @@ class _AckLedger:
         metadata's ``acks_base``, a descriptor to fsync before the metadata
         is written, or the live acks ``compact`` is to write once it is)."""
         with self._lock:
-            self._write_locked()
+            self._flush_locked()
             if self._restart:
                 self._restart = {p for p in self._restart if p >= commit}
             outstanding = len(self._unacked) - len(self._acked)
@@ -933,7 +933,7 @@ class _AckLedger:
                 os.close(fd)
         _fsync_dir(os.path.dirname(self._path) or ".")
 
-    def clear(self) -> None:
+    def reset(self) -> None:
         """Every record is gone (the log was emptied)."""
         with self._lock:
             self._unacked.clear()
@@ -1062,7 +1062,7 @@ class _SegmentWriter:
 class _SegmentReader:
     """Reads segment files through one open descriptor and a read-ahead buffer.
 
-    ``read(num, off, n, end)`` returns *n* bytes at *off* of segment *num*,
+    ``bytes_at(num, off, n, end)`` returns *n* bytes at *off* of segment *num*,
     or None past what the file holds (or if it is gone), reading ahead
     _READ_AHEAD bytes at a time but never past *end*: the write segment's
     records end there, and what follows is reserved space or not written
@@ -1077,7 +1077,7 @@ class _SegmentReader:
         self.buf = b""
         self.start = 0
 
-    def read(self, num: int, off: int, n: int, end: Optional[int] = None) -> Optional[bytes]:
+    def bytes_at(self, num: int, off: int, n: int, end: Optional[int] = None) -> Optional[bytes]:
         if self.num != num:
             self.close()
             try:
@@ -1131,7 +1131,7 @@ class _SegmentReader:
             at += window
         return None
 
-    def forget(self) -> None:
+    def drop_buffer(self) -> None:
         """Drop the read-ahead (the bytes it holds were cut off the file)."""
         self.buf, self.start = b"", 0
 
@@ -1139,7 +1139,7 @@ class _SegmentReader:
         if self.fd is not None:
             os.close(self.fd)
         self.fd, self.num = None, -1
-        self.forget()
+        self.drop_buffer()
 
 
 class SegmentLog:
@@ -1491,7 +1491,7 @@ class SegmentLog:
             if self._read_pos > first:
                 self._read_pos = first
             if self.acks is not None:
-                self.acks.forget(gone)
+                self.acks.withdraw(gone)
 
     def unappend_framed(self, start: int, count: int) -> None:
         """Undo the last ``append_framed`` (nothing may have been appended since)."""
@@ -1505,7 +1505,7 @@ class SegmentLog:
             raise ValueError("unappend of a batch that is not the last one")
         self._writer.truncate(off)
         self._write_off = off
-        self._reader.forget()          # it may hold the bytes just cut off
+        self._reader.drop_buffer()          # it may hold the bytes just cut off
         self.ops -= count
         return first
 
@@ -1757,7 +1757,7 @@ class SegmentLog:
         return payload is not None and zlib.crc32(payload) == crc
 
     def _read_bytes(self, num: int, off: int, n: int) -> Optional[bytes]:
-        return self._reader.read(num, off, n, self._records_end(num))
+        return self._reader.bytes_at(num, off, n, self._records_end(num))
 
     def _next_segment(self, num: int) -> None:
         if num >= self._write_num:    # the write segment ended early: torn data
@@ -1870,7 +1870,7 @@ class SegmentLog:
                 self.sync_requested = False
                 self._meta_stale = True
             if self.acks is not None:
-                self.acks.write()         # to the OS now (a crash keeps them)
+                self.acks.flush()         # to the OS now (a crash keeps them)
 
     def _save_meta(self, synced: int) -> None:
         # The acks file is appended to, and compacted only once it holds many
@@ -1922,7 +1922,7 @@ class SegmentLog:
             self.depth = 0
             self._skip.clear()
             if self.acks is not None:
-                self.acks.clear()
+                self.acks.reset()
         self.sync()
 
     def close(self) -> None:
