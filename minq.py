@@ -9304,6 +9304,9 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
                    help="deliver after this long (DPUB), e.g. 500ms, 30s, 5m")
     p.add_argument("--batch", type=int, default=100, metavar="N",
                    help="stdin lines sent per MPUB (default 100; 1 = one PUB each)")
+    p.add_argument("--connect-timeout", default="5s", metavar="DURATION",
+                   help="give up (exit 1) when the server cannot be reached within this "
+                        "long (default 5s)")
 
     t = sub.add_parser(
         "tail", help="print the messages of a topic as they arrive",
@@ -9528,8 +9531,9 @@ def _lookup_producers(lookupd: str, topic: str) -> List[str]:
 def _pub_command(args: argparse.Namespace) -> int:
     defer = parse_duration(args.defer)
     _check_range("--batch", args.batch, 1, None)
+    wait = parse_duration(args.connect_timeout)
     sent = 0
-    with Client(args.nsqd_tcp_address) as client:
+    with Client(args.nsqd_tcp_address, timeout=max(wait, 0.001)) as client:
         if args.message != "-":
             client.publish(args.topic, args.message.encode(), defer)
             sent = 1

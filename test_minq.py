@@ -4828,8 +4828,11 @@ def test_pub_tool_defer_and_errors(web):
     s.bind(("127.0.0.1", 0))
     free = f"127.0.0.1:{s.getsockname()[1]}"
     s.close()
-    r = run_tool("pub", "t", "x", "--nsqd-tcp-address", free, timeout=60)
+    started = time.monotonic()
+    r = run_tool("pub", "t", "x", "--nsqd-tcp-address", free, "--connect-timeout", "300ms",
+                 timeout=60)
     assert r.returncode == 1 and b"cannot connect" in r.stderr
+    assert time.monotonic() - started < 4          # gave up after 300 ms, not 5 s
 
 
 def test_tail_tool_prints_new_messages_on_an_ephemeral_channel(web):
