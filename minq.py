@@ -831,13 +831,13 @@ class _AckLedger:
             self._unacked = [p for p in self._unacked if p not in positions]
             heapq.heapify(self._unacked)
 
-    def ack(self, positions: Iterable[int], write: bool = False) -> bool:
+    def ack(self, positions: Union[List[int], Tuple[int, ...]], at_once: bool = False) -> bool:
         """Acknowledge consumed records; True when the acks were written to
-        the file (a batch filled up, or *write*): the commit point may move."""
+        the file (a batch filled up, or *at_once*): the commit point may move."""
         with self._lock:
             self._acked.update(positions)
             self._buf.extend(positions)
-            if len(self._buf) < ACK_BUFFER and not write:
+            if len(self._buf) < ACK_BUFFER and not at_once:
                 return False
             self._flush_locked()
             self.pinned = len(self._acked) >= self.unpin_at
@@ -1154,9 +1154,9 @@ class SegmentLog:
     metadata sync.  A torn tail is cut off; a record whose CRC fails is
     skipped, its segment copied aside as ``.bad`` and the loss counted.
     Every method is thread-safe: ``_lock`` guards the state and is never
-    held across I/O that may block; ``_append_lock`` serialises writers (and
-    rolls), taken before ``_lock``, never after.  Every fsync of the data
-    and every metadata save happen in turn (``_GroupCommit.exclusive``).
+    held across an fsync or a big write; ``_append_lock`` serialises writers
+    (and rolls), taken before ``_lock``, never after.  fsyncs of the write
+    segment and metadata saves happen in turn (``_GroupCommit.exclusive``).
 
     Records are written by a ``_SegmentWriter``, through a mapped window of
     ``map_window`` bytes (0: plain pwrite) whose space is reserved beforehand,
@@ -1710,7 +1710,7 @@ class SegmentLog:
             self._caught_up_locked()
             if self.acks is not None:
                 self.acks.consumed(positions)
-                self.acks.ack(positions, write=True)
+                self.acks.ack(positions, at_once=True)
             self._advance_commit_locked()
 
     def _read_record(self, pos: int) -> Optional[Tuple[bytes, int]]:
@@ -1809,7 +1809,7 @@ class SegmentLog:
         """Acknowledge a consumed record (ack mode): it will not be read again."""
         self.ack_many((pos,))
 
-    def ack_many(self, positions: Iterable[int]) -> None:
+    def ack_many(self, positions: Union[List[int], Tuple[int, ...]]) -> None:
         """``ack`` each of *positions*; the commit point moves once per batch."""
         if self.acks is not None and self.acks.ack(positions):
             with self._lock:
