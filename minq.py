@@ -662,6 +662,78 @@ def _crcs_match(computed: bytes, buf: bytes, at: int, step: int, k: int) -> int:
     return good
 
 
+def _take_records(buf: bytes, i: int, end: int, limit: int, biggest: int, skip: set,
+                  payloads: List[bytes], found: Optional[List[int]], base: int) -> int:
+    """Append to *payloads* the payloads of up to *limit* whole, valid records
+    in a row in ``buf[i:end]`` (and to *found* their positions: *base* +
+    index) until one needs a closer look (a bad length or CRC, one in
+    *skip*); return the index after the last one taken.
+
+    Records of one length in a row (a backlog of similar messages) are taken
+    a run at a time: lengths and CRCs compared in bulk, so the per-record
+    work is one slice and one crc32.
+    """
+    unpack, crc32 = _REC.unpack_from, zlib.crc32
+    while limit > 0 and i + _REC_SIZE <= end:
+        size, crc = unpack(buf, i)
+        step = _REC_SIZE + size
+        if size == 0 or size > biggest or i + step > end:
+            break
+        k = min((end - i) // step, limit)
+        if k >= _BULK_RUN and not skip:
+            k = _same_length_run(buf, i, step, k)
+        if k >= _BULK_RUN and not skip:
+            stop = i + k * step
+            run = [buf[o:o + size] for o in range(i + _REC_SIZE, stop, step)]
+            good = _crcs_match(struct.pack(f">{k}I", *map(crc32, run)), buf, i + 4, step, k)
+            if good < k:
+                del run[good:]          # the bad one takes a closer look
+            payloads += run
+            if found is not None:
+                found += range(base + i, base + i + good * step, step)
+            i += good * step
+            limit -= good
+            if good < k:
+                break
+            continue
+        payload = buf[i + _REC_SIZE:i + step]
+        if crc32(payload) != crc or skip and base + i in skip:
+            break
+        if found is not None:
+            found.append(base + i)
+        payloads.append(payload)
+        limit -= 1
+        i += step
+    return i
+
+
+def _span_records(buf: bytes, i: int, end: int, stop: int, biggest: int, skip: set,
+                  positions: List[int], base: int) -> int:
+    """Append to *positions* (*base* + index) the records in a row from
+    ``buf[i:]`` whose lengths check out, ending by *stop* (the first one may
+    reach on to *end*), until one is in *skip*; return the index after the
+    last.  CRCs are not checked: the bytes are copied as they are."""
+    unpack = _REC.unpack_from
+    while i + _REC_SIZE <= end:
+        size = unpack(buf, i)[0]
+        step = _REC_SIZE + size
+        j = i + step
+        if size == 0 or size > biggest or j > end or (j > stop and positions):
+            break
+        k = (stop - i) // step
+        if k >= _BULK_RUN and not skip:        # a run of one length: no loop
+            k = _same_length_run(buf, i, step, k)
+            if k >= _BULK_RUN:
+                positions += range(base + i, base + i + k * step, step)
+                i += k * step
+                continue
+        if skip and base + i in skip:
+            break
+        positions.append(base + i)
+        i = j
+    return i
+
+
 class _GroupCommit:
     """fsync shared by concurrent callers (fsync mode's publishers).
 
@@ -1594,57 +1666,18 @@ class SegmentLog:
     def _take_run_locked(self, payloads: List[bytes], positions: Optional[List[int]],
                          limit: int) -> int:
         """Take whole, valid, wanted records at the cursor out of the read-ahead
-        buffer; stop, taking nothing more, at anything ``read``'s path must
-        handle.  Returns how many were taken.
-
-        Records of one length in a row (a backlog of similar messages) are
-        taken a run at a time: lengths and CRCs compared in bulk, so the
-        per-record work is one slice and one crc32.
-        """
+        buffer (``_take_records``); stop, taking nothing more, at anything
+        ``read``'s path must handle.  Returns how many were taken."""
         i, end, base = self._buffered_at_cursor()
-        buf = self._reader.buf
-        unpack, crc32, biggest = _REC.unpack_from, zlib.crc32, self.max_record_size
-        skip = self._skip
-        found: Optional[List[int]] = [] if positions is not None else None
         first = len(payloads)
-        limit -= first
-        while limit > 0 and i + _REC_SIZE <= end:
-            size, crc = unpack(buf, i)
-            step = _REC_SIZE + size
-            if size == 0 or size > biggest or i + step > end:
-                break
-            k = min((end - i) // step, limit)
-            if k >= _BULK_RUN and not skip:
-                k = _same_length_run(buf, i, step, k)
-            if k >= _BULK_RUN and not skip:
-                stop = i + k * step
-                run = [buf[o:o + size] for o in range(i + _REC_SIZE, stop, step)]
-                good = _crcs_match(struct.pack(f">{k}I", *map(crc32, run)), buf, i + 4, step, k)
-                if good < k:
-                    del run[good:]          # the bad one takes read's path
-                payloads += run
-                if found is not None:
-                    found += range(base + i, base + i + good * step, step)
-                i += good * step
-                limit -= good
-                if good < k:
-                    break
-                continue
-            payload = buf[i + _REC_SIZE:i + step]
-            if crc32(payload) != crc:
-                break
-            if skip and base + i in skip:
-                break
-            if found is not None:
-                found.append(base + i)
-            payloads.append(payload)
-            limit -= 1
-            i += step
+        found: List[int] = []
+        i = _take_records(self._reader.buf, i, end, limit - first, self.max_record_size,
+                          self._skip, payloads, found if positions is not None else None, base)
         count = len(payloads) - first
         if count:
-            self._consumed_locked(base + i, count, found or [])
+            self._consumed_locked(base + i, count, found)
             if positions is not None:
-                positions.extend(found or [])
+                positions.extend(found)
         return count
 
     def _consumed_locked(self, end: int, count: int, found: List[int]) -> None:
@@ -1674,31 +1707,13 @@ class SegmentLog:
                 if self._read_bytes(num, off, _REC_SIZE) is None:
                     return None
                 i, end, base = self._buffered_at_cursor()
-            buf, first = self._reader.buf, i
-            stop = min(end, i + max_bytes)
-            unpack, biggest = _REC.unpack_from, self.max_record_size
-            skip = self._skip
+            buf = self._reader.buf
             positions: List[int] = []
-            while i + _REC_SIZE <= end:
-                size = unpack(buf, i)[0]
-                step = _REC_SIZE + size
-                j = i + step
-                if size == 0 or size > biggest or j > end or (j > stop and positions):
-                    break
-                k = (stop - i) // step
-                if k >= _BULK_RUN and not skip:        # a run of one length: no loop
-                    k = _same_length_run(buf, i, step, k)
-                    if k >= _BULK_RUN:
-                        positions += range(base + i, base + i + k * step, step)
-                        i += k * step
-                        continue
-                if skip and base + i in skip:
-                    break
-                positions.append(base + i)
-                i = j
+            j = _span_records(buf, i, end, min(end, i + max_bytes), self.max_record_size,
+                              self._skip, positions, base)
             if not positions:
                 return None
-            return buf[first:i], positions, base + i
+            return buf[i:j], positions, base + j
 
     def consume_framed(self, positions: List[int], end: int) -> None:
         """Move the cursor to *end*, past the records ``peek_framed`` returned; in
