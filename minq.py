@@ -1245,7 +1245,6 @@ class SegmentLog:
                  on_sync_due: Optional[Callable[[], None]] = None) -> None:
         self.directory = directory
         self.name = name
-        self.ack_mode = ack_mode
         self.max_bytes_per_file = max_bytes_per_file
         self.max_record_size = max_record_size
         self._clock = clock
@@ -1282,6 +1281,11 @@ class SegmentLog:
         self._open()
 
     # -- positions and files ---------------------------------------------------
+    @property
+    def ack_mode(self) -> bool:
+        """Whether records are kept until acknowledged (durable mode)."""
+        return self.acks is not None
+
     def _seg_path(self, num: int) -> str:
         return os.path.join(self.directory, f"{self.name}.{num:06d}.seg")
 
