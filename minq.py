@@ -599,6 +599,12 @@ DEFAULT_SYNC_TIMEOUT = 2.0
 _REC = struct.Struct(">II")          # payload length, crc32(payload)
 _REC_SIZE = _REC.size
 _ACK = struct.Struct(">Q")           # an acknowledged record position
+# A length field with this bit set frames a supersede marker: its payload
+# names (as _ACK positions, _NO_POS for none) the records that the records
+# right after it replace (see SegmentLog.supersede).  Readers pass it over.
+_SUPERSEDES = 0x80000000
+_MAX_RECORD = _SUPERSEDES - 1         # the largest payload a record may carry
+_NO_POS = (1 << 64) - 1
 _SEG_SHIFT = 40                      # position = segment number << 40 | offset
 _SEG_MASK = (1 << _SEG_SHIFT) - 1
 _READ_AHEAD = 256 * 1024
@@ -889,6 +895,16 @@ class _AckLedger:
             self._restart = {p for p in listed if p >= cursor}
             self._fd = fd
             return set(self._restart), since
+
+    def restore(self, positions: Iterable[int], cursor: int) -> set:
+        """At open, after ``load``: acks found outside the file (records that
+        supersede markers release), kept as restart acks and written at the
+        next flush.  Returns those at or past *cursor* that the file lacked."""
+        with self._lock:
+            new = {p for p in positions if p >= cursor} - self._restart
+            self._restart |= new
+            self._buf.extend(sorted(new))
+            return new
 
     def consumed(self, positions: Iterable[int]) -> None:
         """These records were handed out: each holds the commit point until acked."""
@@ -1197,6 +1213,7 @@ class _SegmentReader:
             view = memoryview(buf)
             for i in range(min(window, len(buf) - _REC_SIZE + 1)):
                 size, crc = unpack(buf, i)
+                size &= _MAX_RECORD       # a supersede marker is a good record too
                 if 0 < size <= biggest and i + _REC_SIZE + size <= len(buf) and \
                         crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) == crc:
                     return at + i
@@ -1246,6 +1263,8 @@ class SegmentLog:
         self.directory = directory
         self.name = name
         self.max_bytes_per_file = max_bytes_per_file
+        if not 0 < max_record_size <= _MAX_RECORD:
+            raise ValueError(f"max_record_size must be 1-{_MAX_RECORD}, not {max_record_size}")
         self.max_record_size = max_record_size
         self._clock = clock
         # _lock guards all state below and is held only briefly.
@@ -1275,6 +1294,10 @@ class SegmentLog:
         # Records at or past the cursor to pass over unread: consumed
         # elsewhere (appended as already read) or acked before a restart.
         self._skip: set = set()
+        # Supersedes written and not yet covered by an fsync: (the position
+        # after their records, the positions they replace).  Those are
+        # acknowledged by the sync that covers it, before it saves metadata.
+        self._superseding: List[Tuple[int, List[int]]] = []
         self._meta_stale = False           # a sync fsynced the data only
         self.meta_saved_at = 0.0           # clock() of the last metadata save
         self._commits = _GroupCommit(self._fsync_data)
@@ -1319,22 +1342,31 @@ class SegmentLog:
         if not meta and nums:   # no metadata: everything on disk is unread
             read_pos = self._pos(nums[0], 0)
             write_num, write_off = nums[0], 0
-        # Records the metadata counts that no fsync had covered may read as
-        # zeros after a power loss (a segment's space is reserved ahead, so
-        # its length proves nothing): check them, cutting the segment at the
-        # first gap, which the loop below then finds short.
-        synced = int(meta.get("synced", meta.get("write", 0)))
-        if meta and synced < self._pos(write_num, write_off) and write_num in nums:
-            check_from = synced & _SEG_MASK if synced >> _SEG_SHIFT == write_num else 0
-            self._scan(write_num, check_from)
-        # Salvage records written after the last metadata sync (crash).
+        # The scan starts where the last fsync before the metadata save
+        # ended.  Records the metadata counts that no fsync had covered may
+        # read as zeros after a power loss (a segment's space is reserved
+        # ahead, so its length proves nothing): a gap cuts the segment there,
+        # and then it is short.  Records written after the save (a crash) are
+        # salvaged and counted.  Supersede markers written since the fsync
+        # name records that their replacements (if there) release.
+        meta_num, meta_off = write_num, write_off
+        first = min(int(meta.get("synced", meta.get("write", 0))),
+                    self._pos(write_num, write_off)) if meta else self._pos(write_num, 0)
         short = False
+        replaced: List[int] = []
         for num in nums:
-            if num < write_num:
+            if num < first >> _SEG_SHIFT:
                 continue
-            start = write_off if num == write_num else 0
-            end, count = self._scan(num, start)
-            short = short or end < start
+            start = first & _SEG_MASK if num == first >> _SEG_SHIFT else 0
+            if num < meta_num:       # finished (fsynced when rolled): markers only
+                replaced += self._scan(num, start, _SEG_MASK + 1, cut=False)[2]
+                continue
+            end, count, found = self._scan(num, start, meta_off if num == meta_num else 0)
+            replaced += found
+            if num == meta_num and end < meta_off:
+                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
+                          "says (%d)", self.name, num, end, meta_off)
+                short = True
             depth += count
             write_num, write_off = num, end
         if short:
@@ -1345,6 +1377,9 @@ class SegmentLog:
         if self.acks is not None:
             self._skip, acked_since = self.acks.load(
                 read_pos, int(meta.get("write", 0)), int(meta.get("acks_base", 0)), nums)
+            released = self.acks.restore(replaced, read_pos)
+            self._skip |= released
+            acked_since += len(released)
         self.depth = max(depth - acked_since, 0)   # unread, unacknowledged records
         if write_num not in nums:
             write_off = 0
@@ -1361,35 +1396,52 @@ class SegmentLog:
         os.fsync(fd)        # what a killed process left is durable now
         self._save_meta(self.write_pos)
 
-    def _scan(self, num: int, start: int) -> Tuple[int, int]:
-        """Count whole, valid records in segment *num* from *start*; return (end, count)."""
+    def _scan(self, num: int, start: int, count_from: int = 0,
+              cut: bool = True) -> Tuple[int, int, List[int]]:
+        """Check the records of segment *num* from *start* up to the first
+        that is not whole and valid, and (*cut*) cut the segment there.
+        Returns (where they end, how many lie at or past *count_from*, the
+        positions replaced by the records of supersede markers among them:
+        those of the replacing records that are there)."""
         with open(self._seg_path(num), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < start:
                 log.error("segment log %s: segment %d is shorter (%d) than its metadata "
                           "says (%d)", self.name, num, size, start)
-                return size, 0
+                return size, 0, []
             f.seek(start)
             data = f.read()
         count, off = 0, start
+        replaced: List[int] = []
+        olds: List[int] = []          # of the last marker, for the records still to come
         view = memoryview(data)
         while len(view) - (off - start) >= _REC_SIZE:
             i = off - start
-            size, crc = _REC.unpack_from(view, i)
+            field, crc = _REC.unpack_from(view, i)
+            size = field & _MAX_RECORD
             if size == 0 or size > self.max_record_size or i + _REC_SIZE + size > len(view):
                 break
-            if zlib.crc32(view[i + _REC_SIZE:i + _REC_SIZE + size]) != crc:
+            payload = view[i + _REC_SIZE:i + _REC_SIZE + size]
+            if zlib.crc32(payload) != crc:
                 break
+            if field & _SUPERSEDES:
+                olds = [p for (p,) in _ACK.iter_unpack(payload[:size - size % _ACK.size])]
+                olds.reverse()
+            else:
+                if olds:
+                    old = olds.pop()
+                    if old != _NO_POS:
+                        replaced.append(old)
+                count += off >= count_from
             off += _REC_SIZE + size
-            count += 1
         rest = len(data) - (off - start)
-        if rest:
+        if rest and cut:
             if data.count(0, off - start) != rest:     # zeros are reserved space
                 log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
                             self.name, rest, num)
             with open(self._seg_path(num), "r+b") as f:
                 f.truncate(off)
-        return off, count
+        return off, count, replaced
 
     # -- writing ---------------------------------------------------------------
     @property
@@ -1487,8 +1539,57 @@ class SegmentLog:
         base, off, end = self._append_framed(data, count, False, None, size)
         return base | off, base | end
 
+    def supersede(self, payloads: List[bytes], old: List[int], consume: bool) -> List[int]:
+        """Ack mode: write *payloads* as records that replace those at *old*
+        (one each, or _NO_POS), as ``append`` does; return their positions.
+
+        One write holds a marker naming the old positions, then the new
+        records, so whatever the moment of a crash a restart finds one live
+        copy of each: the old records stay unacknowledged until an fsync
+        covers the new ones (the next ``sync``, asked for at once); until
+        then ``_open``, which scans from the last fsync, finds the marker and
+        releases the old records of the new ones it finds whole.
+
+        Many records go in several such writes (a marker is a record, within
+        ``max_record_size``).  OSError if the first fails; if a later one
+        fails, the positions of those written (the first ones) are returned.
+        """
+        if self.acks is None:
+            raise ValueError("supersede needs ack mode")
+        step = max(1, min(4096, self.max_record_size // _ACK.size))
+        positions: List[int] = []
+        for k in range(0, len(payloads), step):
+            olds = old[k:k + step]
+            marker = struct.pack(f">{len(olds)}Q", *olds)
+            chunks = [_REC.pack(len(marker) | _SUPERSEDES, zlib.crc32(marker)), marker]
+            rel: List[int] = []
+            size = _REC_SIZE + len(marker)
+            for p in payloads[k:k + step]:
+                rel.append(size)
+                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
+                chunks.append(p)
+                size += _REC_SIZE + len(p)
+            try:
+                base, off, _ = self._append_framed(
+                    b"".join(chunks), len(rel), consume, rel,
+                    replaced=[p for p in olds if p != _NO_POS])
+            except OSError as e:
+                if not positions:
+                    raise
+                log.error("segment log %s: %d of %d replacing records written: %s",
+                          self.name, len(positions), len(payloads), e)
+                break
+            positions += [base | (off + r) for r in rel]
+        return positions
+
+    @property
+    def superseding(self) -> bool:
+        """Whether a supersede waits for the fsync that releases its old records."""
+        return bool(self._superseding)
+
     def _append_framed(self, data: Any, n: int, consume: bool, rel: Optional[List[int]],
-                       size: Optional[int] = None) -> Tuple[int, int, int]:
+                       size: Optional[int] = None,
+                       replaced: Optional[List[int]] = None) -> Tuple[int, int, int]:
         # Returns (segment base, offset of the first record, offset after the last).
         chunks = None
         if size is None:
@@ -1531,6 +1632,9 @@ class SegmentLog:
                 self._write_off = end
                 self.ops += n
                 due = self.ops >= self.sync_every and self._sync_due_locked()
+                if replaced is not None:    # visible to a sync with the records
+                    self._superseding.append((base | end, replaced))
+                    due = self._sync_due_locked() or due
                 if not consume:
                     self.depth += n
                 else:
@@ -1643,7 +1747,7 @@ class SegmentLog:
             pos = self._read_pos
             rec = self._read_record(pos)
             if rec is None:
-                continue          # moved to the next segment or skipped damage
+                continue          # moved to the next segment, past damage or a marker
             payload, nxt = rec
             self._read_pos = nxt
             self.ops += 1
@@ -1738,7 +1842,8 @@ class SegmentLog:
         if header is None:      # end of a finished segment: go to the next one
             self._next_segment(num)
             return None
-        size, crc = _REC.unpack(header)
+        field, crc = _REC.unpack(header)
+        size = field & _MAX_RECORD
         payload = None
         if 0 < size <= self.max_record_size:
             payload = self._read_bytes(num, off + _REC_SIZE, size)
@@ -1753,6 +1858,9 @@ class SegmentLog:
                 self._damaged(num, off, "CRC mismatch", skip_to=nxt)
             else:
                 self._damaged(num, off, "CRC mismatch and bad record length")
+            return None
+        if field & _SUPERSEDES:         # a marker, no message: pass it over
+            self._read_pos = self._pos(num, off + _REC_SIZE + size)
             return None
         return payload, self._pos(num, off + _REC_SIZE + size)
 
@@ -1770,6 +1878,7 @@ class SegmentLog:
         if header is None:
             return False
         size, crc = _REC.unpack(header)
+        size &= _MAX_RECORD
         if not 0 < size <= self.max_record_size or off + _REC_SIZE + size > self._segment_end(num):
             return False
         payload = self._read_bytes(num, off + _REC_SIZE, size)
@@ -1881,6 +1990,7 @@ class SegmentLog:
             self._commits.advance(target)
             for rfd in retired:           # rolled segments: fsynced then, idle since
                 os.close(rfd)
+            self._release_superseded(target)
             if save_meta:
                 self._save_meta(target)
                 return
@@ -1890,6 +2000,17 @@ class SegmentLog:
                 self._meta_stale = True
             if self.acks is not None:
                 self.acks.flush()         # to the OS now (a crash keeps them)
+
+    def _release_superseded(self, synced: int) -> None:
+        # The records of supersedes before *synced* are fsynced: acknowledge
+        # the ones they replace (written to the acks file before the metadata
+        # saying a restart need not look for their markers).
+        with self._lock:
+            done = [e for e in self._superseding if e[0] <= synced]
+            if not done:
+                return
+            self._superseding = [e for e in self._superseding if e[0] > synced]
+            self.acks.ack([p for _, olds in done for p in olds])  # type: ignore[union-attr]
 
     def _save_meta(self, synced: int) -> None:
         # The acks file is appended to, and compacted only once it holds many
@@ -1940,6 +2061,7 @@ class SegmentLog:
             self._read_pos = self._commit = self.write_pos
             self.depth = 0
             self._skip.clear()
+            self._superseding.clear()
             if self.acks is not None:
                 self.acks.reset()
         self.sync()
@@ -2300,13 +2422,14 @@ class _MessageQueue:
             return
         records = [_encode_record(m, due) for m, due in items]
         try:
-            self.log.append(records)
+            if self.durable:     # the new records replace the old ones, atomically
+                self.log.supersede(records, [_NO_POS if m._pos is None else m._pos
+                                             for m, _ in items], consume=False)
+            else:
+                self.log.append(records)
         except OSError as e:
             log.error("could not persist %d message(s) to %s: %s", len(items),
                       self.log.name, e)
-            return
-        for m, _ in items:     # the new records supersede the old ones
-            self.done(m)
 
 
 # What a dispatch hands over, once no lock is held: each consumer with its messages.
@@ -3066,6 +3189,8 @@ class Channel:
         seglog = self._queue.log
         acks = seglog.acks
         acks.pinned = False
+        if seglog.superseding:          # the last rewrite is not released yet
+            return
         held = len(self._in_flight) + len(self._deferred)
         if acks.behind < 2 * held:      # not worth it yet: ask again later
             acks.unpin_at = 2 * held
@@ -3074,18 +3199,17 @@ class Channel:
         if not items:
             return
         try:
-            positions = seglog.append([_encode_record(m, due) for m, due in items],
-                                      consume=True)
+            positions = seglog.supersede([_encode_record(m, due) for m, due in items],
+                                         [m._pos for m, _ in items], consume=True)
         except OSError as e:     # the old records stay; tried again later
             log.error("could not rewrite %d held record(s) of %s: %s", len(items),
                       seglog.name, e)
             return
         acks.unpin_at = _UNPIN_ACKS
-        for (m, _), pos in zip(items, positions):
-            old, m._pos = m._pos, pos
-            seglog.ack(old)
+        for (m, _), pos in zip(items, positions):      # (the first ones, if not all)
+            m._pos = pos
         log.info("%s: rewrote %d in-flight or deferred record(s) held back by acks",
-                 seglog.name, len(items))
+                 seglog.name, len(positions))
 
     def _dead_lettered(self, msgs: List[Message]) -> None:
         """The dead-letter topic has these: release their records."""
@@ -3658,8 +3782,9 @@ class Broker:
         _check_range("mem_queue_size", mem_queue_size, 0, None)
         _check_range("msg_timeout", msg_timeout, 0.001, None)
         _check_range("max_msg_timeout", max_msg_timeout, msg_timeout, None)
-        _check_range("max_msg_size", max_msg_size, 1, None)
-        _check_range("max_body_size", max_body_size, 1, None)
+        # A log record carries a body or a batch in a 31-bit length field.
+        _check_range("max_msg_size", max_msg_size, 1, _MAX_RECORD - _RECORD_SLACK)
+        _check_range("max_body_size", max_body_size, 1, _MAX_RECORD - _RECORD_SLACK)
         _check_range("max_req_timeout", max_req_timeout, 0, None)
         _check_range("max_rdy_count", max_rdy_count, 1, None)
         _check_range("max_attempts", max_attempts, 0, 65535)
