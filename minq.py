@@ -25,6 +25,7 @@ import binascii
 import bisect
 import collections
 import concurrent.futures
+import email.utils
 import errno
 import functools
 import gc
@@ -35,7 +36,6 @@ except ImportError:        # Windows: memory-only brokers and the servers still 
 import hashlib
 import heapq
 import http.client
-import http.server
 import itertools
 import json
 import logging
@@ -50,7 +50,6 @@ import selectors
 import shutil
 import signal
 import socket
-import socketserver
 import ssl
 import struct
 import sys
@@ -3886,6 +3885,11 @@ class Broker:
                 self._metadata_changed()
         return t
 
+    def has_topic(self, name: str) -> bool:
+        """Whether topic *name* exists (a dict lookup: a front end asks it
+        per request, to tell a publish that may create a topic)."""
+        return name in self._topics
+
     def get_topic(self, name: str) -> Topic:
         """The existing topic *name*, else TopicNotFound."""
         t = self._topics.get(name)
@@ -4993,154 +4997,204 @@ def _body(data: bytes) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-def _end_gently(sock: socket.socket, timeout: float = 0.5, limit: int = 4 << 20) -> None:
-    """End our side of *sock*, then discard what the peer is still sending.
+class _Layers:
+    """NSQ's optional layers over a connection's bytes, without I/O: TLS on
+    memory BIOs, then deflate or snappy.  One implementation for both ends
+    (``_Stream`` of ``Client``, ``_ServerConnection`` of the servers).
 
-    Closing a socket with unread bytes makes the kernel send RST, which can
-    destroy a reply (an error frame, an HTTP 413) before the peer reads it.
-    Reading is bounded by *timeout* in all and by *limit* bytes.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while limit > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sock.settimeout(left)
-            data = sock.recv(65536)
-            if not data:
-                break
-            limit -= len(data)
-    except OSError:
-        pass
-
-
-class _Stream:
-    """One TCP connection as a byte stream, with NSQ's optional TLS and deflate layers.
-
-    ``send`` is called by one thread at a time (callers serialise it with a
-    send lock of their own); ``recv`` only by the connection's reader.  TLS
-    runs over memory BIOs on the plain socket so that a reading thread and a
-    writing thread never share an SSL socket; ``_tls_lock`` guards the
-    SSLObject and is held only for CPU work, never across socket I/O.
+    Raw bytes from the peer go in with ``feed``; ``read`` returns what they
+    decode to, inflating at most *limit* bytes per call (a small compressed
+    input never balloons); ``encode`` turns bytes to send into raw bytes,
+    and ``outgoing`` returns what TLS itself has to send (its handshake,
+    tickets).  ``_lock`` guards the TLS object, which a client's reading and
+    writing threads share; it is held for CPU work only, never across I/O.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._tls: Optional[ssl.SSLObject] = None
-        self._tls_in: Optional[ssl.MemoryBIO] = None
-        self._tls_out: Optional[ssl.MemoryBIO] = None
-        self._tls_lock = threading.Lock()
+    def __init__(self) -> None:
+        self.tls: Optional[ssl.SSLObject] = None
+        self._in: Optional[ssl.MemoryBIO] = None
+        self._out: Optional[ssl.MemoryBIO] = None
+        self._lock = threading.Lock()
+        self.handshaking = False
+        self.compression = ""            # "", "deflate" or "snappy"
         self._compress: Any = None
         self._decompress: Any = None
-        self._backlog = b""   # received bytes an upgrade left for the new layer
+        self._plain = b""                # decrypted, not yet inflated or read
+        self.eof = False                 # the TLS peer ended the stream
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool,
+                  server_hostname: Optional[str] = None) -> None:
+        """TLS from now on; ``handshake`` runs it as raw bytes come in."""
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.handshaking = True
+
+    def handshake(self) -> bool:
+        """Go on with the TLS handshake; True once it is done (ssl.SSLError if it failed)."""
+        with self._lock:
+            try:
+                self.tls.do_handshake()  # type: ignore[union-attr]
+            except ssl.SSLWantReadError:
+                return False
+        self.handshaking = False
+        return True
+
+    def start_compression(self, kind: str, level: int = 6, leftover: bytes = b"") -> None:
+        """Deflate (raw, at *level*) or snappy both ways from now on; *leftover*
+        (decoded bytes read past the upgrade) is the first input to inflate."""
+        self._plain = leftover + self._plain
+        if kind == "snappy":
+            self._compress, self._decompress = SnappyCompressor(), SnappyDecompressor()
+        else:
+            self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
+            self._decompress = zlib.decompressobj(-15)
+        self.compression = kind
+
+    def feed(self, raw: bytes) -> None:
+        """Bytes received from the peer."""
+        if self.tls is not None:
+            with self._lock:
+                self._in.write(raw)  # type: ignore[union-attr]
+        else:
+            self._plain += raw
+
+    def read(self, limit: int) -> bytes:
+        """What the bytes fed so far decode to: at most *limit* bytes inflated
+        at once (b"" when more input is needed).  Raises ssl.SSLError,
+        zlib.error or SnappyError on a broken stream."""
+        if self.tls is not None and not self.handshaking:
+            parts = [self._plain] if self._plain else []
+            with self._lock:
+                while True:
+                    try:
+                        chunk = self.tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:
+                        self.eof = True
+                        break
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+            self._plain = b"".join(parts)
+        data, d = self._plain, self._decompress
+        if d is None:
+            self._plain = b""
+            return data
+        src = d.unconsumed_tail + data if d.unconsumed_tail else data
+        self._plain = b""
+        return d.decompress(src, limit)
 
     @property
-    def tls(self) -> Optional[ssl.SSLObject]:
-        return self._tls
+    def more(self) -> bool:
+        """Whether ``read`` has more to give without new input (inflating is bounded)."""
+        return bool(self._decompress is not None and self._decompress.unconsumed_tail)
 
-    def send(self, data: bytes) -> None:
+    def take_plain(self) -> bytes:
+        """Decoded bytes not yet read (a layer starting now must see them)."""
+        data, self._plain = self._plain, b""
+        return data
+
+    def encode(self, data: bytes) -> bytes:
+        """Bytes to send, through the layers (a sync flush after every piece)."""
         if self._compress is not None:
             data = self._compress.compress(data) + self._compress.flush(zlib.Z_SYNC_FLUSH)
-        if self._tls is not None:
-            with self._tls_lock:
-                self._tls.write(data)
-                data = self._tls_out.read()  # type: ignore[union-attr]
-        self.sock.sendall(data)
+        if self.tls is not None:
+            with self._lock:
+                self.tls.write(data)
+                data = self._out.read()  # type: ignore[union-attr]
+        return data
 
-    def recv(self, limit: int = 65536) -> bytes:
-        """Up to *limit* bytes from the peer; b'' at end of stream.
-
-        Inflating is bounded by *limit* per call, so a small compressed
-        input can never make us allocate without bound.
-        """
-        while True:
-            d = self._decompress
-            if d is None:
-                if self._backlog:
-                    data, self._backlog = self._backlog, b""
-                    return data
-                return self._recv_plain(limit)
-            if d.unconsumed_tail:
-                src = d.unconsumed_tail
-            elif self._backlog:
-                src, self._backlog = self._backlog, b""
-            else:
-                src = self._recv_plain(limit)
-                if not src:
-                    return b""
-            data = d.decompress(src, limit)
-            if data:
-                return data
-
-    def _recv_plain(self, limit: int) -> bytes:
-        if self._tls is None:
-            return self.sock.recv(limit)
-        while True:
-            with self._tls_lock:
-                try:
-                    return self._tls.read(limit)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return b""
-            raw = self.sock.recv(65536)
-            if not raw:
-                return b""
-            with self._tls_lock:
-                self._tls_in.write(raw)  # type: ignore[union-attr]
-
-    def start_tls(self, context: ssl.SSLContext, server_side: bool, leftover: bytes = b"",
-                  server_hostname: Optional[str] = None, timeout: float = 5.0) -> None:
-        """Run the TLS handshake now; *leftover* is raw data already read past the upgrade."""
-        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = context.wrap_bio(inb, outb, server_side=server_side,
-                               server_hostname=server_hostname)
-        inb.write(leftover)
-        saved = self.sock.gettimeout()
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                try:
-                    obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    out = outb.read()
-                    if out:
-                        self.sock.sendall(out)
-                    raw = self.sock.recv(65536)
-                    if not raw:
-                        raise ConnectionLost("connection closed during the TLS handshake")
-                    inb.write(raw)
-            out = outb.read()
-            if out:
-                self.sock.sendall(out)
-        finally:
-            self.sock.settimeout(saved)
-        self._tls, self._tls_in, self._tls_out = obj, inb, outb
-
-    def start_deflate(self, level: int, leftover: bytes = b"") -> None:
-        """Raw DEFLATE both ways from now on (sync flush after every send)."""
-        self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
-        self._decompress = zlib.decompressobj(-15)
-        self._backlog = leftover
-
-    def start_snappy(self, leftover: bytes = b"") -> None:
-        """Snappy's framing format both ways from now on."""
-        self._compress = SnappyCompressor()
-        self._decompress = SnappyDecompressor()
-        self._backlog = leftover
+    def outgoing(self) -> bytes:
+        """What TLS itself has to send now (handshake records, tickets)."""
+        if self._out is None or not self._out.pending:
+            return b""
+        with self._lock:
+            return self._out.read()
 
     def tls_stats(self) -> Dict[str, Any]:
         """nsqd's tls fields of a client object."""
-        obj = self._tls
-        if obj is None:
+        obj = self.tls
+        if obj is None or self.handshaking:
             return {"tls": False, "tls_cipher_suite": "", "tls_version": ""}
         cipher = obj.cipher()
         version = (obj.version() or "").replace("TLSv", "TLS")
         return {"tls": True, "tls_cipher_suite": cipher[0] if cipher else "",
                 "tls_version": version}
+
+
+class _Stream:
+    """One client TCP connection as a byte stream, through its ``_Layers``.
+
+    ``send`` is called by one thread at a time (callers serialise it with a
+    send lock of their own); ``recv`` only by the connection's reader.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.layers = _Layers()
+        self._plain = True         # no layer yet: the socket's bytes as they are
+
+    @property
+    def tls(self) -> Optional[ssl.SSLObject]:
+        return self.layers.tls
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data if self._plain else self.layers.encode(data))
+
+    def recv(self, limit: int = 65536) -> bytes:
+        """Up to about *limit* bytes from the peer; b'' at end of stream."""
+        if self._plain:
+            return self.sock.recv(limit)
+        layers = self.layers
+        while True:
+            data = layers.read(limit)
+            if data or layers.eof:
+                return data
+            raw = self.sock.recv(65536)
+            if not raw:
+                return b""
+            layers.feed(raw)
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool, leftover: bytes = b"",
+                  server_hostname: Optional[str] = None, timeout: float = 5.0) -> None:
+        """Run the TLS handshake now; *leftover* is raw data already read past the upgrade."""
+        layers = self.layers
+        layers.start_tls(context, server_side, server_hostname)
+        layers.feed(leftover)
+        saved = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            while not layers.handshake():
+                out = layers.outgoing()
+                if out:
+                    self.sock.sendall(out)
+                raw = self.sock.recv(65536)
+                if not raw:
+                    raise ConnectionLost("connection closed during the TLS handshake")
+                layers.feed(raw)
+            out = layers.outgoing()
+            if out:
+                self.sock.sendall(out)
+        finally:
+            self.sock.settimeout(saved)
+        self._plain = False
+
+    def start_deflate(self, level: int, leftover: bytes = b"") -> None:
+        """Raw DEFLATE both ways from now on (sync flush after every send)."""
+        self._start_compression("deflate", level, leftover)
+
+    def start_snappy(self, leftover: bytes = b"") -> None:
+        """Snappy's framing format both ways from now on."""
+        self._start_compression("snappy", 0, leftover)
+
+    def _start_compression(self, kind: str, level: int, leftover: bytes) -> None:
+        self.layers.start_compression(kind, level, leftover)
+        self._plain = False
+
+    def tls_stats(self) -> Dict[str, Any]:
+        return self.layers.tls_stats()
 
 
 class _FrameBuffer:
@@ -6348,17 +6402,20 @@ def _server_tls_context(cert: Optional[str], key: Optional[str], root_ca: Option
 class _EventLoop:
     """One thread's ``selectors`` loop: socket events, timers, calls from other threads.
 
-    Everything registered with it runs on its thread.  Other threads reach it
-    only through ``post``, which appends to an inbox (a deque: thread-safe)
-    and wakes the loop once per batch, not once per call.  Timers are kept in
-    heaps with lazy deletion: an object with ``_timer_at`` and
-    ``_on_timer(now)`` is armed with ``arm``; an entry whose time no longer
-    matches the object's ``_timer_at`` is skipped when it comes due.  Two
-    kinds: ``arm`` for the mechanics of I/O (real time: lingering, polling a
-    full send queue, pausing accepts) and ``arm_deadline`` (``_deadline_at``,
-    ``_on_deadline(now)``) for the protocol's deadlines, on *clock*, the
-    broker's: heartbeats, output buffering, write deadlines.  A FakeClock's
-    ``advance`` wakes the loop to run those that fell due.
+    Everything registered with it runs on its thread, which runs while a
+    face uses it (``attach`` / ``detach``: the TCP and HTTP faces of
+    ``serve`` share one loop).  Other threads reach it only through
+    ``post``, which appends to an inbox (a deque: thread-safe) and wakes the
+    loop once per batch, not once per call.  Timers are kept in heaps with
+    lazy deletion: an object with ``_timer_at`` and ``_on_timer(now)`` is
+    armed with ``arm``; an entry whose time no longer matches the object's
+    ``_timer_at`` is skipped when it comes due.  Two kinds: ``arm`` for
+    real time (the mechanics of I/O: lingering, polling a full send queue,
+    pausing accepts; and the HTTP face's timeouts) and ``arm_deadline``
+    (``_deadline_at``, ``_on_deadline(now)``) for the NSQ protocol's
+    deadlines, on *clock*, the broker's: heartbeats, output buffering,
+    write deadlines.  A FakeClock's ``advance`` wakes the loop to run those
+    that fell due.
     """
 
     def __init__(self, clock: Any = SystemClock) -> None:
@@ -6376,6 +6433,53 @@ class _EventLoop:
         self.dirty: List[Any] = []     # objects whose _after_pass() runs at the end of a pass
         self.ident: Optional[int] = None
         self.stopping = False
+        # _users_lock guards _users and _thread: the faces attached, and the
+        # thread that runs while there are any.
+        self._users_lock = threading.Lock()
+        self._users = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def attach(self) -> None:
+        """A face starts using the loop: its thread runs from now on."""
+        with self._users_lock:
+            self._users += 1
+            if self._thread is None:
+                if hasattr(self.clock, "add_listener"):
+                    self.clock.add_listener(self.clock_moved)
+                self._thread = threading.Thread(target=self.run, name="minq-io")
+                self._thread.start()
+
+    def detach(self) -> None:
+        """A face is done with the loop; the last one stops and joins its
+        thread and releases it.  Not from the loop's own thread."""
+        with self._users_lock:
+            self._users -= 1
+            thread = self._thread if self._users <= 0 else None
+        if thread is None:
+            return
+        if hasattr(self.clock, "remove_listener"):
+            self.clock.remove_listener(self.clock_moved)
+        self.post(self._stop)
+        thread.join()
+
+    def _stop(self, _: Any = None) -> None:
+        self.stopping = True
+
+    def call(self, fn: Callable[[Any], None], arg: Any = None) -> None:
+        """Run ``fn(arg)`` on the loop's thread and wait for it (from another
+        thread; at once if the loop does not run)."""
+        if self._thread is None or threading.get_ident() == self.ident:
+            fn(arg)
+            return
+        done = threading.Event()
+
+        def run(_: Any) -> None:
+            try:
+                fn(arg)
+            finally:
+                done.set()
+        self.post(run)
+        done.wait()
 
     def post(self, fn: Callable[..., None], arg: Any = None) -> None:
         """Run ``fn(arg)`` on the loop's thread soon (from any thread)."""
@@ -6403,8 +6507,8 @@ class _EventLoop:
         """A FakeClock was advanced (from any thread): look at the deadlines."""
         self.post(_nothing)
 
-    def run(self, on_stop: Callable[[], None]) -> None:
-        """Serve events until ``stopping`` is set, then call *on_stop* (on this thread)."""
+    def run(self) -> None:
+        """Serve events until ``stopping`` is set, then release the loop."""
         self.ident = threading.get_ident()
         select, inbox = self.selector.select, self._inbox
         timers, deadlines, clock = self._timers, self._deadlines, self.clock
@@ -6424,20 +6528,24 @@ class _EventLoop:
                         self._drain_wake()
                     else:
                         handler(mask)
-                self._run_inbox()
+                if inbox:
+                    self._run_inbox()
                 if timers and timers[0][0] <= time.monotonic():
                     self._run_timers(timers, "_timer_at", "_on_timer", time.monotonic())
                 if deadlines and deadlines[0][0] <= clock.monotonic():
                     self._run_timers(deadlines, "_deadline_at", "_on_deadline",
                                      clock.monotonic())
-                self._end_pass()
+                if self.dirty:
+                    self._end_pass()
         finally:
-            on_stop()
             self._end_pass()
+            self._run_inbox()
             self.close()
 
     def close(self) -> None:
         """Release the selector and the wake-up sockets (the loop is not running)."""
+        with self._users_lock:
+            self._thread = None
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -6460,7 +6568,7 @@ class _EventLoop:
             try:
                 fn(arg)
             except Exception:
-                log.exception("TCP loop: %r failed", fn)
+                log.exception("I/O loop: %r failed", fn)
 
     @staticmethod
     def _run_timers(timers: List[Tuple[float, int, Any]], at: str, run: str,
@@ -6475,7 +6583,7 @@ class _EventLoop:
             try:
                 getattr(obj, run)(now)
             except Exception:
-                log.exception("TCP loop: %s of %r failed", run, obj)
+                log.exception("I/O loop: %s of %r failed", run, obj)
 
     def _end_pass(self) -> None:
         # Output is written once per pass: every frame a read produced goes
@@ -6486,7 +6594,7 @@ class _EventLoop:
                 try:
                     obj._after_pass()
                 except Exception:
-                    log.exception("TCP loop: %r failed", obj)
+                    log.exception("I/O loop: %r failed", obj)
 
 
 _LOOP_IDLE_WAIT = 1.0            # the longest select() when nothing is due
@@ -6497,12 +6605,6 @@ _MAX_UNSENT = 1 << 20            # unsent bytes beyond which a connection is not
 _TLS_HANDSHAKE_TIMEOUT = 5.0
 _LINGER = 0.5                    # after a fatal error: how long unread input is drained
 _LINGER_BYTES = 4 << 20          # ... and how much of it, so the error frame is not reset
-_ASYNC = object()                # a command's reply comes later, from a worker thread
-_MSG_FRAME = struct.Struct(">lLqH16s")   # frame size, type, then the message header
-_MSG_FRAME_OVERHEAD = _MSG_FRAME.size            # 34 bytes before a message's body
-_MSG_FRAME_SIZE_FIELD = _MSG_FRAME.size - 4      # the size field counts all but itself
-_FIN_LINE = 21                   # b"FIN " + a 16-byte id + b"\n"
-_OK_FRAME = struct.pack(">lL", 6, FRAME_TYPE_RESPONSE) + b"OK"
 _OUTQ_CHECK = 256 * 1024         # bytes sent between two looks at the kernel's send queue
 _OUTQ_POLL = 0.01                # while it is full: how often to look again
 try:                             # bytes a socket has not had acknowledged (Linux, BSDs)
@@ -6514,6 +6616,593 @@ except ImportError:
 
 def _nothing(_: Any = None) -> None:
     """What a post() that only wakes the loop runs."""
+
+
+class _Face:
+    """A listening socket served by an event loop (the base of TCPServer and
+    HTTPServer): accepts connections and keeps them, runs commands that may
+    block on worker threads, and closes in order.
+
+    ``_conns_lock`` guards ``_conns`` (the loop adds and removes; others
+    list) and ``_closing``.  Subclasses name their protocol in
+    ``_protocol(connection)`` and their threads in ``_name``.
+    """
+
+    _name = "face"
+
+    def __init__(self, address: Any, default_port: int, label: str, clock: Any,
+                 loop: Optional[_EventLoop], workers: int) -> None:
+        self._listener = _listen(address, default_port, label)
+        self._listener.setblocking(False)
+        self.server_address: Tuple[Any, ...] = self._listener.getsockname()
+        self.loop = loop if loop is not None else _EventLoop(clock)
+        self._own_loop = loop is None
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"minq-{self._name}-worker")
+        self._conns_lock = threading.Lock()
+        self._conns: set = set()
+        self._closing = False
+        self._started = False
+        self._accepting = False
+        self._accept_paused_until = 0.0
+        self._timer_at = math.inf
+
+    @property
+    def address(self) -> str:
+        """Where the server listens, as ``host:port`` (``[host]:port`` for IPv6)."""
+        host, port = self.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start(self) -> "_Face":
+        """Serve connections from the loop's thread."""
+        self._started = True
+        self.loop.attach()
+        self.loop.call(self._listen_now)
+        return self
+
+    def _listen_now(self, _: Any = None) -> None:
+        self.loop.selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        self._accepting = True
+
+    def connections(self) -> List["_ServerConnection"]:
+        with self._conns_lock:
+            return list(self._conns)
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections (those open go on)."""
+        with self._conns_lock:
+            self._closing = True
+        self.loop.call(self._unlisten)
+
+    def _unlisten(self, _: Any = None) -> None:
+        if self._accepting:
+            self.loop.selector.unregister(self._listener)
+            self._accepting = False
+        self._listener.close()
+
+    def _close_connections(self, _: Any = None) -> None:
+        for conn in self.connections():
+            conn.shutdown("the server is closing", graceful=False)
+
+    def _finish_close(self) -> None:
+        """After the connections: release the loop, join the workers."""
+        if self._started:
+            self._started = False
+            self.loop.detach()
+        elif self._own_loop:
+            self.loop.close()
+        self._workers.shutdown(wait=True)
+
+    def _on_accept(self, mask: int) -> None:
+        if time.monotonic() < self._accept_paused_until:
+            return
+        for _ in range(64):
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # Out of file descriptors (EMFILE) and the like: the listener
+                # stays readable, so pause accepting instead of spinning.
+                log.error("%s: cannot accept a connection: %s; pausing accepts for 0.1s",
+                          self._name.upper(), e)
+                self._accept_paused_until = time.monotonic() + 0.1
+                self.loop.arm(self, self._accept_paused_until)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = _ServerConnection(self, sock, addr)
+            except OSError as e:
+                log.info("%s: dropped a new connection from %s: %s", self._name.upper(),
+                         addr, e)
+                sock.close()
+                continue
+            with self._conns_lock:
+                self._conns.add(conn)
+            conn.start()
+
+    def _on_timer(self, now: float) -> None:
+        if self._accepting:
+            self._on_accept(selectors.EVENT_READ)      # accepts were paused
+
+    def _forget(self, conn: "_ServerConnection") -> None:
+        with self._conns_lock:
+            self._conns.discard(conn)
+
+    def _protocol(self, conn: "_ServerConnection") -> Any:
+        raise NotImplementedError
+
+    def _submit(self, conn: "_ServerConnection", fn: Callable[..., Any], *args: Any) -> None:
+        """Run *fn* on a worker thread; its outcome, (result, None) or (None,
+        exception), goes back to the loop: ``conn.job_done``."""
+        def job() -> None:
+            try:
+                result: Tuple[Any, Optional[BaseException]] = (fn(*args), None)
+            except Exception as e:
+                result = (None, e)
+            conn.proto.job_ended()
+            self.loop.post(conn.job_done, result)
+        try:
+            self._workers.submit(job)
+        except RuntimeError:            # the pool is shut down: the server is closing
+            conn.shutdown("the server is closing", graceful=False)
+
+    def __enter__(self) -> "_Face":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+class _ServerConnection:
+    """One accepted socket in the event loop: bytes in and out, and the
+    mechanics around them, for the protocol spoken over it (``proto``:
+    ``_NSQProtocol`` or ``_HTTPProtocol``), as nsqd keeps ``client_v2.go``
+    apart from ``protocol_v2.go``.
+
+    Input is parsed in place by the protocol: ``rbuf[rpos:]`` holds what was
+    read, and the protocol is called (``received``) once ``need`` bytes are
+    there, so a big body is joined once, not once per read.  Output goes to
+    ``out`` and is written once per pass of the loop (``urgent``: a reply is
+    in it; otherwise the protocol decides, ``buffered``).  A peer that does
+    not read what it is sent is not read either, once ``_MAX_UNSENT`` waits
+    for it here or in the kernel.  ``layers`` (TLS, compression) are None
+    until the protocol starts one.  Commands that may block run on the
+    face's workers (``submit``) while the connection reads nothing more.
+    All of it runs on the loop's thread.
+    """
+
+    def __init__(self, face: _Face, sock: socket.socket, address: Any) -> None:
+        self.face = face
+        self.loop = face.loop
+        self.sock = sock
+        self.remote_address = f"{address[0]}:{address[1]}"
+        self.remote_ip = str(address[0])
+        self.layers: Optional[_Layers] = None
+        # Input: rbuf[rpos:] then _chunks, avail bytes in all.
+        self.rbuf = b""
+        self.rpos = 0
+        self._chunks: List[bytes] = []
+        self.avail = 0
+        self.need = 1
+        self.busy = False          # a command runs on a worker thread
+        self.waiting = False       # the protocol waits for something else (body memory)
+        self.eof = False           # the peer ended its side
+        self._processing = False   # the protocol's received() is on the stack
+        self._redecode = False     # a layer started mid-input: decode what is left
+        # Output
+        self.out: List[bytes] = []
+        self.out_bytes = 0
+        self.urgent = False
+        self.write_timeout = math.inf    # (the protocol's clock) for a peer that reads nothing
+        self._unsent: List[bytes] = []
+        self._unsent_bytes = 0
+        self._sent_unchecked = 0
+        self._outq_full = False
+        self._dirty = False
+        self._events = 0
+        # Timers: I/O mechanics on time.monotonic(); the write deadline on the loop's clock.
+        self._timer_at = math.inf
+        self._deadline_at = math.inf
+        self._linger_until = math.inf
+        self._linger_left = 0
+        self._handshake_until = math.inf
+        self._write_deadline = math.inf
+        self.closing = False       # no more requests (a fatal error, EOF, close)
+        self.gone = False          # the socket is closed and forgotten
+        self.proto = face._protocol(self)
+
+    def __repr__(self) -> str:
+        return f"<{self.face._name} connection {self.remote_address}>"
+
+    # -- life ------------------------------------------------------------------
+    def start(self) -> None:
+        self._set_events(selectors.EVENT_READ)
+        self.proto.started()
+
+    def _set_events(self, events: int) -> None:
+        if events == self._events or self.gone:
+            return
+        sel = self.loop.selector
+        if not self._events:
+            sel.register(self.sock, events, self._on_event)
+        elif not events:
+            sel.unregister(self.sock)
+        else:
+            sel.modify(self.sock, events, self._on_event)
+        self._events = events
+
+    def held_back(self) -> bool:
+        """Whether the peer reads so little that its requests must wait."""
+        return self._unsent_bytes >= _MAX_UNSENT or self._outq_full
+
+    def update_events(self) -> None:
+        """Read while input may be processed (or discarded), write while output waits."""
+        reading = self.closing or not (
+            self.eof or self.busy or self.waiting or self.held_back()
+            or self.avail >= _MAX_UNSENT + self.need
+            or self.layers is not None and self.layers.more)
+        self._set_events((selectors.EVENT_READ if reading else 0)
+                         | (selectors.EVENT_WRITE if self._unsent else 0))
+
+    def shutdown(self, reason: str, graceful: bool, level: int = logging.DEBUG) -> None:
+        """End the connection: the protocol lets go of what it holds now
+        (``closed``); a graceful end first writes what is buffered, then
+        half-closes and drains unread input for a moment, so the peer reads
+        our last reply instead of a reset."""
+        if self.closing and not graceful:
+            self._destroy()
+            return
+        if not self.closing:
+            log.log(level, "%s client %s: %s", self.face._name, self.remote_address, reason)
+            self.closing = True
+            self.proto.connection_lost()
+        self.flush()
+        if not graceful or self.gone:
+            self._destroy()
+        elif not self._unsent and self._linger_until == math.inf:
+            self._linger()
+        # else: _write_unsent lingers once the buffer is out
+
+    def _linger(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._destroy()
+            return
+        if self.eof:
+            self._destroy()
+            return
+        self._linger_until = time.monotonic() + _LINGER
+        self._linger_left = _LINGER_BYTES
+        self._set_events(selectors.EVENT_READ)
+        self.loop.arm(self, self._linger_until)
+
+    def _destroy(self) -> None:
+        if self.gone:
+            return
+        if not self.closing:
+            self.closing = True
+            self.proto.connection_lost()
+        self.gone = True
+        if self._events:
+            self.loop.selector.unregister(self.sock)
+            self._events = 0
+        self.sock.close()
+        self.face._forget(self)
+
+    def close(self) -> None:
+        """Close the connection (from any thread)."""
+        self.loop.post(self._close_now)
+
+    def _close_now(self, _: Any = None) -> None:
+        self.shutdown("closed by the server", graceful=False)
+
+    # -- reading -----------------------------------------------------------------
+    def _on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._write_unsent()
+        if mask & selectors.EVENT_READ and not self.gone:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
+            return
+        if self.closing:               # no more requests: discard what still comes
+            self._linger_left -= len(data)
+            if not data or (self._linger_until < math.inf and self._linger_left <= 0):
+                self._destroy()
+            return
+        if not data:
+            self.eof = True
+            self.update_events()
+            if not self.busy:
+                self.proto.ended()
+            return
+        if self.layers is None:
+            if not self.avail:                 # the common case: one whole request
+                self.rbuf, self.rpos, self.avail = data, 0, len(data)
+            else:
+                self._chunks.append(data)
+                self.avail += len(data)
+            if self.avail >= self.need and not self.busy:
+                self._process()
+                if self._redecode:
+                    self._decode()
+            return
+        self.layers.feed(data)
+        self._decode()
+
+    def _decode(self) -> None:
+        # Through the layers: drive a TLS handshake, then decode a bounded
+        # piece at a time, each processed before the next, while input may
+        # be processed (the rest waits, compressed, for _resume).
+        layers = self.layers
+        self._redecode = False
+        try:
+            if layers.handshaking:  # type: ignore[union-attr]
+                done = layers.handshake()  # type: ignore[union-attr]
+                self.send_raw(layers.outgoing())  # type: ignore[union-attr]
+                if not done:
+                    return
+                self._handshake_until = math.inf
+                self.proto.tls_ready()
+            while not (self.busy or self.closing or self.gone or self.held_back()):
+                data = layers.read(_INFLATE_CHUNK)  # type: ignore[union-attr]
+                out = layers.outgoing()  # type: ignore[union-attr]
+                if out:                      # post-handshake messages (tickets, key updates)
+                    self.send_raw(out)
+                if data:
+                    if not self.avail:
+                        self.rbuf, self.rpos, self.avail = data, 0, len(data)
+                    else:
+                        self._chunks.append(data)
+                        self.avail += len(data)
+                    if self.avail >= self.need:
+                        self._process()
+                    if self._redecode:       # a new layer took what was left
+                        self._redecode = False
+                        layers = self.layers
+                        continue
+                if layers.eof:  # type: ignore[union-attr]
+                    self.eof = True
+                    if not self.busy:
+                        self.proto.ended()
+                    return
+                if not layers.more or self.avail >= _MAX_UNSENT + self.need:  # type: ignore[union-attr]
+                    break
+        except ssl.SSLError as e:
+            if layers.handshaking:  # type: ignore[union-attr]
+                self.proto.tls_failed(str(e))
+            else:
+                self.shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
+            return
+        except (zlib.error, SnappyError) as e:
+            self.proto.decode_failed(e)
+            return
+        self.update_events()
+
+    def _process(self) -> None:
+        # The protocol parses rbuf[rpos:] (chunks joined first) in place.
+        if self._processing:
+            return              # a layer started mid-request: the running pass goes on
+        if self._chunks:
+            self.rbuf = self.rbuf[self.rpos:] + b"".join(self._chunks)
+            self.rpos = 0
+            self._chunks = []
+        self._processing = True
+        try:
+            self.proto.received()
+        finally:
+            self._processing = False
+
+    def consume(self, n: int) -> None:
+        """The protocol took *n* bytes from ``rbuf[rpos:]``."""
+        self.rpos += n
+        self.avail -= n
+        if self.rpos >= len(self.rbuf):
+            self.rbuf, self.rpos = b"", 0
+
+    def take_input(self) -> bytes:
+        """Everything read and not parsed: it belongs to a layer starting now."""
+        data = self.rbuf[self.rpos:] + b"".join(self._chunks)
+        self.rbuf, self.rpos, self._chunks, self.avail = b"", 0, [], 0
+        return data
+
+    def resume(self) -> None:
+        """Go on with input held back (by a worker's command, unsent output, a wait)."""
+        if self.gone:
+            return
+        if self.layers is not None and (self.layers.more or self._redecode):
+            self._decode()
+            return
+        if self.avail >= self.need and not (self.busy or self.waiting or self.closing):
+            self._process()
+            if self._redecode:
+                self._decode()
+                return
+        self.update_events()
+
+    # -- layers ------------------------------------------------------------------
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """TLS from now on (the server's side); input not yet parsed goes through it."""
+        self.layers = self.layers or _Layers()
+        self.layers.start_tls(context, server_side=True)
+        self._handshake_until = time.monotonic() + _TLS_HANDSHAKE_TIMEOUT
+        self.loop.arm(self, self._handshake_until)
+        leftover = self.take_input()
+        if leftover:
+            self.layers.feed(leftover)
+        self._redecode = True
+
+    def start_compression(self, kind: str, level: int) -> None:
+        """Deflate or snappy from now on; input not yet parsed is inflated first."""
+        self.layers = self.layers or _Layers()
+        self.layers.start_compression(kind, level, self.take_input())
+        self._redecode = True
+
+    # -- jobs on workers ---------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run *fn* on a worker; input waits; ``proto.job_done`` gets the outcome."""
+        self.busy = True
+        self.face._submit(self, fn, *args)
+
+    def job_done(self, result: Tuple[Any, Optional[BaseException]]) -> None:
+        self.busy = False
+        if self.gone:
+            return
+        self.proto.job_done(*result)
+        if self.closing:
+            return
+        self.resume()
+        if self.eof and not self.busy:
+            self.proto.ended()
+
+    # -- writing -----------------------------------------------------------------
+    def write(self, data: bytes, urgent: bool = True) -> None:
+        """Queue *data*: written at the end of the pass (*urgent*), or when the
+        protocol's ``buffered`` says so."""
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if urgent:
+            self.urgent = True
+        if not self._dirty:
+            self._dirty = True
+            self.loop.dirty.append(self)
+
+    def _after_pass(self) -> None:
+        self._dirty = False
+        if self.gone:
+            return
+        proto = self.proto
+        if proto.pass_hook:
+            proto.after_pass()
+        if not self.out:
+            return
+        if self.urgent:
+            self.flush()
+        else:
+            proto.buffered()
+
+    def flush(self) -> None:
+        """Write the output buffer out now (through the layers)."""
+        out = self.out
+        self.urgent = False
+        if not out or self.gone:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        if self.layers is not None:
+            data = self.layers.encode(data)
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes past the layers (what they made, or a refusal in plain text)."""
+        if not data or self.gone:
+            return
+        if self._unsent:
+            self._unsent.append(data)
+            self._unsent_bytes += len(data)
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self.shutdown(f"write failed: {e}", graceful=False, level=logging.INFO)
+            return
+        self._sent_unchecked += n
+        if self._sent_unchecked >= _OUTQ_CHECK:
+            self._check_outq()
+        if n < len(data):
+            self._unsent.append(data[n:])
+            self._unsent_bytes += len(data) - n
+            self._write_deadline = self.loop.clock.monotonic() + self.write_timeout
+            self.update_events()
+            self.loop.arm_deadline(self, self._write_deadline)
+
+    def _check_outq(self) -> None:
+        self._sent_unchecked = 0
+        if _TIOCOUTQ is None or fcntl is None:
+            return
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return
+        full = queued > _MAX_UNSENT
+        if full != self._outq_full:
+            self._outq_full = full
+            if full:
+                self.update_events()
+            else:
+                self.resume()
+        if full:
+            self.loop.arm(self, time.monotonic() + _OUTQ_POLL)
+
+    def _write_unsent(self) -> None:
+        data = b"".join(self._unsent)
+        self._unsent.clear()
+        self._unsent_bytes = 0
+        self.send_raw(data)
+        if self.gone:
+            return
+        if not self._unsent:
+            self._write_deadline = math.inf
+            if self.closing and self._linger_until == math.inf:
+                self._linger()
+                return
+            self.proto.drained()
+        else:      # progress: the write deadline starts again, as nsqd's
+            self._write_deadline = self.loop.clock.monotonic() + self.write_timeout
+            self.loop.arm_deadline(self, self._write_deadline)
+        if not self.busy:
+            self.resume()           # input held back by the unsent output
+        else:
+            self.update_events()
+
+    # -- timers --------------------------------------------------------------------
+    def _on_timer(self, now: float) -> None:
+        # The mechanics of I/O, on time.monotonic().
+        if self.gone:
+            return
+        if now >= self._linger_until:
+            self._destroy()
+            return
+        if now >= self._handshake_until:
+            self._handshake_until = math.inf
+            self.proto.tls_failed("timed out")
+            return
+        if self._outq_full:
+            self._check_outq()
+        when = min(self._linger_until, self._handshake_until)
+        if when < math.inf:
+            self.loop.arm(self, when)
+
+    def _on_deadline(self, now: float) -> None:
+        # A peer that reads nothing, on the loop's clock.
+        if self.gone or not self._unsent:
+            return
+        if now >= self._write_deadline:
+            self.shutdown("write timed out (the client reads nothing)", graceful=False,
+                          level=logging.INFO)
+        else:
+            self.loop.arm_deadline(self, self._write_deadline)
+
+
+_ASYNC = object()                # a command's reply comes later, from a worker thread
+_MSG_FRAME = struct.Struct(">lLqH16s")   # frame size, type, then the message header
+_MSG_FRAME_OVERHEAD = _MSG_FRAME.size            # 34 bytes before a message's body
+_MSG_FRAME_SIZE_FIELD = _MSG_FRAME.size - 4      # the size field counts all but itself
+_FIN_LINE = 21                   # b"FIN " + a 16-byte id + b"\n"
+_OK_FRAME = struct.pack(">lL", 6, FRAME_TYPE_RESPONSE) + b"OK"
+_PUB_HEAD = struct.Struct(">l")
 
 
 def _fin_run(buf: bytes, pos: int) -> List[bytes]:
@@ -6535,206 +7224,31 @@ def _fin_run(buf: bytes, pos: int) -> List[bytes]:
     return ids
 
 
-class TCPServer:
-    """nsqd's TCP front end (protocol V2) for a Broker, on one I/O thread.
+class _NSQProtocol(Consumer):
+    """nsqd's client protocol V2 over one ``_ServerConnection`` (nsqd's
+    protocol_v2.go): commands in, replies and message frames out; to the
+    core, the connection's consumer.
 
-    ``start()`` serves from a background thread; ``close()`` stops accepting,
-    closes every connection (requeueing what they held in flight) and joins
-    every thread.  The broker stays open: its owner closes it.  Commands
-    that may block run on up to *workers* threads while their connection
-    waits (publishes in fsync mode, the first use of a topic or channel,
-    AUTH against an auth server).
+    Every complete command in the input runs at once, in order; a single
+    PUB (the request most producers make) is published and answered
+    without leaving ``received``.  Replies are written at the end of the
+    loop's pass; message frames once the output buffer fills or the
+    client's RDY window does, else after ``output_buffer_timeout`` (nsqd's
+    output buffering).  Heartbeats, the read deadline (two missed ones) and
+    the buffering timer are deadlines on the broker's clock.  Commands that
+    may block (fsync-mode publishes, a topic or channel's first use, AUTH
+    against an auth server) run on a worker while the connection waits.
     """
 
-    def __init__(self, broker: Broker, address: Any = DEFAULT_TCP_ADDRESS, *,
-                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-                 max_heartbeat_interval: float = DEFAULT_MAX_HEARTBEAT_INTERVAL,
-                 output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
-                 max_output_buffer_size: int = DEFAULT_MAX_OUTPUT_BUFFER_SIZE,
-                 max_output_buffer_timeout: float = DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 tls_required: bool = False, deflate: bool = True, snappy: bool = True,
-                 max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
-                 authorizer: Optional[Authorizer] = None, workers: int = 16,
-                 body_budget: Optional[MemoryBudget] = None,
-                 min_output_buffer_timeout: float = DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT,
-                 max_channel_consumers: int = 0, tls_root_ca_file: Optional[str] = None,
-                 tls_client_auth_policy: str = "", tls_min_version: str = "") -> None:
-        _check_range("max_deflate_level", max_deflate_level, 1, 9)
-        _check_range("max_channel_consumers", max_channel_consumers, 0, None)
-        _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
-        _check_range("workers", workers, 1, 1024)
-        self.broker = broker
-        self.heartbeat_interval = heartbeat_interval
-        self.max_heartbeat_interval = max_heartbeat_interval
-        self.output_buffer_timeout = output_buffer_timeout
-        self.max_output_buffer_size = max_output_buffer_size
-        self.max_output_buffer_timeout = max_output_buffer_timeout
-        self.min_output_buffer_timeout = min_output_buffer_timeout
-        #: most consumers a channel may have over TCP (0: no limit), as nsqd
-        self.max_channel_consumers = max_channel_consumers
-        self.deflate = deflate
-        self.snappy = snappy
-        self.max_deflate_level = max_deflate_level
-        self.authorizer = authorizer
-        #: shared with the HTTP face when ``serve`` runs both
-        self.body_budget = body_budget or MemoryBudget(
-            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
-        self.tls_context = _server_tls_context(tls_cert, tls_key, tls_root_ca_file,
-                                               tls_client_auth_policy, tls_min_version)
-        if tls_client_auth_policy and not tls_required:
-            tls_required = True         # nsqd: a client certificate policy requires TLS
-        if tls_required and self.tls_context is None:
-            raise InvalidArgument("tls_required needs tls_cert and tls_key")
-        self.tls_required = tls_required
-        self._listener = _listen(address, TCP_PORT, "TCP")
-        self._listener.setblocking(False)
-        self.server_address: Tuple[Any, ...] = self._listener.getsockname()
-        self.loop = _EventLoop(broker.clock)
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="minq-tcp-worker")
-        # _conns_lock guards _conns (the loop adds and removes, others list)
-        # and _closing.
-        self._conns_lock = threading.Lock()
-        self._conns: set = set()
-        self._closing = False
-        self._thread: Optional[threading.Thread] = None
-        self._accept_paused_until = 0.0
-
-    @property
-    def address(self) -> str:
-        """Where the server listens, as ``host:port`` (``[host]:port`` for IPv6)."""
-        host, port = self.server_address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def start(self) -> "TCPServer":
-        """Serve connections from a background thread (the I/O loop)."""
-        self.loop.selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-        if hasattr(self.loop.clock, "add_listener"):
-            self.loop.clock.add_listener(self.loop.clock_moved)
-        self._thread = threading.Thread(target=self.loop.run, args=(self._on_stop,),
-                                        name="minq-tcp")
-        self._thread.start()
-        return self
-
-    def connections(self) -> List["_ClientV2"]:
-        with self._conns_lock:
-            return list(self._conns)
-
-    def close(self) -> None:
-        """Stop accepting, close every connection, join every thread."""
-        with self._conns_lock:
-            if self._closing:
-                return
-            self._closing = True
-        if self._thread is not None:
-            if hasattr(self.loop.clock, "remove_listener"):
-                self.loop.clock.remove_listener(self.loop.clock_moved)
-            self.loop.post(self._stop_loop)
-            self._thread.join()
-        else:
-            self._listener.close()
-            self.loop.close()
-        self._workers.shutdown(wait=True)
-
-    def _stop_loop(self, _: Any = None) -> None:
-        self.loop.stopping = True
-
-    def _on_stop(self) -> None:
-        # On the loop's thread, as it ends: nothing more is accepted; each
-        # connection gets what was ready for it, then is closed.
-        self.loop.selector.unregister(self._listener)
-        self._listener.close()
-        for conn in self.connections():
-            conn._shutdown("the server is closing", graceful=False)
-
-    def _on_accept(self, mask: int) -> None:
-        if time.monotonic() < self._accept_paused_until:
-            return
-        for _ in range(64):
-            try:
-                sock, addr = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                # Out of file descriptors (EMFILE) and the like: the listener
-                # stays readable, so pause accepting instead of spinning.
-                log.error("TCP: cannot accept a connection: %s; pausing accepts for 0.1s", e)
-                self._accept_paused_until = time.monotonic() + 0.1
-                self.loop.arm(self, self._accept_paused_until)
-                return
-            self._accepted(sock, addr)
-
-    _timer_at = math.inf
-
-    def _on_timer(self, now: float) -> None:
-        self._on_accept(selectors.EVENT_READ)      # accepts were paused
-
-    def _accepted(self, sock: socket.socket, addr: Any) -> None:
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _ClientV2(self, sock, addr)
-        except OSError as e:
-            log.info("TCP: dropped a new connection from %s: %s", addr, e)
-            sock.close()
-            return
-        with self._conns_lock:
-            self._conns.add(conn)
-        conn._start()
-
-    def _forget(self, conn: "_ClientV2") -> None:
-        with self._conns_lock:
-            self._conns.discard(conn)
-
-    def _submit(self, conn: "_ClientV2", fn: Callable[..., Optional[bytes]],
-                *args: Any) -> None:
-        """Run a command that may block on a worker thread; the reply comes back
-        to the loop, which meanwhile runs nothing else of that connection."""
-        def job() -> None:
-            try:
-                result: Tuple[Any, Optional[_ClientError]] = (fn(*args), None)
-            except _ClientError as e:
-                result = (None, e)
-            except Exception as e:       # a bug: the client gets an error, not silence
-                log.exception("client %s: command failed", conn.remote_address)
-                result = (None, _ClientError("E_INVALID", f"internal error: {e}"))
-            if conn._gone and conn.channel is not None:
-                conn.channel.remove_consumer(conn)   # a SUB that raced its close
-            self.loop.post(conn._job_done, result)
-        try:
-            self._workers.submit(job)
-        except RuntimeError:            # the pool is shut down: the server is closing
-            conn._shutdown("the server is closing", graceful=False)
-
-    def __enter__(self) -> "TCPServer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class _ClientV2(Consumer):
-    """One TCP connection speaking protocol V2, run by the server's I/O loop.
-
-    Bytes read are parsed into commands as soon as they are complete; each
-    command's reply, and every message frame a delivery produces, is
-    appended to the output buffer.  At the end of the loop's pass the buffer
-    is written out if it holds a reply, has reached ``output_buffer_size``,
-    or the client's RDY window is full; otherwise after
-    ``output_buffer_timeout`` (nsqd's output buffering).  TLS runs over
-    memory BIOs and deflate over zlib objects, both on the loop's thread.
-    """
-
-    def __init__(self, server: TCPServer, sock: socket.socket, address: Any) -> None:
-        super().__init__(ready_count=0, client_id=str(address[0]))
+    def __init__(self, server: "TCPServer", conn: _ServerConnection) -> None:
+        super().__init__(ready_count=0, client_id=conn.remote_ip)
         self.server = server
         self.broker = server.broker
-        self.loop = server.loop
-        self.sock = sock
-        self.remote_address = f"{address[0]}:{address[1]}"
-        self.remote_ip = str(address[0])
-        self.hostname = str(address[0])
+        self.conn = conn
+        self.loop = conn.loop
+        self.remote_address = conn.remote_address
+        self.remote_ip = conn.remote_ip
+        self.hostname = conn.remote_ip
         self.user_agent = ""
         self.state = STATE_INIT
         self.heartbeat_interval = server.heartbeat_interval
@@ -6747,270 +7261,109 @@ class _ClientV2(Consumer):
         self.auth: Optional[_AuthState] = None
         self.pub_counts: Dict[str, int] = {}
         self._topics_seen: Dict[bytes, str] = {}    # valid topic names published to
-        # Input: _rbuf[_rpos:] then _chunks (not joined until _need bytes are
-        # there, so a big body is copied once); _pending is a body command
-        # whose body is still coming: [handler, params, limit, code, what, size].
-        self._rbuf = b""
-        self._rpos = 0
-        self._chunks: List[bytes] = []
-        self._avail = 0
-        self._need = 4             # the protocol magic comes first
+        # Topics this connection published to with a plain PUB, by the bytes
+        # naming them: later PUBs to them take the fast path (``_pub``), as
+        # long as none may block: no AUTH, no fsync, TLS as required.
+        self._pub_topics: Dict[bytes, Topic] = {}
+        self._pub_limit = min(self.broker.max_msg_size, MemoryBudget.SMALL - 1)
         self._magic = False
+        # A command whose body is still coming: [handler, params, limit, code, what, size].
         self._pending: Optional[List[Any]] = None
-        self._busy = False         # a command runs on a worker thread
-        self._processing = False   # _process is on the stack
-        self._eof = False          # the peer ended its side
-        # Output: frames not yet written, and bytes written only in part.
-        self._out: List[bytes] = []
-        self._out_bytes = 0
-        self._reply = False        # _out holds a reply: write at the end of the pass
-        self._unsent: List[bytes] = []
-        self._unsent_bytes = 0
-        # The kernel may hold megabytes a client has not read (the send buffer
-        # grows by itself): past _MAX_UNSENT in it, the client's input waits.
-        self._sent_unchecked = 0
-        self._outq_full = False
         self._budget_held = 0            # bytes of the body being read, taken from the budget
-        self._awaiting_budget = False
-        self._drops: List[bytes] = []   # ids dropped by sample_rate, finished at the end of the pass
-        self._dirty = False
-        self._events = 0           # what the selector watches for
-        # Layers (set by IDENTIFY): TLS on memory BIOs, then deflate.
-        self._tls: Optional[ssl.SSLObject] = None
-        self._tls_in: Optional[ssl.MemoryBIO] = None
-        self._tls_out: Optional[ssl.MemoryBIO] = None
-        self._handshake_until = math.inf
+        self._drops: List[bytes] = []    # ids dropped by sample_rate, finished after the pass
+        self.pass_hook = False           # _drops wait: after_pass runs
         # compression to start once TLS is up: ("deflate", level), ("snappy", 0) or None
         self._then_compress: Optional[Tuple[str, int]] = None
-        self._compress: Any = None
-        self._decompress: Any = None
-        self._deflated_input = b""   # read past IDENTIFY, before compression started
-        # Timers (inf: none).  The protocol's deadlines are on the broker's
-        # clock (``_now``); lingering, the send-queue poll and the TLS
-        # handshake on time.monotonic().
+        # Deadlines on the broker's clock (inf: none).
         self._now = self.loop.clock.monotonic
         now = self._now()
-        self._timer_at = math.inf
         self._deadline_at = math.inf
         self._next_beat = now + self.heartbeat_interval
         self._read_deadline = now + 2 * self.heartbeat_interval
         self._flush_at = math.inf
-        self._write_deadline = math.inf
-        self._linger_until = math.inf
-        self._linger_left = 0
-        self._closing = False      # no more commands (a fatal error, EOF, close)
-        self._gone = False         # the socket is closed and forgotten
+        conn.need = 4                    # the protocol magic comes first
+        conn.write_timeout = self.heartbeat_interval or DEFAULT_MAX_HEARTBEAT_INTERVAL
 
     def __repr__(self) -> str:
         return f"<TCP client {self.remote_address}>"
 
-    # -- the connection's life ---------------------------------------------------
-    def _start(self) -> None:
-        self._set_events(selectors.EVENT_READ)
+    # -- the connection's events ---------------------------------------------------
+    def started(self) -> None:
         self._arm()
 
-    def _set_events(self, events: int) -> None:
-        if events == self._events or self._gone:
-            return
-        sel = self.loop.selector
-        if not self._events:
-            sel.register(self.sock, events, self._on_event)
-        elif not events:
-            sel.unregister(self.sock)
-        else:
-            sel.modify(self.sock, events, self._on_event)
-        self._events = events
+    def ended(self) -> None:
+        """The peer ended its side (and no command runs): end ours."""
+        self.conn.shutdown("closed by the peer", graceful=True)
 
-    def _update_events(self) -> None:
-        reading = self._closing or (
-            not self._eof and not self._held_back() and not self._awaiting_budget
-            and self._avail < _MAX_UNSENT + self._need
-            and not (self._decompress is not None and self._decompress.unconsumed_tail))
-        events = (selectors.EVENT_READ if reading else 0) | (
-            selectors.EVENT_WRITE if self._unsent else 0)
-        self._set_events(events)
-
-    def _on_event(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._write_unsent()
-        if mask & selectors.EVENT_READ and not self._gone:
-            self._on_readable()
-
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
-            return
-        if self._closing:               # no more commands: discard what still comes
-            self._linger_left -= len(data)
-            if not data or (self._linger_until < math.inf and self._linger_left <= 0):
-                self._destroy()
-            return
-        if not data:
-            self._eof = True
-            self._update_events()
-            if not self._busy:
-                self._shutdown("closed by the peer", graceful=True, level=logging.DEBUG)
-            return
-        try:
-            if self._tls is not None:
-                data = self._tls_recv(data)
-            if self._decompress is not None:
-                self._inflate(data)
-            else:
-                self._feed(data)
-        except ssl.SSLError as e:
-            self._shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
-        except (zlib.error, SnappyError) as e:
-            self._compressed_input_failed(e)
-
-    def _feed(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._avail += len(data)
-        if self._processing:
-            return              # a layer started mid-command: the running pass goes on
-        if self._avail >= self._need:
-            self._process()
-        if self._deflated_input:      # read before compression started, for it to inflate
-            data, self._deflated_input = self._deflated_input, b""
-            self._inflate(data)
-            return
-        self._update_events()
-
-    def _shutdown(self, reason: str, graceful: bool, level: int = logging.DEBUG) -> None:
-        """End the connection: its consumer leaves the channel (what it held in
-        flight is requeued) now; a graceful end first writes what is buffered,
-        then half-closes and drains unread input for a moment, so the peer
-        reads our last frame instead of a reset."""
-        if self._closing and not graceful:
-            self._destroy()
-            return
-        if not self._closing:
-            log.log(level, "client %s: %s", self.remote_address, reason)
-            self._closing = True
-            self._leave()
-        self._flush()
-        if not graceful or self._gone:
-            self._destroy()
-        elif not self._unsent and self._linger_until == math.inf:
-            self._linger()
-        # else: _write_unsent lingers once the buffer is out
-
-    def _leave(self) -> None:
-        # Drops first (they count as finished), then the rest is requeued.
+    def connection_lost(self) -> None:
+        """The connection is ending: drops count as finished, what was in
+        flight is requeued, the producer leaves the stats."""
         self._finish_drops()
         self.closed = True
         ch = self.channel
         if ch is not None:
             ch.remove_consumer(self)
         self.broker.remove_producer(self)
-
-    def _linger(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._destroy()
-            return
-        if self._eof:
-            self._destroy()
-            return
-        self._linger_until = time.monotonic() + _LINGER
-        self._linger_left = _LINGER_BYTES
-        self._set_events(selectors.EVENT_READ)
-        self._arm()
-
-    def _destroy(self) -> None:
-        if self._gone:
-            return
-        if not self._closing:
-            self._closing = True
-            self._leave()
-        self._gone = True
         self._give_back_budget()
-        if self._events:
-            self.loop.selector.unregister(self.sock)
-            self._events = 0
-        self.sock.close()
-        self.server._forget(self)
 
-    def close(self) -> None:
-        """Close the connection (from any thread): nsqd's reaction to a deleted channel."""
-        self.loop.post(self._close_now)
+    def job_ended(self) -> None:
+        # On the worker's thread: a SUB that raced the connection's close.
+        if self.conn.gone and self.channel is not None:
+            self.channel.remove_consumer(self)
 
-    def _close_now(self, _: Any = None) -> None:
-        self._shutdown("closed by the server", graceful=False)
+    def tls_ready(self) -> None:
+        self.conn.write(_OK_FRAME)
+        if self._then_compress:
+            self.conn.flush()              # the TLS OK is not compressed
+            self._start_compression(*self._then_compress)
 
-    def _on_channel_closed(self) -> None:
-        self.closed = True
-        self.close()
+    def tls_failed(self, why: str) -> None:
+        self.conn.layers = None            # the error goes out in plain text
+        self._fatal(_ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {why}"))
 
-    # -- timers ------------------------------------------------------------------
+    def decode_failed(self, e: Exception) -> None:
+        codec = "snappy" if self.snappy else "deflate"
+        self._fatal(_ClientError("E_INVALID", f"failed to read command - {codec}: {e}"))
+
+    def drained(self) -> None:
+        """Unsent output went out."""
+
+    # -- deadlines -------------------------------------------------------------------
     def _arm(self) -> None:
-        if self._gone:
+        conn = self.conn
+        if conn.gone:
             return
-        when = min(self._linger_until, self._handshake_until)
-        if self._outq_full:
-            when = min(when, time.monotonic() + _OUTQ_POLL)
-        if when < math.inf:
-            self.loop.arm(self, when)
         hb = self.heartbeat_interval
-        due = min(self._flush_at if self._out else math.inf,
-                  self._write_deadline if self._unsent else math.inf)
-        if hb > 0 and not self._closing:
+        due = self._flush_at if conn.out else math.inf
+        if hb > 0 and not conn.closing:
             due = min(due, self._next_beat)
-            if not self._busy:
+            if not conn.busy:
                 due = min(due, self._read_deadline)
         if due < math.inf:
             self.loop.arm_deadline(self, due)
 
-    def _on_timer(self, now: float) -> None:
-        # The mechanics of I/O, on time.monotonic().
-        if self._gone:
-            return
-        if now >= self._linger_until:
-            self._destroy()
-            return
-        if now >= self._handshake_until:
-            self._tls_failed("timed out")
-            return
-        if self._outq_full:
-            self._check_outq()
-        self._arm()
-
     def _on_deadline(self, now: float) -> None:
-        # The protocol's deadlines, on the broker's clock.
-        if self._gone:
-            return
-        if self._unsent and now >= self._write_deadline:
-            self._shutdown("write timed out (the client reads nothing)", graceful=False,
-                           level=logging.INFO)
+        conn = self.conn
+        if conn.gone:
             return
         hb = self.heartbeat_interval
-        if hb > 0 and not self._closing:
-            if now >= self._read_deadline and not self._busy:
-                self._shutdown("no command within two heartbeat intervals", graceful=False,
-                               level=logging.INFO)
+        if hb > 0 and not conn.closing:
+            if now >= self._read_deadline and not conn.busy:
+                conn.shutdown("no command within two heartbeat intervals", graceful=False,
+                              level=logging.INFO)
                 return
             if now >= self._next_beat:
                 self._next_beat = now + hb
-                self._respond(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT))
-        if self._out and now >= self._flush_at:
-            self._flush()
+                conn.write(_frame(FRAME_TYPE_RESPONSE, _HEARTBEAT))
+        if conn.out and now >= self._flush_at:
+            self._flush_at = math.inf
+            conn.flush()
         self._arm()
 
-    # -- writing -----------------------------------------------------------------
+    # -- output: message frames and nsqd's buffering -------------------------------------
     def _respond(self, frame: bytes) -> None:
-        """Queue a reply (or error, or heartbeat): written at the end of the pass."""
-        self._out.append(frame)
-        self._out_bytes += len(frame)
-        self._reply = True
-        if not self._dirty:
-            self._dirty = True
-            self.loop.dirty.append(self)
+        """Queue a reply (or error): written at the end of the pass."""
+        self.conn.write(frame)
 
     def _deliver(self, msg: _Delivery) -> None:
         self._deliver_many([msg])
@@ -7021,12 +7374,14 @@ class _ClientV2(Consumer):
         if threading.get_ident() != self.loop.ident:
             self.loop.post(self._deliver_many, msgs)
             return
-        if self._closing:
+        conn = self.conn
+        if conn.closing:
             return           # still in flight: requeued when it left the channel
-        add, pack, size, rate = self._out.append, _MSG_FRAME.pack, self._out_bytes, self.sample_rate
+        add, pack, size, rate = conn.out.append, _MSG_FRAME.pack, conn.out_bytes, self.sample_rate
         for m in msgs:
             if rate and random.randrange(100) > rate:
                 self._drops.append(m.id)       # nsqd drops it for this client
+                self.pass_hook = True
                 continue
             body = m.body
             n = len(body)
@@ -7034,24 +7389,22 @@ class _ClientV2(Consumer):
                      m.id))
             add(body)                          # joined when written
             size += n + _MSG_FRAME_OVERHEAD
-        self._out_bytes = size
-        if not self._dirty:
-            self._dirty = True
-            self.loop.dirty.append(self)
+        conn.out_bytes = size
+        if not conn._dirty:
+            conn._dirty = True
+            self.loop.dirty.append(conn)
 
-    def _after_pass(self) -> None:
-        # nsqd's flush rule: replies at once; message frames once the buffer
-        # is full or the client can take no more, else after the timeout.
-        self._dirty = False
-        if self._gone:
-            return
-        if self._drops:
-            self._finish_drops()
-        if not self._out:
-            return
-        if (self._reply or self._out_bytes >= self.output_buffer_size
-                or self.in_flight_count >= self.ready_count or self.output_buffer_timeout <= 0):
-            self._flush()
+    def after_pass(self) -> None:
+        self.pass_hook = False
+        self._finish_drops()
+
+    def buffered(self) -> None:
+        """Only message frames wait: nsqd's rule says when they go out."""
+        conn = self.conn
+        if (conn.out_bytes >= self.output_buffer_size or self.in_flight_count >= self.ready_count
+                or self.output_buffer_timeout <= 0):
+            self._flush_at = math.inf
+            conn.flush()
         elif self._flush_at == math.inf:
             self._flush_at = self._now() + self.output_buffer_timeout
             self._arm()
@@ -7061,268 +7414,86 @@ class _ClientV2(Consumer):
         if drops and self.channel is not None:
             self.channel.finish_many(self, drops)
 
-    def _flush(self) -> None:
-        """Write the output buffer through the layers (deflate, then TLS)."""
-        out = self._out
-        self._flush_at = math.inf
-        self._reply = False
-        if not out or self._gone:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_bytes = 0
-        if self._compress is not None:
-            data = self._compress.compress(data) + self._compress.flush(zlib.Z_SYNC_FLUSH)
-        if self._tls is not None:
-            self._tls.write(data)
-            data = self._tls_out.read()  # type: ignore[union-attr]
-        self._send_raw(data)
-
-    def _send_raw(self, data: bytes) -> None:
-        if not data or self._gone:
-            return
-        if self._unsent:
-            self._unsent.append(data)
-            self._unsent_bytes += len(data)
-            return
-        try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as e:
-            self._shutdown(f"write failed: {e}", graceful=False, level=logging.INFO)
-            return
-        self._sent_unchecked += n
-        if self._sent_unchecked >= _OUTQ_CHECK:
-            self._check_outq()
-        if n < len(data):
-            self._unsent.append(data[n:])
-            self._unsent_bytes += len(data) - n
-            hb = self.heartbeat_interval
-            self._write_deadline = self._now() + (hb if hb > 0 else
-                                                       DEFAULT_MAX_HEARTBEAT_INTERVAL)
-            self._update_events()
-            self._arm()
-
-    def _check_outq(self) -> None:
-        self._sent_unchecked = 0
-        if _TIOCOUTQ is None or fcntl is None:
-            return
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _TIOCOUTQ, b"\0" * 4))[0]
-        except OSError:
-            return
-        full = queued > _MAX_UNSENT
-        if full != self._outq_full:
-            self._outq_full = full
-            if full:
-                self._update_events()
-            else:
-                self._resume_input()
-        if full:
-            self._arm()
-
-    def _write_unsent(self) -> None:
-        data = b"".join(self._unsent)
-        self._unsent.clear()
-        self._unsent_bytes = 0
-        self._send_raw(data)
-        if self._gone:
-            return
-        if not self._unsent:
-            self._write_deadline = math.inf
-            if self._closing and self._linger_until == math.inf:
-                self._linger()
+    # -- reading commands ------------------------------------------------------------------
+    def received(self) -> None:
+        """Run every complete command at ``conn.rbuf[conn.rpos:]``, in order; set
+        ``conn.need`` when the next one is not complete."""
+        conn = self.conn
+        if not self._magic:
+            magic = conn.rbuf[conn.rpos:conn.rpos + 4]
+            conn.consume(4)
+            if magic != MAGIC_V2:
+                log.info("client %s: bad protocol magic %r", self.remote_address, magic)
+                self._fatal(_ClientError("E_BAD_PROTOCOL", ""))
                 return
-        else:
-            hb = self.heartbeat_interval    # progress: nsqd's write deadline starts again
-            self._write_deadline = self._now() + (hb if hb > 0 else
-                                                       DEFAULT_MAX_HEARTBEAT_INTERVAL)
-        if not self._busy:
-            self._resume_input()      # input held back by the unsent output
-        else:
-            self._update_events()
-
-    # -- the layers: TLS and deflate -------------------------------------------
-    def _start_tls(self) -> None:
-        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = self.server.tls_context.wrap_bio(  # type: ignore[union-attr]
-            inb, outb, server_side=True)
-        self._tls_in, self._tls_out = inb, outb
-        self._handshake_until = time.monotonic() + _TLS_HANDSHAKE_TIMEOUT
-        leftover = self._take_input()
-        self._arm()
-        if leftover:
-            self._feed(self._tls_recv(leftover))
-
-    def _tls_recv(self, raw: bytes) -> bytes:
-        """Raw bytes in; the plaintext they complete out (driving the handshake)."""
-        tls, inb, outb = self._tls, self._tls_in, self._tls_out
-        inb.write(raw)  # type: ignore[union-attr]
-        if self._handshake_until < math.inf:
-            try:
-                tls.do_handshake()  # type: ignore[union-attr]
-            except ssl.SSLWantReadError:
-                self._send_raw(outb.read())  # type: ignore[union-attr]
-                return b""
-            except (ssl.SSLError, OSError) as e:
-                self._tls_failed(str(e))
-                return b""
-            self._handshake_until = math.inf
-            self._send_raw(outb.read())  # type: ignore[union-attr]
-            self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-            if self._then_compress:
-                self._flush()              # the TLS OK is not compressed
-                self._start_compression(*self._then_compress)
-        parts = []
-        while True:
-            try:
-                chunk = tls.read(_RECV_SIZE)  # type: ignore[union-attr]
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                self._eof = True
-                break
-            if not chunk:
-                break
-            parts.append(chunk)
-        pending = outb.pending  # type: ignore[union-attr]
-        if pending:                    # post-handshake messages (tickets, key updates)
-            self._send_raw(outb.read())  # type: ignore[union-attr]
-        return b"".join(parts)
-
-    def _tls_failed(self, why: str) -> None:
-        self._tls = None           # the error goes out in plain text
-        self._handshake_until = math.inf
-        self._fatal(_ClientError("E_IDENTIFY_FAILED", f"IDENTIFY failed {why}"))
-
-    def _start_compression(self, kind: str, level: int) -> None:
-        if kind == "snappy":
-            self._compress, self._decompress = SnappyCompressor(), SnappyDecompressor()
-            self.snappy = True
-        else:
-            self._compress = zlib.compressobj(level, zlib.DEFLATED, -15)
-            self._decompress = zlib.decompressobj(-15)
-            self.deflate = True
-        self._then_compress = None
-        self._respond(_frame(FRAME_TYPE_RESPONSE, b"OK"))
-        self._deflated_input = self._take_input()     # inflated once this command ends
-
-    def _compressed_input_failed(self, e: Exception) -> None:
-        codec = "snappy" if self.snappy else "deflate"
-        self._fatal(_ClientError("E_INVALID", f"failed to read command - {codec}: {e}"))
-
-    def _take_input(self) -> bytes:
-        """Everything read but not parsed: it belongs to a layer starting now."""
-        data = self._rbuf[self._rpos:] + b"".join(self._chunks)
-        self._rbuf, self._rpos, self._chunks, self._avail = b"", 0, [], 0
-        return data
-
-    def _inflate(self, data: bytes) -> None:
-        # A bounded piece at a time, each parsed before the next is inflated,
-        # so a small compressed input can never make us allocate without
-        # bound; while commands wait (busy, a client that does not read), the
-        # rest stays compressed in unconsumed_tail and nothing more is read.
-        d = self._decompress
-        src = d.unconsumed_tail + data if d.unconsumed_tail else data
-        while True:
-            self._feed(d.decompress(src, _INFLATE_CHUNK))
-            src = d.unconsumed_tail
-            if (not src or self._busy or self._closing or self._processing
-                    or self._avail >= _MAX_UNSENT + self._need):
-                return
-
-    def _resume_input(self) -> None:
-        """Go on with input held back (by a worker's command, or unsent output)."""
-        if self._decompress is not None and self._decompress.unconsumed_tail:
-            self._inflate(b"")
-        elif self._avail >= self._need:
-            self._process()
-        self._update_events()
-
-    # -- reading commands ---------------------------------------------------------
-    def _process(self) -> None:
-        """Run every complete command in the input, in order."""
-        self._processing = True
-        try:
-            self._process_input()
-        finally:
-            self._processing = False
-
-    def _process_input(self) -> None:
-        while not (self._busy or self._closing) and self._avail >= self._need:
-            if self._chunks:
-                self._rbuf = self._rbuf[self._rpos:] + b"".join(self._chunks)
-                self._rpos = 0
-                self._chunks = []
-            if not self._magic:
-                self._check_magic()
-            else:
-                self._take_commands()
-            if self._held_back():
-                break                      # the client is not reading: wait for it
-
-    def _check_magic(self) -> None:
-        magic = self._rbuf[self._rpos:self._rpos + 4]
-        self._consume(4)
-        if magic != MAGIC_V2:
-            log.info("client %s: bad protocol magic %r", self.remote_address, magic)
-            self._fatal(_ClientError("E_BAD_PROTOCOL", ""))
-            return
-        self._magic = True
-        self._need = 1
-
-    def _consume(self, n: int) -> None:
-        self._rpos += n
-        self._avail -= n
-        if self._rpos >= len(self._rbuf):
-            self._rbuf, self._rpos = b"", 0
-
-    def _take_commands(self) -> None:
-        """Run the complete commands at the start of _rbuf; set _need when the
-        next one is not complete."""
-        while not (self._busy or self._closing or self._held_back()):
+            self._magic = True
+            conn.need = 1
+        if self.heartbeat_interval > 0:
+            self._read_deadline = self._now() + 2 * self.heartbeat_interval
+        while not (conn.busy or conn.closing or conn.waiting) and conn.avail >= conn.need:
+            if conn._unsent_bytes >= _MAX_UNSENT or conn._outq_full:
+                return                         # the client reads nothing: wait for it
             if self._pending is not None:
                 if not self._take_body():
                     return
                 continue
-            buf, pos = self._rbuf, self._rpos
+            buf, pos = conn.rbuf, conn.rpos
+            if buf.startswith(b"PUB ", pos) and self._pub(buf, pos):
+                continue
             if buf.startswith(b"FIN ", pos) and self.channel is not None and \
                     self.state != STATE_INIT:
                 ids = _fin_run(buf, pos)
                 if ids:                   # the hot path: a burst of FINs, settled at once
-                    if self.heartbeat_interval > 0:
-                        self._read_deadline = self._now() + 2 * self.heartbeat_interval
-                    self._consume(len(ids) * _FIN_LINE)
+                    conn.consume(len(ids) * _FIN_LINE)
                     self._fin_ids(ids)
                     continue
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) - pos > MAX_LINE_LENGTH:
-                    self._shutdown(f"command line longer than {MAX_LINE_LENGTH} bytes; closing",
-                                   graceful=False, level=logging.WARNING)
+                    conn.shutdown(f"command line longer than {MAX_LINE_LENGTH} bytes; closing",
+                                  graceful=False, level=logging.WARNING)
                     return
-                self._need = len(buf) - pos + 1
+                conn.need = len(buf) - pos + 1
                 return
             line = buf[pos:nl]
-            self._consume(nl + 1 - pos)
+            conn.consume(nl + 1 - pos)
+            conn.need = 1
             self._run(line[:-1] if line.endswith(b"\r") else line)
-        self._need = 1 if self._pending is None else self._need
 
-    def _held_back(self) -> bool:
-        """Whether the client reads so little that its commands must wait."""
-        return self._unsent_bytes >= _MAX_UNSENT or self._outq_full
+    def _pub(self, buf: bytes, pos: int) -> bool:
+        """A whole ``PUB <topic>\\n<size><body>`` at *pos*, published and answered
+        here; False leaves it to the general path (it is not whole, not
+        plain, or needs more than a publish into memory or a log)."""
+        nl = buf.find(b"\n", pos, pos + 80)
+        if nl < 0 or nl + 5 > len(buf):
+            return False
+        size = _PUB_HEAD.unpack_from(buf, nl + 1)[0]
+        end = nl + 5 + size
+        if end > len(buf) or not 0 < size <= self._pub_limit:
+            return False
+        t = self._pub_topics.get(buf[pos + 4:nl])
+        if t is None or t.deleted:
+            return False
+        self.conn.consume(end - pos)
+        name = t.name
+        try:
+            self.broker.publish(name, buf[nl + 5:end])
+        except MinqError as e:
+            self._error(_publish_error("PUB", e))
+            return True
+        counts = self.pub_counts
+        counts[name] = counts[name] + 1
+        self.conn.write(_OK_FRAME)
+        return True
 
     def _run(self, line: bytes) -> None:
-        if self.heartbeat_interval > 0:
-            self._read_deadline = self._now() + 2 * self.heartbeat_interval
         params = line.split(b" ")
         name = params[0]
         try:
             cmd = self._COMMANDS.get(name)
             if cmd is None:
                 raise _ClientError("E_INVALID", f"invalid command {name.decode(errors='replace')}")
-            if self.server.tls_required and self._tls is None and name != b"IDENTIFY":
+            if self.server.tls_required and self.conn.layers is None and name != b"IDENTIFY":
                 raise _ClientError("E_INVALID", f"cannot {name.decode()} in current "
                                                 f"state (TLS required)")
             reply = cmd(self, params)
@@ -7332,29 +7503,31 @@ class _ClientV2(Consumer):
         if reply is not None and reply is not _ASYNC:
             self._respond(_OK_FRAME if reply == b"OK" else _frame(FRAME_TYPE_RESPONSE, reply))
 
-    def _expect_body(self, then: Callable[["_ClientV2", List[Any], bytes], Any],
+    def _expect_body(self, then: Callable[["_NSQProtocol", List[Any], bytes], Any],
                      params: List[Any], limit: int, code: str,
                      what: str = "body") -> object:
         """A command continues with a 4-byte length and that many bytes: the
         length is checked as soon as it arrives, before the body is read."""
         self._pending = [then, params, limit, code, what, -1]
-        self._need = 4
+        self.conn.need = 4
         return _ASYNC
 
     def _take_body(self) -> bool:
         """Go on with the command waiting for its body; False if more input is needed."""
+        conn = self.conn
         pending = self._pending
         then, params, limit, code, what, size = pending  # type: ignore[misc]
-        have = len(self._rbuf) - self._rpos
+        have = conn.avail
         if size < 0:
             if have < 4:
-                self._need = 4
+                conn.need = 4
                 return False
-            size = _LEN.unpack_from(self._rbuf, self._rpos)[0]
-            self._consume(4)
+            size = _LEN.unpack_from(conn.rbuf, conn.rpos)[0]
+            conn.consume(4)
             have -= 4
             if size <= 0 or size > limit:
                 self._pending = None
+                conn.need = 1
                 cmd = params[0].decode()
                 self._error(_ClientError(code, f"{cmd} invalid {what} size {size}" if size <= 0
                                          else f"{cmd} {'message' if what == 'message body' else 'body'} "
@@ -7364,15 +7537,17 @@ class _ClientV2(Consumer):
         if size >= MemoryBudget.SMALL and not self._budget_held:
             # A big body is read only once the server's body memory has room.
             if not self.server.body_budget.try_take(size, self._budget_freed):
-                self._awaiting_budget = True
-                self._need = size
+                conn.waiting = True
+                conn.need = size
+                conn.update_events()
                 return False
             self._budget_held = size
         if have < size:
-            self._need = size
+            conn.need = size
             return False
-        body = self._rbuf[self._rpos:self._rpos + size]
-        self._consume(size)
+        body = conn.rbuf[conn.rpos:conn.rpos + size]
+        conn.consume(size)
+        conn.need = 1
         self._pending = None
         try:
             reply = then(self, params, body)
@@ -7380,7 +7555,7 @@ class _ClientV2(Consumer):
             self._give_back_budget()
             self._error(e)
             return True
-        if reply is not _ASYNC:           # else the worker's _job_done gives it back
+        if reply is not _ASYNC:           # else job_done gives it back
             self._give_back_budget()
             if reply is not None:
                 self._respond(_OK_FRAME if reply == b"OK" else
@@ -7394,13 +7569,14 @@ class _ClientV2(Consumer):
 
     def _budget_freed(self) -> None:
         # Called by whichever thread gave memory back: retry on the loop.
-        self.loop.post(_ClientV2._retry_body, self)
+        self.loop.post(self._retry_body)
 
-    def _retry_body(self) -> None:
-        if self._gone or not self._awaiting_budget:
+    def _retry_body(self, _: Any = None) -> None:
+        conn = self.conn
+        if conn.gone or not conn.waiting:
             return
-        self._awaiting_budget = False
-        self._resume_input()
+        conn.waiting = False
+        conn.resume()
 
     def _error(self, e: _ClientError) -> None:
         if e.fatal:
@@ -7412,39 +7588,32 @@ class _ClientV2(Consumer):
     def _fatal(self, e: _ClientError) -> None:
         log.warning("client %s: %s", self.remote_address, e)
         self._respond(_frame(FRAME_TYPE_ERROR, str(e).encode().rstrip()))
-        self._shutdown(str(e), graceful=True)
+        self.conn.shutdown(str(e), graceful=True)
 
     def _later(self, fn: Callable[..., Optional[bytes]], *args: Any) -> object:
         """Run a command that may block on a worker; the reply follows."""
-        self._busy = True
-        self.server._submit(self, fn, *args)
+        self.conn.submit(fn, *args)
+        self.conn.update_events()
         return _ASYNC
 
-    def _job_done(self, result: Tuple[Any, Optional[_ClientError]]) -> None:
-        self._busy = False
+    def job_done(self, reply: Any, error: Optional[BaseException]) -> None:
         self._give_back_budget()
-        if self._gone:
-            return
-        reply, error = result
         if self.heartbeat_interval > 0:
             self._read_deadline = self._now() + 2 * self.heartbeat_interval
-        if error is not None:
+        if isinstance(error, _ClientError):
             self._error(error)
+        elif error is not None:       # a bug: the client gets an error, not silence
+            log.error("client %s: command failed: %r", self.remote_address, error)
+            self._error(_ClientError("E_INVALID", f"internal error: {error}"))
         elif reply is not None:
             self._respond(_frame(FRAME_TYPE_RESPONSE, reply))
-        if self._closing:
-            return
-        self._resume_input()
-        if self._eof and not self._busy:
-            self._shutdown("closed by the peer", graceful=True)
-            return
         self._arm()
 
     # -- commands ----------------------------------------------------------------
     def _identify(self, params: List[bytes]) -> object:
         if self.state != STATE_INIT:
             raise _ClientError("E_INVALID", "cannot IDENTIFY in current state")
-        return self._expect_body(_ClientV2._identify_body, params, self.broker.max_body_size,
+        return self._expect_body(_NSQProtocol._identify_body, params, self.broker.max_body_size,
                                  "E_BAD_BODY")
 
     def _identify_body(self, params: List[bytes], body: bytes) -> Optional[bytes]:
@@ -7480,14 +7649,23 @@ class _ClientV2(Consumer):
         # The reply goes out in plain text; each upgrade then answers OK inside it.
         self._respond(_frame(FRAME_TYPE_RESPONSE, json.dumps(reply).encode()))
         if tls or deflate or snappy:
-            self._flush()
+            self.conn.flush()
         compression = ("snappy", 0) if snappy else ("deflate", level) if deflate else None
         if tls:
             self._then_compress = compression
-            self._start_tls()
+            self.conn.start_tls(srv.tls_context)  # type: ignore[arg-type]
         elif compression:
             self._start_compression(*compression)
         return None
+
+    def _start_compression(self, kind: str, level: int) -> None:
+        self.conn.start_compression(kind, level)
+        if kind == "snappy":
+            self.snappy = True
+        else:
+            self.deflate = True
+        self._then_compress = None
+        self._respond(_OK_FRAME)
 
     def _apply_identify(self, data: Dict[str, Any]) -> None:
         srv = self.server
@@ -7535,6 +7713,7 @@ class _ClientV2(Consumer):
         self.identified = True
         now = self._now()
         self.heartbeat_interval = hb_s
+        self.conn.write_timeout = hb_s or DEFAULT_MAX_HEARTBEAT_INTERVAL
         self._next_beat = now + hb_s
         self._read_deadline = now + 2 * hb_s
         self._arm()
@@ -7547,7 +7726,7 @@ class _ClientV2(Consumer):
             raise _ClientError("E_INVALID", "cannot AUTH in current state")
         if len(params) != 1:
             raise _ClientError("E_INVALID", "AUTH invalid number of parameters")
-        return self._expect_body(_ClientV2._auth_body, params, self.broker.max_body_size,
+        return self._expect_body(_NSQProtocol._auth_body, params, self.broker.max_body_size,
                                  "E_BAD_BODY")
 
     def _auth_body(self, params: List[bytes], secret: bytes) -> object:
@@ -7575,7 +7754,8 @@ class _ClientV2(Consumer):
             raise _ClientError("E_AUTH_FAILED", "AUTH failed: too many failures; "
                                                 f"retry in {math.ceil(wait)}s")
         try:
-            state = authorizer.authorize(secret, self.remote_ip, self._tls is not None)
+            state = authorizer.authorize(secret, self.remote_ip, self.conn.layers is not None
+                                         and self.conn.layers.tls is not None)
         except (OSError, ValueError) as e:
             log.warning("client %s: AUTH failed: %s", self.remote_address, e)
             state = None
@@ -7722,15 +7902,24 @@ class _ClientV2(Consumer):
     def _nop(self, params: List[bytes]) -> None:
         return None
 
-    def _pub(self, params: List[bytes]) -> object:
+    def _pub_cmd(self, params: List[bytes]) -> object:
         if len(params) < 2:
             raise _ClientError("E_INVALID", "PUB insufficient number of parameters")
         topic = self._topic_name(params[1], "PUB topic")
-        return self._expect_body(_ClientV2._pub_body, [params[0], topic], self.broker.max_msg_size,
-                                 "E_BAD_MESSAGE", "message body")
+        return self._expect_body(_NSQProtocol._pub_body, [params[0], topic, params[1]],
+                                 self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
 
     def _pub_body(self, params: List[Any], body: bytes) -> object:
-        return self._publish("PUB", params[1], [body], 0.0)
+        reply = self._publish("PUB", params[1], [body], 0.0)
+        srv = self.server
+        if (reply == b"OK" and srv.authorizer is None and not self.broker.fsync
+                and not (srv.tls_required and self.conn.layers is None)
+                and len(self._pub_topics) < 64):
+            try:                          # later PUBs to it take the fast path
+                self._pub_topics[params[2]] = self.broker.get_topic(params[1])
+            except TopicNotFound:
+                pass
+        return reply
 
     def _dpub(self, params: List[bytes]) -> object:
         if len(params) < 3:
@@ -7740,7 +7929,7 @@ class _ClientV2(Consumer):
         limit = int(self.broker.max_req_timeout * 1000)
         if ms > limit:
             raise _ClientError("E_INVALID", f"DPUB timeout {ms} out of range 0-{limit}")
-        return self._expect_body(_ClientV2._dpub_body, [params[0], topic, ms],
+        return self._expect_body(_NSQProtocol._dpub_body, [params[0], topic, ms],
                                  self.broker.max_msg_size, "E_BAD_MESSAGE", "message body")
 
     def _dpub_body(self, params: List[Any], body: bytes) -> object:
@@ -7752,7 +7941,7 @@ class _ClientV2(Consumer):
         topic = self._topic_name(params[1], "E_BAD_TOPIC MPUB topic")
         if not self._auth_expired():
             self._check_auth("MPUB", "publish", topic, "")
-        return self._expect_body(_ClientV2._mpub_body, [params[0], topic],
+        return self._expect_body(_NSQProtocol._mpub_body, [params[0], topic],
                                  self.broker.max_body_size, "E_BAD_BODY")
 
     def _mpub_body(self, params: List[Any], payload: bytes) -> object:
@@ -7763,34 +7952,28 @@ class _ClientV2(Consumer):
         return self._publish("MPUB", params[1], bodies, 0.0)
 
     def _publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> object:
-        if self.broker.fsync or self._auth_expired() or not self._has_topic(topic):
+        if self.broker.fsync or self._auth_expired() or not self.broker.has_topic(topic):
             return self._later(self._do_publish, cmd, topic, bodies, defer)
         return self._do_publish(cmd, topic, bodies, defer)
-
-    def _has_topic(self, topic: str) -> bool:
-        try:
-            self.broker.get_topic(topic)
-        except TopicNotFound:
-            return False
-        return True
 
     def _do_publish(self, cmd: str, topic: str, bodies: List[bytes], defer: float) -> bytes:
         self._check_auth(cmd, "publish", topic, "")
         try:
-            self.broker.publish_bodies(topic, bodies, defer)
-        except (PublishFailed, BrokerClosed) as e:
-            raise _ClientError(f"E_{cmd}_FAILED", f"{cmd} failed {e}") from e
-        except InvalidMessage as e:
-            raise _ClientError("E_BAD_MESSAGE", f"{cmd} {e}") from e
+            if len(bodies) == 1 and bodies.__class__ is list:
+                self.broker.publish(topic, bodies[0], defer)
+            else:
+                self.broker.publish_bodies(topic, bodies, defer)
+        except MinqError as e:
+            raise _publish_error(cmd, e) from e
         if topic not in self.pub_counts:
             self.broker.add_producer(self)
         self.pub_counts[topic] = self.pub_counts.get(topic, 0) + len(bodies)
         return b"OK"
 
-    _COMMANDS: Dict[bytes, Callable[["_ClientV2", List[bytes]], Any]] = {
+    _COMMANDS: Dict[bytes, Callable[["_NSQProtocol", List[bytes]], Any]] = {
         b"IDENTIFY": _identify, b"AUTH": _auth, b"SUB": _sub, b"RDY": _rdy,
         b"FIN": _fin, b"REQ": _req, b"TOUCH": _touch, b"CLS": _cls, b"NOP": _nop,
-        b"PUB": _pub, b"MPUB": _mpub, b"DPUB": _dpub,
+        b"PUB": _pub_cmd, b"MPUB": _mpub, b"DPUB": _dpub,
     }
 
     def client_stats(self) -> Dict[str, Any]:
@@ -7809,14 +7992,611 @@ class _ClientV2(Consumer):
 
     def tls_stats(self) -> Dict[str, Any]:
         """nsqd's tls fields of a client object."""
-        obj = self._tls
-        if obj is None or self._handshake_until < math.inf:
-            return {"tls": False, "tls_cipher_suite": "", "tls_version": ""}
-        cipher = obj.cipher()
-        version = (obj.version() or "").replace("TLSv", "TLS")
-        return {"tls": True, "tls_cipher_suite": cipher[0] if cipher else "",
-                "tls_version": version}
+        layers = self.conn.layers
+        return (layers or _NO_LAYERS).tls_stats()
 
+
+_NO_LAYERS = _Layers()
+
+
+def _publish_error(cmd: str, e: MinqError) -> _ClientError:
+    """nsqd's error for a publish the core refused."""
+    if isinstance(e, InvalidMessage):
+        return _ClientError("E_BAD_MESSAGE", f"{cmd} {e}")
+    return _ClientError(f"E_{cmd}_FAILED", f"{cmd} failed {e}")
+
+
+class TCPServer(_Face):
+    """nsqd's TCP front end (protocol V2) for a Broker, on one I/O thread.
+
+    ``start()`` serves from the loop's thread (the broker's clock drives the
+    protocol's deadlines); ``close()`` stops accepting, closes every
+    connection (requeueing what they held in flight) and joins every
+    thread.  The broker stays open: its owner closes it.  Commands that may
+    block run on up to *workers* threads while their connection waits
+    (publishes in fsync mode, the first use of a topic or channel, AUTH
+    against an auth server).  *loop*: an event loop to share (``serve``
+    runs the HTTP face on the same one).
+    """
+
+    _name = "tcp"
+
+    def __init__(self, broker: Broker, address: Any = DEFAULT_TCP_ADDRESS, *,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 max_heartbeat_interval: float = DEFAULT_MAX_HEARTBEAT_INTERVAL,
+                 output_buffer_timeout: float = DEFAULT_OUTPUT_BUFFER_TIMEOUT,
+                 max_output_buffer_size: int = DEFAULT_MAX_OUTPUT_BUFFER_SIZE,
+                 max_output_buffer_timeout: float = DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_required: bool = False, deflate: bool = True, snappy: bool = True,
+                 max_deflate_level: int = DEFAULT_MAX_DEFLATE_LEVEL,
+                 authorizer: Optional[Authorizer] = None, workers: int = 16,
+                 body_budget: Optional[MemoryBudget] = None,
+                 min_output_buffer_timeout: float = DEFAULT_MIN_OUTPUT_BUFFER_TIMEOUT,
+                 max_channel_consumers: int = 0, tls_root_ca_file: Optional[str] = None,
+                 tls_client_auth_policy: str = "", tls_min_version: str = "",
+                 loop: Optional[_EventLoop] = None) -> None:
+        _check_range("max_deflate_level", max_deflate_level, 1, 9)
+        _check_range("max_channel_consumers", max_channel_consumers, 0, None)
+        _check_range("heartbeat_interval", heartbeat_interval, 0.001, max_heartbeat_interval)
+        _check_range("workers", workers, 1, 1024)
+        self.broker = broker
+        self.heartbeat_interval = heartbeat_interval
+        self.max_heartbeat_interval = max_heartbeat_interval
+        self.output_buffer_timeout = output_buffer_timeout
+        self.max_output_buffer_size = max_output_buffer_size
+        self.max_output_buffer_timeout = max_output_buffer_timeout
+        self.min_output_buffer_timeout = min_output_buffer_timeout
+        #: most consumers a channel may have over TCP (0: no limit), as nsqd
+        self.max_channel_consumers = max_channel_consumers
+        self.deflate = deflate
+        self.snappy = snappy
+        self.max_deflate_level = max_deflate_level
+        self.authorizer = authorizer
+        #: shared with the HTTP face when ``serve`` runs both
+        self.body_budget = body_budget or MemoryBudget(
+            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
+        self.tls_context = _server_tls_context(tls_cert, tls_key, tls_root_ca_file,
+                                               tls_client_auth_policy, tls_min_version)
+        if tls_client_auth_policy and not tls_required:
+            tls_required = True         # nsqd: a client certificate policy requires TLS
+        if tls_required and self.tls_context is None:
+            raise InvalidArgument("tls_required needs tls_cert and tls_key")
+        self.tls_required = tls_required
+        super().__init__(address, TCP_PORT, "TCP", broker.clock, loop, workers)
+
+    def _protocol(self, conn: _ServerConnection) -> _NSQProtocol:
+        return _NSQProtocol(self, conn)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection, join every thread."""
+        with self._conns_lock:
+            if self._closing and not self._started:
+                return
+            self._closing = True
+        self.loop.call(self._unlisten)
+        self.loop.call(self._close_connections)
+        self._finish_close()
+
+
+# -- HTTP/1.1: requests in, responses out -------------------------------------------
+
+class _HTTPError(Exception):
+    """An error reply: status code and nsqd's message code."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+_HTTP_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden",
+                 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+                 413: "Request Entity Too Large", 414: "Request-URI Too Long",
+                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                 501: "Not Implemented", 503: "Service Unavailable",
+                 505: "HTTP Version Not Supported"}
+_HTTP_MAX_LINE = 65536           # a request line or header line (as http.server)
+_HTTP_MAX_HEADERS = 100
+_HTTP_MAX_HEAD = 256 * 1024      # the request line and all headers
+_HTTP_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_HTTP_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _HTTPRequest:
+    """One request as the HTTP protocol read it: method and path as str,
+    the query string parsed on first use, headers by lower-case name (a
+    repeated header's values joined by commas), the body."""
+
+    __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body",
+                 "keep_alive", "_query")
+
+    def __init__(self, method: str, target: bytes, version: bytes,
+                 headers: Dict[bytes, bytes]) -> None:
+        self.method = method
+        self.target = target
+        path, _, self.query_string = target.partition(b"?")
+        if b"%" in path:
+            path = urllib.parse.unquote_to_bytes(path)
+        self.path = path.decode("utf-8", "replace")
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        conn = headers.get(b"connection", b"").lower()
+        self.keep_alive = (b"close" not in conn if version == b"HTTP/1.1"
+                           else b"keep-alive" in conn)
+        self._query: Optional[Dict[str, List[str]]] = None
+
+    @property
+    def query(self) -> Dict[str, List[str]]:
+        """The query string's parameters (``parse_qs`` with blank values kept)."""
+        q = self._query
+        if q is None:
+            q = self._query = {}
+            for part in self.query_string.split(b"&"):
+                if not part:
+                    continue
+                key, _, value = part.partition(b"=")
+                if b"%" in part or b"+" in part:
+                    k = urllib.parse.unquote_plus(key.decode("latin-1"), "utf-8", "replace")
+                    v = urllib.parse.unquote_plus(value.decode("latin-1"), "utf-8", "replace")
+                else:
+                    k = key.decode("utf-8", "replace")
+                    v = value.decode("utf-8", "replace")
+                q.setdefault(k, []).append(v)
+        return q
+
+    def arg(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def announces_body(self) -> bool:
+        length = self.headers.get(b"content-length", b"0").strip()
+        return b"transfer-encoding" in self.headers or length not in (b"", b"0")
+
+
+def _http_head(head: bytes) -> _HTTPRequest:
+    """Parse a request line and headers (CRLF line ends; a lone LF is taken
+    as one, a lone CR refused); _HTTPError for anything malformed."""
+    if b"\r" in head.replace(b"\r\n", b""):
+        raise _HTTPError(400, "INVALID_REQUEST")
+    lines = head.split(b"\r\n") if b"\n" not in head.replace(b"\r\n", b"") else \
+        [ln[:-1] if ln.endswith(b"\r") else ln for ln in head.split(b"\n")]
+    line = lines[0]
+    if len(line) > _HTTP_MAX_LINE:
+        raise _HTTPError(414, "URI_TOO_LONG")
+    words = line.split(b" ")
+    if len(words) != 3:
+        raise _HTTPError(400, "INVALID_REQUEST")
+    method, target, version = words
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        m = _HTTP_VERSION.fullmatch(version)
+        raise _HTTPError(505 if m and m.group(1) >= b"2" else 400,
+                         "HTTP_VERSION_NOT_SUPPORTED" if m else "INVALID_REQUEST")
+    if method not in _HTTP_METHODS and not _HTTP_TOKEN.fullmatch(method):
+        raise _HTTPError(400, "INVALID_REQUEST")
+    if not target.startswith(b"/"):
+        raise _HTTPError(400, "INVALID_REQUEST")
+    if len(lines) > _HTTP_MAX_HEADERS + 1:
+        raise _HTTPError(431, "TOO_MANY_HEADERS")
+    headers: Dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _HTTP_TOKEN.fullmatch(name):   # also a folded line
+            raise _HTTPError(400, "INVALID_REQUEST")
+        if len(line) > _HTTP_MAX_LINE:
+            raise _HTTPError(431, "HEADER_TOO_LARGE")
+        name = name.lower()
+        value = value.strip(b" \t")
+        if b"\0" in value:
+            raise _HTTPError(400, "INVALID_REQUEST")
+        old = headers.get(name)
+        headers[name] = value if old is None else old + b"," + value
+    return _HTTPRequest(method.decode("latin-1"), target, version, headers)
+
+
+def _body_framing(req: _HTTPRequest, limit: int, too_big: str) -> int:
+    """How the body comes: its Content-Length, or -1 for chunked.  Refuses
+    request smuggling (both framings, differing lengths), other transfer
+    codings (501) and a length over *limit* (413, before reading it)."""
+    headers = req.headers
+    coding = headers.get(b"transfer-encoding")
+    length = headers.get(b"content-length")
+    if coding is not None:
+        if length is not None:             # both: the classic request smuggling
+            raise _HTTPError(400, "INVALID_REQUEST")
+        if [c.strip().lower() for c in coding.split(b",")] != [b"chunked"]:
+            raise _HTTPError(501, "UNSUPPORTED_TRANSFER_ENCODING")
+        return -1
+    if length is None:
+        return 0
+    values = {v.strip() for v in length.split(b",")}
+    if len(values) != 1:
+        raise _HTTPError(400, "INVALID_REQUEST")
+    text = values.pop()
+    if not _DIGITS.fullmatch(text):
+        raise _HTTPError(400, "INVALID_REQUEST")
+    n = int(text)
+    if n > limit:
+        raise _HTTPError(413, too_big)
+    return n
+
+
+class _HTTPProtocol:
+    """HTTP/1.1 over one ``_ServerConnection``, strictly, for an application
+    (``HTTPServer``): ``app.head(request)`` says how big a body it takes (or
+    answers at once), ``app.blocking(request)`` whether answering may block
+    (then it runs on a worker while the loop serves everyone else), and
+    ``app.respond(request)`` answers.
+
+    Requests are read in order, keep-alive and pipelined: a request's
+    response is queued before the next is read.  A body comes with a
+    Content-Length or chunked, within the application's limit, and big
+    ones only once the body memory budget has room.  Every fault gets its
+    status code and the connection closes, so what follows a bad request
+    is never taken for a request.  Time limits, on real time: the request
+    line and headers (and a TLS handshake) within ``header_timeout``, a body
+    within ``read_timeout``, a response read within ``read_timeout``, a
+    keep-alive connection idle for ``idle_timeout``.
+    """
+
+    pass_hook = False
+
+    def __init__(self, app: Any, conn: _ServerConnection) -> None:
+        self.app = app
+        self.conn = conn
+        self.state = "head"          # head, body, wait (for body memory), busy, idle
+        self.deadline = math.inf     # of the state, on time.monotonic()
+        self._timer_at = math.inf
+        self.req: Optional[_HTTPRequest] = None
+        self._length = 0             # of the body being read; -1: chunked
+        self._chunks: List[bytes] = []   # of a chunked body
+        self._chunk_state = "size"   # at a chunk's size line, its data, or the trailers
+        self._chunk_size = 0
+        self._got = 0                # bytes of chunks so far
+        self._wanted = 0             # body memory waited for
+        self._limit = 0
+        self._too_big = ""
+        self._budget_held = 0
+        self.requests = 0
+        self.close_after = False     # the server is closing: this response is the last
+        conn.write_timeout = app.read_timeout
+
+    def __repr__(self) -> str:
+        return f"<HTTP client {self.conn.remote_address} {self.state}>"
+
+    # -- the connection's events ----------------------------------------------------
+    def started(self) -> None:
+        if self.app.tls_context is not None:
+            self.conn.start_tls(self.app.tls_context)
+        self._enter("head", self.app.header_timeout)
+
+    def _enter(self, state: str, timeout: float) -> None:
+        self.state = state
+        self.deadline = time.monotonic() + timeout
+        self.conn.loop.arm(self, self.deadline)
+
+    def _on_timer(self, now: float) -> None:
+        conn = self.conn
+        if conn.gone or conn.closing or self.state == "busy":
+            return
+        if now < self.deadline:
+            conn.loop.arm(self, self.deadline)
+            return
+        if self.state == "wait":
+            self.conn.waiting = False
+            self._error(_HTTPError(503, "BODY_MEMORY_FULL"))
+            return
+        log.info("http: closing the connection from %s: %s", conn.remote_ip,
+                 {"head": "no complete request headers in time", "idle": "idle too long",
+                  "body": "body not sent in time"}[self.state])
+        conn.shutdown("timed out", graceful=False)
+
+    def ended(self) -> None:
+        """The peer ended its side: a request cut short gets no answer."""
+        self.conn.shutdown("closed by the peer", graceful=self.state == "idle")
+
+    def connection_lost(self) -> None:
+        self._give_back_budget()
+
+    def job_ended(self) -> None:
+        pass
+
+    def tls_ready(self) -> None:
+        pass
+
+    def tls_failed(self, why: str) -> None:
+        log.info("http: TLS handshake with %s failed: %s", self.conn.remote_ip, why)
+        self.conn.shutdown("TLS failed", graceful=False)
+
+    def decode_failed(self, e: Exception) -> None:
+        self.conn.shutdown(f"bad input: {e}", graceful=False)
+
+    def drained(self) -> None:
+        """A response that waited for the client went out."""
+
+    def after_pass(self) -> None:
+        pass
+
+    def buffered(self) -> None:
+        self.conn.flush()
+
+    def server_closing(self) -> None:
+        """The server stops: end an idle or half-read connection now; a
+        request being answered finishes first (its response closes it)."""
+        if self.state == "busy" or self.conn._unsent:
+            self.close_after = True
+        else:
+            self.conn.shutdown("the server is closing", graceful=False)
+
+    # -- reading requests ------------------------------------------------------------------
+    def received(self) -> None:
+        conn = self.conn
+        while not (conn.busy or conn.closing or conn.waiting) and conn.avail >= conn.need:
+            if conn._unsent_bytes >= _MAX_UNSENT or conn._outq_full:
+                return                      # the client reads nothing: wait for it
+            if self.req is None:
+                if self.state == "idle":
+                    self._enter("head", self.app.header_timeout)
+                if not self._read_head():
+                    return
+                if self.req is None:          # answered before its body
+                    continue
+            if not self._read_body():
+                return
+            self._answer()
+
+    def _read_head(self) -> bool:
+        """The request line and headers, parsed (True), or wait for more input."""
+        conn = self.conn
+        buf, pos = conn.rbuf, conn.rpos
+        while buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos):
+            conn.consume(1 if buf[pos] == 10 else 2)   # blank lines before a request
+            buf, pos = conn.rbuf, conn.rpos
+        end, skip = buf.find(b"\n\r\n", pos), 3     # the blank line: CRLF or a lone LF
+        lf = buf.find(b"\n\n", pos, end if end >= 0 else len(buf))
+        if lf >= 0:
+            end, skip = lf, 2
+        if end < 0:
+            if len(buf) - pos > _HTTP_MAX_HEAD:
+                self._error(_HTTPError(431, "HEADER_TOO_LARGE"))
+            elif len(buf) - pos > _HTTP_MAX_LINE + 2 and \
+                    buf.find(b"\n", pos, pos + _HTTP_MAX_LINE + 2) < 0:
+                self._error(_HTTPError(414, "URI_TOO_LONG"))
+            else:
+                conn.need = len(buf) - pos + 1
+            return False
+        head = buf[pos:end - 1] if buf[end - 1] == 13 else buf[pos:end]
+        conn.consume(end + skip - pos)
+        conn.need = 1
+        self.requests += 1
+        try:
+            req = _http_head(head)
+        except _HTTPError as e:
+            self._error(e)
+            return False
+        self.req = req
+        try:
+            ruling = self.app.head(req)
+            if len(ruling) == 2:
+                limit, too_big = ruling
+                self._length = _body_framing(req, limit, too_big)
+        except _HTTPError as e:
+            self._error(e)
+            return False
+        if len(ruling) == 4:                  # answered before its body
+            if req.announces_body():
+                self._error(None, ruling)
+                return False
+            self.state = "busy"
+            self._respond(ruling)
+            return True
+        self._limit, self._too_big = limit, too_big
+        n = limit if self._length < 0 else self._length
+        if n >= MemoryBudget.SMALL and not self._take_budget(n):
+            return False
+        if self._length:
+            self._enter("body", self.app.read_timeout)
+            if (req.version == b"HTTP/1.1" and conn.avail < max(self._length, 1)
+                    and req.headers.get(b"expect", b"").lower() == b"100-continue"):
+                conn.write(_CONTINUE)
+        return True
+
+    def _take_budget(self, n: int) -> bool:
+        budget = self.app.body_budget
+        if budget.try_take(n, self._budget_freed):
+            self._budget_held = n
+            return True
+        self._wanted = n
+        self.conn.waiting = True       # waiting is not the client's delay
+        self.conn.update_events()
+        self._enter("wait", self.app.read_timeout)
+        return False
+
+    def _budget_freed(self) -> None:
+        self.conn.loop.post(self._retry_budget)
+
+    def _retry_budget(self, _: Any = None) -> None:
+        conn = self.conn
+        if conn.gone or not conn.waiting or self.state != "wait":
+            return
+        if not self.app.body_budget.try_take(self._wanted, self._budget_freed):
+            return
+        self._budget_held = self._wanted
+        conn.waiting = False
+        self._enter("body", self.app.read_timeout)
+        conn.resume()
+
+    def _give_back_budget(self) -> None:
+        if self._budget_held:
+            self.app.body_budget.give_back(self._budget_held)
+            self._budget_held = 0
+
+    def _read_body(self) -> bool:
+        """The body, whole (True), or wait for more input (False)."""
+        conn, n = self.conn, self._length
+        if n == 0:
+            return True
+        if n > 0:
+            if conn.avail < n:
+                conn.need = n
+                return False
+            self.req.body = conn.rbuf[conn.rpos:conn.rpos + n]  # type: ignore[union-attr]
+            conn.consume(n)
+            conn.need = 1
+            return True
+        while True:                       # chunked
+            step = self._read_chunk()
+            if step is None:
+                return False
+            if step:
+                self.req.body = b"".join(self._chunks)  # type: ignore[union-attr]
+                self._chunks, self._got = [], 0
+                self._chunk_state = "size"
+                conn.need = 1
+                return True
+
+    def _read_chunk(self) -> Optional[bool]:
+        # One step of Transfer-Encoding: chunked, strictly: hex sizes, CRLF
+        # after each chunk, trailers read and dropped; any fault is a 400
+        # that closes.  None: wait (or failed); True: the body is whole.
+        conn = self.conn
+        buf, pos = conn.rbuf, conn.rpos
+        if self._chunk_state == "data":
+            size = self._chunk_size
+            if conn.avail < size + 2:
+                conn.need = size + 2
+                return None
+            if buf[pos + size:pos + size + 2] != b"\r\n":
+                return self._bad_chunks()
+            self._chunks.append(buf[pos:pos + size])
+            conn.consume(size + 2)
+            self._chunk_state = "size"
+            return False
+        longest = 1024 if self._chunk_state == "size" else 8192
+        nl = buf.find(b"\n", pos, pos + longest)
+        if nl < 0:
+            if len(buf) - pos >= longest:
+                return self._bad_chunks()
+            conn.need = len(buf) - pos + 1
+            return None
+        line = buf[pos:nl + 1]
+        conn.consume(nl + 1 - pos)
+        if self._chunk_state == "trailer":          # up to the blank line
+            return line in (b"\r\n", b"\n") or False
+        size_text = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\r\n") or not _HEX.fullmatch(size_text):
+            return self._bad_chunks()
+        size = int(size_text, 16)
+        if size == 0:
+            self._chunk_state = "trailer"
+            return False
+        self._got += size
+        if self._got > self._limit:
+            self._error(_HTTPError(413, self._too_big))
+            return None
+        self._chunk_state, self._chunk_size = "data", size
+        return False
+
+    def _bad_chunks(self) -> None:
+        self._error(_HTTPError(400, "INVALID_CHUNKED_BODY"))
+        return None
+
+    # -- answering ------------------------------------------------------------------
+    def _answer(self) -> None:
+        req = self.req
+        self.state = "busy"
+        if self.app.blocking(req):
+            self.conn.submit(self.app.respond, req)
+            self.conn.update_events()
+            return
+        self._respond(self.app.respond(req))
+
+    def job_done(self, response: Any, error: Optional[BaseException]) -> None:
+        if error is not None:
+            log.error("http %s %s failed: %r", self.req.method, self.req.target, error)  # type: ignore[union-attr]
+            response = (500, b'{"message":"INTERNAL_ERROR"}', _JSON_TYPE, True)
+        self._respond(response)
+
+    def _respond(self, response: Tuple[int, bytes, str, bool]) -> None:
+        req = self.req
+        self.req = None
+        self._give_back_budget()
+        keep = req.keep_alive and not (self.close_after or self.conn.closing)  # type: ignore[union-attr]
+        self._send(req, response, keep)  # type: ignore[arg-type]
+        if not keep:
+            self.conn.shutdown("response sent", graceful=True)
+            return
+        self._enter("idle", self.app.idle_timeout)
+
+    def _send(self, req: Optional[_HTTPRequest], response: Tuple[int, bytes, str, bool],
+              keep: bool) -> None:
+        status, body, ctype, v1 = response
+        if status == 200 and v1 and body == b"OK" and keep and req is not None and \
+                req.method != "HEAD" and req.version == b"HTTP/1.1":
+            self.conn.write(_http_ok_reply())          # the reply to most requests
+            return
+        head = [f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Unknown')}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Date: {_http_date()}\r\n"]
+        if v1:
+            head.append(f"X-NSQ-Content-Type: {_NSQ_CONTENT_TYPE}\r\n")
+        if not keep:
+            head.append("Connection: close\r\n")
+        elif req is not None and req.version == b"HTTP/1.0":
+            head.append("Connection: keep-alive\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
+        if req is None or req.method != "HEAD":
+            data += body
+        self.conn.write(data)
+
+    def _error(self, e: Optional[_HTTPError],
+               response: Optional[Tuple[int, bytes, str, bool]] = None) -> None:
+        """Answer *e* (or *response*) and close: what follows a bad request
+        must never be taken for a request (it is drained while the reply
+        goes out)."""
+        if e is not None:
+            log.info("http %s: %d %s", self.conn.remote_ip, e.status, e.code)
+            response = _json_reply(e)
+        self._give_back_budget()
+        self._send(self.req, response, keep=False)  # type: ignore[arg-type]
+        self.req = None
+        self.state = "busy"
+        self.conn.shutdown("bad request", graceful=True)
+
+
+_JSON_TYPE = "application/json; charset=utf-8"
+_TEXT_TYPE = "text/plain; charset=utf-8"
+
+
+def _json_reply(e: _HTTPError, **extra: Any) -> Tuple[int, bytes, str, bool]:
+    return e.status, json.dumps({"message": e.code, **extra}).encode(), _JSON_TYPE, True
+
+
+_DATE_CACHE: List[Any] = [0, "", b""]     # [second, Date value, the 200 OK reply of that second]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if now != _DATE_CACHE[0]:
+        _DATE_CACHE[0] = now
+        _DATE_CACHE[1] = email.utils.formatdate(now, usegmt=True)
+        _DATE_CACHE[2] = (f"HTTP/1.1 200 OK\r\nContent-Type: {_TEXT_TYPE}\r\nContent-Length: 2\r\n"
+                          f"Date: {_DATE_CACHE[1]}\r\nX-NSQ-Content-Type: {_NSQ_CONTENT_TYPE}"
+                          f"\r\n\r\nOK").encode()
+    return _DATE_CACHE[1]
+
+
+def _http_ok_reply() -> bytes:
+    if int(time.time()) != _DATE_CACHE[0]:
+        _http_date()
+    return _DATE_CACHE[2]
+
+
+# -- nsqlookupd: registering this server's topics and channels ----------------------
 
 def _json_int(data: Dict[str, Any], key: str, default: int) -> int:
     """An integer IDENTIFY field; Go's decoder rejects floats, strings and bools."""
@@ -8062,15 +8842,6 @@ _CLIENT_KEYS = ("client_id", "hostname", "version", "remote_address", "state", "
                 "auth_identity", "auth_identity_url", "topology_zone", "topology_region",
                 "pub_counts", "tls", "tls_cipher_suite", "tls_version",
                 "tls_negotiated_protocol", "tls_negotiated_protocol_is_mutual")
-
-
-class _HTTPError(Exception):
-    """An error reply: status code and nsqd's message code."""
-
-    def __init__(self, status: int, code: str) -> None:
-        super().__init__(code)
-        self.status = status
-        self.code = code
 
 
 def _pick_keys(d: Dict[str, Any], keys: Tuple[str, ...]) -> Dict[str, Any]:
@@ -8361,191 +9132,24 @@ def _rss_bytes() -> int:
         return 0
 
 
-class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """nsqd's HTTP API for a Broker (``start()`` / ``close()`` like TCPServer).
+class HTTPServer(_Face):
+    """nsqd's HTTP API for a Broker (``start()`` / ``close()`` like TCPServer),
+    served by an event loop: no thread per connection.
 
     *tcp_address* is what ``/info`` reports as the TCP port clients use.
-    With *tls_context* it serves HTTPS (nsqd's ``--https-address``).  Each
-    connection has a thread; none can hold one for long: the request line
-    and headers must arrive within ``http_header_timeout``, a body within
+    With *tls_context* it serves HTTPS (nsqd's ``--https-address``).  No
+    connection can hold the server for long: the request line and headers
+    must arrive within ``http_header_timeout``, a body within
     ``http_read_timeout``, and a keep-alive connection idle for
     ``http_idle_timeout`` is closed (each an *options* key, seconds).
+    Requests that may block (publishes in fsync mode or to a new topic,
+    admin actions that write ``minq.dat`` or ask lookupd) are answered on
+    worker threads while the loop serves everyone else.  *loop*: an event
+    loop to share (``serve`` runs the TCP face on the same one).
     """
 
-    daemon_threads = False
-    block_on_close = True
-    allow_reuse_address = True
+    _name = "http"
     request_queue_size = _LISTEN_BACKLOG
-
-    def __init__(self, broker: Broker, address: Any = DEFAULT_HTTP_ADDRESS, *,
-                 tcp_address: Optional[str] = None,
-                 options: Optional[Dict[str, Any]] = None,
-                 tls_context: Optional[ssl.SSLContext] = None,
-                 body_budget: Optional[MemoryBudget] = None) -> None:
-        self.broker = broker
-        self.tcp_address = tcp_address
-        self.options = opts = dict(options or {})
-        self.tls_context = tls_context
-        #: nsqd's --tls-required=true: plain HTTP answers 403 TLS_REQUIRED
-        self.tls_required = tls_context is None and opts.get("tls_required") is True
-        self.header_timeout = float(opts.get("http_header_timeout", DEFAULT_HTTP_HEADER_TIMEOUT))
-        self.read_timeout = float(opts.get("http_read_timeout", DEFAULT_HTTP_READ_TIMEOUT))
-        self.idle_timeout = float(opts.get("http_idle_timeout", DEFAULT_HTTP_IDLE_TIMEOUT))
-        self.body_budget = body_budget or MemoryBudget(
-            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
-        self._thread: Optional[threading.Thread] = None
-        # connection -> [state, deadline]: "head" (request line and headers,
-        # or a TLS handshake), "wait" (for body memory), "body", "busy"
-        # (handled, answered) or "idle"
-        self._conns: Dict[socket.socket, List[Any]] = {}
-        self._conns_lock = threading.Lock()
-        self.closing = False
-        host, port = _split_address(address, HTTP_PORT)
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        try:
-            super().__init__((host, port), _HTTPHandler)
-        except OSError as e:
-            self.socket.close()
-            raise InvalidArgument(f"cannot listen on {'HTTPS' if tls_context else 'HTTP'} "
-                                  f"address {host}:{port}: {e.strerror or e}") from None
-        listen = _split_address(tcp_address, TCP_PORT)[0] if tcp_address else self.server_address[0]
-        #: what /info and the lookupd endpoints tell clients to connect to
-        self.broadcast_address: str = (self.options.get("broadcast_address")
-                                       or broadcast_address(listen))
-        self.tcp_port = (self.options.get("broadcast_tcp_port")
-                         or (_split_address(tcp_address, TCP_PORT)[1] if tcp_address else -1))
-        self.http_port = self.options.get("broadcast_http_port") or self.server_address[1]
-
-    def producer(self) -> Dict[str, Any]:
-        """This server as nsqlookupd describes a producer (``/lookup``, ``/nodes``)."""
-        return {"remote_address": f"{self.broadcast_address}:{self.tcp_port}",
-                "hostname": socket.gethostname(), "broadcast_address": self.broadcast_address,
-                "tcp_port": self.tcp_port, "http_port": self.http_port, "version": NSQ_VERSION,
-                "topology_zone": "", "topology_region": ""}
-
-    @property
-    def address(self) -> str:
-        host, port = self.server_address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def start(self) -> "HTTPServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="minq-http",
-                                        kwargs={"poll_interval": 0.1})
-        self._thread.start()
-        return self
-
-    def stop_accepting(self) -> None:
-        """Accept no more connections (those open go on)."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-            self._thread = None
-        self.socket.close()
-
-    def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:
-        """Stop accepting; close idle and half-read connections at once; give
-        requests being handled up to *grace* seconds (less if *hurry* is
-        set meanwhile), then close them too; join every thread."""
-        self.closing = True
-        self.stop_accepting()
-        deadline = time.monotonic() + grace
-        while True:
-            with self._conns_lock:
-                for sock, state in self._conns.items():
-                    if state[0] != "busy":
-                        _cut(sock)
-                busy = [s for s, state in self._conns.items() if state[0] == "busy"]
-            if not busy or time.monotonic() >= deadline or hurry is not None and hurry.is_set():
-                break
-            time.sleep(0.01)
-        for sock in busy:
-            log.warning("http: a request from %s outlived the shutdown grace; cut",
-                        _peer(sock))
-            _cut(sock)
-        self.server_close()        # joins the connections' threads
-
-    # -- connections: their states and deadlines --------------------------------
-    def get_request(self) -> Tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        if self.tls_context is not None:
-            sock = self.tls_context.wrap_socket(sock, server_side=True,
-                                                do_handshake_on_connect=False)
-        return sock, addr
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.set_state(request, "head")
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.pop(request, None)
-        super().shutdown_request(request)
-
-    def set_state(self, sock: socket.socket, state: str) -> None:
-        """What a connection does now, which sets how long it may take."""
-        timeout = {"head": self.header_timeout, "idle": self.idle_timeout,
-                   "wait": math.inf}.get(state, self.read_timeout)
-        with self._conns_lock:
-            self._conns[sock] = [state, time.monotonic() + timeout]
-            if self.closing and state != "busy":
-                _cut(sock)
-
-    def service_actions(self) -> None:
-        # Called by serve_forever between polls: close connections past their deadline.
-        super().service_actions()
-        now = time.monotonic()
-        with self._conns_lock:
-            late = [(s, st) for s, st in self._conns.items() if st[1] <= now]
-            for sock, state in late:
-                state[1] = math.inf           # cut once
-                log.info("http: closing the connection from %s: %s", _peer(sock),
-                         {"head": "no complete request headers in time",
-                          "idle": "idle too long", "body": "body not sent in time",
-                          "busy": "response not read in time"}[state[0]])
-                _cut(sock)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A connection's unexpected end (a cut, a reset, a failed handshake):
-        # one line, no traceback.
-        e = sys.exc_info()[1]
-        log.info("http: connection from %s ended: %s", client_address[0], e)
-
-    def __enter__(self) -> "HTTPServer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _cut(sock: socket.socket) -> None:
-    """Shut a connection down from another thread: its blocked read returns at once."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _peer(sock: socket.socket) -> str:
-    try:
-        return str(sock.getpeername()[0])
-    except OSError:
-        return "?"
-
-
-class _HTTPHandler(http.server.BaseHTTPRequestHandler):
-    """Routes one request to a ``_get_*`` / ``_post_*`` method; replies as nsqd does."""
-
-    server: HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = f"minq/{VERSION}"
-    # Every answer has a status line: HTTP/0.9's bare replies are not spoken.
-    default_request_version = "HTTP/1.0"
-    # Buffer each response and send it in one write when the request is done:
-    # headers and body in separate small writes meet Nagle and delayed ACKs
-    # (40 ms per request on keep-alive connections).
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
 
     # (path) -> (allowed methods, handler name), as nsqd's router has them
     _ROUTES: Dict[str, Tuple[Tuple[str, ...], str]] = {
@@ -8566,285 +9170,211 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         "/metrics": (("GET",), "metrics"),
         "/": (("GET", "HEAD"), "admin_page"),
     }
+    _CONFIG_ROUTE = (("GET",), "config")
     # the body each route reads: (limit option, error code when over it)
     _BODY_LIMITS = {"pub": ("max_msg_size", "MSG_TOO_BIG"),
                     "mpub": ("max_body_size", "BODY_TOO_BIG")}
     _OTHER_BODY_LIMIT = 64 * 1024      # read and ignored by the other endpoints
+    # answered on a worker: they write minq.dat, delete files or ask lookupd
+    _BLOCKING = frozenset({"topic_create", "topic_delete", "topic_empty", "topic_pause",
+                           "topic_unpause", "channel_create", "channel_delete",
+                           "channel_empty", "channel_pause", "channel_unpause"})
 
-    _requests = 0                  # answered on this connection
-    _unread_body = False           # a body is left unread: the connection must close
-    _budget_held = 0
-    body = b""
+    def __init__(self, broker: Broker, address: Any = DEFAULT_HTTP_ADDRESS, *,
+                 tcp_address: Optional[str] = None,
+                 options: Optional[Dict[str, Any]] = None,
+                 tls_context: Optional[ssl.SSLContext] = None,
+                 body_budget: Optional[MemoryBudget] = None,
+                 loop: Optional[_EventLoop] = None, workers: int = 16) -> None:
+        self.broker = broker
+        self.tcp_address = tcp_address
+        self.options = opts = dict(options or {})
+        self.tls_context = tls_context
+        #: nsqd's --tls-required=true: plain HTTP answers 403 TLS_REQUIRED
+        self.tls_required = tls_context is None and opts.get("tls_required") is True
+        self.header_timeout = float(opts.get("http_header_timeout", DEFAULT_HTTP_HEADER_TIMEOUT))
+        self.read_timeout = float(opts.get("http_read_timeout", DEFAULT_HTTP_READ_TIMEOUT))
+        self.idle_timeout = float(opts.get("http_idle_timeout", DEFAULT_HTTP_IDLE_TIMEOUT))
+        self.body_budget = body_budget or MemoryBudget(
+            DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
+        self.closing = False
+        self._topics_seen: Dict[str, str] = {}     # valid topic names published to
+        super().__init__(address, HTTP_PORT, "HTTPS" if tls_context else "HTTP", broker.clock,
+                         loop, workers)
+        listen = _split_address(tcp_address, TCP_PORT)[0] if tcp_address else self.server_address[0]
+        #: what /info and the lookupd endpoints tell clients to connect to
+        self.broadcast_address: str = (self.options.get("broadcast_address")
+                                       or broadcast_address(listen))
+        self.tcp_port = (self.options.get("broadcast_tcp_port")
+                         or (_split_address(tcp_address, TCP_PORT)[1] if tcp_address else -1))
+        self.http_port = self.options.get("broadcast_http_port") or self.server_address[1]
 
-    def setup(self) -> None:
-        super().setup()
-        if self.server.tls_context is not None:
-            self.connection.do_handshake()   # bounded by the header timeout
+    def producer(self) -> Dict[str, Any]:
+        """This server as nsqlookupd describes a producer (``/lookup``, ``/nodes``)."""
+        return {"remote_address": f"{self.broadcast_address}:{self.tcp_port}",
+                "hostname": socket.gethostname(), "broadcast_address": self.broadcast_address,
+                "tcp_port": self.tcp_port, "http_port": self.http_port, "version": NSQ_VERSION,
+                "topology_zone": "", "topology_region": ""}
 
-    def handle_one_request(self) -> None:
-        """Wait (idle) for the next request, then read and answer it."""
-        if self._requests:
-            self.server.set_state(self.connection, "idle")
-            try:
-                first = self.rfile.peek(1)
-            except (OSError, ValueError):
-                first = b""
-            if not first:
-                self.close_connection = True
+    def _protocol(self, conn: _ServerConnection) -> _HTTPProtocol:
+        return _HTTPProtocol(self, conn)
+
+    # -- life cycle ------------------------------------------------------------------
+    def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:
+        """Stop accepting; close idle and half-read connections at once; give
+        requests being handled up to *grace* seconds (less if *hurry* is
+        set meanwhile), then close them too; join every thread."""
+        with self._conns_lock:
+            if self.closing and not self._started and self._listener.fileno() < 0:
                 return
-            self.server.set_state(self.connection, "head")
-        self._requests += 1
-        self._unread_body = False
-        self.body = b""
-        super().handle_one_request()
+        self.closing = True
+        self.stop_accepting()
+        self.loop.call(self._begin_close)
+        deadline = time.monotonic() + grace
+        while self.connections() and time.monotonic() < deadline and not (
+                hurry is not None and hurry.is_set()):
+            time.sleep(0.01)
+        for conn in self.connections():
+            log.warning("http: a request from %s outlived the shutdown grace; cut",
+                        conn.remote_ip)
+        self.loop.call(self._close_connections)
+        self._finish_close()
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s %s", self.address_string(), format % args)
+    server_close = close
 
-    def log_error(self, format: str, *args: Any) -> None:
-        log.info("http %s %s", self.address_string(), format % args)
+    def _begin_close(self, _: Any = None) -> None:
+        for conn in self.connections():
+            conn.proto.server_closing()
 
-    def do_GET(self) -> None:
-        self._route("GET")
+    # -- what the HTTP protocol asks -------------------------------------------------------
+    def head(self, req: _HTTPRequest) -> Tuple[Any, ...]:
+        """Before the body is read: (its limit, the code when over it), or a
+        response at once."""
+        if self.tls_required:
+            return _json_reply(_HTTPError(403, "TLS_REQUIRED"),
+                               https_port=self.options.get("https_port", 0))
+        route = self._route_of(req)
+        limits = self._BODY_LIMITS.get(route[1]) if route is not None else None
+        if limits is None:
+            return self._OTHER_BODY_LIMIT, "BODY_TOO_BIG"
+        return getattr(self.broker, limits[0]), limits[1]
 
-    def do_HEAD(self) -> None:
-        self._route("HEAD")
+    def _route_of(self, req: _HTTPRequest) -> Optional[Tuple[Tuple[str, ...], str]]:
+        route = self._ROUTES.get(req.path)
+        if route is None and req.path.startswith("/config/"):
+            route = self._CONFIG_ROUTE
+        return route
 
-    def do_POST(self) -> None:
-        self._route("POST")
+    def blocking(self, req: _HTTPRequest) -> bool:
+        """Whether answering may block (then it runs on a worker)."""
+        route = self._route_of(req)
+        if route is None or req.method not in route[0]:
+            return False
+        name = route[1]
+        if name == "pub" or name == "mpub":
+            topic = req.arg("topic")
+            return self.broker.fsync or topic is None or not self.broker.has_topic(topic)
+        return name in self._BLOCKING
 
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    def _route(self, method: str) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        self.query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+    def respond(self, req: _HTTPRequest) -> Tuple[int, bytes, str, bool]:
+        """Answer *req*: (status, body, content type, whether nsqd's V1 header goes with it)."""
+        route = self._route_of(req)
         try:
-            try:
-                if self.server.tls_required:
-                    self._unread_body = self._announces_body()
-                    raise _HTTPError(403, "TLS_REQUIRED")
-                route = (("GET",), "config") if url.path.startswith("/config/") else \
-                    self._ROUTES.get(url.path)
-                name = route[1] if route is not None else ""
-                self.server.set_state(self.connection, "body")
-                self.body = self._read_body(name)
-                self.server.set_state(self.connection, "busy")
-                if route is None:
-                    raise _HTTPError(404, "NOT_FOUND")
-                if method not in route[0]:
-                    raise _HTTPError(405, "METHOD_NOT_ALLOWED")
-                if name == "config":
-                    result = self._ep_config(url.path[len("/config/"):])
-                else:
-                    result = getattr(self, "_ep_" + name)()
-            finally:
-                if self._budget_held:
-                    self.server.body_budget.give_back(self._budget_held)
-                    self._budget_held = 0
+            if route is None:
+                raise _HTTPError(404, "NOT_FOUND")
+            if req.method not in route[0]:
+                raise _HTTPError(405, "METHOD_NOT_ALLOWED")
+            result = getattr(self, "_ep_" + route[1])(req)
         except _HTTPError as e:
-            log.info("http %s %s: %d %s", method, self.path, e.status, e.code)
-            data: Dict[str, Any] = {"message": e.code}
-            if e.code == "TLS_REQUIRED":
-                data["https_port"] = self.server.options.get("https_port", 0)
-            self._reply(e.status, json.dumps(data).encode(), "application/json; charset=utf-8")
-            return
+            log.info("http %s %s: %d %s", req.method, req.target.decode("latin-1"), e.status,
+                     e.code)
+            return _json_reply(e)
         except Exception as e:
-            log.error("http %s %s failed: %s: %s", method, self.path, type(e).__name__, e)
-            self._reply(500, b'{"message":"INTERNAL_ERROR"}', "application/json; charset=utf-8")
-            return
+            log.error("http %s %s failed: %s: %s", req.method, req.target.decode("latin-1"),
+                      type(e).__name__, e)
+            return 500, b'{"message":"INTERNAL_ERROR"}', _JSON_TYPE, True
         if result is None:
-            self._reply(200, b"", "text/plain; charset=utf-8")
-        elif isinstance(result, tuple):                 # (body, content type)
-            self._reply(200, result[0], result[1], v1=False)
-        elif isinstance(result, bytes):
-            self._reply(200, result, "text/plain; charset=utf-8")
-        else:
-            self._reply(200, json.dumps(result).encode(), "application/json; charset=utf-8")
+            return 200, b"", _TEXT_TYPE, True
+        if isinstance(result, tuple):                 # (body, content type)
+            return 200, result[0], result[1], False
+        if isinstance(result, bytes):
+            return 200, result, _TEXT_TYPE, True
+        return 200, json.dumps(result).encode(), _JSON_TYPE, True
 
-    def _reply(self, status: int, body: bytes, ctype: str, v1: bool = True) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if v1:
-            self.send_header("X-NSQ-Content-Type", _NSQ_CONTENT_TYPE)
-        if self.close_connection or self.server.closing or self._unread_body:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        if self._unread_body:
-            self._drain_unread()
-
-    def _drain_unread(self) -> None:
-        try:
-            self.wfile.flush()
-        except OSError:
-            return
-        _end_gently(self.connection)
-
-    # -- parameters and bodies ---------------------------------------------------
-    def _arg(self, name: str) -> Optional[str]:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def _required(self, name: str, missing: str) -> str:
-        value = self._arg(name)
+    # -- parameters ----------------------------------------------------------------
+    @staticmethod
+    def _required(req: _HTTPRequest, name: str, missing: str) -> str:
+        value = req.arg(name)
         if value is None:
             raise _HTTPError(400, missing)
         return value
 
-    def _topic_arg(self, missing: str = "MISSING_ARG_TOPIC", invalid: str = "INVALID_TOPIC") -> str:
-        name = self._required("topic", missing)
+    def _topic_arg(self, req: _HTTPRequest, missing: str = "MISSING_ARG_TOPIC",
+                   invalid: str = "INVALID_TOPIC") -> str:
+        name = self._required(req, "topic", missing)
+        if name in self._topics_seen:
+            return name
         try:
-            return validate_name(name)
+            validate_name(name)
         except InvalidName:
             raise _HTTPError(400, invalid) from None
+        if len(self._topics_seen) < 1024:
+            self._topics_seen[name] = name
+        return name
 
-    def _channel_arg(self) -> Tuple[str, str]:
-        topic = self._topic_arg(invalid="INVALID_ARG_TOPIC")
-        name = self._required("channel", "MISSING_ARG_CHANNEL")
+    def _channel_arg(self, req: _HTTPRequest) -> Tuple[str, str]:
+        topic = self._topic_arg(req, invalid="INVALID_ARG_TOPIC")
+        name = self._required(req, "channel", "MISSING_ARG_CHANNEL")
         try:
             return topic, validate_name(name, "channel")
         except InvalidName:
             raise _HTTPError(400, "INVALID_ARG_CHANNEL") from None
 
-    def _announces_body(self) -> bool:
-        length = self.headers.get("Content-Length", "0").strip()
-        return bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0")
-
-    def _read_body(self, route: str) -> bytes:
-        """The request's body, whatever the route (an unread one would be
-        taken for the next request): by Content-Length, or chunked.  Refused
-        by its size before it is read when too big; over the memory budget
-        it waits up to the read timeout, then is refused (503)."""
-        opt, too_big = self._BODY_LIMITS.get(route, (None, "BODY_TOO_BIG"))
-        limit = getattr(self.server.broker, opt) if opt else self._OTHER_BODY_LIMIT
-        lengths = self.headers.get_all("Content-Length") or []
-        coding = self.headers.get_all("Transfer-Encoding") or []
-        if coding:
-            if lengths:             # both: the classic request smuggling; refused
-                self._unread_body = True
-                raise _HTTPError(400, "INVALID_REQUEST")
-            if [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
-                self._unread_body = True
-                raise _HTTPError(501, "UNSUPPORTED_TRANSFER_ENCODING")
-            self._take_budget(limit)
-            return self._read_chunked(limit, too_big)
-        if len({v.strip() for v in lengths}) > 1:
-            self._unread_body = True
-            raise _HTTPError(400, "INVALID_REQUEST")
-        text = lengths[0].strip() if lengths else "0"
-        if not _DIGITS.fullmatch(text.encode()):
-            self._unread_body = True
-            raise _HTTPError(400, "INVALID_REQUEST")
-        n = int(text)
-        if n > limit:
-            self._unread_body = True   # not read: the connection must close
-            raise _HTTPError(413, too_big)
-        if not n:
-            return b""
-        self._take_budget(n)
-        data = self.rfile.read(n)
-        if len(data) < n:
-            self.close_connection = True
-            raise _HTTPError(400, "INVALID_REQUEST")
-        return data
-
-    def _take_budget(self, n: int) -> None:
-        if n < MemoryBudget.SMALL:
-            return
-        budget, srv = self.server.body_budget, self.server
-        if not budget.take(n, 0):
-            # Waiting is not the client's delay: no read deadline meanwhile.
-            srv.set_state(self.connection, "wait")
-            deadline = time.monotonic() + srv.read_timeout
-            while not budget.take(n, 0.1):
-                if srv.closing or time.monotonic() >= deadline:
-                    self._unread_body = True
-                    raise _HTTPError(503, "BODY_MEMORY_FULL")
-            srv.set_state(self.connection, "body")
-        self._budget_held = n
-
-    def _read_chunked(self, limit: int, too_big: str) -> bytes:
-        # Transfer-Encoding: chunked, strictly: hex sizes, CRLF after each
-        # chunk, trailers read and dropped; any fault closes the connection.
-        parts: List[bytes] = []
-        total = 0
-        rfile = self.rfile
-        while True:
-            line = rfile.readline(1024)
-            size_text = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not _HEX.fullmatch(size_text):
-                self.close_connection = True
-                raise _HTTPError(400, "INVALID_CHUNKED_BODY")
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                self._unread_body = True
-                raise _HTTPError(413, too_big)
-            data = rfile.read(size)
-            if len(data) < size or rfile.read(2) != b"\r\n":
-                self.close_connection = True
-                raise _HTTPError(400, "INVALID_CHUNKED_BODY")
-            parts.append(data)
-        for _ in range(64):              # trailers, up to the blank line
-            line = rfile.readline(8192)
-            if line in (b"\r\n", b"\n"):
-                return b"".join(parts)
-            if not line.endswith(b"\n"):
-                break
-        self.close_connection = True
-        raise _HTTPError(400, "INVALID_CHUNKED_BODY")
-
     # -- endpoints ---------------------------------------------------------------
-    def _ep_ping(self) -> Any:
-        health = self.server.broker.health
+    def _ep_ping(self, req: _HTTPRequest) -> Any:
+        health = self.broker.health
         if health != "OK":
             raise _HTTPError(500, health)
         return b"OK"
 
-    def _ep_info(self) -> Any:
-        b, srv = self.server.broker, self.server
-        return {"version": NSQ_VERSION, "broadcast_address": srv.broadcast_address,
-                "hostname": socket.gethostname(), "http_port": srv.http_port,
-                "tcp_port": srv.tcp_port, "start_time": b.start_time,
-                "max_heartbeat_interval": int(srv.options.get(
+    def _ep_info(self, req: _HTTPRequest) -> Any:
+        b, opts = self.broker, self.options
+        return {"version": NSQ_VERSION, "broadcast_address": self.broadcast_address,
+                "hostname": socket.gethostname(), "http_port": self.http_port,
+                "tcp_port": self.tcp_port, "start_time": b.start_time,
+                "max_heartbeat_interval": int(opts.get(
                     "max_heartbeat_interval", DEFAULT_MAX_HEARTBEAT_INTERVAL) * 1e9),
-                "max_output_buffer_size": srv.options.get(
+                "max_output_buffer_size": opts.get(
                     "max_output_buffer_size", DEFAULT_MAX_OUTPUT_BUFFER_SIZE),
-                "max_output_buffer_timeout": int(srv.options.get(
+                "max_output_buffer_timeout": int(opts.get(
                     "max_output_buffer_timeout", DEFAULT_MAX_OUTPUT_BUFFER_TIMEOUT) * 1e9),
-                "max_deflate_level": srv.options.get("max_deflate_level",
-                                                     DEFAULT_MAX_DEFLATE_LEVEL),
+                "max_deflate_level": opts.get("max_deflate_level", DEFAULT_MAX_DEFLATE_LEVEL),
                 "topology_zone": "", "topology_region": ""}
 
-    def _ep_pub(self) -> Any:
-        b = self.server.broker
-        body = self.body
-        topic = self._topic_arg()
+    def _ep_pub(self, req: _HTTPRequest) -> Any:
+        b = self.broker
+        topic = self._topic_arg(req)
         defer = 0.0
-        raw = self._arg("defer")
+        raw = req.arg("defer")
         if raw is not None:
             if not _DIGITS.fullmatch(raw.encode()) or int(raw) > b.max_req_timeout * 1000:
                 raise _HTTPError(400, "INVALID_DEFER")
             defer = int(raw) / 1000
-        if not body:
+        if not req.body:
             raise _HTTPError(400, "MSG_EMPTY")
-        self._publish_bodies(topic, [body], defer)
+        try:
+            b.publish(topic, req.body, defer)
+        except (PublishFailed, BrokerClosed):
+            raise _HTTPError(503, "EXITING") from None
+        except InvalidMessage:
+            raise _HTTPError(413, "MSG_TOO_BIG") from None
         return b"OK"
 
-    def _ep_mpub(self) -> Any:
-        b = self.server.broker
-        body = self.body
-        topic = self._topic_arg()
-        binary = self._arg("binary")
+    def _ep_mpub(self, req: _HTTPRequest) -> Any:
+        b = self.broker
+        body = req.body
+        topic = self._topic_arg(req)
+        binary = req.arg("binary")
         try:
             if binary is not None and binary not in ("false", "0"):
                 bodies = _split_mpub(body, b.max_msg_size, b.max_body_size)
@@ -8855,63 +9385,59 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except InvalidMessage:
             raise _HTTPError(413, "MSG_TOO_BIG") from None
         if bodies:
-            self._publish_bodies(topic, bodies, 0.0)
+            try:
+                b.publish_bodies(topic, bodies)
+            except (PublishFailed, BrokerClosed):
+                raise _HTTPError(503, "EXITING") from None
+            except InvalidMessage:
+                raise _HTTPError(413, "BODY_TOO_BIG") from None
         return b"OK"
 
-    def _publish_bodies(self, topic: str, bodies: List[bytes], defer: float) -> None:
-        b = self.server.broker
-        try:
-            b.publish_bodies(topic, bodies, defer)
-        except (PublishFailed, BrokerClosed):
-            raise _HTTPError(503, "EXITING") from None
-        except InvalidMessage:
-            raise _HTTPError(413, "BODY_TOO_BIG") from None
-
-    def _ep_stats(self) -> Any:
-        topic, channel = self._arg("topic"), self._arg("channel")
-        include_clients = _http_bool(self._arg("include_clients"), True)
-        include_mem = _http_bool(self._arg("include_mem"), True)
-        stats = nsqd_stats(self.server.broker.stats(topic, channel, include_clients), include_mem)
-        if self._arg("format") == "json":
+    def _ep_stats(self, req: _HTTPRequest) -> Any:
+        topic, channel = req.arg("topic"), req.arg("channel")
+        include_clients = _http_bool(req.arg("include_clients"), True)
+        include_mem = _http_bool(req.arg("include_mem"), True)
+        stats = nsqd_stats(self.broker.stats(topic, channel, include_clients), include_mem)
+        if req.arg("format") == "json":
             return stats
         return _stats_text(stats).encode()
 
-    def _ep_admin_page(self) -> Any:
+    def _ep_admin_page(self, req: _HTTPRequest) -> Any:
         return _ADMIN_PAGE.encode(), "text/html; charset=utf-8"
 
-    def _ep_metrics(self) -> Any:
-        text = prometheus_metrics(self.server.broker.stats(include_clients=False))
+    def _ep_metrics(self, req: _HTTPRequest) -> Any:
+        text = prometheus_metrics(self.broker.stats(include_clients=False))
         return text.encode(), "text/plain; version=0.0.4; charset=utf-8"
 
     # -- nsqlookupd's read endpoints (which, like lookupd, do not validate names) ----
-    def _ep_lookup(self) -> Any:
-        t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
+    def _ep_lookup(self, req: _HTTPRequest) -> Any:
+        t = self.broker.topics.get(self._required(req, "topic", "MISSING_ARG_TOPIC"))
         if t is None:
             raise _HTTPError(404, "TOPIC_NOT_FOUND")
-        return {"channels": sorted(t.channels), "producers": [self.server.producer()]}
+        return {"channels": sorted(t.channels), "producers": [self.producer()]}
 
-    def _ep_topics(self) -> Any:
-        return {"topics": sorted(self.server.broker.topics)}
+    def _ep_topics(self, req: _HTTPRequest) -> Any:
+        return {"topics": sorted(self.broker.topics)}
 
-    def _ep_channels(self) -> Any:
-        t = self.server.broker.topics.get(self._required("topic", "MISSING_ARG_TOPIC"))
+    def _ep_channels(self, req: _HTTPRequest) -> Any:
+        t = self.broker.topics.get(self._required(req, "topic", "MISSING_ARG_TOPIC"))
         return {"channels": sorted(t.channels) if t is not None else []}
 
-    def _ep_nodes(self) -> Any:
-        topics = sorted(self.server.broker.topics)
-        return {"producers": [dict(self.server.producer(), tombstones=[False] * len(topics),
+    def _ep_nodes(self, req: _HTTPRequest) -> Any:
+        topics = sorted(self.broker.topics)
+        return {"producers": [dict(self.producer(), tombstones=[False] * len(topics),
                                    topics=topics)]}
 
-    def _existing_topic(self) -> Topic:
+    def _existing_topic(self, req: _HTTPRequest) -> Topic:
         try:
-            return self.server.broker.get_topic(self._topic_arg())
+            return self.broker.get_topic(self._topic_arg(req))
         except TopicNotFound:
             raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
 
-    def _existing_channel(self) -> Channel:
-        topic, channel = self._channel_arg()
+    def _existing_channel(self, req: _HTTPRequest) -> Channel:
+        topic, channel = self._channel_arg(req)
         try:
-            t = self.server.broker.get_topic(topic)
+            t = self.broker.get_topic(topic)
         except TopicNotFound:
             raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
         try:
@@ -8919,44 +9445,45 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         except ChannelNotFound:
             raise _HTTPError(404, "CHANNEL_NOT_FOUND") from None
 
-    def _ep_topic_create(self) -> Any:
-        self.server.broker.topic(self._topic_arg())
+    def _ep_topic_create(self, req: _HTTPRequest) -> Any:
+        self.broker.topic(self._topic_arg(req))
 
-    def _ep_topic_delete(self) -> Any:
-        t = self._existing_topic()
-        self.server.broker.delete_topic(t.name)
+    def _ep_topic_delete(self, req: _HTTPRequest) -> Any:
+        t = self._existing_topic(req)
+        self.broker.delete_topic(t.name)
 
-    def _ep_topic_empty(self) -> Any:
-        self._existing_topic().empty()
+    def _ep_topic_empty(self, req: _HTTPRequest) -> Any:
+        self._existing_topic(req).empty()
 
-    def _ep_topic_pause(self) -> Any:
-        self._existing_topic().pause()
+    def _ep_topic_pause(self, req: _HTTPRequest) -> Any:
+        self._existing_topic(req).pause()
 
-    def _ep_topic_unpause(self) -> Any:
-        self._existing_topic().unpause()
+    def _ep_topic_unpause(self, req: _HTTPRequest) -> Any:
+        self._existing_topic(req).unpause()
 
-    def _ep_channel_create(self) -> Any:
-        topic, channel = self._channel_arg()
+    def _ep_channel_create(self, req: _HTTPRequest) -> Any:
+        topic, channel = self._channel_arg(req)
         try:
-            self.server.broker.get_topic(topic).channel(channel)
+            self.broker.get_topic(topic).channel(channel)
         except TopicNotFound:
             raise _HTTPError(404, "TOPIC_NOT_FOUND") from None
 
-    def _ep_channel_delete(self) -> Any:
-        c = self._existing_channel()
+    def _ep_channel_delete(self, req: _HTTPRequest) -> Any:
+        c = self._existing_channel(req)
         c.topic.delete_channel(c.name)
 
-    def _ep_channel_empty(self) -> Any:
-        self._existing_channel().empty()
+    def _ep_channel_empty(self, req: _HTTPRequest) -> Any:
+        self._existing_channel(req).empty()
 
-    def _ep_channel_pause(self) -> Any:
-        self._existing_channel().pause()
+    def _ep_channel_pause(self, req: _HTTPRequest) -> Any:
+        self._existing_channel(req).pause()
 
-    def _ep_channel_unpause(self) -> Any:
-        self._existing_channel().unpause()
+    def _ep_channel_unpause(self, req: _HTTPRequest) -> Any:
+        self._existing_channel(req).unpause()
 
-    def _ep_config(self, name: str) -> Any:
-        opts = self.server.options
+    def _ep_config(self, req: _HTTPRequest) -> Any:
+        name = req.path[len("/config/"):]
+        opts = self.options
         if name not in opts:
             raise _HTTPError(400, "INVALID_OPTION")
         value = opts[name]
@@ -9340,6 +9867,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         max_msg_timeout=opts["max_msg_timeout"], max_msg_size=opts["max_msg_size"],
         max_body_size=opts["max_body_size"], max_req_timeout=opts["max_req_timeout"],
         max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"])
+    loop = _EventLoop(broker.clock)        # one I/O thread for both faces
     try:
         budget = MemoryBudget(opts["max_body_memory"] or
                               DEFAULT_BODY_MEMORY_FACTOR * broker.max_body_size)
@@ -9348,7 +9876,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             authorizer = Authorizer(opts["auth_http_address"] or (), opts["auth_secrets"] or None,
                                     timeout=opts["http_client_request_timeout"])
         server = TCPServer(
-            broker, opts["tcp_address"],
+            broker, opts["tcp_address"], loop=loop,
             max_heartbeat_interval=opts["max_heartbeat_interval"],
             heartbeat_interval=min(DEFAULT_HEARTBEAT_INTERVAL, opts["max_heartbeat_interval"]),
             output_buffer_timeout=opts["output_buffer_timeout"],
@@ -9363,6 +9891,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             tls_client_auth_policy=opts["tls_client_auth_policy"],
             tls_min_version=opts["tls_min_version"])
     except BaseException:
+        loop.close()
         _abandon(broker, fresh, existed)
         raise
     http_server = https_server = registrar = None
@@ -9370,11 +9899,11 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         if opts["https_address"] and server.tls_context is not None:
             https_server = HTTPServer(broker, opts["https_address"], tcp_address=server.address,
                                       options=opts, tls_context=server.tls_context,
-                                      body_budget=budget)
+                                      body_budget=budget, loop=loop)
             opts["https_port"] = https_server.server_address[1]
         if opts["http_address"]:
             http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
-                                     options=opts, body_budget=budget)
+                                     options=opts, body_budget=budget, loop=loop)
         if opts["lookupd_tcp_address"]:
             tcp_host, tcp_port = _split_address(server.address, TCP_PORT)
             registrar = LookupdRegistrar(
@@ -9389,6 +9918,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             if s is not None:
                 s.server_close()
         server.close()
+        loop.close()
         _abandon(broker, fresh, existed)
         raise
     mode = ("memory only" if not broker.data_path else
