@@ -46,6 +46,7 @@ import platform
 import queue
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -6419,11 +6420,15 @@ class _EventLoop:
     """
 
     def __init__(self, clock: Any = SystemClock) -> None:
-        self.selector = selectors.DefaultSelector()
+        # epoll straight where there is one (a handler per descriptor, called
+        # with epoll's mask); else a selectors selector (its masks).
+        self._epoll = select.epoll() if _EPOLL else None
+        self._selector = None if _EPOLL else selectors.DefaultSelector()
+        self._handlers: Dict[int, Callable[[int], None]] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.register(self._wake_r, _EV_READ, self._drain_wake)
         self._inbox: Deque[Tuple[Callable[..., None], Any]] = collections.deque()
         self._woken = False            # a wake-up byte is on its way
         self._timers: List[Tuple[float, int, Any]] = []
@@ -6433,6 +6438,7 @@ class _EventLoop:
         self.dirty: List[Any] = []     # objects whose _after_pass() runs at the end of a pass
         self.ident: Optional[int] = None
         self.stopping = False
+        self.now = time.monotonic()    # when the pass began: for timeouts of seconds
         # _users_lock guards _users and _thread: the faces attached, and the
         # thread that runs while there are any.
         self._users_lock = threading.Lock()
@@ -6491,6 +6497,30 @@ class _EventLoop:
             except (BlockingIOError, OSError):
                 pass            # the pipe is full: the loop is awake anyway
 
+    def register(self, sock: Any, events: int, handler: Callable[[int], None]) -> None:
+        """Call ``handler(mask)`` when *sock* is ready for *events* (_EV_READ, _EV_WRITE);
+        *mask* has _GOT_READ / _GOT_WRITE bits."""
+        if self._epoll is not None:
+            fd = sock.fileno()
+            self._epoll.register(fd, events)
+            self._handlers[fd] = handler
+        else:
+            self._selector.register(sock, events, handler)  # type: ignore[union-attr]
+
+    def modify(self, sock: Any, events: int, handler: Callable[[int], None]) -> None:
+        if self._epoll is not None:
+            self._epoll.modify(sock.fileno(), events)
+        else:
+            self._selector.modify(sock, events, handler)  # type: ignore[union-attr]
+
+    def unregister(self, sock: Any) -> None:
+        if self._epoll is not None:
+            fd = sock.fileno()
+            self._epoll.unregister(fd)
+            del self._handlers[fd]
+        else:
+            self._selector.unregister(sock)  # type: ignore[union-attr]
+
     def arm(self, obj: Any, when: float) -> None:
         """Make sure ``obj._on_timer`` runs by *when* (``time.monotonic()`` seconds)."""
         if when < obj._timer_at:
@@ -6510,7 +6540,8 @@ class _EventLoop:
     def run(self) -> None:
         """Serve events until ``stopping`` is set, then release the loop."""
         self.ident = threading.get_ident()
-        select, inbox = self.selector.select, self._inbox
+        inbox, handlers = self._inbox, self._handlers
+        poll = self._epoll.poll if self._epoll is not None else None
         timers, deadlines, clock = self._timers, self._deadlines, self.clock
         try:
             while not self.stopping:
@@ -6522,12 +6553,18 @@ class _EventLoop:
                         timeout = min(max(timers[0][0] - time.monotonic(), 0.0), timeout)
                     if deadlines:
                         timeout = min(max(deadlines[0][0] - clock.monotonic(), 0.0), timeout)
-                for key, mask in select(timeout):
-                    handler = key.data
-                    if handler is None:
-                        self._drain_wake()
-                    else:
-                        handler(mask)
+                if poll is not None:
+                    events = poll(timeout)
+                    self.now = time.monotonic()
+                    for fd, mask in events:
+                        handler = handlers.get(fd)       # (None: closed meanwhile)
+                        if handler is not None:
+                            handler(mask)
+                else:
+                    ready = self._selector.select(timeout)  # type: ignore[union-attr]
+                    self.now = time.monotonic()
+                    for key, mask in ready:
+                        key.data(mask)
                 if inbox:
                     self._run_inbox()
                 if timers and timers[0][0] <= time.monotonic():
@@ -6543,14 +6580,14 @@ class _EventLoop:
             self.close()
 
     def close(self) -> None:
-        """Release the selector and the wake-up sockets (the loop is not running)."""
+        """Release the poller and the wake-up sockets (the loop is not running)."""
         with self._users_lock:
             self._thread = None
-        self.selector.close()
+        (self._epoll or self._selector).close()  # type: ignore[union-attr]
         self._wake_r.close()
         self._wake_w.close()
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self, _: int = 0) -> None:
         # Cleared only once the bytes are read: a post() that found it set
         # appended its call before this point, so this pass's inbox run sees
         # it; one that finds it clear sends a byte that wakes the next select.
@@ -6597,9 +6634,17 @@ class _EventLoop:
                     log.exception("I/O loop: %r failed", obj)
 
 
-_LOOP_IDLE_WAIT = 1.0            # the longest select() when nothing is due
+_LOOP_IDLE_WAIT = 1.0            # the longest wait for events when nothing is due
+_EPOLL = hasattr(select, "epoll")
+if _EPOLL:                       # what to watch for; what a handler's mask may hold
+    _EV_READ, _EV_WRITE = select.EPOLLIN, select.EPOLLOUT
+    _GOT_READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+    _GOT_WRITE = select.EPOLLOUT | select.EPOLLERR
+else:
+    _EV_READ, _EV_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+    _GOT_READ, _GOT_WRITE = _EV_READ, _EV_WRITE
 _LISTEN_BACKLOG = 1024           # pending connections the kernel queues for accept
-_RECV_SIZE = 256 * 1024          # bytes read per readable event
+_RECV_SIZE = 64 * 1024           # bytes read per readable event (above 128 KiB, malloc maps and unmaps each)
 _INFLATE_CHUNK = 1 << 20         # bytes inflated per pass (a small input can not balloon)
 _MAX_UNSENT = 1 << 20            # unsent bytes beyond which a connection is not read
 _TLS_HANDSHAKE_TIMEOUT = 5.0
@@ -6661,7 +6706,7 @@ class _Face:
         return self
 
     def _listen_now(self, _: Any = None) -> None:
-        self.loop.selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        self.loop.register(self._listener, _EV_READ, self._on_accept)
         self._accepting = True
 
     def connections(self) -> List["_ServerConnection"]:
@@ -6676,7 +6721,7 @@ class _Face:
 
     def _unlisten(self, _: Any = None) -> None:
         if self._accepting:
-            self.loop.selector.unregister(self._listener)
+            self.loop.unregister(self._listener)
             self._accepting = False
         self._listener.close()
 
@@ -6724,7 +6769,7 @@ class _Face:
 
     def _on_timer(self, now: float) -> None:
         if self._accepting:
-            self._on_accept(selectors.EVENT_READ)      # accepts were paused
+            self._on_accept(_GOT_READ)      # accepts were paused
 
     def _forget(self, conn: "_ServerConnection") -> None:
         with self._conns_lock:
@@ -6753,6 +6798,60 @@ class _Face:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()  # type: ignore[attr-defined]
+
+
+class _PublishBatch:
+    """Single publishes that arrive during one pass of the loop, published
+    together at its end, before anything is written: one call into the core
+    per topic (``Broker.publish_bodies``) instead of one per message.  A
+    producer that waits for each OK gets it in the same pass as it would
+    anyway; nothing is answered before it is stored.
+
+    ``add(topic, body, waiter)`` queues a body; at the end of the pass each
+    waiter hears ``waiter.published(topic, error)`` (error None, or the
+    MinqError that refused the whole topic's batch), in the order added.
+    A batch never exceeds the broker's ``max_body_size``.  The loop's thread
+    only.
+    """
+
+    def __init__(self, broker: Broker, loop: _EventLoop) -> None:
+        self.broker = broker
+        self.loop = loop
+        self._topics: Dict[str, Tuple[List[bytes], List[Any]]] = {}
+        self._bytes = 0
+        self._dirty = False
+
+    def add(self, topic: str, body: bytes, waiter: Any) -> None:
+        if self._bytes + len(body) > self.broker.max_body_size:
+            self._after_pass()
+        entry = self._topics.get(topic)
+        if entry is None:
+            entry = self._topics[topic] = ([], [])
+        entry[0].append(body)
+        entry[1].append(waiter)
+        self._bytes += len(body)
+        if not self._dirty:
+            self._dirty = True
+            self.loop.dirty.append(self)
+
+    def _after_pass(self) -> None:
+        self._dirty = False
+        topics, self._topics, self._bytes = self._topics, {}, 0
+        publish, publish_bodies = self.broker.publish, self.broker.publish_bodies
+        for topic, (bodies, waiters) in topics.items():
+            error: Optional[MinqError] = None
+            try:
+                if len(bodies) == 1:
+                    publish(topic, bodies[0])
+                else:
+                    publish_bodies(topic, bodies)
+            except MinqError as e:
+                error = e
+            for waiter in waiters:
+                try:
+                    waiter.published(topic, error)
+                except Exception:
+                    log.exception("I/O loop: %r failed to take its publish's outcome", waiter)
 
 
 class _ServerConnection:
@@ -6818,19 +6917,19 @@ class _ServerConnection:
 
     # -- life ------------------------------------------------------------------
     def start(self) -> None:
-        self._set_events(selectors.EVENT_READ)
+        self._set_events(_EV_READ)
         self.proto.started()
 
     def _set_events(self, events: int) -> None:
         if events == self._events or self.gone:
             return
-        sel = self.loop.selector
+        loop = self.loop
         if not self._events:
-            sel.register(self.sock, events, self._on_event)
+            loop.register(self.sock, events, self._on_event)
         elif not events:
-            sel.unregister(self.sock)
+            loop.unregister(self.sock)
         else:
-            sel.modify(self.sock, events, self._on_event)
+            loop.modify(self.sock, events, self._on_event)
         self._events = events
 
     def held_back(self) -> bool:
@@ -6843,8 +6942,7 @@ class _ServerConnection:
             self.eof or self.busy or self.waiting or self.held_back()
             or self.avail >= _MAX_UNSENT + self.need
             or self.layers is not None and self.layers.more)
-        self._set_events((selectors.EVENT_READ if reading else 0)
-                         | (selectors.EVENT_WRITE if self._unsent else 0))
+        self._set_events((_EV_READ if reading else 0) | (_EV_WRITE if self._unsent else 0))
 
     def shutdown(self, reason: str, graceful: bool, level: int = logging.DEBUG) -> None:
         """End the connection: the protocol lets go of what it holds now
@@ -6876,7 +6974,7 @@ class _ServerConnection:
             return
         self._linger_until = time.monotonic() + _LINGER
         self._linger_left = _LINGER_BYTES
-        self._set_events(selectors.EVENT_READ)
+        self._set_events(_EV_READ)
         self.loop.arm(self, self._linger_until)
 
     def _destroy(self) -> None:
@@ -6887,7 +6985,7 @@ class _ServerConnection:
             self.proto.connection_lost()
         self.gone = True
         if self._events:
-            self.loop.selector.unregister(self.sock)
+            self.loop.unregister(self.sock)
             self._events = 0
         self.sock.close()
         self.face._forget(self)
@@ -6901,12 +6999,10 @@ class _ServerConnection:
 
     # -- reading -----------------------------------------------------------------
     def _on_event(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
+        if mask & _GOT_WRITE and self._unsent:
             self._write_unsent()
-        if mask & selectors.EVENT_READ and not self.gone:
-            self._on_readable()
-
-    def _on_readable(self) -> None:
+        if not mask & _GOT_READ or self.gone:
+            return
         try:
             data = self.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -6914,6 +7010,21 @@ class _ServerConnection:
         except OSError as e:
             self.shutdown(f"connection error: {e}", graceful=False, level=logging.INFO)
             return
+        if data and self.layers is None and not self.closing:     # the common case
+            if not self.avail:                 # (one whole request, often)
+                self.rbuf, self.rpos, self.avail = data, 0, len(data)
+            else:
+                self._chunks.append(data)
+                self.avail += len(data)
+            if self.avail >= self.need and not self.busy:
+                self._process()
+                if self._redecode:
+                    self._decode()
+            return
+        self._on_data(data)
+
+    def _on_data(self, data: bytes) -> None:
+        # What the common case above leaves: closing, EOF, layers.
         if self.closing:               # no more requests: discard what still comes
             self._linger_left -= len(data)
             if not data or (self._linger_until < math.inf and self._linger_left <= 0):
@@ -6925,18 +7036,7 @@ class _ServerConnection:
             if not self.busy:
                 self.proto.ended()
             return
-        if self.layers is None:
-            if not self.avail:                 # the common case: one whole request
-                self.rbuf, self.rpos, self.avail = data, 0, len(data)
-            else:
-                self._chunks.append(data)
-                self.avail += len(data)
-            if self.avail >= self.need and not self.busy:
-                self._process()
-                if self._redecode:
-                    self._decode()
-            return
-        self.layers.feed(data)
+        self.layers.feed(data)  # type: ignore[union-attr]
         self._decode()
 
     def _decode(self) -> None:
@@ -7083,12 +7183,19 @@ class _ServerConnection:
         proto = self.proto
         if proto.pass_hook:
             proto.after_pass()
-        if not self.out:
+        out = self.out
+        if not out:
             return
-        if self.urgent:
-            self.flush()
-        else:
+        if not self.urgent:
             proto.buffered()
+            return
+        self.urgent = False                    # flush(), in place
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        if self.layers is not None:
+            data = self.layers.encode(data)
+        self.send_raw(data)
 
     def flush(self) -> None:
         """Write the output buffer out now (through the layers)."""
@@ -7266,6 +7373,8 @@ class _NSQProtocol(Consumer):
         # long as none may block: no AUTH, no fsync, TLS as required.
         self._pub_topics: Dict[bytes, Topic] = {}
         self._pub_limit = min(self.broker.max_msg_size, MemoryBudget.SMALL - 1)
+        self._batched = 0        # PUBs in the server's publish batch, not yet answered
+        self._stalled = False    # a command after them waits for their answers
         self._magic = False
         # A command whose body is still coming: [handler, params, limit, code, what, size].
         self._pending: Optional[List[Any]] = None
@@ -7440,6 +7549,9 @@ class _NSQProtocol(Consumer):
             buf, pos = conn.rbuf, conn.rpos
             if buf.startswith(b"PUB ", pos) and self._pub(buf, pos):
                 continue
+            if self._batched:           # answers come in order: wait for the batch's
+                self._stalled = True
+                return
             if buf.startswith(b"FIN ", pos) and self.channel is not None and \
                     self.state != STATE_INIT:
                 ids = _fin_run(buf, pos)
@@ -7461,9 +7573,10 @@ class _NSQProtocol(Consumer):
             self._run(line[:-1] if line.endswith(b"\r") else line)
 
     def _pub(self, buf: bytes, pos: int) -> bool:
-        """A whole ``PUB <topic>\\n<size><body>`` at *pos*, published and answered
-        here; False leaves it to the general path (it is not whole, not
-        plain, or needs more than a publish into memory or a log)."""
+        """A whole ``PUB <topic>\\n<size><body>`` at *pos*, added to the server's
+        publish batch (answered at the end of the pass); False leaves it to
+        the general path (it is not whole, not plain, or needs more than a
+        publish into memory or a log)."""
         nl = buf.find(b"\n", pos, pos + 80)
         if nl < 0 or nl + 5 > len(buf):
             return False
@@ -7474,17 +7587,35 @@ class _NSQProtocol(Consumer):
         t = self._pub_topics.get(buf[pos + 4:nl])
         if t is None or t.deleted:
             return False
-        self.conn.consume(end - pos)
-        name = t.name
-        try:
-            self.broker.publish(name, buf[nl + 5:end])
-        except MinqError as e:
-            self._error(_publish_error("PUB", e))
-            return True
-        counts = self.pub_counts
-        counts[name] = counts[name] + 1
-        self.conn.write(_OK_FRAME)
+        conn = self.conn
+        conn.avail -= end - pos                # conn.consume(end - pos), in place
+        if end < len(buf):
+            conn.rpos = end
+        else:
+            conn.rbuf, conn.rpos = b"", 0
+        self._batched += 1
+        self.server.batch.add(t.name, buf[nl + 5:end], self)
         return True
+
+    def published(self, topic: str, error: Optional[MinqError]) -> None:
+        """The outcome of a PUB in the server's publish batch."""
+        self._batched -= 1
+        conn = self.conn
+        if conn.closing:
+            return
+        if error is not None:
+            self._error(_publish_error("PUB", error))
+            return
+        self.pub_counts[topic] += 1
+        conn.out.append(_OK_FRAME)             # conn.write(_OK_FRAME), in place
+        conn.out_bytes += len(_OK_FRAME)
+        conn.urgent = True
+        if not conn._dirty:
+            conn._dirty = True
+            self.loop.dirty.append(conn)
+        if self._stalled and not self._batched:
+            self._stalled = False
+            conn.resume()
 
     def _run(self, line: bytes) -> None:
         params = line.split(b" ")
@@ -8064,6 +8195,7 @@ class TCPServer(_Face):
             raise InvalidArgument("tls_required needs tls_cert and tls_key")
         self.tls_required = tls_required
         super().__init__(address, TCP_PORT, "TCP", broker.clock, loop, workers)
+        self.batch = _PublishBatch(broker, self.loop)
 
     def _protocol(self, conn: _ServerConnection) -> _NSQProtocol:
         return _NSQProtocol(self, conn)
@@ -8103,50 +8235,48 @@ _HTTP_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _HTTP_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BLANK = (b"\r", b"\n")
 
 
 class _HTTPRequest:
-    """One request as the HTTP protocol read it: method and path as str,
-    the query string parsed on first use, headers by lower-case name (a
-    repeated header's values joined by commas), the body."""
+    """One request as the HTTP protocol read it: method and path as str, the
+    query string's parameters (``parse_qs``'s, blank values kept), headers
+    by lower-case name (a repeated header's values joined by commas), the
+    body, and the route its application found for it."""
 
-    __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body",
-                 "keep_alive", "_query")
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+                 "keep_alive", "route", "waiter")
 
     def __init__(self, method: str, target: bytes, version: bytes,
                  headers: Dict[bytes, bytes]) -> None:
         self.method = method
         self.target = target
-        path, _, self.query_string = target.partition(b"?")
+        path, _, query = target.partition(b"?")
         if b"%" in path:
             path = urllib.parse.unquote_to_bytes(path)
         self.path = path.decode("utf-8", "replace")
+        self.query = _parse_query(query) if query else {}
         self.version = version
         self.headers = headers
         self.body = b""
-        conn = headers.get(b"connection", b"").lower()
-        self.keep_alive = (b"close" not in conn if version == b"HTTP/1.1"
-                           else b"keep-alive" in conn)
-        self._query: Optional[Dict[str, List[str]]] = None
+        conn = headers.get(b"connection")
+        self.keep_alive = (version == b"HTTP/1.1") if conn is None else (
+            b"close" not in conn.lower() if version == b"HTTP/1.1"
+            else b"keep-alive" in conn.lower())
+        self.route: Any = None
+        # The protocol answering it on the loop's thread (None on a worker):
+        # an application may answer later, through waiter.published().
+        self.waiter: Any = None
 
-    @property
-    def query(self) -> Dict[str, List[str]]:
-        """The query string's parameters (``parse_qs`` with blank values kept)."""
-        q = self._query
-        if q is None:
-            q = self._query = {}
-            for part in self.query_string.split(b"&"):
-                if not part:
-                    continue
-                key, _, value = part.partition(b"=")
-                if b"%" in part or b"+" in part:
-                    k = urllib.parse.unquote_plus(key.decode("latin-1"), "utf-8", "replace")
-                    v = urllib.parse.unquote_plus(value.decode("latin-1"), "utf-8", "replace")
-                else:
-                    k = key.decode("utf-8", "replace")
-                    v = value.decode("utf-8", "replace")
-                q.setdefault(k, []).append(v)
-        return q
+    def again(self) -> "_HTTPRequest":
+        """A new request with the same head (parsed heads are kept: clients
+        send the same one again and again); query and headers are shared."""
+        req = _HTTPRequest.__new__(_HTTPRequest)
+        req.method, req.target, req.path = self.method, self.target, self.path
+        req.query, req.version, req.headers = self.query, self.version, self.headers
+        req.keep_alive = self.keep_alive
+        req.body, req.route, req.waiter = b"", None, None
+        return req
 
     def arg(self, name: str) -> Optional[str]:
         values = self.query.get(name)
@@ -8157,13 +8287,42 @@ class _HTTPRequest:
         return b"transfer-encoding" in self.headers or length not in (b"", b"0")
 
 
+def _parse_query(query: bytes) -> Dict[str, List[str]]:
+    q: Dict[str, List[str]] = {}
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        key, _, value = part.partition(b"=")
+        if b"%" in part or b"+" in part:
+            k = urllib.parse.unquote_plus(key.decode("latin-1"), "utf-8", "replace")
+            v = urllib.parse.unquote_plus(value.decode("latin-1"), "utf-8", "replace")
+        else:
+            k = key.decode("utf-8", "replace")
+            v = value.decode("utf-8", "replace")
+        values = q.get(k)
+        if values is None:
+            q[k] = [v]
+        else:
+            values.append(v)
+    return q
+
+
+# Header names as clients spell them, checked and lower-cased once; and
+# whole request heads, parsed once (a client sends the same one again).
+_HEADER_NAMES: Dict[bytes, bytes] = {}
+_HEADS: Dict[bytes, "_HTTPRequest"] = {}
+
+
 def _http_head(head: bytes) -> _HTTPRequest:
     """Parse a request line and headers (CRLF line ends; a lone LF is taken
     as one, a lone CR refused); _HTTPError for anything malformed."""
-    if b"\r" in head.replace(b"\r\n", b""):
-        raise _HTTPError(400, "INVALID_REQUEST")
-    lines = head.split(b"\r\n") if b"\n" not in head.replace(b"\r\n", b"") else \
-        [ln[:-1] if ln.endswith(b"\r") else ln for ln in head.split(b"\n")]
+    n = head.count(b"\n")
+    if head.count(b"\r") != n or head.count(b"\r\n") != n:
+        if head.count(b"\r") != head.count(b"\r\n"):
+            raise _HTTPError(400, "INVALID_REQUEST")       # a lone CR
+        lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in head.split(b"\n")]
+    else:
+        lines = head.split(b"\r\n")
     line = lines[0]
     if len(line) > _HTTP_MAX_LINE:
         raise _HTTPError(414, "URI_TOO_LONG")
@@ -8182,13 +8341,18 @@ def _http_head(head: bytes) -> _HTTPRequest:
     if len(lines) > _HTTP_MAX_HEADERS + 1:
         raise _HTTPError(431, "TOO_MANY_HEADERS")
     headers: Dict[bytes, bytes] = {}
+    names = _HEADER_NAMES
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _HTTP_TOKEN.fullmatch(name):   # also a folded line
-            raise _HTTPError(400, "INVALID_REQUEST")
+        raw, sep, value = line.partition(b":")
+        name = names.get(raw)
+        if name is None:
+            if not sep or not _HTTP_TOKEN.fullmatch(raw):   # also a folded line
+                raise _HTTPError(400, "INVALID_REQUEST")
+            name = raw.lower()
+            if len(names) < 256:
+                names[raw] = name
         if len(line) > _HTTP_MAX_LINE:
             raise _HTTPError(431, "HEADER_TOO_LARGE")
-        name = name.lower()
         value = value.strip(b" \t")
         if b"\0" in value:
             raise _HTTPError(400, "INVALID_REQUEST")
@@ -8212,10 +8376,12 @@ def _body_framing(req: _HTTPRequest, limit: int, too_big: str) -> int:
         return -1
     if length is None:
         return 0
-    values = {v.strip() for v in length.split(b",")}
-    if len(values) != 1:
-        raise _HTTPError(400, "INVALID_REQUEST")
-    text = values.pop()
+    if b"," in length:                    # repeated: the same length, or refused
+        values = {v.strip() for v in length.split(b",")}
+        if len(values) != 1:
+            raise _HTTPError(400, "INVALID_REQUEST")
+        length = values.pop()
+    text = length.strip()
     if not _DIGITS.fullmatch(text):
         raise _HTTPError(400, "INVALID_REQUEST")
     n = int(text)
@@ -8275,8 +8441,9 @@ class _HTTPProtocol:
 
     def _enter(self, state: str, timeout: float) -> None:
         self.state = state
-        self.deadline = time.monotonic() + timeout
-        self.conn.loop.arm(self, self.deadline)
+        self.deadline = deadline = self.conn.loop.now + timeout
+        if deadline < self._timer_at:
+            self.conn.loop.arm(self, deadline)
 
     def _on_timer(self, now: float) -> None:
         conn = self.conn
@@ -8347,12 +8514,14 @@ class _HTTPProtocol:
             if not self._read_body():
                 return
             self._answer()
+            if self.req is not None:           # answered later (a worker, a batch)
+                return
 
     def _read_head(self) -> bool:
         """The request line and headers, parsed (True), or wait for more input."""
         conn = self.conn
         buf, pos = conn.rbuf, conn.rpos
-        while buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos):
+        while buf[pos:pos + 1] in _BLANK and (buf[pos] == 10 or buf.startswith(b"\r\n", pos)):
             conn.consume(1 if buf[pos] == 10 else 2)   # blank lines before a request
             buf, pos = conn.rbuf, conn.rpos
         end, skip = buf.find(b"\n\r\n", pos), 3     # the blank line: CRLF or a lone LF
@@ -8372,11 +8541,17 @@ class _HTTPProtocol:
         conn.consume(end + skip - pos)
         conn.need = 1
         self.requests += 1
-        try:
-            req = _http_head(head)
-        except _HTTPError as e:
-            self._error(e)
-            return False
+        known = _HEADS.get(head)
+        if known is not None:
+            req = known.again()
+        else:
+            try:
+                req = _http_head(head)
+            except _HTTPError as e:
+                self._error(e)
+                return False
+            if len(head) <= 1024 and len(_HEADS) < 1024:
+                _HEADS[head] = req.again()
         self.req = req
         try:
             ruling = self.app.head(req)
@@ -8512,7 +8687,19 @@ class _HTTPProtocol:
             self.conn.submit(self.app.respond, req)
             self.conn.update_events()
             return
-        self._respond(self.app.respond(req))
+        req.waiter = self  # type: ignore[union-attr]
+        response = self.app.respond(req)
+        if response is not None:               # else: published() answers
+            self._respond(response)
+
+    def published(self, topic: str, error: Optional[MinqError]) -> None:
+        """The outcome of the request's publish in the server's publish batch."""
+        conn = self.conn
+        if conn.closing:
+            return
+        self._respond(self.app.published(error))
+        if conn.avail:
+            conn.resume()                      # requests pipelined behind it
 
     def job_done(self, response: Any, error: Optional[BaseException]) -> None:
         if error is not None:
@@ -9201,6 +9388,7 @@ class HTTPServer(_Face):
         self._topics_seen: Dict[str, str] = {}     # valid topic names published to
         super().__init__(address, HTTP_PORT, "HTTPS" if tls_context else "HTTP", broker.clock,
                          loop, workers)
+        self.batch = _PublishBatch(broker, self.loop)
         listen = _split_address(tcp_address, TCP_PORT)[0] if tcp_address else self.server_address[0]
         #: what /info and the lookupd endpoints tell clients to connect to
         self.broadcast_address: str = (self.options.get("broadcast_address")
@@ -9253,21 +9441,17 @@ class HTTPServer(_Face):
         if self.tls_required:
             return _json_reply(_HTTPError(403, "TLS_REQUIRED"),
                                https_port=self.options.get("https_port", 0))
-        route = self._route_of(req)
+        route = req.route = self._ROUTES.get(req.path)
+        if route is None and req.path.startswith("/config/"):
+            route = req.route = self._CONFIG_ROUTE
         limits = self._BODY_LIMITS.get(route[1]) if route is not None else None
         if limits is None:
             return self._OTHER_BODY_LIMIT, "BODY_TOO_BIG"
         return getattr(self.broker, limits[0]), limits[1]
 
-    def _route_of(self, req: _HTTPRequest) -> Optional[Tuple[Tuple[str, ...], str]]:
-        route = self._ROUTES.get(req.path)
-        if route is None and req.path.startswith("/config/"):
-            route = self._CONFIG_ROUTE
-        return route
-
     def blocking(self, req: _HTTPRequest) -> bool:
         """Whether answering may block (then it runs on a worker)."""
-        route = self._route_of(req)
+        route = req.route
         if route is None or req.method not in route[0]:
             return False
         name = route[1]
@@ -9276,15 +9460,18 @@ class HTTPServer(_Face):
             return self.broker.fsync or topic is None or not self.broker.has_topic(topic)
         return name in self._BLOCKING
 
-    def respond(self, req: _HTTPRequest) -> Tuple[int, bytes, str, bool]:
-        """Answer *req*: (status, body, content type, whether nsqd's V1 header goes with it)."""
-        route = self._route_of(req)
+    def respond(self, req: _HTTPRequest) -> Optional[Tuple[int, bytes, str, bool]]:
+        """Answer *req*: (status, body, content type, whether nsqd's V1 header
+        goes with it), or None: ``req.waiter.published`` answers it later."""
+        route = req.route
         try:
             if route is None:
                 raise _HTTPError(404, "NOT_FOUND")
             if req.method not in route[0]:
                 raise _HTTPError(405, "METHOD_NOT_ALLOWED")
             result = getattr(self, "_ep_" + route[1])(req)
+            if result is _LATER:
+                return None
         except _HTTPError as e:
             log.info("http %s %s: %d %s", req.method, req.target.decode("latin-1"), e.status,
                      e.code)
@@ -9300,6 +9487,12 @@ class HTTPServer(_Face):
         if isinstance(result, bytes):
             return 200, result, _TEXT_TYPE, True
         return 200, json.dumps(result).encode(), _JSON_TYPE, True
+
+    def published(self, error: Optional[MinqError]) -> Tuple[int, bytes, str, bool]:
+        """The response to a /pub whose message went into the publish batch."""
+        if error is None:
+            return _PUB_OK
+        return _json_reply(_publish_refused(error))
 
     # -- parameters ----------------------------------------------------------------
     @staticmethod
@@ -9362,12 +9555,13 @@ class HTTPServer(_Face):
             defer = int(raw) / 1000
         if not req.body:
             raise _HTTPError(400, "MSG_EMPTY")
+        if req.waiter is not None and not defer and len(req.body) <= b.max_msg_size:
+            self.batch.add(topic, req.body, req.waiter)    # answered at the end of the pass
+            return _LATER
         try:
             b.publish(topic, req.body, defer)
-        except (PublishFailed, BrokerClosed):
-            raise _HTTPError(503, "EXITING") from None
-        except InvalidMessage:
-            raise _HTTPError(413, "MSG_TOO_BIG") from None
+        except MinqError as e:
+            raise _publish_refused(e) from None
         return b"OK"
 
     def _ep_mpub(self, req: _HTTPRequest) -> Any:
@@ -9387,10 +9581,8 @@ class HTTPServer(_Face):
         if bodies:
             try:
                 b.publish_bodies(topic, bodies)
-            except (PublishFailed, BrokerClosed):
-                raise _HTTPError(503, "EXITING") from None
-            except InvalidMessage:
-                raise _HTTPError(413, "BODY_TOO_BIG") from None
+            except MinqError as e:
+                raise _publish_refused(e, "BODY_TOO_BIG") from None
         return b"OK"
 
     def _ep_stats(self, req: _HTTPRequest) -> Any:
@@ -9490,6 +9682,18 @@ class HTTPServer(_Face):
         if name in _DURATION_OPTIONS:
             return int(value * 1e9)      # Go durations are nanoseconds in JSON
         return value
+
+
+_PUB_OK = (200, b"OK", _TEXT_TYPE, True)
+_LATER = object()                # an endpoint's answer comes later
+
+
+def _publish_refused(e: MinqError, too_big: str = "MSG_TOO_BIG") -> _HTTPError:
+    """nsqd's answer to a publish the core refused: 413 for a message too
+    big, else 503 EXITING (storage failed, or the broker is closing)."""
+    if isinstance(e, InvalidMessage):
+        return _HTTPError(413, too_big)
+    return _HTTPError(503, "EXITING")
 
 
 _DURATION_OPTIONS = frozenset({"msg_timeout", "max_msg_timeout", "max_req_timeout",
