@@ -339,7 +339,8 @@ class _Delivery(Message):
     """
 
     # _bucket: in flight, the channel's deadline bucket that holds it.
-    __slots__ = ("consumer", "deadline", "delivered_at", "_bucket")
+    # _finished: its consumer finished it; the channel settles that soon.
+    __slots__ = ("consumer", "deadline", "delivered_at", "_bucket", "_finished")
 
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int = 0) -> None:
         self.id = id
@@ -348,6 +349,7 @@ class _Delivery(Message):
         self.attempts = attempts
         self._pos = None
         self.consumer: Optional["Consumer"] = None
+        self._finished = False
 
     def finish(self) -> None:
         c = self.consumer
@@ -2554,6 +2556,13 @@ class Channel:
         self._queue = self._env.new_queue(f"{topic.name}:{name}", self.ephemeral,
                                              self._defer_from_disk)
         self._in_flight: Dict[bytes, _Delivery] = {}
+        # In-process finishes not yet settled: appended without the lock (a
+        # deque), settled in a batch under it (``_settle_finished_locked``)
+        # by the consumer once RDY/4 wait or before it waits for messages,
+        # and by anyone who takes the lock to time out, remove, count or
+        # persist.  Taking a lock the publishing thread takes, once per
+        # message, would make the two threads convoy on it and the GIL.
+        self._finished: Deque[_Delivery] = collections.deque()
         # In-flight deadlines, in buckets _DEADLINE_GRAIN wide: bucket k holds
         # the messages due in ((k-1)*grain, k*grain] and fires at k*grain (never
         # early, at most a grain late); a settled message leaves its bucket.
@@ -2663,7 +2672,11 @@ class Channel:
             self._dispatch_locked(out)
 
     def _put_memory(self, msgs: Messages, defer: float, out: Deliveries) -> None:
-        """The fast path of prepare+commit for a channel without a log (cannot fail)."""
+        """The fast path of prepare+commit for a channel without a log (cannot fail).
+
+        When the one consumer is full, the messages are queued with no Python
+        call under the lock: a thread switch there would make a finishing
+        consumer wait for the lock and the GIL in turn (a lock convoy)."""
         lock = self._lock
         lock.acquire()
         try:
@@ -2674,12 +2687,18 @@ class Channel:
                     self._defer_locked(m, due)
                 return
             cs, q = self._consumers, self._queue
-            if len(cs) == 1 and not q.mem and msgs.__class__ is not _Batch and not (
-                    self.paused or cs[0].closed or self.dispatch == "hash"
-                    or cs[0].ready_count - cs[0].in_flight_count < len(msgs)):
-                # Nothing waits before them and the one consumer has room: hand over.
-                self._start_flight_locked(msgs, cs[0], self._monotonic(), out)
-                return
+            if len(cs) == 1 and msgs.__class__ is list and not (
+                    self.paused or cs[0].closed or self.dispatch == "hash"):
+                c = cs[0]
+                room = c.ready_count - c.in_flight_count
+                if not q.mem and room >= len(msgs):
+                    # Nothing waits before them and the consumer has room: hand over.
+                    self._start_flight_locked(msgs, c, self._monotonic(), out)
+                    return
+                if room <= 0 and not q.ephemeral:
+                    q.mem.extend(msgs)             # q.push(msgs), in place
+                    q.mem_count += len(msgs)
+                    return
             q.push(msgs)
             if cs and not self.paused:
                 self._dispatch_locked(out)
@@ -2716,6 +2735,7 @@ class Channel:
             self._consumers.remove(consumer)
             consumer.closed = True
             self._ring = None
+            self._settle_finished_locked()     # what it finished is not requeued
             mine = [h for h in self._in_flight.values() if h.consumer is consumer]
             for h in mine:
                 self._take_out_of_flight_locked(h)
@@ -2755,9 +2775,7 @@ class Channel:
         with self._lock:
             in_flight = self._in_flight
             pop = in_flight.pop
-            stamps: List[int] = []
-            acks: List[int] = []
-            durable = self._queue.durable
+            done: List[_Delivery] = []
             for msg_id in msg_ids:
                 h = pop(msg_id, None)
                 if h is None or h.consumer is not consumer:
@@ -2765,21 +2783,51 @@ class Channel:
                         in_flight[msg_id] = h       # someone else's: put it back
                     failed.append(msg_id)
                     continue
-                del h._bucket[msg_id]
-                stamps.append(h.timestamp)
-                if durable and h._pos is not None:    # release its record
-                    acks.append(h._pos)
-            if not stamps:
+                done.append(h)
+            if not done:
                 return failed
-            self._count_latencies_locked(stamps)
-            consumer.in_flight_count -= len(stamps)
-            consumer.finish_count += len(stamps)
-            if acks:
-                self._ack_locked(acks)
+            self._finished_locked(done)
             deliveries = self._dispatch_locked([])
         if deliveries:
             _hand_over_all(deliveries)
         return failed
+
+    def _finished_locked(self, done: List[_Delivery]) -> None:
+        """Messages taken out of ``_in_flight`` were finished: count them, release
+        their records (durable), free their consumers' slots."""
+        stamps: List[int] = []
+        acks: List[int] = []
+        durable = self._queue.durable
+        for h in done:
+            del h._bucket[h.id]
+            stamps.append(h.timestamp)
+            c = h.consumer
+            c.in_flight_count -= 1  # type: ignore[union-attr]
+            c.finish_count += 1  # type: ignore[union-attr]
+            if durable and h._pos is not None:    # release its record
+                acks.append(h._pos)
+        self._count_latencies_locked(stamps)
+        if acks:
+            self._ack_locked(acks)
+
+    def _settle_finished_locked(self) -> None:
+        """Settle the in-process finishes that wait (see ``_finished``)."""
+        fin, in_flight = self._finished, self._in_flight
+        done: List[_Delivery] = []
+        while fin:
+            h = fin.popleft()
+            if in_flight.get(h.id) is h:
+                del in_flight[h.id]
+                done.append(h)
+        if done:
+            self._finished_locked(done)
+
+    def settle(self) -> None:
+        """Settle waiting in-process finishes now and refill the freed slots."""
+        with self._lock:
+            self._settle_finished_locked()
+            deliveries = self._dispatch_locked([])
+        _hand_over_all(deliveries)
 
     def requeue(self, consumer: Consumer, msg_id: bytes, delay: float = 0.0) -> None:
         """REQ by id: back to the queue, or to the deferred set if delay > 0."""
@@ -2795,37 +2843,38 @@ class Channel:
 
     # The same, for a delivered handle (in-process consumers settle these).
     def _finish(self, h: _Delivery) -> None:
-        # The in-process hot path: no requeue, no dead letters, and
-        # _take_out_of_flight_locked's three lines written in place.
+        # The in-process hot path: settled later, in a batch (see _finished),
+        # unless the channel is durable: its acks are what a crash keeps.
+        if self._in_flight.get(h.id) is not h or h._finished:
+            raise _not_in_flight(h, "FIN")
+        h._finished = True
+        if self._queue.durable:
+            self._settle_now(h)
+            return
+        fin = self._finished
+        fin.append(h)
+        if len(fin) > h.consumer.ready_count >> 2:  # type: ignore[union-attr]
+            self.settle()
+
+    def _settle_now(self, h: _Delivery) -> None:
         with self._lock:
-            if self._in_flight.get(h.id) is not h:
-                raise _not_in_flight(h, "FIN")
-            del self._in_flight[h.id]
-            del h._bucket[h.id]
-            c = h.consumer
-            c.in_flight_count -= 1
-            c.finish_count += 1
-            latency = self._env.time_ns() - h.timestamp
-            self._e2e_counts[bisect.bisect_left(_E2E_BOUNDS_NS, latency)] += 1
-            self._e2e_sum_ns += latency
-            if h._pos is not None:
-                self._ack_locked([h._pos])
-            q = self._queue
-            if not q.mem and (q.log is None or not q.log.unread):
-                return
+            self._settle_finished_locked()
+            if self._in_flight.get(h.id) is h:
+                del self._in_flight[h.id]
+                self._finished_locked([h])
             deliveries = self._dispatch_locked([])
         _hand_over_all(deliveries)
 
     def _requeue(self, h: _Delivery, delay: float) -> None:
         with self._lock:
-            if self._in_flight.get(h.id) is not h:
+            if self._in_flight.get(h.id) is not h or h._finished:
                 raise _not_in_flight(h, "REQ")
             deliveries, dead = self._requeue_locked(h, delay)
         self._hand_over(deliveries, dead)
 
     def _touch(self, h: _Delivery) -> None:
         with self._lock:
-            if self._in_flight.get(h.id) is not h:
+            if self._in_flight.get(h.id) is not h or h._finished:
                 raise _not_in_flight(h, "TOUCH")
             self._touch_locked(h)
 
@@ -2979,7 +3028,7 @@ class Channel:
     def _start_flight_locked(self, msgs: Iterable[Message], c: Consumer, now: float,
                              out: Deliveries) -> None:
         """Put *msgs* in flight with consumer *c*; their deliveries go to *out*."""
-        deadline = now + self._timeout_for(c)
+        deadline = now + (c.msg_timeout or self.broker.msg_timeout)    # _timeout_for(c)
         last_k, bucket = self._last_bucket
         if last_k != math.ceil(deadline / _DEADLINE_GRAIN):
             bucket = self._bucket_locked(deadline)
@@ -3076,6 +3125,7 @@ class Channel:
         """
         dead: List[Message] = []
         with self._lock:
+            self._settle_finished_locked()     # a finished message never times out
             heap, grain = self._bucket_heap, _DEADLINE_GRAIN
             while heap and heap[0] * grain <= now:
                 self._last_bucket = (0, {})     # it may be the bucket now gone
@@ -3131,6 +3181,7 @@ class Channel:
             c.in_flight_count = 0
 
     def _clear_flight_locked(self) -> None:
+        self._finished.clear()
         self._in_flight.clear()
         self._buckets.clear()
         self._bucket_heap.clear()
@@ -3158,6 +3209,7 @@ class Channel:
         with self._lock:
             if self._queue.log is None:
                 return
+            self._settle_finished_locked()
             extra = self._held_records_locked()
             self._clear_flight_locked()
             self._deferred.clear()
@@ -3220,6 +3272,7 @@ class Channel:
     def stats(self, include_clients: bool = True) -> Dict[str, Any]:
         """nsqd's channel object for /stats (plus minq's dead_count/drop_count)."""
         with self._lock:
+            self._settle_finished_locked()
             clients = [c.client_stats() for c in self._consumers] if include_clients else None
             return {
                 "channel_name": self.name,
@@ -4499,6 +4552,9 @@ class PullConsumer(Consumer):
         deadline = None if timeout is None else time.monotonic() + timeout
         buf = self._buffer
         while not (self.closed or self._stopping):
+            ch = self.channel
+            if ch is not None and ch._finished and buf.empty():
+                ch.settle()        # about to wait: the freed slots first
             try:
                 if deadline is None:
                     h = buf.get()

@@ -1657,6 +1657,38 @@ def test_not_in_flight_errors_change_nothing(broker):
             minq.Message(b"0" * 16, b"x", 0).finish()
 
 
+def test_finishes_settled_in_a_batch_are_final_at_once(broker, clock):
+    # A consumer with a wide window has its finishes settled a batch at a
+    # time; none of what a user sees may differ from settling each at once.
+    broker.publish_many("t", [b"%d" % i for i in range(3)])
+    c = broker.consumer("t", "c", max_in_flight=100)
+    a, b, rest = c.get(timeout=1), c.get(timeout=1), c.get(timeout=1)
+    a.finish()
+    b.finish()
+    for op in (a.finish, a.touch, a.requeue):
+        with pytest.raises(minq.NotInFlight):
+            op()
+    clock.advance(61)                        # past msg_timeout: only `rest` comes back
+    again = c.get(timeout=1)
+    assert again.body == rest.body and again.attempts == 2 and c.get(timeout=0.05) is None
+    st = channel_stats(broker, "t", "c")
+    assert (st["in_flight_count"], st["timeout_count"], st["clients"][0]["finish_count"]) == \
+        (1, 1, 2)
+    again.finish()
+    c.close()                                # nothing finished is requeued by a close
+    assert channel_stats(broker, "t", "c")["depth"] == 0
+
+
+def test_a_finish_waiting_for_its_batch_is_not_persisted_at_close(tmp_path):
+    with disk_broker(tmp_path) as b:
+        b.publish_many("t", [b"done", b"open"])
+        c = b.consumer("t", "c", max_in_flight=100)
+        c.get(timeout=1).finish()
+        c.get(timeout=1)                     # in flight at close: persisted
+    with disk_broker(tmp_path) as b, b.consumer("t", "c", max_in_flight=100) as c:
+        assert [m.body for m in drain(c)] == [b"open"]
+
+
 def test_finish_by_id_checks_owner(broker):
     broker.publish("t", b"x")
     c1 = broker.consumer("t", "c")
