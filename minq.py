@@ -2289,6 +2289,22 @@ class _MessageQueue:
         self.mem.extendleft(reversed(msgs))
         self.mem_count += len(msgs)
 
+    def take_batch(self) -> Optional[_Batch]:
+        """The first entry of memory, if it is a whole batch (not cut into messages)."""
+        mem = self.mem
+        if mem and mem[0].__class__ is _Batch:
+            b = mem.popleft()
+            self.mem_count -= len(b)
+            self._mem_batches -= 1
+            return b
+        return None
+
+    def unshift_batch(self, b: _Batch) -> None:
+        """Put a batch ``take_batch`` took back in front (it could not be handed on)."""
+        self.mem.appendleft(b)
+        self.mem_count += len(b)
+        self._mem_batches += 1
+
     def remove_at(self, i: int) -> Message:
         """Take the message at index *i* of memory (``fill`` made it an object)."""
         msg = self.mem[i]
@@ -3513,7 +3529,7 @@ class Topic:
                 or self._env.loading):
             return False
         q = self._queue
-        if q.mem:
+        if q.mem and not self._release_whole_batches_locked(out):
             batch = q.take(min(q.mem_count, self.RELEASE_BATCH))
             try:
                 self._release_batch_locked(batch, 0.0, out)
@@ -3543,6 +3559,25 @@ class Topic:
                     raise
             del self._held_deferred[:len(chunk)]
         return bool(q.mem or q.log is not None and q.log.unread or self._held_deferred)
+
+    def _release_whole_batches_locked(self, out: Deliveries) -> int:
+        """Hand batches held in memory (MPUBs, not cut into messages) to every
+        channel as they are, up to RELEASE_BATCH messages' worth (at least
+        one batch): no message object is made for them here, so a new
+        consumer of a big backlog reads at full speed from its first second.
+        Returns how many messages moved."""
+        q, moved = self._queue, 0
+        while moved < self.RELEASE_BATCH:
+            b = q.take_batch()
+            if b is None:
+                break
+            try:
+                self._fan_out_locked(b, 0.0, out)
+            except OSError:
+                q.unshift_batch(b)
+                raise
+            moved += len(b)
+        return moved
 
     def _release_batch_locked(self, batch: List[Message], defer: float,
                               out: Deliveries) -> None:

@@ -2144,6 +2144,32 @@ def test_hand_over_retries_after_a_write_error_and_loses_nothing(tmp_path, monke
         assert got == [b"%08d" % i for i in range(20_000)]
 
 
+def test_batches_held_in_memory_move_whole_and_a_write_error_keeps_them(tmp_path, monkeypatch):
+    # MPUBs (publish_bodies, as TCP and HTTP publish them) held by a paused
+    # topic move to the channel as whole batches, in order; a failed store
+    # puts the batch back at the topic's head, and the retry loses nothing.
+    monkeypatch.setattr(minq, "_PUMP_RETRY", 0.05)
+
+    def mpub(first, n=1000):
+        b.publish_bodies("t", [b"%05d" % i for i in range(first, first + n)])
+    with disk_broker(tmp_path, mem_queue_size=3000) as b:
+        ch = b.topic("t").channel("c")
+        mpub(0, 2000)                             # in the channel's memory
+        b.topic("t").pause()
+        for first in (2000, 3000, 4000):          # in the topic's memory
+            mpub(first)
+        assert (b.topic("t").depth, b.stats(topic="t")["topics"][0]["backend_depth"]) == (3000, 0)
+        failing = [True]
+        _failing_disk(monkeypatch, lambda: failing[0])
+        b.topic("t").unpause()       # one batch fits the channel's memory, then a write fails
+        assert (ch.depth, b.topic("t").depth) == (3000, 2000)
+        failing[0] = False
+        wait_until(lambda: ch.depth == 5000, what="the retried hand-over")
+        with b.consumer("t", "c", max_in_flight=2500) as c:
+            got = drain_finishing(c, 6000, timeout=1)
+        assert got == [b"%05d" % i for i in range(5000)]
+
+
 def test_backlog_moves_to_every_channel_including_memory_ones(tmp_path, held_pump):
     with disk_broker(tmp_path, mem_queue_size=50_000) as b:
         b.topic("t").pause()
