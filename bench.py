@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.request
 from typing import Callable, Dict, List
 
 import minq
@@ -864,15 +865,88 @@ def load_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
     return {"connected": conns - closed, "heartbeats": beats}
 
 
+HTTP_PUB = (b"POST /pub?topic=" + LOAD_TOPIC.encode() + b" HTTP/1.1\r\nHost: bench\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
+
+
+def one_at_a_time(address: str, runfor: float, conns: int, http: bool) -> int:
+    """*conns* connections, each sending one PUB (or HTTP POST /pub) and waiting
+    for its OK before the next, as most producers do; how many were answered."""
+    import selectors
+    import socket
+    host, port = address.rsplit(":", 1)
+    sel = selectors.DefaultSelector()
+    pub = b"PUB " + LOAD_TOPIC.encode() + b"\n" + struct.pack(">l", len(BODY)) + BODY
+    request, answer = (HTTP_PUB, b"\r\n\r\nOK") if http else (pub, b"\x00\x00\x00\x00OK")
+    for _ in range(conns):
+        if http:
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            s, reader = load_session(address)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b""])
+        s.send(request)
+    answered, end = 0, time.monotonic() + runfor
+    while time.monotonic() < end:
+        for key, _ in sel.select(0.2):
+            s, state = key.fileobj, key.data
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise EOFError("the server closed a connection")
+            state[0] += chunk
+            n = state[0].count(answer)
+            if n:
+                answered += n
+                state[0] = state[0][state[0].rfind(answer) + len(answer):]
+                s.send(request * n)
+    return answered
+
+
+def http_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
+    """*conns* HTTP keep-alive connections, each answered one GET /ping and then
+    idle for *hold* seconds; how many still answer one at the end."""
+    import socket
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, conns + 100)), hard))
+    host, port = address.rsplit(":", 1)
+    ping = b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n"
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(ping)
+        if not s.recv(4096).startswith(b"HTTP/1.1 200"):
+            raise RuntimeError("GET /ping failed")
+        socks.append(s)
+    time.sleep(hold)
+    alive = 0
+    for s in socks:
+        try:
+            s.sendall(ping)
+            alive += s.recv(4096).startswith(b"HTTP/1.1 200")
+        except OSError:
+            pass
+        s.close()
+    return {"connected": alive}
+
+
 def client_main(argv: List[str]) -> int:
-    """``python bench.py --client write|read|idle ADDRESS SECONDS [CONNS]``: one
-    load client process; prints its count as JSON."""
+    """``python bench.py --client write|read|idle|pub|httppub|httpidle ADDRESS SECONDS
+    [CONNS]``: one load client process; prints its count as JSON."""
     import json
     kind, address, runfor = argv[0], argv[1], float(argv[2])
     if kind == "write":
         result = {"messages": load_writer(address, runfor)}
     elif kind == "read":
         result = {"messages": load_reader(address, runfor)}
+    elif kind in ("pub", "httppub"):
+        result = {"messages": one_at_a_time(address, runfor, int(argv[3]), kind == "httppub")}
+    elif kind == "httpidle":
+        result = http_idle(address, int(argv[3]), runfor)
     else:
         result = load_idle(address, int(argv[3]), runfor)
     print(json.dumps(result), flush=True)
@@ -939,7 +1013,7 @@ while True:
             continue
         c = key.data
         try:
-            data = c.s.recv(1 << 18)
+            data = c.s.recv(1 << 16)     # (above 128 KiB, malloc maps and unmaps each buffer)
         except BlockingIOError:
             continue
         except OSError:
@@ -955,6 +1029,64 @@ while True:
 """
 
 
+RAW_HTTP_LOOP = r"""
+# The least an HTTP/1.1 server can do for POST /pub and GET /ping over
+# keep-alive connections: find the end of the head, skip Content-Length bytes,
+# answer 200 OK.  One epoll loop (selectors), like minq's.
+import selectors, socket, sys
+REPLY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n\r\nOK"
+sel = selectors.DefaultSelector()
+srv = socket.create_server(("127.0.0.1", 0), backlog=1024)
+srv.setblocking(False)
+sel.register(srv, selectors.EVENT_READ, None)
+print(srv.getsockname()[1], flush=True)
+bufs = {}
+while True:
+    for key, _ in sel.select():
+        if key.data is None:
+            try:
+                s, _ = srv.accept()
+            except BlockingIOError:
+                continue
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sel.register(s, selectors.EVENT_READ, s)
+            bufs[s] = b""
+            continue
+        s = key.data
+        try:
+            data = s.recv(65536)
+        except (BlockingIOError, ConnectionError):
+            data = b""
+        if not data:
+            sel.unregister(s)
+            del bufs[s]
+            s.close()
+            continue
+        buf, out = bufs[s] + data, 0
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            i = buf.find(b"Content-Length: ", 0, end)
+            n = int(buf[i + 16:buf.index(b"\r\n", i)]) if i >= 0 else 0
+            if len(buf) < end + 4 + n:
+                break
+            buf = buf[end + 4 + n:]
+            out += 1
+        bufs[s] = buf
+        if out:
+            s.send(REPLY * out)
+"""
+
+
+def start_raw_http_loop():
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", RAW_HTTP_LOOP], stdout=subprocess.PIPE,
+                         text=True)
+    return p, f"127.0.0.1:{p.stdout.readline().strip()}"
+
+
 def start_raw_load_server():
     import subprocess
     p = subprocess.Popen([sys.executable, "-c", RAW_LOAD_SERVER], stdout=subprocess.PIPE,
@@ -962,15 +1094,21 @@ def start_raw_load_server():
     return p, f"127.0.0.1:{p.stdout.readline().strip()}"
 
 
-def start_minq_load_server(data_path: str, mem_queue_size: int):
+def start_minq_load_server(data_path: str, mem_queue_size: int, http: bool = False):
+    """``minq.py serve``: (process, its TCP address), and its HTTP address too with *http*."""
     import re
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.Popen([sys.executable, os.path.join(here, "minq.py"), "serve",
-                          "--tcp-address", "127.0.0.1:0", "--http-address", "",
+                          "--tcp-address", "127.0.0.1:0",
+                          "--http-address", "127.0.0.1:0" if http else "",
                           "--data-path", data_path, "--mem-queue-size", str(mem_queue_size),
                           "--log-level", "error"], stdout=subprocess.PIPE, text=True)
-    return p, re.search(r"tcp://(\S+?)[;,]", p.stdout.readline()).group(1)
+    line = p.stdout.readline()
+    tcp = re.search(r"tcp://(\S+?)[;,]", line).group(1)
+    if http:
+        return p, tcp, re.search(r"http://(\S+);", line).group(1)
+    return p, tcp
 
 
 def run_clients(kind: str, address: str, seconds: float, processes: int,
@@ -1016,6 +1154,14 @@ def load_case(address: str, case: str, write_s: float, read_s: float) -> Dict[st
     return {"write": written / write_s, "read": got / read_s}
 
 
+def one_at_a_time_case(address: str, seconds: float, http: bool) -> float:
+    """Messages per second from 2 client processes x 16 connections, each
+    publishing one message per request and waiting for its answer."""
+    kind = "httppub" if http else "pub"
+    got = sum(r["messages"] for r in run_clients(kind, address, seconds, 2, "16"))
+    return got / seconds
+
+
 def sub_latency(address: str, backlog: int) -> float:
     """Seconds from SUB to its OK on a topic holding *backlog* messages."""
     sock, reader = load_session(address)
@@ -1056,6 +1202,29 @@ def section_load(scale: float, base: str = None) -> None:
         report(f"write, {case}", got["write"], "msg/s", "raw socket, same load", raw["write"])
         report(f"read, {case}", got["read"], "msg/s", "raw socket, same load", raw["read"])
 
+    # One message per request, as most producers publish: the channel made
+    # first (a memory queue overflowing to disk, as nsqd's), 32 connections.
+    seconds = max(1.0, 4 * scale)
+    for http, name, start_raw in ((False, "PUB", start_raw_load_server),
+                                  (True, "HTTP POST /pub", start_raw_http_loop)):
+        progress(f"one {name} per request, 32 connections, {seconds:g} s")
+        proc, addr = start_raw()
+        raw_rate = one_at_a_time_case(addr, seconds, http)
+        stop(proc)
+        d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+        try:
+            proc, tcp, web = start_minq_load_server(d, 10_000, http=True)
+            for path in (f"/topic/create?topic={LOAD_TOPIC}",
+                         f"/channel/create?topic={LOAD_TOPIC}&channel={LOAD_CHANNEL}"):
+                urllib.request.urlopen(urllib.request.Request(f"http://{web}{path}",
+                                                              method="POST")).read()
+            rate = one_at_a_time_case(web if http else tcp, seconds, http)
+            stop(proc)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        report(f"one {name} per request, 32 conns", rate, "msg/s",
+               "raw Python epoll loop, same load", raw_rate)
+
     backlog = max(10_000, int(1_000_000 * scale))
     progress(f"SUB on a topic holding {backlog:,} messages")
     d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
@@ -1093,6 +1262,27 @@ def section_load(scale: float, base: str = None) -> None:
         print(f"{'connections still open after ' + f'{hold:g} s':<44} "
               f"{idle['connected']:>14,} of {conns:,} ({idle['heartbeats']:,} heartbeats "
               f"answered)", flush=True)
+
+    progress(f"{conns:,} idle HTTP keep-alive connections (one GET /ping each) held {hold:g} s")
+    for name, start in (("raw", start_raw_http_loop),
+                        ("minq", lambda: start_minq_load_server("", 10_000, http=True))):
+        proc, *addrs = start()
+        before = proc_status(proc.pid)
+        idle = run_clients("httpidle", addrs[-1], hold, 1, str(conns))[0]
+        after = proc_status(proc.pid)
+        stop(proc)
+        if name == "raw":
+            raw_idle = (before, after, idle)
+            continue
+        per = (after["rss"] - before["rss"]) / conns
+        raw_per = (raw_idle[1]["rss"] - raw_idle[0]["rss"]) / conns
+        report(f"memory per idle HTTP connection ({conns:,})", per / 1024, "KiB",
+               "raw epoll HTTP loop", raw_per / 1024, higher_is_better=False)
+        print(f"{'threads with ' + f'{conns:,} HTTP connections':<44} "
+              f"{after['threads']:>14} (before them: {before['threads']}; raw loop: "
+              f"{raw_idle[1]['threads']})", flush=True)
+        print(f"{'HTTP connections answering after ' + f'{hold:g} s':<44} "
+              f"{idle['connected']:>14,} of {conns:,}", flush=True)
 
 
 # =============================================================================

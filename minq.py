@@ -7023,6 +7023,11 @@ class _ServerConnection:
             loop.modify(self.sock, events, self._on_event)
         self._events = events
 
+    @property
+    def unsent(self) -> int:
+        """Bytes of output the peer has not taken yet."""
+        return self._unsent_bytes
+
     def held_back(self) -> bool:
         """Whether the peer reads so little that its requests must wait."""
         return self._unsent_bytes >= _MAX_UNSENT or self._outq_full
@@ -9510,10 +9515,13 @@ class HTTPServer(_Face):
         self.stop_accepting()
         self.loop.call(self._begin_close)
         deadline = time.monotonic() + grace
-        while self.connections() and time.monotonic() < deadline and not (
+
+        def busy() -> List[_ServerConnection]:       # (not those only lingering)
+            return [c for c in self.connections() if not c.closing or c.unsent]
+        while busy() and time.monotonic() < deadline and not (
                 hurry is not None and hurry.is_set()):
             time.sleep(0.01)
-        for conn in self.connections():
+        for conn in busy():
             log.warning("http: a request from %s outlived the shutdown grace; cut",
                         conn.remote_ip)
         self.loop.call(self._close_connections)

@@ -3622,6 +3622,41 @@ def test_auth_with_http_auth_server(tmp_path):
         t.join()
 
 
+def test_a_pub_split_anywhere_is_read_whole(server):
+    data = b"PUB split\n" + struct.pack(">l", 5) + b"hello"
+    for cut in range(1, len(data)):
+        r = Raw(server)
+        r.send(data[:cut])
+        time.sleep(0.002)
+        r.send(data[cut:])
+        assert r.response() == b"OK"
+        r.close()
+    assert server.broker.get_topic("split").depth == len(data) - 1
+
+
+def test_single_pubs_published_together_each_get_their_answer(tmp_path, monkeypatch):
+    # A connection's PUBs after its first go into the server's publish batch:
+    # each gets its own OK, or E_PUB_FAILED when storing them failed.
+    monkeypatch.setattr(minq.SegmentLog, "map_window", 0)     # every write a pwrite
+    with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
+            minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+        conns = [Raw(srv) for _ in range(3)]
+        for i, r in enumerate(conns):
+            r.send(b"".join(b"PUB t\n" + struct.pack(">l", 4) + b"m%d-%d" % (i, k)
+                            for k in range(5)))
+        for r in conns:
+            assert [r.response() for _ in range(5)] == [b"OK"] * 5
+        _failing_disk(monkeypatch, lambda: True)
+        for r in conns:
+            r.cmd("PUB t", b"lost")
+        for r in conns:
+            assert r.error().startswith("E_PUB_FAILED PUB failed")
+        monkeypatch.undo()
+        with b.consumer("t", "c", max_in_flight=100) as c:
+            got = sorted(m.body for m in drain(c))
+        assert got == sorted(b"m%d-%d" % (i, k) for i in range(3) for k in range(5))
+
+
 def test_pub_failed_when_storage_fails(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.TCPServer(b, "127.0.0.1:0").start() as srv:
@@ -4816,6 +4851,82 @@ def test_http_fuzz_every_reply_is_well_formed_and_the_server_stays(strict_web):
         assert not reply or reply.startswith(b"HTTP/1."), (data, reply[:200])
     assert http(strict_web, "GET", "/ping")[0] == 200
     assert threading.active_count() < 20
+
+
+def test_http_request_split_anywhere_is_read_whole(web):
+    data = (b"POST /pub?topic=split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    for cut in range(1, len(data)):
+        s = socket.create_connection(web.server_address[:2], timeout=5)
+        s.sendall(data[:cut])
+        time.sleep(0.002)
+        s.sendall(data[cut:])
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        s.close()
+    assert web.broker.get_topic("split").depth == len(data) - 1
+
+
+def test_http_pipelined_requests_are_answered_in_order_behind_a_blocking_one(web):
+    # /topic/create runs on a worker, /pub goes through the publish batch,
+    # /ping is answered at once: the answers still come in request order.
+    reqs = [b"POST /topic/create?topic=p HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /pub?topic=p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none",
+            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /pub?topic=p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\ntwo",
+            b"GET /stats?format=json&topic=p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
+    reply = raw_http(web, b"".join(reqs), shut=False)
+    codes = [int(c) for c in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]   # (bodies end mid-line)
+    assert codes == [200, 200, 200, 404, 200, 200]
+    assert json.loads(reply[reply.rindex(b"\r\n\r\n") + 4:])["topics"][0]["depth"] == 2
+    with web.broker.consumer("p", "c", max_in_flight=10) as c:
+        assert [m.body for m in drain(c)] == [b"one", b"two"]
+
+
+def test_http_same_head_twice_with_different_bodies_publishes_both(web):
+    head = b"POST /pub?topic=h HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n"
+    reply = raw_http(web, head + b"abc" + head + b"xyz")
+    assert reply.count(b"HTTP/1.1 200 OK") == 2
+    with web.broker.consumer("h", "c", max_in_flight=10) as c:
+        assert [m.body for m in drain(c)] == [b"abc", b"xyz"]
+
+
+def test_http_expect_100_continue_is_answered_before_the_body(web):
+    s = socket.create_connection(web.server_address[:2], timeout=5)
+    s.sendall(b"POST /pub?topic=e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+              b"Expect: 100-continue\r\n\r\n")
+    assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    s.sendall(b"body")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    s.close()
+
+
+@pytest.mark.parametrize("head, kept", [(b"GET /ping HTTP/1.0\r\n", False),
+                                        (b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n", True),
+                                        (b"GET /ping HTTP/1.1\r\n", True),
+                                        (b"GET /ping HTTP/1.1\r\nConnection: close\r\n", False)])
+def test_http_keep_alive_as_the_version_and_connection_header_say(web, head, kept):
+    s = socket.create_connection(web.server_address[:2], timeout=5)
+    s.sendall(head + b"\r\n")
+    reply = b""
+    while b"\r\n\r\nOK" not in reply:
+        reply += s.recv(4096)
+    s.sendall(b"GET /ping HTTP/1.1\r\n\r\n")
+    rest = s.recv(4096)
+    assert bool(rest) == kept and (b"Connection: close" in reply) == (not kept)
+    s.close()
+
+
+def test_http_idle_keep_alive_connections_need_no_thread(web):
+    before = threading.active_count()
+    socks = []
+    for _ in range(200):
+        s = socket.create_connection(web.server_address[:2], timeout=5)
+        s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        socks.append(s)
+    assert threading.active_count() == before
+    for s in socks:
+        s.close()
 
 
 # =============================================================================
