@@ -1202,6 +1202,19 @@ class _SegmentReader:
         """The length of the segment open (0: none)."""
         return os.fstat(self.fd).st_size if self.fd is not None else 0
 
+    def good_record(self, num: int, off: int, end: int, biggest: int) -> bool:
+        """Whether a whole record whose length (at most *biggest*) and CRC
+        check out starts at *off* of segment *num*, ending by *end*."""
+        header = self.bytes_at(num, off, _REC_SIZE, end)
+        if header is None:
+            return False
+        size, crc = _REC.unpack(header)
+        size &= _MAX_RECORD
+        if not 0 < size <= biggest or off + _REC_SIZE + size > end:
+            return False
+        payload = self.bytes_at(num, off + _REC_SIZE, size, end)
+        return payload is not None and zlib.crc32(payload) == crc
+
     def next_record(self, off: int, end: int, biggest: int) -> Optional[int]:
         """The offset of the first record after *off* (before *end*) of the
         segment open whose length and CRC check out, or None: a damaged
@@ -1231,6 +1244,140 @@ class _SegmentReader:
             os.close(self.fd)
         self.fd, self.num = None, -1
         self.drop_buffer()
+
+
+def _frame_records(payloads: List[bytes], chunks: Optional[List[bytes]] = None
+                   ) -> Tuple[List[bytes], List[int]]:
+    """*payloads* framed as records, after *chunks* (what comes first):
+    (every piece to write, in order; each record's offset from the start)."""
+    chunks = chunks or []
+    rel: List[int] = []
+    size = sum(map(len, chunks))
+    pack, crc32 = _REC.pack, zlib.crc32
+    for p in payloads:
+        rel.append(size)
+        chunks.append(pack(len(p), crc32(p)))
+        chunks.append(p)
+        size += _REC_SIZE + len(p)
+    return chunks, rel
+
+
+def _segment_numbers(directory: str, name: str) -> List[int]:
+    """The numbers of log *name*'s segment files, in order."""
+    prefix, out = f"{name}.", []
+    for fn in os.listdir(directory):
+        if fn.startswith(prefix) and fn.endswith(".seg"):
+            mid = fn[len(prefix):-4]
+            if len(mid) == 6 and mid.isdigit():
+                out.append(int(mid))
+    return sorted(out)
+
+
+class _Recovery:
+    """What a log's files say when it opens: its metadata, then a scan of
+    what was written since the last fsync before that was saved.
+
+    The scan checks records the metadata counts that no fsync had covered
+    (after a power loss they may read as zeros: a segment's space is
+    reserved ahead, so its length proves nothing; a gap cuts the segment
+    there, and then it is short), salvages and counts records written after
+    the save (a crash), and collects the positions that supersede markers
+    written since the fsync name, for the replacing records it finds whole
+    (``replaced``).  Torn tails are cut off the files.
+    """
+
+    def __init__(self, directory: str, name: str, biggest: int) -> None:
+        self.directory, self.name, self.biggest = directory, name, biggest
+        path = os.path.join(directory, f"{name}.meta")
+        meta: Dict[str, Any] = {}
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    meta = json.loads(f.read())
+            except (OSError, ValueError) as e:
+                log.error("segment log %s: unreadable metadata (%s); rescanning", name, e)
+                meta = {}
+        self.meta = meta
+        self.segments = nums = _segment_numbers(directory, name)
+        self.read_pos = int(meta.get("read", 0))
+        write_num, write_off = divmod(int(meta.get("write", 0)), 1 << _SEG_SHIFT)
+        depth = int(meta.get("depth", 0))
+        if not meta and nums:   # no metadata: everything on disk is unread
+            self.read_pos = nums[0] << _SEG_SHIFT
+            write_num, write_off = nums[0], 0
+        meta_num, meta_off = write_num, write_off
+        first = min(int(meta.get("synced", meta.get("write", 0))),
+                    (write_num << _SEG_SHIFT) | write_off) if meta else write_num << _SEG_SHIFT
+        short = False
+        self.replaced: List[int] = []
+        for num in nums:
+            if num < first >> _SEG_SHIFT:
+                continue
+            start = first & _SEG_MASK if num == first >> _SEG_SHIFT else 0
+            if num < meta_num:       # finished (fsynced when rolled): markers only
+                self.replaced += self._scan(num, start, _SEG_MASK + 1, cut=False)[2]
+                continue
+            end, count, found = self._scan(num, start, meta_off if num == meta_num else 0)
+            self.replaced += found
+            if num == meta_num and end < meta_off:
+                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
+                          "says (%d)", name, num, end, meta_off)
+                short = True
+            depth += count
+            write_num, write_off = num, end
+        if short:
+            # Data the metadata counted did not survive (power loss): never
+            # reuse those positions (old acks may name them); write anew.
+            write_num, write_off = write_num + 1, 0
+        self.depth, self.write_num, self.write_off = depth, write_num, write_off
+
+    def _scan(self, num: int, start: int, count_from: int = 0,
+              cut: bool = True) -> Tuple[int, int, List[int]]:
+        """Check the records of segment *num* from *start* up to the first
+        that is not whole and valid, and (*cut*) cut the segment there.
+        Returns (where they end, how many lie at or past *count_from*, the
+        positions replaced by the records of supersede markers among them:
+        those of the replacing records that are there)."""
+        path = os.path.join(self.directory, f"{self.name}.{num:06d}.seg")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < start:
+                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
+                          "says (%d)", self.name, num, size, start)
+                return size, 0, []
+            f.seek(start)
+            data = f.read()
+        count, off = 0, start
+        replaced: List[int] = []
+        olds: List[int] = []          # of the last marker, for the records still to come
+        view = memoryview(data)
+        while len(view) - (off - start) >= _REC_SIZE:
+            i = off - start
+            field, crc = _REC.unpack_from(view, i)
+            size = field & _MAX_RECORD
+            if size == 0 or size > self.biggest or i + _REC_SIZE + size > len(view):
+                break
+            payload = view[i + _REC_SIZE:i + _REC_SIZE + size]
+            if zlib.crc32(payload) != crc:
+                break
+            if field & _SUPERSEDES:
+                olds = [p for (p,) in _ACK.iter_unpack(payload[:size - size % _ACK.size])]
+                olds.reverse()
+            else:
+                if olds:
+                    old = olds.pop()
+                    if old != _NO_POS:
+                        replaced.append(old)
+                count += off >= count_from
+            off += _REC_SIZE + size
+        rest = len(data) - (off - start)
+        if rest and cut:
+            if data.count(0, off - start) != rest:     # zeros are reserved space
+                log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
+                            self.name, rest, num)
+            with open(path, "r+b") as f:
+                f.truncate(off)
+        return off, count, replaced
 
 
 class SegmentLog:
@@ -1314,75 +1461,23 @@ class SegmentLog:
     def _seg_path(self, num: int) -> str:
         return os.path.join(self.directory, f"{self.name}.{num:06d}.seg")
 
-    def _segment_numbers(self) -> List[int]:
-        prefix, out = f"{self.name}.", []
-        for fn in os.listdir(self.directory):
-            if fn.startswith(prefix) and fn.endswith(".seg"):
-                mid = fn[len(prefix):-4]
-                if len(mid) == 6 and mid.isdigit():
-                    out.append(int(mid))
-        return sorted(out)
-
     @staticmethod
     def _pos(num: int, off: int) -> int:
         return (num << _SEG_SHIFT) | off
 
     # -- open and recovery -----------------------------------------------------
     def _open(self) -> None:
-        meta = {}
-        if os.path.exists(self._meta_path):
-            try:
-                with open(self._meta_path, "rb") as f:
-                    meta = json.loads(f.read())
-            except (OSError, ValueError) as e:
-                log.error("segment log %s: unreadable metadata (%s); rescanning", self.name, e)
-                meta = {}
-        nums = self._segment_numbers()
-        read_pos = int(meta.get("read", 0))
-        write_num, write_off = divmod(int(meta.get("write", 0)), 1 << _SEG_SHIFT)
-        depth = int(meta.get("depth", 0))
-        if not meta and nums:   # no metadata: everything on disk is unread
-            read_pos = self._pos(nums[0], 0)
-            write_num, write_off = nums[0], 0
-        # The scan starts where the last fsync before the metadata save
-        # ended.  Records the metadata counts that no fsync had covered may
-        # read as zeros after a power loss (a segment's space is reserved
-        # ahead, so its length proves nothing): a gap cuts the segment there,
-        # and then it is short.  Records written after the save (a crash) are
-        # salvaged and counted.  Supersede markers written since the fsync
-        # name records that their replacements (if there) release.
-        meta_num, meta_off = write_num, write_off
-        first = min(int(meta.get("synced", meta.get("write", 0))),
-                    self._pos(write_num, write_off)) if meta else self._pos(write_num, 0)
-        short = False
-        replaced: List[int] = []
-        for num in nums:
-            if num < first >> _SEG_SHIFT:
-                continue
-            start = first & _SEG_MASK if num == first >> _SEG_SHIFT else 0
-            if num < meta_num:       # finished (fsynced when rolled): markers only
-                replaced += self._scan(num, start, _SEG_MASK + 1, cut=False)[2]
-                continue
-            end, count, found = self._scan(num, start, meta_off if num == meta_num else 0)
-            replaced += found
-            if num == meta_num and end < meta_off:
-                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
-                          "says (%d)", self.name, num, end, meta_off)
-                short = True
-            depth += count
-            write_num, write_off = num, end
-        if short:
-            # Data the metadata counted did not survive (power loss): never
-            # reuse those positions (old acks may name them); write anew.
-            write_num, write_off = write_num + 1, 0
+        found = _Recovery(self.directory, self.name, self.max_record_size)
+        meta, nums, read_pos = found.meta, found.segments, found.read_pos
+        write_num, write_off = found.write_num, found.write_off
         acked_since = 0
         if self.acks is not None:
             self._skip, acked_since = self.acks.load(
                 read_pos, int(meta.get("write", 0)), int(meta.get("acks_base", 0)), nums)
-            released = self.acks.restore(replaced, read_pos)
+            released = self.acks.restore(found.replaced, read_pos)
             self._skip |= released
             acked_since += len(released)
-        self.depth = max(depth - acked_since, 0)   # unread, unacknowledged records
+        self.depth = max(found.depth - acked_since, 0)   # unread, unacknowledged records
         if write_num not in nums:
             write_off = 0
         self._read_pos = read_pos
@@ -1397,53 +1492,6 @@ class SegmentLog:
         self._commits.advance(self.write_pos)
         os.fsync(fd)        # what a killed process left is durable now
         self._save_meta(self.write_pos)
-
-    def _scan(self, num: int, start: int, count_from: int = 0,
-              cut: bool = True) -> Tuple[int, int, List[int]]:
-        """Check the records of segment *num* from *start* up to the first
-        that is not whole and valid, and (*cut*) cut the segment there.
-        Returns (where they end, how many lie at or past *count_from*, the
-        positions replaced by the records of supersede markers among them:
-        those of the replacing records that are there)."""
-        with open(self._seg_path(num), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < start:
-                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
-                          "says (%d)", self.name, num, size, start)
-                return size, 0, []
-            f.seek(start)
-            data = f.read()
-        count, off = 0, start
-        replaced: List[int] = []
-        olds: List[int] = []          # of the last marker, for the records still to come
-        view = memoryview(data)
-        while len(view) - (off - start) >= _REC_SIZE:
-            i = off - start
-            field, crc = _REC.unpack_from(view, i)
-            size = field & _MAX_RECORD
-            if size == 0 or size > self.max_record_size or i + _REC_SIZE + size > len(view):
-                break
-            payload = view[i + _REC_SIZE:i + _REC_SIZE + size]
-            if zlib.crc32(payload) != crc:
-                break
-            if field & _SUPERSEDES:
-                olds = [p for (p,) in _ACK.iter_unpack(payload[:size - size % _ACK.size])]
-                olds.reverse()
-            else:
-                if olds:
-                    old = olds.pop()
-                    if old != _NO_POS:
-                        replaced.append(old)
-                count += off >= count_from
-            off += _REC_SIZE + size
-        rest = len(data) - (off - start)
-        if rest and cut:
-            if data.count(0, off - start) != rest:     # zeros are reserved space
-                log.warning("segment log %s: cut %d bytes of torn tail from segment %d",
-                            self.name, rest, num)
-            with open(self._seg_path(num), "r+b") as f:
-                f.truncate(off)
-        return off, count, replaced
 
     # -- writing ---------------------------------------------------------------
     @property
@@ -1475,14 +1523,7 @@ class SegmentLog:
             base, off, _ = self._append_framed(_REC.pack(len(p), zlib.crc32(p)) + p, 1,
                                                consume, None)
             return [base | off]
-        rel: List[int] = []
-        chunks: List[bytes] = []
-        size = 0
-        for p in payloads:
-            rel.append(size)
-            chunks.append(_REC.pack(len(p), zlib.crc32(p)))
-            chunks.append(p)
-            size += _REC_SIZE + len(p)
+        chunks, rel = _frame_records(payloads)
         base, off, _ = self._append_framed(b"".join(chunks), n, consume, rel)
         return [base | (off + r) for r in rel]
 
@@ -1563,14 +1604,9 @@ class SegmentLog:
         for k in range(0, len(payloads), step):
             olds = old[k:k + step]
             marker = struct.pack(f">{len(olds)}Q", *olds)
-            chunks = [_REC.pack(len(marker) | _SUPERSEDES, zlib.crc32(marker)), marker]
-            rel: List[int] = []
-            size = _REC_SIZE + len(marker)
-            for p in payloads[k:k + step]:
-                rel.append(size)
-                chunks.append(_REC.pack(len(p), zlib.crc32(p)))
-                chunks.append(p)
-                size += _REC_SIZE + len(p)
+            chunks, rel = _frame_records(payloads[k:k + step],
+                                         [_REC.pack(len(marker) | _SUPERSEDES, zlib.crc32(marker)),
+                                          marker])
             try:
                 base, off, _ = self._append_framed(
                     b"".join(chunks), len(rel), consume, rel,
@@ -1856,7 +1892,8 @@ class SegmentLog:
             # Only the record is bad if its length is right: a good record
             # (or the end) follows it.  Else the length is damaged too.
             nxt = off + _REC_SIZE + size
-            if nxt == self._segment_end(num) or self._record_at(num, nxt):
+            end = self._segment_end(num)
+            if nxt == end or self._reader.good_record(num, nxt, end, self.max_record_size):
                 self._damaged(num, off, "CRC mismatch", skip_to=nxt)
             else:
                 self._damaged(num, off, "CRC mismatch and bad record length")
@@ -1873,18 +1910,6 @@ class SegmentLog:
     def _segment_end(self, num: int) -> int:
         end = self._records_end(num)
         return self._reader.size() if end is None else end
-
-    def _record_at(self, num: int, off: int) -> bool:
-        """Whether a whole record whose length and CRC check out starts at *off*."""
-        header = self._read_bytes(num, off, _REC_SIZE)
-        if header is None:
-            return False
-        size, crc = _REC.unpack(header)
-        size &= _MAX_RECORD
-        if not 0 < size <= self.max_record_size or off + _REC_SIZE + size > self._segment_end(num):
-            return False
-        payload = self._read_bytes(num, off + _REC_SIZE, size)
-        return payload is not None and zlib.crc32(payload) == crc
 
     def _read_bytes(self, num: int, off: int, n: int) -> Optional[bytes]:
         return self._reader.bytes_at(num, off, n, self._records_end(num))
@@ -2092,7 +2117,7 @@ class SegmentLog:
             self._retired = []
         if self.acks is not None:
             self.acks.destroy()
-        for num in self._segment_numbers():
+        for num in _segment_numbers(self.directory, self.name):
             self._delete_segment(num)
         try:
             os.unlink(self._meta_path)
@@ -2430,6 +2455,27 @@ class _MessageQueue:
         if self.log is not None:
             self.log.empty()
 
+    def rewrite(self, held: List[Tuple[Message, int]]) -> bool:
+        """Durable mode: write the records of *held* messages (with the due
+        times they keep) anew at the log's tail, replacing their old ones
+        (``SegmentLog.supersede``); False if nothing could be written."""
+        items = [(m, due) for m, due in held if m._pos is not None]
+        if not items:
+            return False
+        seglog = self.log
+        try:
+            positions = seglog.supersede([_encode_record(m, due) for m, due in items],  # type: ignore[union-attr]
+                                         [m._pos for m, _ in items], consume=True)
+        except OSError as e:     # the old records stay; tried again later
+            log.error("could not rewrite %d held record(s) of %s: %s", len(items),
+                      seglog.name, e)  # type: ignore[union-attr]
+            return False
+        for (m, _), pos in zip(items, positions):      # (the first ones, if not all)
+            m._pos = pos
+        log.info("%s: rewrote %d in-flight or deferred record(s) held back by acks",
+                 seglog.name, len(positions))  # type: ignore[union-attr]
+        return True
+
     def persist(self, extra: List[Tuple[Message, int]]) -> None:
         """At a clean close: store what lives only in memory (with due times)."""
         if self.log is None:
@@ -2452,6 +2498,36 @@ class _MessageQueue:
 
 # What a dispatch hands over, once no lock is held: each consumer with its messages.
 Deliveries = List[Tuple["Consumer", List[_Delivery]]]
+
+
+class _LatencyHistogram:
+    """Publish-to-FIN latencies of a channel's finished messages: how many
+    fell in each of the E2E_LATENCY_BUCKETS (and beyond), and their sum.
+    Guarded by its channel's lock."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_E2E_BOUNDS_NS) + 1)   # the last one: over 300 s
+        self.sum_ns = 0
+
+    def count(self, stamps: List[int], now_ns: int) -> None:
+        """Count the messages published at *stamps* (ns), finished at *now_ns*."""
+        counts = self.counts
+        self.sum_ns += now_ns * len(stamps) - sum(stamps)
+        if len(stamps) == 1:
+            counts[bisect.bisect_left(_E2E_BOUNDS_NS, now_ns - stamps[0])] += 1
+            return
+        # latency <= bound  <=>  stamp >= now - bound: bisect the sorted stamps
+        stamps.sort()
+        below = len(stamps)         # those with latency above every bound so far
+        for j, bound in enumerate(_E2E_BOUNDS_NS):
+            above = bisect.bisect_left(stamps, now_ns - bound)
+            counts[j] += below - above
+            below = above
+        counts[-1] += below
+
+    def stats(self) -> Dict[str, Any]:
+        return {"buckets": dict(zip(E2E_LATENCY_BUCKETS, self.counts)),
+                "count": sum(self.counts), "sum": self.sum_ns / 1e9}
 
 
 class Consumer:
@@ -2596,8 +2672,7 @@ class Channel:
         self.requeue_count = 0
         self.timeout_count = 0
         self.dead_count = 0
-        self._e2e_counts = [0] * (len(_E2E_BOUNDS_NS) + 1)   # the last one: over 300 s
-        self._e2e_sum_ns = 0
+        self._e2e = _LatencyHistogram()
         self.max_attempts: Optional[int] = None
         self.dead_letter_topic: Optional[str] = None
         self.dispatch = "round_robin"
@@ -2822,7 +2897,7 @@ class Channel:
             c.finish_count += 1  # type: ignore[union-attr]
             if durable and h._pos is not None:    # release its record
                 acks.append(h._pos)
-        self._count_latencies_locked(stamps)
+        self._e2e.count(stamps, self._env.time_ns())
         if acks:
             self._ack_locked(acks)
 
@@ -2925,23 +3000,6 @@ class Channel:
         del h._bucket[h.id]
         h._bucket = self._bucket_locked(h.deadline)
         h._bucket[h.id] = h
-
-    def _count_latencies_locked(self, stamps: List[int]) -> None:
-        """Count publish-to-FIN latencies of finished messages published at *stamps*."""
-        now_ns = self._env.time_ns()
-        counts = self._e2e_counts
-        self._e2e_sum_ns += now_ns * len(stamps) - sum(stamps)
-        if len(stamps) == 1:
-            counts[bisect.bisect_left(_E2E_BOUNDS_NS, now_ns - stamps[0])] += 1
-            return
-        # latency <= bound  <=>  stamp >= now - bound: bisect the sorted stamps
-        stamps.sort()
-        below = len(stamps)         # those with latency above every bound so far
-        for j, bound in enumerate(_E2E_BOUNDS_NS):
-            above = bisect.bisect_left(stamps, now_ns - bound)
-            counts[j] += below - above
-            below = above
-        counts[-1] += below
 
     def _ack_locked(self, positions: List[int]) -> None:
         """Durable mode: release the records of finished messages."""
@@ -3263,21 +3321,8 @@ class Channel:
         if acks.behind < 2 * held:      # not worth it yet: ask again later
             acks.unpin_at = 2 * held
             return
-        items = [(m, due) for m, due in self._held_records_locked() if m._pos is not None]
-        if not items:
-            return
-        try:
-            positions = seglog.supersede([_encode_record(m, due) for m, due in items],
-                                         [m._pos for m, _ in items], consume=True)
-        except OSError as e:     # the old records stay; tried again later
-            log.error("could not rewrite %d held record(s) of %s: %s", len(items),
-                      seglog.name, e)
-            return
-        acks.unpin_at = _UNPIN_ACKS
-        for (m, _), pos in zip(items, positions):      # (the first ones, if not all)
-            m._pos = pos
-        log.info("%s: rewrote %d in-flight or deferred record(s) held back by acks",
-                 seglog.name, len(positions))
+        if self._queue.rewrite(self._held_records_locked()):
+            acks.unpin_at = _UNPIN_ACKS
 
     def _dead_lettered(self, msgs: List[Message]) -> None:
         """The dead-letter topic has these: release their records."""
@@ -3308,9 +3353,7 @@ class Channel:
                 "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
                 "max_attempts": self.effective_max_attempts,
                 "dispatch": self.dispatch,
-                "e2e_latency": {"buckets": dict(zip(E2E_LATENCY_BUCKETS, self._e2e_counts)),
-                                "count": sum(self._e2e_counts),
-                                "sum": self._e2e_sum_ns / 1e9},
+                "e2e_latency": self._e2e.stats(),
             }
 
 
@@ -7427,6 +7470,101 @@ def _fin_run(buf: bytes, pos: int) -> List[bytes]:
     return ids
 
 
+def _identify_settings(data: Dict[str, Any], srv: "TCPServer"
+                       ) -> Tuple[float, int, float, int, float]:
+    """IDENTIFY's settings, checked as nsqd checks them (_ClientError
+    E_BAD_BODY otherwise): (heartbeat interval, output buffer size, output
+    buffer timeout, sample rate, msg timeout), seconds for durations (0: off
+    for the heartbeat and the timeout; the server's default msg timeout)."""
+    def bad(what: str, value: int) -> _ClientError:
+        return _ClientError("E_BAD_BODY", f"IDENTIFY {what} ({value}) is invalid")
+    hb = _json_int(data, "heartbeat_interval", 0)
+    if hb == -1:
+        hb_s = 0.0
+    elif hb == 0:
+        hb_s = srv.heartbeat_interval
+    elif 1000 <= hb <= srv.max_heartbeat_interval * 1000:
+        hb_s = hb / 1000
+    else:
+        raise bad("heartbeat interval", hb)
+    size = _json_int(data, "output_buffer_size", 0)
+    if size == -1:
+        size, obt_off = 1, True
+    elif size == 0:
+        size, obt_off = DEFAULT_OUTPUT_BUFFER_SIZE, False
+    elif 64 <= size <= srv.max_output_buffer_size:
+        obt_off = False
+    else:
+        raise bad("output buffer size", size)
+    obt = _json_int(data, "output_buffer_timeout", 0)
+    if obt == -1:
+        obt_s = 0.0
+    elif obt == 0:
+        obt_s = srv.output_buffer_timeout
+    elif srv.min_output_buffer_timeout * 1000 <= obt <= srv.max_output_buffer_timeout * 1000:
+        obt_s = obt / 1000
+    else:
+        raise bad("output buffer timeout", obt)
+    rate = _json_int(data, "sample_rate", 0)
+    if not 0 <= rate <= 99:
+        raise bad("sample rate", rate)
+    mt = _json_int(data, "msg_timeout", 0)
+    if mt and not 1000 <= mt <= srv.broker.max_msg_timeout * 1000:
+        raise bad("msg timeout", mt)
+    return hb_s, size, 0.0 if obt_off else obt_s, rate, mt / 1000
+
+
+class _AuthSession:
+    """A connection's AUTH (nsqd's client auth state): its grant, and the
+    check a command makes against it.  A grant past its ttl is asked of the
+    auth server again, which may block: callers run that on a worker
+    (``expired`` says when)."""
+
+    def __init__(self, authorizer: Optional[Authorizer], remote_ip: str, address: str) -> None:
+        self.authorizer = authorizer
+        self.remote_ip = remote_ip
+        self.address = address
+        self.state: Optional[_AuthState] = None
+        self._secret = ""
+
+    @property
+    def expired(self) -> bool:
+        """Whether the next ``check`` asks the auth server again."""
+        return self.state is not None and time.monotonic() >= self.state.expires
+
+    def login(self, secret: str, tls: bool) -> _AuthState:
+        """AUTH *secret*: the grant, or _ClientError (failures are throttled per address)."""
+        authorizer = self.authorizer
+        assert authorizer is not None
+        wait = authorizer.locked_out(self.remote_ip)
+        if wait:
+            log.info("client %s: AUTH refused: locked out for %.0fs more", self.address, wait)
+            raise _ClientError("E_AUTH_FAILED", "AUTH failed: too many failures; "
+                                                f"retry in {math.ceil(wait)}s")
+        try:
+            state = authorizer.authorize(secret, self.remote_ip, tls)
+        except (OSError, ValueError) as e:
+            log.warning("client %s: AUTH failed: %s", self.address, e)
+            state = None
+        if state is None:
+            authorizer.failed(self.remote_ip)
+            raise _ClientError("E_AUTH_FAILED", "AUTH failed")
+        authorizer.succeeded(self.remote_ip)
+        self.state, self._secret = state, secret
+        return state
+
+    def check(self, cmd: str, permission: str, topic: str, channel: str, tls: bool) -> None:
+        """_ClientError unless the grant allows *cmd* (no authorizer: all is allowed)."""
+        if self.authorizer is None:
+            return
+        if self.state is None:
+            raise _ClientError("E_AUTH_FIRST", f"AUTH required before {cmd}")
+        if self.expired:
+            self.login(self._secret, tls)
+        if not self.state.allows(permission, topic, channel):
+            raise _ClientError("E_UNAUTHORIZED", f'AUTH failed for {cmd} on "{topic}" "{channel}"')
+
+
 class _NSQProtocol(Consumer):
     """nsqd's client protocol V2 over one ``_ServerConnection`` (nsqd's
     protocol_v2.go): commands in, replies and message frames out; to the
@@ -7461,7 +7599,7 @@ class _NSQProtocol(Consumer):
         self.deflate = False
         self.snappy = False
         self.identified = False
-        self.auth: Optional[_AuthState] = None
+        self._session = _AuthSession(server.authorizer, conn.remote_ip, conn.remote_address)
         self.pub_counts: Dict[str, int] = {}
         self._topics_seen: Dict[bytes, str] = {}    # valid topic names published to
         # Topics this connection published to with a plain PUB, by the bytes
@@ -7895,48 +8033,15 @@ class _NSQProtocol(Consumer):
         self._respond(_OK_FRAME)
 
     def _apply_identify(self, data: Dict[str, Any]) -> None:
-        srv = self.server
-        hb = _json_int(data, "heartbeat_interval", 0)
-        if hb == -1:
-            hb_s = 0.0
-        elif hb == 0:
-            hb_s = srv.heartbeat_interval
-        elif 1000 <= hb <= srv.max_heartbeat_interval * 1000:
-            hb_s = hb / 1000
-        else:
-            raise _ClientError("E_BAD_BODY", f"IDENTIFY heartbeat interval ({hb}) is invalid")
-        size = _json_int(data, "output_buffer_size", 0)
-        if size == -1:
-            size, obt_off = 1, True
-        elif size == 0:
-            size, obt_off = DEFAULT_OUTPUT_BUFFER_SIZE, False
-        elif 64 <= size <= srv.max_output_buffer_size:
-            obt_off = False
-        else:
-            raise _ClientError("E_BAD_BODY", f"IDENTIFY output buffer size ({size}) is invalid")
-        obt = _json_int(data, "output_buffer_timeout", 0)
-        if obt == -1:
-            obt_s = 0.0
-        elif obt == 0:
-            obt_s = srv.output_buffer_timeout
-        elif srv.min_output_buffer_timeout * 1000 <= obt <= srv.max_output_buffer_timeout * 1000:
-            obt_s = obt / 1000
-        else:
-            raise _ClientError("E_BAD_BODY", f"IDENTIFY output buffer timeout ({obt}) is invalid")
-        rate = _json_int(data, "sample_rate", 0)
-        if not 0 <= rate <= 99:
-            raise _ClientError("E_BAD_BODY", f"IDENTIFY sample rate ({rate}) is invalid")
-        mt = _json_int(data, "msg_timeout", 0)
-        if mt and not 1000 <= mt <= self.broker.max_msg_timeout * 1000:
-            raise _ClientError("E_BAD_BODY", f"IDENTIFY msg timeout ({mt}) is invalid")
+        hb_s, size, obt_s, rate, mt = _identify_settings(data, self.server)
         for key in ("client_id", "hostname", "user_agent"):
             if key in data:
                 setattr(self, key, str(data[key]))
         self.output_buffer_size = size
-        self.output_buffer_timeout = 0.0 if obt_off else obt_s
+        self.output_buffer_timeout = obt_s
         self.sample_rate = rate
         if mt:
-            self.msg_timeout = mt / 1000
+            self.msg_timeout = mt
         self.identified = True
         now = self._now()
         self.heartbeat_interval = hb_s
@@ -7964,49 +8069,25 @@ class _NSQProtocol(Consumer):
         return self._do_auth(secret)
 
     def _do_auth(self, secret: bytes) -> bytes:
-        self.auth = self._query_auth(secret.decode(errors="replace"))
-        if not self.auth.rules:
+        state = self._session.login(secret.decode(errors="replace"), self._tls())
+        if not state.rules:
             raise _ClientError("E_UNAUTHORIZED", "AUTH no authorizations found")
-        return json.dumps({"identity": self.auth.identity,
-                           "identity_url": self.auth.identity_url,
-                           "permission_count": len(self.auth.rules)}).encode()
+        return json.dumps({"identity": state.identity, "identity_url": state.identity_url,
+                           "permission_count": len(state.rules)}).encode()
 
-    def _query_auth(self, secret: str) -> _AuthState:
-        authorizer = self.server.authorizer
-        assert authorizer is not None
-        wait = authorizer.locked_out(self.remote_ip)
-        if wait:
-            log.info("client %s: AUTH refused: locked out for %.0fs more",
-                     self.remote_address, wait)
-            raise _ClientError("E_AUTH_FAILED", "AUTH failed: too many failures; "
-                                                f"retry in {math.ceil(wait)}s")
-        try:
-            state = authorizer.authorize(secret, self.remote_ip, self.conn.layers is not None
-                                         and self.conn.layers.tls is not None)
-        except (OSError, ValueError) as e:
-            log.warning("client %s: AUTH failed: %s", self.remote_address, e)
-            state = None
-        if state is None:
-            authorizer.failed(self.remote_ip)
-            raise _ClientError("E_AUTH_FAILED", "AUTH failed")
-        authorizer.succeeded(self.remote_ip)
-        state.secret = secret  # type: ignore[attr-defined]
-        return state
+    @property
+    def auth(self) -> Optional[_AuthState]:
+        """What AUTH granted (None: no AUTH yet)."""
+        return self._session.state
+
+    def _tls(self) -> bool:
+        return self.conn.layers is not None and self.conn.layers.tls is not None
 
     def _auth_expired(self) -> bool:
-        """Whether the next _check_auth asks the auth server again (it may block)."""
-        auth = self.auth
-        return auth is not None and time.monotonic() >= auth.expires
+        return self._session.expired
 
     def _check_auth(self, cmd: str, permission: str, topic: str, channel: str) -> None:
-        if self.server.authorizer is None:
-            return
-        if self.auth is None:
-            raise _ClientError("E_AUTH_FIRST", f"AUTH required before {cmd}")
-        if time.monotonic() >= self.auth.expires:
-            self.auth = self._query_auth(self.auth.secret)  # type: ignore[attr-defined]
-        if not self.auth.allows(permission, topic, channel):
-            raise _ClientError("E_UNAUTHORIZED", f'AUTH failed for {cmd} on "{topic}" "{channel}"')
+        self._session.check(cmd, permission, topic, channel, self._tls())
 
     def _sub(self, params: List[bytes]) -> object:
         if self.state != STATE_INIT:
