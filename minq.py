@@ -6246,21 +6246,23 @@ class HTTPForwarder:
 
 
 # =============================================================================
-# TCP protocol V2
+# The faces: one I/O loop, its connections, NSQ protocol V2 and HTTP/1.1
 #
-# nsqd's client protocol, served by one I/O thread: a selectors loop over
-# every connection (non-blocking sockets).  Each read runs every complete
-# command in the buffer; deliveries append message frames to the
-# connection's output buffer, written out once per pass of the loop; heart-
-# beats, output-buffer timeouts and read deadlines are timers of the loop.
-# Deliveries made on other threads (the broker's timer and pump, HTTP and
-# in-process publishers) reach it through its inbox, one wake-up per batch.
-# Commands that may block (fsync-mode publishes, a topic or channel's first
-# use, AUTH against an auth server) run on worker threads while their
-# connection waits.  Only the core's public methods are called; the core
-# sees each connection as a Consumer.  At the end, the nsqlookupd
-# registration loop (lookupd's TCP protocol V1), which follows the broker's
-# topics and channels through Broker.watch.
+# One thread's event loop (_EventLoop) serves every connection of the TCP
+# and HTTP faces (_Face: listener, accepting, workers, an orderly close).
+# A _ServerConnection knows bytes, its layers (TLS, compression), buffers
+# and timers; the protocol spoken over it is _NSQProtocol (nsqd's client
+# protocol; to the core, a Consumer) or _HTTPProtocol (a strict HTTP/1.1
+# reader and response writer for an application, HTTPServer).  Each read
+# runs every complete command in the buffer; output is written once per
+# pass of the loop.  Single publishes of one pass go to the core together
+# (_PublishBatch).  Deliveries made on other threads reach the loop through
+# its inbox, one wake-up per batch; commands that may block run on worker
+# threads while their connection waits.  Only the core's public methods are
+# called.  First what the faces share (AUTH's Authorizer, the body memory
+# budget, listening, TLS settings); last the nsqlookupd registration loop
+# (lookupd's TCP protocol V1), which follows the broker's topics and
+# channels through Broker.watch.
 # =============================================================================
 
 STATE_INIT, STATE_SUBSCRIBED, STATE_CLOSING = 0, 3, 4
@@ -9185,12 +9187,13 @@ class _LookupdPeer:
 # =============================================================================
 # HTTP API
 #
-# nsqd's HTTP endpoints on http.server (threaded): publish, admin, /stats,
-# /info, /ping, /config; nsqlookupd's read endpoints (/lookup, /topics,
-# /channels, /nodes) naming this server; /metrics (Prometheus text); and the
-# admin page at /.  Parameters come from the query string, errors are
-# {"message": "CODE"} with nsqd's status codes, and every V1 response carries
-# X-NSQ-Content-Type.  Like the TCP face, it calls only the core's API.
+# nsqd's HTTP endpoints, as the handlers of HTTPServer that _HTTPProtocol
+# calls: publish, admin, /stats, /info, /ping, /config; nsqlookupd's read
+# endpoints (/lookup, /topics, /channels, /nodes) naming this server;
+# /metrics (Prometheus text); and the admin page at /.  Parameters come
+# from the query string, errors are {"message": "CODE"} with nsqd's status
+# codes, and every V1 response carries X-NSQ-Content-Type.  Like the TCP
+# face, it calls only the core's API.
 # =============================================================================
 
 _NSQ_CONTENT_TYPE = "nsq; version=1.0"
