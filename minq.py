@@ -3605,12 +3605,12 @@ class Topic:
 
     def _release_whole_batches_locked(self, out: Deliveries) -> int:
         """Hand batches held in memory (MPUBs, not cut into messages) to every
-        channel as they are, up to RELEASE_BATCH messages' worth (at least
+        channel as they are, up to 16 x RELEASE_BATCH messages' worth (at least
         one batch): no message object is made for them here, so a new
         consumer of a big backlog reads at full speed from its first second.
         Returns how many messages moved."""
         q, moved = self._queue, 0
-        while moved < self.RELEASE_BATCH:
+        while moved < self.RELEASE_BATCH * 16:
             b = q.take_batch()
             if b is None:
                 break
