@@ -1242,47 +1242,35 @@ def section_load(scale: float, base: str = None) -> None:
 
     conns, hold = max(1000, int(10_000 * min(scale, 1.0))), max(5.0, 60 * scale)
     progress(f"{conns:,} idle consumers (IDENTIFY, SUB, 5 s heartbeats) held {hold:g} s")
-    for name, start in (("raw", start_raw_load_server),
-                        ("minq", lambda: start_minq_load_server("", 10_000))):
-        proc, addr = start()
-        before = proc_status(proc.pid)
-        idle = run_clients("idle", addr, hold, 1, str(conns))[0]
-        after = proc_status(proc.pid)
-        stop(proc)
-        if name == "raw":
-            raw_idle = (before, after, idle)
-            continue
-        per = (after["rss"] - before["rss"]) / conns
-        raw_per = (raw_idle[1]["rss"] - raw_idle[0]["rss"]) / conns
-        report(f"memory per idle connection ({conns:,})", per / 1024, "KiB",
-               "raw selectors server", raw_per / 1024, higher_is_better=False)
-        print(f"{'threads with ' + f'{conns:,} connections':<44} "
-              f"{after['threads']:>14} (before them: {before['threads']}; raw server: "
-              f"{raw_idle[1]['threads']})", flush=True)
-        print(f"{'connections still open after ' + f'{hold:g} s':<44} "
-              f"{idle['connected']:>14,} of {conns:,} ({idle['heartbeats']:,} heartbeats "
-              f"answered)", flush=True)
-
+    idle_connections("idle", "", conns, hold, start_raw_load_server, "raw selectors server",
+                     lambda: start_minq_load_server("", 10_000))
     progress(f"{conns:,} idle HTTP keep-alive connections (one GET /ping each) held {hold:g} s")
-    for name, start in (("raw", start_raw_http_loop),
-                        ("minq", lambda: start_minq_load_server("", 10_000, http=True))):
+    idle_connections("httpidle", "HTTP ", conns, hold, start_raw_http_loop, "raw epoll HTTP loop",
+                     lambda: start_minq_load_server("", 10_000, http=True))
+
+
+def idle_connections(kind: str, label: str, conns: int, hold: float, start_raw: Callable,
+                     raw_name: str, start_minq: Callable) -> None:
+    """*conns* idle connections of a load client of *kind* held *hold* seconds
+    on a raw server, then on minq: memory per connection, threads, survivors."""
+    seen = {}
+    for name, start in (("raw", start_raw), ("minq", start_minq)):
         proc, *addrs = start()
         before = proc_status(proc.pid)
-        idle = run_clients("httpidle", addrs[-1], hold, 1, str(conns))[0]
-        after = proc_status(proc.pid)
+        idle = run_clients(kind, addrs[-1], hold, 1, str(conns))[0]
+        seen[name] = (before, proc_status(proc.pid), idle)
         stop(proc)
-        if name == "raw":
-            raw_idle = (before, after, idle)
-            continue
-        per = (after["rss"] - before["rss"]) / conns
-        raw_per = (raw_idle[1]["rss"] - raw_idle[0]["rss"]) / conns
-        report(f"memory per idle HTTP connection ({conns:,})", per / 1024, "KiB",
-               "raw epoll HTTP loop", raw_per / 1024, higher_is_better=False)
-        print(f"{'threads with ' + f'{conns:,} HTTP connections':<44} "
-              f"{after['threads']:>14} (before them: {before['threads']}; raw loop: "
-              f"{raw_idle[1]['threads']})", flush=True)
-        print(f"{'HTTP connections answering after ' + f'{hold:g} s':<44} "
-              f"{idle['connected']:>14,} of {conns:,}", flush=True)
+    (before, after, idle), (raw_before, raw_after, _) = seen["minq"], seen["raw"]
+    per = (after["rss"] - before["rss"]) / conns
+    raw_per = (raw_after["rss"] - raw_before["rss"]) / conns
+    report(f"memory per idle {label}connection ({conns:,})", per / 1024, "KiB",
+           raw_name, raw_per / 1024, higher_is_better=False)
+    print(f"{'threads with ' + f'{conns:,} {label}connections':<44} "
+          f"{after['threads']:>14} (before them: {before['threads']}; {raw_name}: "
+          f"{raw_after['threads']})", flush=True)
+    beats = f" ({idle['heartbeats']:,} heartbeats answered)" if "heartbeats" in idle else ""
+    print(f"{label + 'connections still open after ' + f'{hold:g} s':<44} "
+          f"{idle['connected']:>14,} of {conns:,}{beats}", flush=True)
 
 
 # =============================================================================
