@@ -5069,49 +5069,74 @@ class SnappyCompressor:
 
 
 class SnappyDecompressor:
-    """Reads snappy's framing format; zlib's decompressobj interface (output
-    bounded by *max_length* per call, the rest kept in ``unconsumed_tail``).
-    Raises SnappyError for a bad stream identifier, chunk type or checksum."""
+    """Reads snappy's framing format, with zlib's decompressobj interface:
+    output is bounded by *max_length* per call, and input left unread for
+    that is in ``unconsumed_tail``, which the caller passes back in front of
+    what comes next (as with zlib).  A chunk that has not wholly arrived is
+    kept here.  Raises SnappyError for a bad stream identifier, chunk type
+    or checksum; when chunks before the bad one decoded in the same call,
+    their data is returned and the bad chunk raises on the next call."""
 
     def __init__(self) -> None:
         self.unconsumed_tail = b""
+        self._partial = b""          # the start of a chunk still coming
         self._started = False
 
     def decompress(self, data: bytes, max_length: int = 0) -> bytes:
-        buf = self.unconsumed_tail + data if self.unconsumed_tail else data
+        buf = self._partial + data if self._partial else data
         out: List[bytes] = []
         made = pos = 0
-        while pos + 4 <= len(buf) and not (max_length and made >= max_length):
-            kind = buf[pos]
-            size = int.from_bytes(buf[pos + 1:pos + 4], "little")
-            if pos + 4 + size > len(buf):
-                break                           # the rest of the chunk is still coming
-            body = buf[pos + 4:pos + 4 + size]
-            pos += 4 + size
-            if kind == 0xFF:
-                if body != b"sNaPpY":
-                    raise SnappyError("bad stream identifier")
-                self._started = True
-                continue
-            if not self._started:
-                raise SnappyError("no stream identifier")
-            if kind in (0, 1):
-                if size < 4:
-                    raise SnappyError("chunk too short for its checksum")
-                piece = snappy_decompress_block(body[4:]) if kind == 0 else body[4:]
-                if len(piece) > _SNAPPY_MAX_CHUNK:
-                    raise SnappyError("chunk larger than 64 KiB")
-                if _masked_crc(piece) != body[:4]:
-                    raise SnappyError("checksum mismatch")
-                out.append(piece)
-                made += len(piece)
-            elif kind <= 0x7F:
-                raise SnappyError(f"reserved unskippable chunk type {kind:#x}")
-            # 0x80 - 0xfe: padding and skippable chunks
-        if len(buf) - pos > 4 + (1 << 24):
+        try:
+            while pos + 4 <= len(buf) and not (max_length and made >= max_length):
+                piece = self._chunk(buf, pos)
+                if piece is None:
+                    break                       # the rest of the chunk is still coming
+                pos += 4 + int.from_bytes(buf[pos + 1:pos + 4], "little")
+                if piece:
+                    out.append(piece)
+                    made += len(piece)
+        except SnappyError:
+            if not out:
+                raise
+            # What came before the bad chunk is returned first (a command in it
+            # is answered, as nsqd would); the bad chunk fails the next call.
+            self.unconsumed_tail, self._partial = buf[pos:], b""
+            return b"".join(out)
+        if len(buf) - pos > 4 + (1 << 24) and not (max_length and made >= max_length):
             raise SnappyError("chunk too large")
-        self.unconsumed_tail = buf[pos:]
+        if max_length and made >= max_length:
+            self.unconsumed_tail, self._partial = buf[pos:], b""
+        else:
+            self.unconsumed_tail, self._partial = b"", buf[pos:]
         return b"".join(out)
+
+    def _chunk(self, buf: bytes, pos: int) -> Optional[bytes]:
+        """The data of the chunk at *pos* (b"" for one without data), or None
+        if it has not wholly arrived."""
+        kind = buf[pos]
+        size = int.from_bytes(buf[pos + 1:pos + 4], "little")
+        if pos + 4 + size > len(buf):
+            return None
+        body = buf[pos + 4:pos + 4 + size]
+        if kind == 0xFF:
+            if body != b"sNaPpY":
+                raise SnappyError("bad stream identifier")
+            self._started = True
+            return b""
+        if not self._started:
+            raise SnappyError("no stream identifier")
+        if kind in (0, 1):
+            if size < 4:
+                raise SnappyError("chunk too short for its checksum")
+            piece = snappy_decompress_block(body[4:]) if kind == 0 else body[4:]
+            if len(piece) > _SNAPPY_MAX_CHUNK:
+                raise SnappyError("chunk larger than 64 KiB")
+            if _masked_crc(piece) != body[:4]:
+                raise SnappyError("checksum mismatch")
+            return piece
+        if kind <= 0x7F:
+            raise SnappyError(f"reserved unskippable chunk type {kind:#x}")
+        return b""                              # 0x80 - 0xfe: padding, skippable chunks
 
 
 
@@ -7227,6 +7252,11 @@ class _ServerConnection:
         except (zlib.error, SnappyError) as e:
             self.proto.decode_failed(e)
             return
+        except Exception as e:       # a bug: this client gets an error, not a stall
+            log.exception("%s client %s: its input could not be read", self.face._name,
+                          self.remote_address)
+            self.proto.failed(e)
+            return
         self.update_events()
 
     def _process(self) -> None:
@@ -7240,6 +7270,10 @@ class _ServerConnection:
         self._processing = True
         try:
             self.proto.received()
+        except Exception as e:       # a bug: this client gets an error, not a stall
+            log.exception("%s client %s: its input could not be read", self.face._name,
+                          self.remote_address)
+            self.proto.failed(e)
         finally:
             self._processing = False
 
@@ -7669,6 +7703,10 @@ class _NSQProtocol(Consumer):
     def decode_failed(self, e: Exception) -> None:
         codec = "snappy" if self.snappy else "deflate"
         self._fatal(_ClientError("E_INVALID", f"failed to read command - {codec}: {e}"))
+
+    def failed(self, e: Exception) -> None:
+        """Reading the input failed unexpectedly: end the connection with an error."""
+        self._fatal(_ClientError("E_INVALID", f"internal error: {e}"))
 
     def drained(self) -> None:
         """Unsent output went out."""
@@ -8659,6 +8697,10 @@ class _HTTPProtocol:
 
     def decode_failed(self, e: Exception) -> None:
         self.conn.shutdown(f"bad input: {e}", graceful=False)
+
+    def failed(self, e: Exception) -> None:
+        """Reading the input failed unexpectedly: answer 500 and close."""
+        self._error(_HTTPError(500, "INTERNAL_ERROR"))
 
     def drained(self) -> None:
         """A response that waited for the client went out."""

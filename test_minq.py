@@ -2712,8 +2712,18 @@ def test_snappy_decompressor_bounds_its_output_per_call():
     d = minq.SnappyDecompressor()
     first = d.decompress(packed, 65536)
     assert len(first) == 65536 and d.unconsumed_tail
-    rest = d.decompress(b"")
+    rest = d.decompress(d.unconsumed_tail)      # passed back, as zlib's
     assert first + rest == b"z" * 300_000 and not d.unconsumed_tail
+
+
+def test_snappy_decompressor_gives_what_came_before_a_bad_chunk_first():
+    good = minq.SnappyCompressor().compress(b"PUB t\n")
+    bad = bytearray(minq.SnappyCompressor().compress(b"NOP\n"))[10:]
+    bad[-1] ^= 0xFF
+    d = minq.SnappyDecompressor()
+    assert d.decompress(good + bytes(bad), 65536) == b"PUB t\n"    # a command nsqd answers
+    with pytest.raises(minq.SnappyError, match="checksum"):
+        d.decompress(d.unconsumed_tail, 65536)
 
 
 @pytest.mark.parametrize("damage", ["checksum", "stream id", "chunk type", "copy offset",
@@ -3918,6 +3928,96 @@ def test_corrupt_snappy_input_gets_e_invalid(server):
         plain += d.decompress(chunk)
     assert plain.startswith(struct.pack(">lL", 6, 0) + b"OK")           # the upgrade's OK
     assert b"E_INVALID failed to read command - snappy: checksum mismatch" in plain
+
+
+def snappy_session(server):
+    """A connection past an IDENTIFY that negotiated snappy, and a decoder of
+    what the server sends from then on (python-snappy's, not minq's)."""
+    snappy = pytest.importorskip("snappy")
+    r = Raw(server)
+    r.cmd("IDENTIFY", b'{"feature_negotiation": true, "snappy": true}')
+    assert json.loads(r.response())["snappy"] is True
+    d = snappy.StreamDecompressor()
+    plain, r.buf = d.decompress(r.buf), b""
+
+    def frames(n):
+        nonlocal plain
+        out = []
+        while len(out) < n:
+            if len(plain) >= 4 and len(plain) >= 4 + struct.unpack_from(">l", plain)[0]:
+                size = struct.unpack_from(">l", plain)[0]
+                out.append((struct.unpack_from(">L", plain, 4)[0], plain[8:4 + size]))
+                plain = plain[4 + size:]
+                continue
+            chunk = r.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed after {out}")
+            plain += d.decompress(chunk)
+        return out
+    return r, frames
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000, 4096, 30000])
+def test_a_snappy_stream_cut_anywhere_is_read_whole(server, piece):
+    # Compressed and stored chunks, a stream identifier repeated midway, and
+    # a 500 KiB MPUB (chunks of 64 KiB), sent in pieces of *piece* bytes.
+    rnd = random.Random(piece)
+    big = [rnd.randbytes(500) for _ in range(1000)]
+    cmds = [b"PUB s\n" + struct.pack(">l", 2000) + b"text " * 400,
+            b"PUB s\n" + struct.pack(">l", 300) + rnd.randbytes(300),
+            b"MPUB s\n" + struct.pack(">ll", 4 + 504 * 1000, 1000)
+            + b"".join(struct.pack(">l", 500) + b for b in big),
+            b"NOP\n", b"PUB s\n" + struct.pack(">l", 5) + b"after"]
+    c = minq.SnappyCompressor()
+    stream = c.compress(b"".join(cmds[:2])) + minq.SnappyCompressor().compress(
+        b"".join(cmds[2:]))                        # the second carries its own identifier
+    r, frames = snappy_session(server)
+    for i in range(0, len(stream), piece):
+        r.send(stream[i:i + piece])
+    assert frames(5)[1:] == [(0, b"OK")] * 4          # the upgrade's OK, then one per publish
+    with server.broker.consumer("s", "c", max_in_flight=2000) as cons:
+        got = [m.body for m in drain(cons, 1003)]
+    assert got == [b"text " * 400, cmds[1][-300:]] + big + [b"after"]
+
+
+def test_client_publishes_incompressible_bodies_over_snappy(server):
+    bodies = [os.urandom(500) for _ in range(1000)]
+    with minq.Client(server.address, snappy=True) as c:
+        c.publish_many("t", bodies)
+        with c.consumer("t", "c", max_in_flight=1000) as cons:
+            got = [m.body for m in drain(cons, 1000, timeout=5)]
+    assert got == bodies
+
+
+def test_a_bad_stream_after_a_worker_s_command_ends_the_connection(server):
+    # The PUB to a new topic runs on a worker; the damaged chunk after it is
+    # met when its input resumes: an error and a close, not a stalled client.
+    r, frames = snappy_session(server)
+    packed = bytearray(minq.SnappyCompressor().compress(b"NOP\n"))
+    packed[-5] ^= 0xFF
+    r.send(minq.SnappyCompressor().compress(b"PUB fresh\n" + struct.pack(">l", 1) + b"x")
+           + bytes(packed[10:]))
+    ok, answer, err = frames(3)
+    assert answer == (0, b"OK")
+    assert err[0] == 1 and err[1].startswith(b"E_INVALID failed to read command - snappy")
+    assert r.closed()
+
+
+def test_an_unexpected_error_reading_a_command_ends_only_that_connection(server, monkeypatch,
+                                                                          caplog):
+    real = minq._NSQProtocol._run
+
+    def run(proto, line):
+        if line.startswith(b"NOP"):
+            raise RuntimeError("a bug")
+        return real(proto, line)
+    monkeypatch.setattr(minq._NSQProtocol, "_run", run)
+    r, other = Raw(server), Raw(server)
+    r.cmd("NOP")
+    assert r.error() == "E_INVALID internal error: a bug" and r.closed()
+    other.cmd("PUB t", b"x")
+    assert other.response() == b"OK"
+    assert "its input could not be read" in caplog.text
 
 
 def test_pynsq_with_snappy(server):
