@@ -10123,6 +10123,10 @@ def format_duration(seconds: float) -> str:
     return f"{seconds * 1000:g}ms"
 
 
+# What nsqd --version prints, with minq's version where nsqd names its Go.
+_NSQD_VERSION_LINE = f"nsqd v{NSQ_VERSION} (built w/minq-{VERSION})"
+
+
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="run the broker: NSQ's TCP protocol on --tcp-address",
@@ -10130,8 +10134,7 @@ def _serve_parser(sub: Any) -> None:
                     "can publish and consume. Flags are nsqd's: --flag=value, --flag value, "
                     "-flag=value and -flag value all work. Durations take nsqd's forms: "
                     "60s, 15m, 250ms.")
-    p.add_argument("--version", action="version",
-                   version=f"minq {VERSION} (nsqd {NSQ_VERSION} protocol)")
+    p.add_argument("--version", action="version", version=_NSQD_VERSION_LINE)
     p.add_argument("--config", metavar="FILE",
                    help="TOML file of options (keys like flags, with _); flags win")
     for flag in _IGNORED_FLAGS:
@@ -10357,6 +10360,11 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     http_text += f", https://{https_server.address}" if https_server else ""
     print(f"minq {VERSION} (nsqd {NSQ_VERSION} protocol) listening on "
           f"tcp://{server.address}{http_text}; {mode}", flush=True)
+    # nsqd's start-up lines, for harnesses and supervisors that read them
+    log.info(_NSQD_VERSION_LINE)
+    for face, srv in (("TCP", server), ("HTTP", http_server), ("HTTPS", https_server)):
+        if srv is not None:
+            log.info("%s: listening on %s", face, srv.address)
     webs = [s for s in (http_server, https_server) if s is not None]
     server.start()
     for web in webs:

@@ -5064,10 +5064,8 @@ class Served:
 
     def stop(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=20)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return rc
+        _, self.stderr = self.proc.communicate(timeout=20)
+        return self.proc.returncode
 
 
 def test_serve_banner_sigterm_exit_0_and_restart_keeps_messages(tmp_path):
@@ -5470,7 +5468,7 @@ def test_serve_starts_unchanged_from_an_nsqd_command_line(tmp_path, nsqd_args):
 def test_serve_warns_once_about_the_nsqd_flags_it_ignores(tmp_path):
     r = run_minq("serve", "-tcp-address=127.0.0.1:0", "-http-address=", "-data-path=",
                  "-statsd-address=127.0.0.1:8125", "-node-id", "3", "--version")
-    assert r.returncode == 0 and r.stdout.startswith("minq ")    # --version after the flags
+    assert r.returncode == 0 and r.stdout.startswith("nsqd v1.3.0 ")   # --version after the flags
     p = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "serve", "-tcp-address=127.0.0.1:0",
                           "-http-address=", "-data-path=", "-statsd-address=127.0.0.1:8125",
                           "-node-id", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -5483,14 +5481,33 @@ def test_serve_warns_once_about_the_nsqd_flags_it_ignores(tmp_path):
 
 
 def test_serve_version_and_help_in_nsqd_forms():
+    # nsqd's version line (harnesses parse "NAME vX.Y.Z (built w/TOKEN)"); minq's own
+    # version rides in the token, and `minq --version` says it first.
     r = run_minq("serve", "--version")
-    assert (r.returncode, r.stdout.strip()) == (0, f"minq {minq.VERSION} (nsqd 1.3.0 protocol)")
+    assert (r.returncode, r.stdout.strip()) == (0, f"nsqd v1.3.0 (built w/minq-{minq.VERSION})")
+    assert run_minq("--version").stdout.strip() == f"minq {minq.VERSION} (nsqd 1.3.0 protocol)"
     assert minq.__version__ == minq.VERSION
     text = " ".join(run_minq("serve", "--help").stdout.split())
     for shown in ("(default 60s)", "(default 250ms)", "(default 15m)", "(default 1h)",
                   "(default 25ms)"):
         assert shown in text
     assert "(default 0)" not in text and "60.0" not in text and "0.25" not in text
+
+
+def test_serve_logs_its_version_and_ports_as_nsqd_does(tmp_path):
+    # The lines NSQ clients' test harnesses read from nsqd's stderr (gnsq's
+    # expressions), beside minq's own banner on stdout.
+    version_re = re.compile(r"(?P<name>[a-z]+) v(?P<version>[0-9]+\.[0-9]+\.[0-9]+)"
+                            r"(?:-[a-z]+)? \(built w\/(?P<go_version>[a-z0-9.-]+)\)")
+    listening_re = re.compile(r"(?P<protocol>[A-Z]+): listening on "
+                              r"(?P<address>(?:[0-9]{1,3}\.){3}[0-9]{1,3}):(?P<port>[0-9]+)")
+    s = Served("--data-path", "", cwd=tmp_path)
+    assert s.stop() == 0
+    err = s.stderr
+    found = {m["protocol"]: f"{m['address']}:{m['port']}" for m in listening_re.finditer(err)}
+    assert found == {"TCP": s.address, "HTTP": s.http_address}
+    m = version_re.search(err)
+    assert m and (m["name"], m["version"]) == ("nsqd", "1.3.0") and minq.VERSION in m["go_version"]
 
 
 def test_installed_command_calls_itself_minq():
