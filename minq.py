@@ -10396,23 +10396,76 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
 # -- the tools: pub (like to_nsq), tail (like nsq_tail), stats (like nsq_stat) --
 # They speak only NSQ's wire protocols, so they work against nsqd as well.
 
+# go-nsq's options (--producer-opt, --consumer-opt) that a Client takes
+_CLIENT_OPTS: Dict[str, Callable[[str], Any]] = {
+    "msg_timeout": parse_duration, "heartbeat_interval": parse_duration,
+    "output_buffer_size": int, "output_buffer_timeout": parse_duration,
+    "deflate": _parse_bool, "deflate_level": int, "snappy": _parse_bool,
+    "tls_v1": _parse_bool, "auth_secret": str, "client_id": str, "user_agent": str,
+}
+
+
+def _go_nsq_opts(given: List[str], known: Dict[str, Callable[[str], Any]],
+                 flag: str) -> Dict[str, Any]:
+    """``KEY,VALUE`` options as go-nsq's ConfigFlag takes them (a bare KEY is
+    true); InvalidArgument for one this tool does not implement."""
+    out: Dict[str, Any] = {}
+    for opt in given:
+        key, sep, value = opt.partition(",")
+        key = key.strip()
+        if key not in known:
+            raise InvalidArgument(f"{flag} {key!r} is not implemented; these are: "
+                                  f"{', '.join(sorted(known))}")
+        try:
+            out[key] = known[key](value.strip() if sep else "true")
+        except (ValueError, MinqError) as e:
+            raise InvalidArgument(f"{flag} {key}: {e}") from None
+    return out
+
+
+def _client_kwargs(opts: Dict[str, Any], user_agent: str) -> Dict[str, Any]:
+    """Client's keyword arguments for go-nsq options."""
+    kw = {k: opts[k] for k in ("msg_timeout", "heartbeat_interval", "output_buffer_size",
+                               "output_buffer_timeout", "deflate", "deflate_level",
+                               "snappy", "auth_secret", "client_id") if k in opts}
+    kw["user_agent"] = opts.get("user_agent", user_agent)
+    if opts.get("tls_v1"):
+        kw["tls"] = ssl.create_default_context()
+    return kw
+
+
 def _tool_parsers(sub: Any, cmd: str) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "pub", help="publish a message, or each line of stdin, to a topic",
         formatter_class=fmt,
-        description="Publish to TOPIC on minq or nsqd over TCP (like NSQ's to_nsq).",
+        description="Publish to TOPIC on minq or nsqd over TCP (like NSQ's to_nsq, whose "
+                    "flags it takes too: --topic, --delimiter, --rate, --producer-opt, and "
+                    "--nsqd-tcp-address given several times publishes to each).",
         epilog="examples:\n"
                f"  {cmd} pub orders '{{\"id\": 1}}'      one message\n"
                f"  cat events.txt | {cmd} pub events   one message per line\n"
-               f"  {cmd} pub later hi --defer 30s      delivered in 30 seconds")
-    p.add_argument("topic", metavar="TOPIC")
+               f"  {cmd} pub later hi --defer 30s      delivered in 30 seconds\n"
+               f"  cat events.txt | {cmd} pub --topic=events --rate=100   as to_nsq")
+    p.add_argument("topic", metavar="TOPIC", nargs="?")
     p.add_argument("message", metavar="MSG", nargs="?", default="-",
                    help="the message body; '-' or nothing reads stdin, one message per line")
-    p.add_argument("--nsqd-tcp-address", default=DEFAULT_TCP_ADDRESS, metavar="ADDR",
-                   help=f"server to publish to (default {DEFAULT_TCP_ADDRESS})")
+    p.add_argument("--topic", dest="topic_flag", default=None, metavar="TOPIC",
+                   help="the topic (to_nsq's flag; or give it first, as TOPIC)")
+    p.add_argument("--nsqd-tcp-address", action="append", default=[], metavar="ADDR",
+                   help=f"server to publish to (default {DEFAULT_TCP_ADDRESS}; may be given "
+                        f"multiple times: every message goes to each)")
+    p.add_argument("--delimiter", default="\n", metavar="CHAR",
+                   help="the byte that ends a message read from stdin (default newline)")
+    p.add_argument("--rate", type=int, default=0, metavar="N",
+                   help="at most N messages per second (default 0: no limit)")
+    p.add_argument("--producer-opt", action="append", default=[], metavar="KEY,VALUE",
+                   help="go-nsq producer option (may be given multiple times): "
+                        + ", ".join(sorted(_CLIENT_OPTS)))
     p.add_argument("--defer", default="0", metavar="DURATION",
                    help="deliver after this long (DPUB), e.g. 500ms, 30s, 5m")
+    p.add_argument("--version", action="version",
+                   version=f"to_nsq v{NSQ_VERSION} (minq {VERSION} pub)")
     p.add_argument("--batch", type=int, default=100, metavar="N",
                    help="stdin lines sent per MPUB (default 100; 1 = one PUB each)")
     p.add_argument("--connect-timeout", default="5s", metavar="DURATION",
@@ -10429,14 +10482,27 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
         epilog="examples:\n"
                f"  {cmd} tail orders            follow until Ctrl-C\n"
                f"  {cmd} tail orders -n 10      stop after 10 messages\n"
-               f"  {cmd} tail orders --channel billing   take from a real channel")
-    t.add_argument("topic", metavar="TOPIC")
+               f"  {cmd} tail orders --channel billing   take from a real channel\n"
+               f"  {cmd} tail --topic=orders --lookupd-http-address=127.0.0.1:4161   as "
+               "nsq_tail")
+    t.add_argument("topic", metavar="TOPIC", nargs="?")
+    t.add_argument("--topic", dest="topics", action="append", default=[], metavar="TOPIC",
+                   help="a topic (nsq_tail's flag; may be given multiple times)")
     t.add_argument("--channel", default=None, metavar="NAME",
                    help="channel to read (default: tail<random>#ephemeral)")
-    t.add_argument("-n", type=int, default=0, metavar="N",
+    t.add_argument("-n", "--n", type=int, default=0, dest="n", metavar="N",
                    help="exit after N messages (default 0: run until Ctrl-C)")
-    t.add_argument("--nsqd-tcp-address", default=DEFAULT_TCP_ADDRESS, metavar="ADDR",
-                   help=f"server to read from (default {DEFAULT_TCP_ADDRESS})")
+    t.add_argument("--nsqd-tcp-address", action="append", default=[], metavar="ADDR",
+                   help=f"server to read from (default {DEFAULT_TCP_ADDRESS}; may be given "
+                        f"multiple times)")
+    t.add_argument("--lookupd-http-address", action="append", default=[], metavar="ADDR",
+                   help="nsqlookupd to find the servers of the topic (may be given "
+                        "multiple times)")
+    t.add_argument("--consumer-opt", action="append", default=[], metavar="KEY,VALUE",
+                   help="go-nsq consumer option (may be given multiple times): "
+                        + ", ".join(sorted(_CLIENT_OPTS)))
+    t.add_argument("--version", action="version",
+                   version=f"nsq_tail v{NSQ_VERSION} (minq {VERSION} tail)")
     t.add_argument("--max-in-flight", type=int, default=200, metavar="N",
                    help="messages the server may send before they are finished (default 200)")
     t.add_argument("--print-topic", action="store_true", help="prefix each line with the topic")
@@ -10450,16 +10516,27 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
         description="Poll /stats on minq or nsqd and print one row per topic and channel "
                     "each interval (like NSQ's nsq_stat): queue depth (in memory and on "
                     "disk), in flight, deferred, requeued, timed out, messages and "
-                    "messages per second since the last row.",
+                    "messages per second since the last row.  It takes nsq_stat's flags.",
         epilog="examples:\n"
                f"  {cmd} stats                    every topic, every 2 s\n"
                f"  {cmd} stats --topic orders --interval 1s --count 5")
     s.add_argument("--topic", default=None, metavar="T", help="only this topic")
     s.add_argument("--channel", default=None, metavar="C", help="only this channel")
-    s.add_argument("--nsqd-http-address", default=DEFAULT_HTTP_ADDRESS, metavar="ADDR",
-                   help=f"server's HTTP address (default {DEFAULT_HTTP_ADDRESS})")
+    s.add_argument("--nsqd-http-address", action="append", default=[], metavar="ADDR",
+                   help=f"server's HTTP address (default {DEFAULT_HTTP_ADDRESS}; may be "
+                        f"given multiple times: their figures are summed)")
+    s.add_argument("--lookupd-http-address", action="append", default=[], metavar="ADDR",
+                   help="nsqlookupd that lists the servers (may be given multiple times)")
+    s.add_argument("--http-client-connect-timeout", default="2s", metavar="DURATION",
+                   help="timeout for HTTP connect (default 2s)")
+    s.add_argument("--http-client-request-timeout", default="5s", metavar="DURATION",
+                   help="timeout for HTTP request (default 5s)")
+    s.add_argument("--version", action="version",
+                   version=f"nsq_stat v{NSQ_VERSION} (minq {VERSION} stats)")
     s.add_argument("--interval", default="2s", metavar="DURATION",
                    help="time between rows (default 2s)")
+    s.add_argument("--status-every", default=None, metavar="DURATION",
+                   help="the same as --interval (older nsq_stat's name for it)")
     s.add_argument("--count", type=int, default=0, metavar="N",
                    help="stop after N reports (default 0: run until Ctrl-C)")
 
@@ -10536,11 +10613,7 @@ _CONSUMER_OPTS: Dict[str, Callable[[str], Any]] = {
     "max_attempts": int, "default_requeue_delay": parse_duration,
     "max_requeue_delay": parse_duration, "backoff_multiplier": parse_duration,
     "max_backoff_duration": parse_duration, "max_in_flight": int,
-    "msg_timeout": parse_duration, "heartbeat_interval": parse_duration,
-    "output_buffer_size": int, "output_buffer_timeout": parse_duration,
-    "deflate": _parse_bool, "deflate_level": int, "snappy": _parse_bool,
-    "tls_v1": _parse_bool, "auth_secret": str,
-    "client_id": str, "user_agent": str, "lookupd_poll_interval": parse_duration,
+    **_CLIENT_OPTS, "lookupd_poll_interval": parse_duration,
 }
 
 
@@ -10548,16 +10621,7 @@ def _consumer_opts(given: List[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"max_attempts": 5, "default_requeue_delay": 90.0,
                            "max_requeue_delay": 900.0, "backoff_multiplier": 1.0,
                            "max_backoff_duration": 120.0, "lookupd_poll_interval": 60.0}
-    for opt in given:
-        key, sep, value = opt.partition(",")
-        key = key.strip()
-        if key not in _CONSUMER_OPTS:
-            raise InvalidArgument(f"--consumer-opt {key!r}: unknown; known: "
-                                  f"{', '.join(sorted(_CONSUMER_OPTS))}")
-        try:
-            out[key] = _CONSUMER_OPTS[key](value.strip() if sep else "true")
-        except (ValueError, MinqError) as e:
-            raise InvalidArgument(f"--consumer-opt {key}: {e}") from None
+    out.update(_go_nsq_opts(given, _CONSUMER_OPTS, "--consumer-opt"))
     return out
 
 
@@ -10587,12 +10651,7 @@ def _to_http_command(args: argparse.Namespace, stop: threading.Event) -> int:
         return fatal("--sample must be between 0.0 and 1.0")
     opts = _consumer_opts(args.consumer_opt)
     weights = [int(w) for w in args.weights.split(",")] if args.weights else None
-    client_kw = {k: opts[k] for k in ("msg_timeout", "heartbeat_interval", "output_buffer_size",
-                                      "output_buffer_timeout", "deflate", "deflate_level",
-                                      "snappy", "auth_secret", "client_id") if k in opts}
-    client_kw["user_agent"] = opts.get("user_agent", f"nsq_to_http/{NSQ_VERSION} minq/{VERSION}")
-    if opts.get("tls_v1"):
-        client_kw["tls"] = ssl.create_default_context()
+    client_kw = _client_kwargs(opts, f"nsq_to_http/{NSQ_VERSION} minq/{VERSION}")
     clients: Dict[str, Client] = {}
 
     def connect(address: str) -> Client:
@@ -10625,72 +10684,157 @@ def _to_http_command(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
-def _lookup_producers(lookupd: str, topic: str) -> List[str]:
-    """The TCP addresses nsqlookupd gives for *topic* (none if it cannot be asked)."""
+def _lookup_producers(lookupd: str, topic: Optional[str], port: str = "tcp_port",
+                      timeouts: Tuple[float, float] = (2.0, 10.0)) -> List[str]:
+    """The addresses (``broadcast_address:<port>``) nsqlookupd gives for *topic*,
+    or for every node when *topic* is None; none if it cannot be asked."""
     base = lookupd if "://" in lookupd else f"http://{lookupd}"
-    url = f"{base}/lookup?{urllib.parse.urlencode({'topic': topic})}"
+    url = (f"{base}/lookup?{urllib.parse.urlencode({'topic': topic})}" if topic
+           else f"{base}/nodes")
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            data = json.loads(r.read())
-    except (OSError, ValueError) as e:
-        log.warning("to-http: lookupd %s: %s", lookupd, getattr(e, "reason", e))
+        data = _http_json(url, timeouts)
+        return [f"{p['broadcast_address']}:{p[port]}" for p in data.get("producers") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("lookupd %s: %s", lookupd, e)
         return []
-    data = data.get("data", data)           # nsqlookupd before 1.0 wrapped its replies
-    return [f"{p['broadcast_address']}:{p['tcp_port']}" for p in data.get("producers") or []]
 
 
 def _pub_command(args: argparse.Namespace) -> int:
+    topic, message = args.topic, args.message
+    if args.topic_flag is not None:          # to_nsq's --topic: a positional is the message
+        if message != "-":
+            raise InvalidArgument("give the topic once: --topic or TOPIC")
+        topic, message = args.topic_flag, args.topic if args.topic is not None else "-"
+    if not topic:
+        raise InvalidArgument("--topic required")
+    delim = args.delimiter.encode()
+    if len(delim) != 1:
+        raise InvalidArgument("--delimiter must be a single byte")
     defer = parse_duration(args.defer)
     _check_range("--batch", args.batch, 1, None)
+    _check_range("--rate", args.rate, 0, None)
     wait = parse_duration(args.connect_timeout)
+    kw = _client_kwargs(_go_nsq_opts(args.producer_opt, _CLIENT_OPTS, "--producer-opt"),
+                        f"to_nsq/{NSQ_VERSION} minq/{VERSION}")
+    clients = [Client(a, timeout=max(wait, 0.001), **kw)
+               for a in args.nsqd_tcp_address or [DEFAULT_TCP_ADDRESS]]
     sent = 0
-    with Client(args.nsqd_tcp_address, timeout=max(wait, 0.001)) as client:
-        if args.message != "-":
-            client.publish(args.topic, args.message.encode(), defer)
-            sent = 1
-        else:
-            batch: List[bytes] = []
-            for line in sys.stdin.buffer:
-                body = line.rstrip(b"\r\n")
-                if not body:
-                    continue
-                if defer or args.batch == 1:
-                    client.publish(args.topic, body, defer)
-                    sent += 1
-                    continue
-                batch.append(body)
-                if len(batch) >= args.batch:
-                    client.publish_many(args.topic, batch)
-                    sent, batch = sent + len(batch), []
-            if batch:
-                client.publish_many(args.topic, batch)
-                sent += len(batch)
-    print(f"published {sent} message(s) to {args.topic}", file=sys.stderr)
+    one_by_one = bool(defer or args.batch == 1 or args.rate)
+    next_at = time.monotonic()
+    try:
+        bodies = iter([message.encode()]) if message != "-" else _stdin_messages(delim)
+        batch: List[bytes] = []
+        for body in bodies:
+            if args.rate:                  # at most --rate per second
+                next_at = max(next_at + 1 / args.rate, time.monotonic())
+                time.sleep(max(next_at - 1 / args.rate - time.monotonic(), 0))
+            batch.append(body)
+            if one_by_one or len(batch) >= args.batch:
+                _publish_to_each(clients, topic, batch, defer)
+                sent, batch = sent + len(batch), []
+        if batch:
+            _publish_to_each(clients, topic, batch, defer)
+            sent += len(batch)
+    finally:
+        for c in clients:
+            c.close()
+    print(f"published {sent} message(s) to {topic}", file=sys.stderr)
     return 0
+
+
+def _stdin_messages(delim: bytes) -> Iterator[bytes]:
+    """stdin's messages, split at *delim* (with a newline, a CR before it goes
+    too); empty ones are skipped."""
+    rest = b""
+    while True:
+        chunk = sys.stdin.buffer.read1(65536) if hasattr(sys.stdin.buffer, "read1") else \
+            sys.stdin.buffer.read(65536)
+        parts = (rest + chunk).split(delim)
+        rest = parts.pop() if chunk else b""
+        for p in parts:
+            if delim == b"\n" and p.endswith(b"\r"):
+                p = p[:-1]
+            if p:
+                yield p
+        if not chunk:
+            return
+
+
+def _publish_to_each(clients: List[Client], topic: str, bodies: List[bytes],
+                     defer: float) -> None:
+    for c in clients:
+        if len(bodies) == 1:
+            c.publish(topic, bodies[0], defer)
+        else:
+            c.publish_many(topic, bodies)
 
 
 def _tail_command(args: argparse.Namespace, stop: threading.Event) -> int:
+    topics = args.topics + ([args.topic] if args.topic else [])
+    if not topics:
+        raise InvalidArgument("--topic required")
+    if args.nsqd_tcp_address and args.lookupd_http_address:
+        raise InvalidArgument("use --nsqd-tcp-address or --lookupd-http-address not both")
+    for t in topics:
+        validate_name(t)
     channel = args.channel or f"tail{random.randrange(1000000):06d}{EPHEMERAL_SUFFIX}"
     _check_range("-n", args.n, 0, None)
-    out = sys.stdout.buffer
-    prefix = args.topic.encode() + b" | " if args.print_topic else b""
-    seen = 0
+    opts = _go_nsq_opts(args.consumer_opt, {**_CLIENT_OPTS, "max_in_flight": int},
+                        "--consumer-opt")
+    max_in_flight = max(1, opts.get("max_in_flight", args.max_in_flight))
+    if args.n:
+        max_in_flight = min(max_in_flight, args.n)    # as nsq_tail: no more than wanted
+    kw = _client_kwargs(opts, f"nsq_tail/{NSQ_VERSION} minq/{VERSION}")
     wait = parse_duration(args.connect_timeout)
-    with Client(args.nsqd_tcp_address, timeout=max(wait, 0.001)) as client:
-        _retry(lambda: _Connection(client), wait, client.max_backoff, stop).close()
-        cons = client.consumer(args.topic, channel, max(1, args.max_in_flight))
-        try:
-            while not stop.is_set() and (not args.n or seen < args.n):
-                msg = cons.get(timeout=0.2)
-                if msg is None:
-                    continue
+    out, lock, seen = sys.stdout.buffer, threading.Lock(), [0]
+
+    def show(topic: str) -> Callable[[Message], None]:
+        prefix = topic.encode() + b" | " if args.print_topic else b""
+
+        def handler(msg: Message) -> None:
+            with lock:
+                if args.n and seen[0] >= args.n:
+                    raise _Enough()        # requeued for the channel's other readers
                 out.write(prefix + msg.body + b"\n")
                 out.flush()
-                msg.finish()
-                seen += 1
-        finally:
-            cons.close()
+                seen[0] += 1
+                if args.n and seen[0] >= args.n:
+                    stop.set()
+        return handler
+    clients: Dict[str, Client] = {}
+    subs: List[RemoteSubscription] = []
+
+    def follow(address: str, topic: str) -> None:
+        client = clients.get(address)
+        if client is None:
+            client = clients[address] = Client(address, timeout=max(wait, 0.001), **kw)
+            _retry(lambda: _Connection(client), wait, client.max_backoff, stop).close()
+        subs.append(client.subscribe(topic, channel, show(topic), max_in_flight, workers=1,
+                                     backoff=0))
+    followed: set = set()
+    try:
+        for address in args.nsqd_tcp_address or (
+                [] if args.lookupd_http_address else [DEFAULT_TCP_ADDRESS]):
+            for topic in topics:
+                follow(address, topic)
+        while not stop.is_set():
+            for lookupd in args.lookupd_http_address:      # servers of the topics join
+                for topic in topics:
+                    for address in _lookup_producers(lookupd, topic):
+                        if (address, topic) not in followed:
+                            followed.add((address, topic))
+                            follow(address, topic)
+            stop.wait(15 if args.lookupd_http_address else 3600)
+    finally:
+        for sub_ in subs:
+            sub_.close()
+        for c in clients.values():
+            c.close()
     return 0
+
+
+class _Enough(Exception):
+    """tail has shown the -n messages it was asked for."""
 
 
 _STATS_HEADER = (f"{'topic/channel':<32} {'depth':>8} {'mem':>8} {'disk':>8} {'inflt':>6} "
@@ -10699,35 +10843,33 @@ _STATS_HEADER = (f"{'topic/channel':<32} {'depth':>8} {'mem':>8} {'disk':>8} {'i
 
 
 def _stats_command(args: argparse.Namespace, stop: threading.Event) -> int:
-    interval = parse_duration(args.interval)
+    interval = parse_duration(args.status_every or args.interval)
     _check_range("--interval", interval, 0.01, None)
+    timeouts = (parse_duration(args.http_client_connect_timeout),
+                parse_duration(args.http_client_request_timeout))
+    _check_range("--http-client-connect-timeout", timeouts[0], 0.001, None)
+    _check_range("--http-client-request-timeout", timeouts[1], 0.001, None)
+    _check_range("--count", args.count, 0, None)
+    if args.nsqd_http_address and args.lookupd_http_address:
+        raise InvalidArgument("use --nsqd-http-address or --lookupd-http-address not both")
+    for address in args.nsqd_http_address + args.lookupd_http_address:
+        if address.startswith("http"):
+            raise InvalidArgument(f"{address}: the address should not contain a scheme")
     query = {"format": "json", "include_clients": "false", "include_mem": "false"}
     if args.topic:
         query["topic"] = args.topic
     if args.channel:
         query["channel"] = args.channel
-    url = f"http://{args.nsqd_http_address}/stats?{urllib.parse.urlencode(query)}"
     last: Dict[str, Tuple[float, int]] = {}
     reports = 0
     while not stop.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                data = json.loads(r.read())
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise ConnectionLost(f"cannot get stats from http://{args.nsqd_http_address}: "
-                                 f"{getattr(reason, 'strerror', None) or reason}") from None
+        rows = _summed_stats(_stats_servers(args, timeouts), query, timeouts)
         now = time.monotonic()
         if reports % 20 == 0:
             print(_STATS_HEADER)
-        rows = []
-        for t in data.get("topics") or []:
-            rows.append((t["topic_name"], t, sum(c["client_count"] for c in t["channels"])))
-            rows.extend((f"{t['topic_name']}/{c['channel_name']}", c, c["client_count"])
-                        for c in t["channels"])
         if not rows:
             print("(no topics)")
-        for name, d, clients in rows:
+        for name, d in rows.items():
             before = last.get(name)
             rate = (f"{(d['message_count'] - before[1]) / (now - before[0]):9.1f}"
                     if before else f"{'-':>9}")
@@ -10736,7 +10878,7 @@ def _stats_command(args: argparse.Namespace, stop: threading.Event) -> int:
                   f"{d['backend_depth']:>8} {d.get('in_flight_count', ''):>6} "
                   f"{d.get('deferred_count', ''):>6} {d.get('requeue_count', ''):>8} "
                   f"{d.get('timeout_count', ''):>6} {d['message_count']:>10} {rate} "
-                  f"{clients:>7} {'paused' if d.get('paused') else 'active'}")
+                  f"{d['clients']:>7} {'paused' if d['paused'] else 'active'}")
         sys.stdout.flush()
         reports += 1
         if args.count and reports >= args.count:
@@ -10745,12 +10887,80 @@ def _stats_command(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
+def _stats_servers(args: argparse.Namespace, timeouts: Tuple[float, float]) -> List[str]:
+    """The HTTP addresses to poll: those given, or those the lookupds list
+    (for --topic, its producers; otherwise every node)."""
+    if not args.lookupd_http_address:
+        return args.nsqd_http_address or [DEFAULT_HTTP_ADDRESS]
+    found: List[str] = []
+    for lookupd in args.lookupd_http_address:
+        for address in _lookup_producers(lookupd, args.topic, "http_port", timeouts):
+            if address not in found:
+                found.append(address)
+    return found
+
+
+_SUMMED_STATS = ("depth", "backend_depth", "in_flight_count", "deferred_count",
+                 "requeue_count", "timeout_count", "message_count")
+
+
+def _summed_stats(servers: List[str], query: Dict[str, str],
+                  timeouts: Tuple[float, float]) -> Dict[str, Dict[str, Any]]:
+    """One row per topic and per topic/channel, each figure summed over *servers*
+    (as nsq_stat and nsqadmin add up a topic's producers)."""
+    rows: Dict[str, Dict[str, Any]] = {}
+
+    def add(name: str, d: Dict[str, Any], clients: int) -> None:
+        row = rows.setdefault(name, {"clients": 0, "paused": False})
+        for key in _SUMMED_STATS:
+            if key in d:
+                row[key] = row.get(key, 0) + d[key]
+        row["clients"] += clients
+        row["paused"] = row["paused"] or bool(d.get("paused"))
+    for address in servers:
+        url = f"http://{address}/stats?{urllib.parse.urlencode(query)}"
+        try:
+            data = _http_json(url, timeouts)
+        except (OSError, ValueError) as e:
+            raise ConnectionLost(f"cannot get stats from http://{address}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+        for t in data.get("topics") or []:
+            add(t["topic_name"], t, sum(c["client_count"] for c in t["channels"]))
+            for c in t["channels"]:
+                add(f"{t['topic_name']}/{c['channel_name']}", c, c["client_count"])
+    return rows
+
+
+def _http_json(url: str, timeouts: Tuple[float, float] = (2.0, 10.0)) -> Any:
+    """GET *url*'s JSON, with nsq's two HTTP client timeouts (connect, then the
+    request); OSError or ValueError if it cannot."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                      timeout=timeouts[0])
+    try:
+        conn.connect()
+        conn.sock.settimeout(timeouts[1])
+        conn.request("GET", f"{parts.path or '/'}?{parts.query}",
+                     headers={"Accept": _NSQ_ACCEPT})
+        reply = conn.getresponse()
+        body = reply.read(DEFAULT_MAX_BODY_SIZE)
+        if reply.status != 200:
+            raise OSError(f"HTTP {reply.status}: {body[:200].decode(errors='replace')}")
+        data = json.loads(body)
+        return data.get("data", data) if isinstance(data, dict) else data
+    except http.client.HTTPException as e:
+        raise OSError(f"bad HTTP reply: {e!r}") from None
+    finally:
+        conn.close()
+
+
 _GO_FLAG = re.compile(r"-[a-z][a-z0-9]*(-[a-z0-9]+)+(=.*)?|-[a-z]{2,}(=.*)?", re.S)
 
 
 def _go_style_flags(argv: List[str]) -> List[str]:
-    """nsqd's single-dash long flags (Go's flag package) as argparse's double-dash ones."""
-    if not argv or argv[0] not in ("serve", "to-http"):
+    """nsqd's and the NSQ tools' single-dash long flags (Go's flag package) as
+    argparse's double-dash ones."""
+    if not argv or argv[0] not in ("serve", "pub", "tail", "stats", "to-http"):
         return argv
     return [("-" + a if _GO_FLAG.fullmatch(a) else a) for a in argv]
 

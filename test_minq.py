@@ -5317,6 +5317,142 @@ def test_stats_tool_prints_depths_and_rates(web):
     assert r.returncode == 0 and b"(no topics)" in r.stdout
 
 
+class FakeLookupdHTTP:
+    """nsqlookupd's /lookup and /nodes, listing the servers it is given."""
+
+    def __init__(self, *servers):
+        import http.server
+        self.asked = []
+        producers = [{"broadcast_address": "127.0.0.1", "hostname": "h",
+                      "tcp_port": int(s.tcp_address.rsplit(":", 1)[1]),
+                      "http_port": int(s.address.rsplit(":", 1)[1])} for s in servers]
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.asked.append(self.path)
+                body = json.dumps({"channels": [], "producers": producers}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = False
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def web2():
+    """A second server, for the tools' several-address flags."""
+    b = minq.Broker()
+    tcp = minq.TCPServer(b, "127.0.0.1:0").start()
+    srv = minq.HTTPServer(b, "127.0.0.1:0", tcp_address=tcp.address).start()
+    yield srv
+    srv.close()
+    tcp.close()
+    b.close()
+
+
+def test_pub_tool_takes_to_nsq_flags_single_or_double_dash(web, web2):
+    r = run_tool("pub", "-topic=t", "-delimiter=,", "-rate=1000",
+                 f"-nsqd-tcp-address={web.tcp_address}", "--nsqd-tcp-address", web2.tcp_address,
+                 "-producer-opt=snappy", "--producer-opt", "user_agent,tests/1",
+                 input=b"a,b,,c")
+    assert r.returncode == 0, r.stderr
+    for srv in (web, web2):                        # every message to each server
+        with srv.broker.consumer("t", "c", max_in_flight=10) as cons:
+            assert [m.body for m in drain(cons, 3, timeout=5)] == [b"a", b"b", b"c"]
+    assert run_tool("pub", "--version").stdout.startswith(b"to_nsq v1.3.0")
+
+
+def test_tail_tool_takes_nsq_tail_flags_and_finds_servers_through_lookupd(web, web2):
+    def tail(*flags):
+        return subprocess.Popen([sys.executable, str(HERE / "minq.py"), "tail", *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def channels(srv, topic):
+        return srv.broker.has_topic(topic) and srv.broker.get_topic(topic).channels
+    with FakeLookupdHTTP(web, web2) as lookupd:
+        procs = [tail("-topic=a", "-topic=b", "-n=2", "-channel=c", "-print-topic",
+                      f"-nsqd-tcp-address={web.tcp_address}", "-consumer-opt=max_in_flight,5"),
+                 tail("--topic", "x", "--n", "2", "--channel", "c",
+                      "--lookupd-http-address", lookupd.address)]
+        try:
+            wait_until(lambda: channels(web, "a") and channels(web, "b"), 10, "tail 1")
+            wait_until(lambda: channels(web, "x") and channels(web2, "x"), 10, "tail 2")
+            web.broker.publish("a", b"1")
+            web.broker.publish("b", b"2")
+            web.broker.publish("x", b"from web")
+            web2.broker.publish("x", b"from web2")
+            outs = [p.communicate(timeout=10) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        assert "/lookup?topic=x" in lookupd.asked
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert sorted(outs[0][0].splitlines()) == [b"a | 1", b"b | 2"]
+    assert sorted(outs[1][0].splitlines()) == [b"from web", b"from web2"]
+    assert run_tool("tail", "-version").stdout.startswith(b"nsq_tail v1.3.0")
+
+
+def test_stats_tool_takes_nsq_stat_flags_and_sums_servers(web, web2):
+    for srv, n in ((web, 2), (web2, 3)):
+        srv.broker.topic("t").channel("c")
+        srv.broker.publish_many("t", [b"x"] * n)
+    forms = [("-nsqd-http-address=" + web.address, "--nsqd-http-address", web2.address),
+             ("--lookupd-http-address",)]
+    with FakeLookupdHTTP(web, web2) as lookupd:
+        for flags in forms:
+            if flags == ("--lookupd-http-address",):
+                flags += (lookupd.address,)
+            r = run_tool("stats", *flags, "-topic=t", "-channel=c", "-status-every=50ms",
+                         "-count=2", "-http-client-connect-timeout=1s",
+                         "-http-client-request-timeout=3s")
+            assert r.returncode == 0, r.stderr
+            rows = [line.split() for line in r.stdout.decode().splitlines()
+                    if line.startswith("t/c ")]
+            assert len(rows) == 2 and rows[0][1] == "5" and rows[0][8] == "5", rows
+        assert "/lookup?topic=t" in lookupd.asked
+    assert run_tool("stats", "-version").stdout.startswith(b"nsq_stat v1.3.0")
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["pub", "--topic", "t", "--producer-opt", "max_attempts,3"],
+     b"--producer-opt 'max_attempts' is not implemented"),
+    (["pub", "--topic", "t", "--delimiter", "ab"], b"--delimiter must be a single byte"),
+    (["pub"], b"--topic required"),
+    (["tail", "--topic", "t", "--consumer-opt", "backoff_strategy,full_jitter"],
+     b"--consumer-opt 'backoff_strategy' is not implemented"),
+    (["tail"], b"--topic required"),
+    (["tail", "-topic=t", "-nsqd-tcp-address=a:1", "-lookupd-http-address=b:2"],
+     b"not both"),
+    (["stats", "-nsqd-http-address=a:1", "-lookupd-http-address=b:2"], b"not both"),
+    (["stats", "--nsqd-http-address", "http://a:1"], b"should not contain a scheme"),
+    (["stats", "--interval", "0s"], b"--interval"),
+    (["stats", "--count", "-1"], b"--count"),
+])
+def test_tools_refuse_what_they_do_not_take_in_one_line(argv, error):
+    r = run_tool(*argv, input=b"", timeout=30)
+    assert r.returncode == 1 and error in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_tool(argv[0], "--no-such-flag", timeout=30)
+    assert r.returncode == 2 and b"unrecognized arguments: --no-such-flag" in r.stderr
+
+
 def test_tools_help_explains_with_examples():
     for tool in ("pub", "tail", "stats"):
         r = run_tool(tool, "--help")
@@ -5614,7 +5750,7 @@ def test_to_http_command_like_nsq_to_http_from_nsqd_and_from_lookupd(backends, w
     (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--sample", "2"], "between 0.0 and 1.0"),
     (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--header", "nocolon"], "key: value"),
     (["--nsqd-tcp-address", "a:1", "--post", "http://x/", "--consumer-opt", "bogus,1"],
-     "unknown"),
+     "--consumer-opt 'bogus' is not implemented"),
 ])
 def test_to_http_command_refuses_what_nsq_to_http_refuses(args, text):
     r = run_minq("to-http", "--topic", "t", *args)
