@@ -10527,10 +10527,7 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
                         f"given multiple times: their figures are summed)")
     s.add_argument("--lookupd-http-address", action="append", default=[], metavar="ADDR",
                    help="nsqlookupd that lists the servers (may be given multiple times)")
-    s.add_argument("--http-client-connect-timeout", default="2s", metavar="DURATION",
-                   help="timeout for HTTP connect (default 2s)")
-    s.add_argument("--http-client-request-timeout", default="5s", metavar="DURATION",
-                   help="timeout for HTTP request (default 5s)")
+    _http_client_flags(s, "5s")
     s.add_argument("--version", action="version",
                    version=f"nsq_stat v{NSQ_VERSION} (minq {VERSION} stats)")
     s.add_argument("--interval", default="2s", metavar="DURATION",
@@ -10539,6 +10536,15 @@ def _tool_parsers(sub: Any, cmd: str) -> None:
                    help="the same as --interval (older nsq_stat's name for it)")
     s.add_argument("--count", type=int, default=0, metavar="N",
                    help="stop after N reports (default 0: run until Ctrl-C)")
+
+
+def _http_client_flags(p: argparse.ArgumentParser, request_timeout: str) -> None:
+    """The NSQ tools' two HTTP client timeouts, with the tool's defaults."""
+    p.add_argument("--http-client-connect-timeout", default="2s", metavar="DURATION",
+                   help="timeout for HTTP connect (default 2s)")
+    p.add_argument("--http-client-request-timeout", default=request_timeout,
+                   metavar="DURATION", help=f"timeout for HTTP request (default "
+                                            f"{request_timeout})")
 
 
 def _to_http_parser(sub: Any, cmd: str) -> None:
@@ -10576,10 +10582,7 @@ def _to_http_parser(sub: Any, cmd: str) -> None:
                         "application/octet-stream)")
     p.add_argument("--header", action="append", default=[], metavar="'KEY: VALUE'",
                    help="custom header for HTTP requests (may be given multiple times)")
-    p.add_argument("--http-client-connect-timeout", default="2s", metavar="DURATION",
-                   help="timeout for HTTP connect (default 2s)")
-    p.add_argument("--http-client-request-timeout", default="20s", metavar="DURATION",
-                   help="timeout for HTTP request (default 20s)")
+    _http_client_flags(p, "20s")
     p.add_argument("-n", "--n", type=int, default=100, dest="n",
                    help="number of concurrent publishers (default 100)")
     p.add_argument("--max-in-flight", type=int, default=200,

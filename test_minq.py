@@ -3585,14 +3585,15 @@ def test_auth_with_secrets_file(tmp_path):
                 assert cons.get(timeout=5).body == b"x"
 
 
-def fake_auth_server(answer):
-    """An nsqd auth server on a free port: ``answer(query)`` gives each reply's body."""
+@contextlib.contextmanager
+def answering_http(answer):
+    """A local HTTP server on a free port: ``answer(request)`` gives each GET's body
+    (``request.path``, ``request.headers``); yields the server, with ``address``."""
     import http.server
-    import urllib.parse
 
-    class Auth(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = answer(urllib.parse.parse_qs(self.path.split("?", 1)[1]))
+            body = answer(self)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -3600,10 +3601,23 @@ def fake_auth_server(answer):
 
         def log_message(self, *a):
             pass
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Auth)
-    t = threading.Thread(target=httpd.serve_forever)
-    t.start()
-    return httpd, t
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = False                   # closing joins them
+    httpd.address = f"127.0.0.1:{httpd.server_address[1]}"
+    serving = threading.Thread(target=httpd.serve_forever, args=(0.05,))
+    serving.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        serving.join()
+
+
+def fake_auth_server(answer):
+    """An nsqd auth server: ``answer(query)`` gives each reply's body."""
+    import urllib.parse
+    return answering_http(lambda req: answer(urllib.parse.parse_qs(req.path.split("?", 1)[1])))
 
 
 def test_auth_with_http_auth_server(tmp_path):
@@ -3616,9 +3630,8 @@ def test_auth_with_http_auth_server(tmp_path):
                            "authorizations": [{"topic": ".*", "channels": [".*"],
                                                "permissions": ["publish", "subscribe"]}]}
                           if ok else {"ttl": 1, "authorizations": []}).encode()
-    httpd, t = fake_auth_server(answer)
-    try:
-        auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
+    with fake_auth_server(answer) as httpd:
+        auth = minq.Authorizer([httpd.address])
         with tcp_server(authorizer=auth) as srv:
             with minq.Client(srv.address, auth_secret="good") as c:
                 c.publish("t", b"authorized")
@@ -3626,10 +3639,6 @@ def test_auth_with_http_auth_server(tmp_path):
             r = Raw(srv)
             r.cmd("AUTH", b"bad")
             assert r.error() == "E_UNAUTHORIZED AUTH no authorizations found"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        t.join()
 
 
 def test_a_pub_split_anywhere_is_read_whole(server):
@@ -3733,9 +3742,8 @@ AUTH_REPLIES = [b"[" * 50_000, b"5", b'{"ttl": "60", "authorizations": []}',
 
 def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
     replies = list(AUTH_REPLIES)
-    httpd, t = fake_auth_server(lambda q: replies.pop(0))
-    try:
-        auth = minq.Authorizer([f"127.0.0.1:{httpd.server_address[1]}"])
+    with fake_auth_server(lambda q: replies.pop(0)) as httpd:
+        auth = minq.Authorizer([httpd.address])
         with tcp_server(authorizer=auth) as srv:
             for _ in AUTH_REPLIES:
                 r = Raw(srv)
@@ -3743,10 +3751,6 @@ def test_malformed_auth_server_replies_are_e_auth_failed(caplog):
                 assert r.error() == "E_AUTH_FAILED AUTH failed"
             assert not replies
             assert "Traceback" not in caplog.text
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        t.join()
 
 
 def test_auth_server_that_never_answers_fails_after_the_request_timeout():
@@ -5085,27 +5089,15 @@ def test_serve_banner_sigterm_exit_0_and_restart_keeps_messages(tmp_path):
 
 
 def test_lookupd_channels_exist_before_a_new_topics_first_message():
-    import http.server
     asked = []
 
-    class LookupdHTTP(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append((self.path, self.headers.get("Accept")))
-            body = json.dumps({"channels": ["archive", "live#ephemeral"]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LookupdHTTP)
-    serving = threading.Thread(target=web.serve_forever, kwargs={"poll_interval": 0.05})
-    serving.start()
+    def channels(req):
+        asked.append((req.path, req.headers.get("Accept")))
+        return json.dumps({"channels": ["archive", "live#ephemeral"]}).encode()
     b = minq.Broker()
     try:
-        with FakeLookupd(http_port=web.server_address[1]) as lk, \
+        with answering_http(channels) as web, \
+                FakeLookupd(http_port=web.server_address[1]) as lk, \
                 minq.LookupdRegistrar(b, [lk.address], broadcast_address="h", tcp_port=1,
                                       http_port=2) as reg:
             wait_until(lambda: reg.peers[0].connected, 10, "the registrar to connect")
@@ -5115,9 +5107,6 @@ def test_lookupd_channels_exist_before_a_new_topics_first_message():
             assert asked == [("/channels?topic=new", "application/vnd.nsq; version=1.0")]
     finally:
         b.close()
-        web.shutdown()
-        web.server_close()
-        serving.join()
 
 
 def test_lookupd_malformed_address_fails_at_once():
@@ -5317,41 +5306,20 @@ def test_stats_tool_prints_depths_and_rates(web):
     assert r.returncode == 0 and b"(no topics)" in r.stdout
 
 
-class FakeLookupdHTTP:
-    """nsqlookupd's /lookup and /nodes, listing the servers it is given."""
+@contextlib.contextmanager
+def fake_lookupd_http(*servers):
+    """nsqlookupd's /lookup and /nodes, listing *servers*; ``asked`` has the paths."""
+    producers = [{"broadcast_address": "127.0.0.1", "hostname": "h",
+                  "tcp_port": int(s.tcp_address.rsplit(":", 1)[1]),
+                  "http_port": int(s.address.rsplit(":", 1)[1])} for s in servers]
+    asked = []
 
-    def __init__(self, *servers):
-        import http.server
-        self.asked = []
-        producers = [{"broadcast_address": "127.0.0.1", "hostname": "h",
-                      "tcp_port": int(s.tcp_address.rsplit(":", 1)[1]),
-                      "http_port": int(s.address.rsplit(":", 1)[1])} for s in servers]
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.asked.append(self.path)
-                body = json.dumps({"channels": [], "producers": producers}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = False
-        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
-        self.thread.start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+    def answer(req):
+        asked.append(req.path)
+        return json.dumps({"channels": [], "producers": producers}).encode()
+    with answering_http(answer) as httpd:
+        httpd.asked = asked
+        yield httpd
 
 
 @pytest.fixture
@@ -5385,7 +5353,7 @@ def test_tail_tool_takes_nsq_tail_flags_and_finds_servers_through_lookupd(web, w
 
     def channels(srv, topic):
         return srv.broker.has_topic(topic) and srv.broker.get_topic(topic).channels
-    with FakeLookupdHTTP(web, web2) as lookupd:
+    with fake_lookupd_http(web, web2) as lookupd:
         procs = [tail("-topic=a", "-topic=b", "-n=2", "-channel=c", "-print-topic",
                       f"-nsqd-tcp-address={web.tcp_address}", "-consumer-opt=max_in_flight,5"),
                  tail("--topic", "x", "--n", "2", "--channel", "c",
@@ -5415,7 +5383,7 @@ def test_stats_tool_takes_nsq_stat_flags_and_sums_servers(web, web2):
         srv.broker.publish_many("t", [b"x"] * n)
     forms = [("-nsqd-http-address=" + web.address, "--nsqd-http-address", web2.address),
              ("--lookupd-http-address",)]
-    with FakeLookupdHTTP(web, web2) as lookupd:
+    with fake_lookupd_http(web, web2) as lookupd:
         for flags in forms:
             if flags == ("--lookupd-http-address",):
                 flags += (lookupd.address,)
