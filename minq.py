@@ -624,7 +624,8 @@ _MAP_OK = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
 _MAP_MAX_WRITE = 8192
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_file(path: str) -> None:
+    """fsync a file or a directory (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -632,8 +633,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Replace *path* with *data*: temp file, fsync, rename, fsync the directory."""
+def _write_atomic(path: str, data: bytes, sync_dir: bool = True) -> None:
+    """Replace *path* with *data*: temp file, fsync, rename, fsync the
+    directory (unless the caller will, once for many: *sync_dir* False)."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -644,7 +646,8 @@ def _write_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    if sync_dir:
+        _fsync_file(os.path.dirname(path) or ".")
 
 
 _BULK_RUN = 16    # records of one length in a row checked as a run (see _take_run_locked)
@@ -863,7 +866,7 @@ class _AckLedger:
         self._unacked: List[int] = []      # heap of consumed positions not yet released
         self._acked: set = set()           # acknowledged, lazily removed from _unacked
         self._restart: set = set()         # acks read at open, kept until the commit point passes
-        self._fd: Optional[int] = None
+        self._open = False                 # between load and close: acks are written
         self._buf: List[int] = []          # acks not yet written to the file
         self._pending: Optional[List[int]] = None   # acks written during a compaction
         self._count = 0                    # entries in the file
@@ -876,8 +879,7 @@ class _AckLedger:
 
     def load(self, cursor: int, meta_write: int, acks_base: int,
              segments: Iterable[int]) -> Tuple[set, int]:
-        """Read the acks file (a torn last entry is ignored) and open it for
-        appending.  Returns the acks of records at or past *cursor* (to be
+        """Read the acks file (a torn last entry is ignored).  Returns the acks of records at or past *cursor* (to be
         passed over unread) and how many acks the metadata's depth does not
         know: those after *acks_base*, of records it counted (before
         *meta_write*) or a scan counted (in *segments*, still on disk); a
@@ -891,11 +893,10 @@ class _AckLedger:
             listed = [p for (p,) in _ACK.iter_unpack(data[:n * _ACK.size])]
         here = set(segments)
         since = sum(1 for p in listed[acks_base:] if p < meta_write or p >> _SEG_SHIFT in here)
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with self._lock:
             self._count = len(listed)
             self._restart = {p for p in listed if p >= cursor}
-            self._fd = fd
+            self._open = True
             return set(self._restart), since
 
     def restore(self, positions: Iterable[int], cursor: int) -> set:
@@ -962,23 +963,29 @@ class _AckLedger:
 
     def _flush_locked(self) -> None:
         buf, self._buf = self._buf, []
-        if not buf or self._fd is None:
+        if not buf or not self._open:
             return
         if self._pending is not None:
             self._pending.extend(buf)
         try:
-            os.write(self._fd, b"".join([_ACK.pack(p) for p in buf]))
+            # Opened for each batch, not kept open: thousands of logs would
+            # hold as many descriptors for a write every ACK_BUFFER acks.
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, b"".join([_ACK.pack(p) for p in buf]))
+            finally:
+                os.close(fd)
             self._count += len(buf)
         except OSError as e:   # the records may be redelivered after a crash
             log.error("segment log %s: could not record %d ack(s) (%s)", self.name,
                       len(buf), e)
             self._compact = True   # a part may have been written: start afresh
 
-    def checkpoint(self, commit: int) -> Tuple[int, int, Optional[int], Optional[List[int]]]:
+    def checkpoint(self, commit: int) -> Tuple[int, int, Optional[str], Optional[List[int]]]:
         """For a metadata save with the commit point at *commit*: write what is
         buffered; return (records consumed and not acknowledged, the
-        metadata's ``acks_base``, a descriptor to fsync before the metadata
-        is written, or the live acks ``compact`` is to write once it is)."""
+        metadata's ``acks_base``, the file to fsync before the metadata is
+        written, or the live acks ``compact`` is to write once it is)."""
         with self._lock:
             self._flush_locked()
             if self._restart:
@@ -989,7 +996,7 @@ class _AckLedger:
                 live = sorted(self._restart | {p for p in self._acked if p >= commit})
                 self._pending = []
                 return outstanding, len(live), None, live
-            return outstanding, self._count, self._fd, None
+            return outstanding, self._count, self._path if self._count else None, None
 
     def compact(self, live: List[int]) -> None:
         """Swap in a file holding *live* and the acks made since ``checkpoint``
@@ -1010,9 +1017,6 @@ class _AckLedger:
                 self._count = len(live) + len(pending)
                 self._compact = False
                 os.replace(tmp, self._path)
-                if self._fd is not None:
-                    os.close(self._fd)
-                self._fd, fd = fd, -1
         except BaseException:
             with self._lock:
                 self._pending = None
@@ -1021,7 +1025,7 @@ class _AckLedger:
         finally:
             if fd >= 0:
                 os.close(fd)
-        _fsync_dir(os.path.dirname(self._path) or ".")
+        _fsync_file(os.path.dirname(self._path) or ".")
 
     def reset(self) -> None:
         """Every record is gone (the log was emptied)."""
@@ -1031,10 +1035,9 @@ class _AckLedger:
             self._restart.clear()
 
     def close(self) -> None:
+        """Write no more acks (those still buffered are dropped)."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._open = False
 
     def destroy(self) -> None:
         """Close and delete the file."""
@@ -1046,7 +1049,14 @@ class _AckLedger:
 
 
 class _SegmentWriter:
-    """Writes bytes at offsets of the open write segment.
+    """Writes bytes at offsets of the write segment, the file at ``path``.
+
+    The file is opened at the first write, and created then if it is new
+    (``exists`` False): a log with nothing to store holds no file and no
+    descriptor.  ``close`` gives the descriptor back (``_OpenFiles`` bounds
+    how many logs hold theirs); the next write opens it again.  A file it
+    created has a directory entry to fsync (``dir_dirty``) before an fsync
+    of its data can be called durable.
 
     Small writes are copies into a window of the file mapped in memory
     (``map``, holding the file's bytes [``start``, ``end``)), its space
@@ -1058,15 +1068,39 @@ class _SegmentWriter:
     writers (its ``_append_lock``, and ``_writing`` for its lean path).
     """
 
-    def __init__(self, fd: int, name: str) -> None:
-        self.fd = fd
+    def __init__(self, path: str, name: str, exists: bool,
+                 on_open: Callable[[], None] = lambda: None) -> None:
+        self.path = path
         self.name = name                   # the log's, for messages
+        self.exists = exists
+        self.dir_dirty = False
+        self._on_open = on_open
+        self.fd: Optional[int] = None
         self.map: Optional[mmap.mmap] = None
         self.start = self.end = 0
+
+    def open(self) -> int:
+        """The file's descriptor, opened (the file created if new) if need be."""
+        if self.fd is None:
+            flags = os.O_RDWR | os.O_CREAT | (0 if self.exists else os.O_TRUNC)
+            self.fd = os.open(self.path, flags, 0o600)
+            if not self.exists:
+                self.exists = self.dir_dirty = True
+            self._on_open()
+        return self.fd
+
+    def fsync(self) -> None:
+        """fsync what was written, through a descriptor of its own if the
+        writer's was given back meanwhile (an fsync covers the file)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
+        elif self.exists:
+            _fsync_file(self.path)
 
     def write(self, data: bytes, offset: int, window: int) -> None:
         """Write *data* at *offset*, through a window of *window* bytes (0: pwrite)."""
         end = offset + len(data)
+        self.open()
         if len(data) <= _MAP_MAX_WRITE:
             if self.map is None or offset < self.start or end > self.end:
                 self._remap(offset, end, window)
@@ -1135,18 +1169,28 @@ class _SegmentWriter:
     def truncate(self, length: int) -> None:
         """Cut the file to *length* bytes (unmapped first: never under a mapping)."""
         self.unmap()
-        os.ftruncate(self.fd, length)
+        os.ftruncate(self.open(), length)
 
     def trim(self, length: int) -> None:
         """Unmap, and cut the reserved space past *length* off the file."""
         self.unmap()
-        if os.fstat(self.fd).st_size > length:
+        if self.fd is not None and os.fstat(self.fd).st_size > length:
             os.ftruncate(self.fd, length)
+
+    def close(self, length: int) -> None:
+        """Trim (to *length*) and give the descriptor back; the next write
+        opens the file again."""
+        try:
+            self.trim(length)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Unmap and close the file, as it is (what a crash leaves)."""
         self.unmap()
-        os.close(self.fd)
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 class _SegmentReader:
@@ -1160,8 +1204,10 @@ class _SegmentReader:
     place (``at``).  Not thread-safe: SegmentLog uses it under its ``_lock``.
     """
 
-    def __init__(self, seg_path: Callable[[int], str]) -> None:
+    def __init__(self, seg_path: Callable[[int], str],
+                 on_open: Callable[[], None] = lambda: None) -> None:
         self._seg_path = seg_path
+        self._on_open = on_open            # a descriptor was opened
         self.fd: Optional[int] = None
         self.num = -1                      # the segment open, if any
         self.buf = b""
@@ -1175,6 +1221,7 @@ class _SegmentReader:
             except FileNotFoundError:
                 return None
             self.num = num
+            self._on_open()
         i = off - self.start
         if i < 0 or i + n > len(self.buf):
             ahead = max(n, _READ_AHEAD)
@@ -1286,7 +1333,8 @@ class _Recovery:
     (``replaced``).  Torn tails are cut off the files.
     """
 
-    def __init__(self, directory: str, name: str, biggest: int) -> None:
+    def __init__(self, directory: str, name: str, biggest: int,
+                 segments: Optional[List[int]] = None) -> None:
         self.directory, self.name, self.biggest = directory, name, biggest
         path = os.path.join(directory, f"{name}.meta")
         meta: Dict[str, Any] = {}
@@ -1298,7 +1346,8 @@ class _Recovery:
                 log.error("segment log %s: unreadable metadata (%s); rescanning", name, e)
                 meta = {}
         self.meta = meta
-        self.segments = nums = _segment_numbers(directory, name)
+        self.segments = nums = (_segment_numbers(directory, name) if segments is None
+                                else sorted(segments))
         self.read_pos = int(meta.get("read", 0))
         write_num, write_off = divmod(int(meta.get("write", 0)), 1 << _SEG_SHIFT)
         depth = int(meta.get("depth", 0))
@@ -1339,12 +1388,14 @@ class _Recovery:
         positions replaced by the records of supersede markers among them:
         those of the replacing records that are there)."""
         path = os.path.join(self.directory, f"{self.name}.{num:06d}.seg")
+        size = os.stat(path).st_size
+        if size < start:
+            log.error("segment log %s: segment %d is shorter (%d) than its metadata "
+                      "says (%d)", self.name, num, size, start)
+            return size, 0, []
+        if size == start:              # nothing past it (a clean stop): not opened
+            return start, 0, []
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < start:
-                log.error("segment log %s: segment %d is shorter (%d) than its metadata "
-                          "says (%d)", self.name, num, size, start)
-                return size, 0, []
             f.seek(start)
             data = f.read()
         count, off = 0, start
@@ -1380,6 +1431,65 @@ class _Recovery:
         return off, count, replaced
 
 
+class _OpenFiles:
+    """Bounds how many segment logs hold open descriptors at once.
+
+    A log registers (``opened``) when it opens its first descriptor and
+    leaves (``closed``) when it gives them all back.  Past ``limit`` logs,
+    the one that registers makes another give its descriptors back
+    (``SegmentLog.release_files``), chosen by the clock algorithm: logs are
+    visited oldest first, and one used since the last visit (its ``_used``
+    flag, set without a lock on every read and write) gets a second chance.
+    A log busy in a write, a read or an fsync is passed over: its locks are
+    only tried, never waited for, so no lock order is imposed.  A log holds
+    at most four descriptors (the write segment, its mapping, a read
+    segment, a rolled segment until the next sync).  ``_lock`` guards
+    ``_ring`` and is never held while a log is asked to close.
+    """
+
+    PER_LOG = 4
+
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
+        self.limit = max(1, max_files // self.PER_LOG)
+        self._lock = threading.Lock()
+        self._ring: "collections.OrderedDict[SegmentLog, None]" = collections.OrderedDict()
+        self.released = 0                  # logs made to give their descriptors back
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def opened(self, seglog: "SegmentLog") -> None:
+        with self._lock:
+            self._ring[seglog] = None
+            over = len(self._ring) - self.limit
+        if over > 0:
+            self._evict(seglog, over)
+
+    def closed(self, seglog: "SegmentLog") -> None:
+        with self._lock:
+            self._ring.pop(seglog, None)
+
+    def _evict(self, keep: "SegmentLog", n: int) -> None:
+        # Two rounds at most: the first may only clear _used flags.
+        for _ in range(2 * len(self._ring)):
+            with self._lock:
+                if len(self._ring) <= self.limit or not self._ring:
+                    return
+                victim = next(iter(self._ring))
+                self._ring.move_to_end(victim)
+            if victim is keep:
+                continue
+            if victim._used:
+                victim._used = False
+                continue
+            if victim.release_files():
+                self.released += 1
+                n -= 1
+                if n <= 0:
+                    return
+
+
 class SegmentLog:
     """An append-only record log in ``<name>.NNNNNN.seg`` files under *directory*.
 
@@ -1408,7 +1518,9 @@ class SegmentLog:
                  max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
                  max_record_size: int = 1 << 30,
                  clock: Callable[[], float] = time.monotonic, sync_every: int = 0,
-                 on_sync_due: Optional[Callable[[], None]] = None) -> None:
+                 on_sync_due: Optional[Callable[[], None]] = None,
+                 segments: Optional[List[int]] = None,
+                 files: Optional[_OpenFiles] = None) -> None:
         self.directory = directory
         self.name = name
         self.max_bytes_per_file = max_bytes_per_file
@@ -1439,7 +1551,14 @@ class SegmentLog:
         # held too: append_record writes under _lock alone while it is clear.
         self._writer: _SegmentWriter
         self._writing = False
-        self._reader = _SegmentReader(self._seg_path)
+        # Descriptors are opened when first needed; _files (if any) bounds
+        # how many logs hold theirs.  _held: registered there; _used: read
+        # or written since _files last looked (set without a lock).
+        self._files = files
+        self._held = False
+        self._used = True
+        self._has_files = False            # a segment or the metadata exists
+        self._reader = _SegmentReader(self._seg_path, self._opened_files)
         # Records at or past the cursor to pass over unread: consumed
         # elsewhere (appended as already read) or acked before a restart.
         self._skip: set = set()
@@ -1450,7 +1569,7 @@ class SegmentLog:
         self._meta_stale = False           # a sync fsynced the data only
         self.meta_saved_at = 0.0           # clock() of the last metadata save
         self._commits = _GroupCommit(self._fsync_data)
-        self._open()
+        self._open(segments)
 
     # -- positions and files ---------------------------------------------------
     @property
@@ -1466,11 +1585,14 @@ class SegmentLog:
         return (num << _SEG_SHIFT) | off
 
     # -- open and recovery -----------------------------------------------------
-    def _open(self) -> None:
-        found = _Recovery(self.directory, self.name, self.max_record_size)
+    def _open(self, segments: Optional[List[int]]) -> None:
+        # *segments*: the numbers of the log's segment files, if the caller
+        # listed the directory already (a broker lists it once for all logs).
+        found = _Recovery(self.directory, self.name, self.max_record_size, segments)
         meta, nums, read_pos = found.meta, found.segments, found.read_pos
         write_num, write_off = found.write_num, found.write_off
         acked_since = 0
+        released: set = set()
         if self.acks is not None:
             self._skip, acked_since = self.acks.load(
                 read_pos, int(meta.get("write", 0)), int(meta.get("acks_base", 0)), nums)
@@ -1483,15 +1605,68 @@ class SegmentLog:
         self._read_pos = read_pos
         self._commit = read_pos
         self._write_num, self._write_off = write_num, write_off
-        fd = os.open(self._seg_path(write_num), os.O_RDWR | os.O_CREAT, 0o600)
-        self._writer = _SegmentWriter(fd, self.name)
-        if os.fstat(fd).st_size > write_off:
-            os.ftruncate(fd, write_off)     # cut a torn tail
-        if not nums:
-            _fsync_dir(self.directory)
+        self._writer = _SegmentWriter(self._seg_path(write_num), self.name, write_num in nums,
+                                      self._opened_files)
         self._commits.advance(self.write_pos)
-        os.fsync(fd)        # what a killed process left is durable now
-        self._save_meta(self.write_pos)
+        # The metadata says all there is when it was saved after the last
+        # write and fsync (a clean stop), and the scan found nothing more:
+        # then opening touches no file.  Else what a killed process left is
+        # made durable and the metadata saved anew.
+        if not meta and not nums:
+            return
+        self._has_files = True
+        settled = (meta and int(meta.get("synced", -1)) == int(meta.get("write", -2))
+                   == self.write_pos and found.depth == int(meta.get("depth", -1))
+                   and not acked_since and not found.replaced and read_pos == meta.get("read"))
+        if not settled:
+            if write_num in nums:
+                self._writer.open()
+                self._writer.trim(write_off)     # cut a torn tail
+                self._writer.fsync()
+            self._save_meta(self.write_pos)
+
+    def _opened_files(self) -> None:
+        # A descriptor was opened: be counted by _files (who may close others').
+        self._used = self._has_files = True
+        if not self._held and self._files is not None:
+            self._held = True
+            self._files.opened(self)
+
+    def release_files(self) -> bool:
+        """Give back every descriptor, unless the log is busy (a write, a
+        read or an fsync under way): then False.  Used by ``_OpenFiles``;
+        the next read or write opens what it needs again."""
+        turn = self._commits.exclusive()
+        if not turn.acquire(blocking=False):
+            return False
+        try:
+            if not self._append_lock.acquire(blocking=False):
+                return False
+            try:
+                if not self._lock.acquire(blocking=False):
+                    return False
+                try:
+                    self._release_files_locked()
+                finally:
+                    self._lock.release()
+            finally:
+                self._append_lock.release()
+        finally:
+            turn.release()
+        return True
+
+    def _release_files_locked(self) -> None:
+        # With the commit turn, _append_lock and _lock held (or at close).
+        self._reader.close()
+        retired, self._retired = self._retired, []
+        try:
+            self._writer.close(self._write_off)
+        finally:
+            for fd in retired:              # rolled segments: fsynced then
+                os.close(fd)
+            self._held = False
+            if self._files is not None:
+                self._files.closed(self)
 
     # -- writing ---------------------------------------------------------------
     @property
@@ -1547,6 +1722,7 @@ class SegmentLog:
                 m[off - w.start:end - w.start] = data  # type: ignore[index]
                 self.bytes_written += n
                 self._write_off = end
+                self._used = True
                 base = self._write_num << _SEG_SHIFT
                 if not consume:
                     self.depth += 1
@@ -1668,6 +1844,7 @@ class SegmentLog:
                         self._writing = False
                 self.bytes_written += size
                 self._write_off = end
+                self._used = True
                 self.ops += n
                 due = self.ops >= self.sync_every and self._sync_due_locked()
                 if replaced is not None:    # visible to a sync with the records
@@ -1734,24 +1911,29 @@ class SegmentLog:
         old = self._writer
         try:
             old.trim(self._write_off)
-            os.fsync(old.fd)            # a finished segment is durable, as nsqd
+            old.fsync()                 # a finished segment is durable, as nsqd
             self.fsync_count += 1
-            fd = os.open(self._seg_path(self._write_num + 1),
-                         os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            if old.dir_dirty:
+                _fsync_file(self.directory)
+                old.dir_dirty = False
         finally:
             with self._lock:
                 self._writing = False
         with self._lock:
-            self._retired.append(old.fd)
+            if old.fd is not None:      # closed at the next sync: one may use it now
+                self._retired.append(old.fd)
+                old.fd = None
             self._write_num += 1
             self._write_off = 0
-            self._writer = _SegmentWriter(fd, self.name)
-        _fsync_dir(self.directory)
+            # The next segment is created by the write that needs it.
+            self._writer = _SegmentWriter(self._seg_path(self._write_num), self.name, False,
+                                          self._opened_files)
 
     # -- reading ---------------------------------------------------------------
     def read(self) -> Optional[Tuple[int, bytes]]:
         """The next unread record as (position, payload), or None at the end."""
         with self._lock:
+            self._used = True
             rec = self._read_one_locked()
             if self.acks is None:
                 self._advance_commit_locked()
@@ -1766,6 +1948,7 @@ class SegmentLog:
         payloads: List[bytes] = []
         positions: Optional[List[int]] = [] if self.acks is not None else None
         with self._lock:
+            self._used = True
             while len(payloads) < limit and self._read_pos < self.write_pos:
                 if self._take_run_locked(payloads, positions, limit):
                     continue
@@ -1846,6 +2029,7 @@ class SegmentLog:
         with self._lock:
             if self._read_pos >= self.write_pos:
                 return None
+            self._used = True
             i, end, base = self._buffered_at_cursor()
             if i < 0 or i + _REC_SIZE > end:
                 # Refill the read-ahead buffer at the cursor (None: next segment).
@@ -1994,32 +2178,41 @@ class SegmentLog:
         # One fsync of the write segment (in _GroupCommit's turn); returns the
         # position it made durable.
         with self._lock:
-            target, fd = self.write_pos, self._writer.fd
-        os.fsync(fd)
-        self.fsync_count += 1
+            target, w = self.write_pos, self._writer
+        self._fsync_writer(w)
         return target
 
-    def sync(self, save_meta: bool = True) -> None:
+    def _fsync_writer(self, w: _SegmentWriter) -> None:
+        # In the commit turn (so no one closes the descriptor meanwhile).
+        if w.dir_dirty:                    # a new segment's entry first
+            _fsync_file(self.directory)
+            w.dir_dirty = False
+        w.fsync()
+        self.fsync_count += 1
+
+    def sync(self, save_meta: bool = True, sync_dir: bool = True) -> None:
         """fsync the data and save the metadata (nsqd's sync_every / sync_timeout).
 
         Without *save_meta* only the data is fsynced and buffered acks are
         written: the metadata, and the fsync of the acks file, wait for a
         later sync.  Open copes with old metadata by scanning what was written
         since; saving it costs three more fsyncs, each a journal commit that
-        stalls writers.
+        stalls writers (two if the caller fsyncs the directory: *sync_dir*
+        False).  A log that never stored anything has nothing to sync.
         """
+        if not self._has_files:
+            return
         with self._commits.exclusive():
             with self._lock:
-                target, fd = self.write_pos, self._writer.fd
+                target, w = self.write_pos, self._writer
                 retired, self._retired = self._retired, []
-            os.fsync(fd)
-            self.fsync_count += 1
+            self._fsync_writer(w)
             self._commits.advance(target)
             for rfd in retired:           # rolled segments: fsynced then, idle since
                 os.close(rfd)
             self._release_superseded(target)
             if save_meta:
-                self._save_meta(target)
+                self._save_meta(target, sync_dir)
                 return
             with self._lock:
                 self.ops = 0
@@ -2039,7 +2232,7 @@ class SegmentLog:
             self._superseding = [e for e in self._superseding if e[0] > synced]
             self.acks.ack([p for _, olds in done for p in olds])  # type: ignore[union-attr]
 
-    def _save_meta(self, synced: int) -> None:
+    def _save_meta(self, synced: int, sync_dir: bool = True) -> None:
         # The acks file is appended to, and compacted only once it holds many
         # more entries than are live (acks past the commit point), so a sync
         # costs the same however far one old message holds the commit point.
@@ -2048,7 +2241,7 @@ class SegmentLog:
         # Order matters for a crash in between: the acks the metadata counts
         # are fsynced first, or else the metadata is written before a
         # compacted acks file replaces the old one (which holds every ack).
-        acks_fd: Optional[int] = None
+        acks_file: Optional[str] = None
         live: Optional[List[int]] = None
         with self._lock:
             self.ops = 0
@@ -2060,11 +2253,11 @@ class SegmentLog:
             meta = {"read": self._commit, "write": self.write_pos, "depth": self.depth,
                     "synced": synced}      # everything before it was fsynced
             if self.acks is not None:
-                outstanding, meta["acks_base"], acks_fd, live = self.acks.checkpoint(self._commit)
+                outstanding, meta["acks_base"], acks_file, live = self.acks.checkpoint(self._commit)
                 meta["depth"] = self.depth + outstanding
-        if acks_fd is not None:
-            os.fsync(acks_fd)
-        _write_atomic(self._meta_path, json.dumps(meta).encode())
+        if acks_file is not None:
+            _fsync_file(acks_file)
+        _write_atomic(self._meta_path, json.dumps(meta).encode(), sync_dir)
         if live is not None:
             self.acks.compact(live)  # type: ignore[union-attr]
 
@@ -2077,13 +2270,15 @@ class SegmentLog:
             for num in range(first, self._write_num + 1):
                 if num != self._write_num:
                     self._delete_segment(num)
-            self._writer.unmap()
-            self._retired.append(self._writer.fd)
+            old = self._writer
+            old.unmap()
+            if old.fd is not None:
+                self._retired.append(old.fd)
+                old.fd = None
             self._write_num += 1
             self._write_off = 0
-            self._writer = _SegmentWriter(
-                os.open(self._seg_path(self._write_num), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
-                        0o600), self.name)
+            self._writer = _SegmentWriter(self._seg_path(self._write_num), self.name, False,
+                                          self._opened_files)
             self._delete_segment(self._write_num - 1)
             self._read_pos = self._commit = self.write_pos
             self.depth = 0
@@ -2093,31 +2288,30 @@ class SegmentLog:
                 self.acks.reset()
         self.sync()
 
-    def close(self) -> None:
-        """Sync and release the files."""
-        self.sync()
+    def close(self, sync_dir: bool = True) -> None:
+        """Sync and release the files (*sync_dir* False: the caller fsyncs
+        the directory afterwards, once for many logs).  One untouched since
+        it opened or last synced has nothing to sync (a restart of 10,000
+        idle topics stops without an fsync)."""
+        if self.needs_sync or self._superseding:
+            self.sync(sync_dir=sync_dir)
         with self._append_lock, self._lock:
-            self._reader.close()
             try:
-                self._writer.trim(self._write_off)
+                self._release_files_locked()
             except OSError as e:     # only reserved space is left over
                 log.warning("segment log %s: could not trim its last segment: %s",
                             self.name, e)
-            self._writer.release()
         if self.acks is not None:
             self.acks.close()
 
     def destroy(self) -> None:
         """Close and delete every file of the log."""
         with self._append_lock, self._lock:
-            self._reader.close()
-            self._writer.release()
-            for fd in self._retired:
-                os.close(fd)
-            self._retired = []
+            self._release_files_locked()
+            first, last = self._commit >> _SEG_SHIFT, self._write_num
         if self.acks is not None:
             self.acks.destroy()
-        for num in _segment_numbers(self.directory, self.name):
+        for num in range(first, last + 1):     # those before the commit point are gone
             self._delete_segment(num)
         try:
             os.unlink(self._meta_path)
@@ -3227,7 +3421,7 @@ class Channel:
         """Stop delivering (messages are still accepted and queued)."""
         with self._lock:
             self.paused = True
-        self._env.metadata_changed()
+        self._env.metadata_changed(self.topic.name, self.name)
 
     def unpause(self) -> None:
         """Resume delivering."""
@@ -3235,7 +3429,7 @@ class Channel:
             self.paused = False
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
-        self._env.metadata_changed()
+        self._env.metadata_changed(self.topic.name, self.name)
 
     def empty(self) -> None:
         """Drop every queued, in-flight and deferred message (as nsqd)."""
@@ -3705,7 +3899,7 @@ class Topic:
         try:
             self._env.announce("create", self.name, ch.name)
             if not ch.ephemeral:
-                self._env.metadata_changed()
+                self._env.metadata_changed(self.name, ch.name)
         finally:
             with self._lock:
                 self._opening -= 1
@@ -3749,14 +3943,14 @@ class Topic:
             c._on_channel_closed()
         self._env.announce("delete", self.name, ch.name)
         if not ch.ephemeral:
-            self._env.metadata_changed()
+            self._env.metadata_changed(self.name, ch.name)
 
     # -- admin -----------------------------------------------------------------
     def pause(self) -> None:
         """Keep messages at the topic; channels get nothing new until unpause."""
         with self._lock:
             self.paused = True
-        self._env.metadata_changed()
+        self._env.metadata_changed(self.name)
 
     def unpause(self) -> None:
         deliveries: Deliveries = []
@@ -3764,7 +3958,7 @@ class Topic:
             self.paused = False
             self._start_pump_locked(deliveries)
         _hand_over_all(deliveries)
-        self._env.metadata_changed()
+        self._env.metadata_changed(self.name)
 
     def empty(self) -> None:
         """Drop the messages held at the topic itself (channels are untouched)."""
@@ -3848,6 +4042,72 @@ def _hand_over_all(deliveries: Deliveries) -> None:
 # in-flight deadlines and deferrals, stats and an orderly close.
 # =============================================================================
 
+_JOURNAL = "minq.journal"
+
+
+def _default_open_files() -> int:
+    """Descriptors segment logs may hold: half the soft RLIMIT_NOFILE (the
+    rest is for connections), 4096 where there is no such limit."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 4096
+    return 4096 if soft == resource.RLIM_INFINITY else max(16, soft // 2)
+
+
+def _list_segments(directory: str) -> Dict[str, List[int]]:
+    """Every log's segment numbers under *directory*, by log name: one listing."""
+    out: Dict[str, List[int]] = {}
+    for fn in os.listdir(directory):
+        if fn.endswith(".seg") and len(fn) > 11 and fn[-11] == "." and fn[-10:-4].isdigit():
+            out.setdefault(fn[:-11], []).append(int(fn[-10:-4]))
+    return out
+
+
+def _read_topology(directory: str) -> Dict[str, Tuple[bool, Dict[str, bool]]]:
+    """Topics and channels with their pause flags, by name: minq.dat, then
+    each change minq.journal records since (a torn last line is ignored)."""
+    model: Dict[str, Tuple[bool, Dict[str, bool]]] = {}
+    path = os.path.join(directory, "minq.dat")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.read())
+            for td in meta.get("topics") or []:
+                model[td["name"]] = (bool(td.get("paused")), {
+                    cd["name"]: bool(cd.get("paused")) for cd in td.get("channels") or []})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MinqError(f"cannot read {path}: {e}") from e
+    path = os.path.join(directory, _JOURNAL)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        lines = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name, chan, exists = rec["topic"], rec.get("channel"), bool(rec["exists"])
+        except (ValueError, KeyError, TypeError) as e:
+            if k < len(lines) - 1:
+                log.error("%s line %d unreadable (%s): skipped", path, k + 1, e)
+            continue
+        paused = bool(rec.get("paused"))
+        if chan is None:
+            if exists:
+                model[name] = (paused, model.get(name, (False, {}))[1])
+            else:
+                model.pop(name, None)
+        elif exists:
+            model.setdefault(name, (False, {}))[1][chan] = paused
+        elif name in model:
+            model[name][1].pop(chan, None)
+    return model
+
+
 class _BrokerServices:
     """What topics and channels need from their broker, named, so that their
     arrows point here and not at the broker's insides: the clock, the timer,
@@ -3891,8 +4151,9 @@ class Broker:
     ``max_bytes_per_file``, ``sync_every``, ``sync_timeout``; plus
     ``max_attempts`` (0 = unlimited; beyond it messages go to a dead-letter
     topic), ``durable`` (every message on disk before publish returns),
-    ``fsync`` (and fsynced: group commit) and ``clock``.
-    Without ``data_path`` everything is in memory only.
+    ``fsync`` (and fsynced: group commit), ``max_open_files`` (descriptors
+    the segment logs may hold at once; default half the soft RLIMIT_NOFILE)
+    and ``clock``.  Without ``data_path`` everything is in memory only.
     """
 
     def __init__(self, *, mem_queue_size: int = DEFAULT_MEM_QUEUE_SIZE,
@@ -3909,8 +4170,11 @@ class Broker:
                  max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
                  sync_every: int = DEFAULT_SYNC_EVERY,
                  sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
+                 max_open_files: Optional[int] = None,
                  clock: Any = None) -> None:
         _check_range("mem_queue_size", mem_queue_size, 0, None)
+        if max_open_files is not None:
+            _check_range("max_open_files", max_open_files, 4, None)
         _check_range("msg_timeout", msg_timeout, 0.001, None)
         _check_range("max_msg_timeout", max_msg_timeout, msg_timeout, None)
         # A log record carries a body or a batch in a 31-bit length field.
@@ -3959,10 +4223,16 @@ class Broker:
         self._spare_ids: List[bytes] = []   # made a block at a time for single publishes
         self._health = "OK"
         # Storage (data_path only).  _logs_lock guards _logs; _meta_lock
-        # serialises writes of the metadata file.  Both are leaf locks.
+        # serialises writes of the metadata files.  Both are leaf locks.
+        # _files bounds the logs holding descriptors.
         self._logs_lock = threading.Lock()
         self._logs: Dict[str, SegmentLog] = {}
-        self._meta_lock = threading.Lock()
+        self._files = _OpenFiles(max_open_files or _default_open_files())
+        self._listing: Dict[str, List[int]] = {}   # segment files found at open, by log
+        self._meta_lock = threading.Lock()         # guards the journal's state below
+        self._journal_fd: Optional[int] = None
+        self._journal_lines: float = 0
+        self._journal_dirty = False                # written, not fsynced
         self._loading = False
         self._lock_fd: Optional[int] = None
         self._sync_wake = threading.Event()
@@ -3971,7 +4241,7 @@ class Broker:
         # moved to their channels, each once) and _pump_retry (after a
         # failure: (when, topic)); the pump thread waits on it.
         self._pump_cond = threading.Condition(threading.Lock())
-        self._pump_queue: Deque[Topic] = collections.deque()
+        self._pump_queue: Dict[Topic, None] = {}   # in order; a set's lookups (10,000 topics)
         self._pump_retry: List[Tuple[float, Topic]] = []
         if self.data_path:
             self._open_data_path()
@@ -4014,7 +4284,7 @@ class Broker:
         if created:
             self._announce("create", name, None)
             if not t.ephemeral:
-                self._metadata_changed()
+                self._metadata_changed(name)
         return t
 
     def has_topic(self, name: str) -> bool:
@@ -4044,7 +4314,7 @@ class Broker:
         t._close()
         self._announce("delete", name, None)
         if not t.ephemeral:
-            self._metadata_changed()
+            self._metadata_changed(name)
 
     def _delete_topic_if_unused(self, t: Topic) -> None:
         with self._lock:
@@ -4320,8 +4590,8 @@ class Broker:
         with self._pump_cond:
             if retry:
                 self._pump_retry.append((time.monotonic() + _PUMP_RETRY, topic))
-            elif topic not in self._pump_queue:
-                self._pump_queue.append(topic)
+            else:
+                self._pump_queue.setdefault(topic)
             self._pump_cond.notify()
 
     def _pump_loop(self) -> None:
@@ -4334,14 +4604,14 @@ class Broker:
                     now = time.monotonic()
                     for due, t in [r for r in self._pump_retry if r[0] <= now]:
                         self._pump_retry.remove((due, t))
-                        if t not in self._pump_queue:
-                            self._pump_queue.append(t)
+                        self._pump_queue.setdefault(t)
                     if self._pump_queue:
                         break
                     cond.wait(min((r[0] for r in self._pump_retry), default=now + 60) - now)
                 if self._closed:
                     return
-                topic = self._pump_queue.popleft()
+                topic = next(iter(self._pump_queue))
+                del self._pump_queue[topic]
             try:
                 more = topic._pump()
             except OSError as e:
@@ -4387,27 +4657,33 @@ class Broker:
             raise
 
     def _restore(self) -> None:
-        """Recreate topics and channels (and their pause flags) from minq.dat."""
-        path = os.path.join(self.data_path, "minq.dat")
-        if not os.path.exists(path):
-            return
-        try:
-            with open(path, "rb") as f:
-                meta = json.loads(f.read())
-        except (OSError, ValueError) as e:
-            raise MinqError(f"cannot read {path}: {e}") from e
+        """Recreate topics and channels (and their pause flags) from minq.dat
+        and the changes minq.journal records since, after one listing of the
+        data folder (every log's segment files, found at once)."""
+        self._listing = _list_segments(self.data_path)
+        model = _read_topology(self.data_path)
         self._loading = True
+        # Thousands of topics make tens of thousands of objects, none of them
+        # garbage: with the collector on, each full collection would walk all
+        # made so far (restart time grows with the square of the topics).
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            for td in meta.get("topics") or []:
+            for name, (paused, chans) in model.items():
                 try:
-                    t = self.topic(td["name"])
-                    for cd in td.get("channels") or []:
-                        t.channel(cd["name"]).paused = bool(cd.get("paused"))
-                    t.paused = bool(td.get("paused"))
-                except (MinqError, KeyError, TypeError) as e:
-                    log.error("skipping a topic of %s: %s", path, e)
+                    t = self.topic(name)
+                    for cn, cpaused in chans.items():
+                        t.channel(cn).paused = cpaused
+                    t.paused = paused
+                except MinqError as e:
+                    log.error("skipping topic %s of %s: %s", name, self.data_path, e)
         finally:
             self._loading = False
+            self._listing = {}
+            if collecting:
+                gc.enable()
+        if os.path.exists(os.path.join(self.data_path, _JOURNAL)):
+            self._save_metadata()           # the journal folded in: a short one to come
         for t in list(self._topics.values()):
             self._schedule_pump(t)       # held messages move once the pump runs
 
@@ -4415,12 +4691,15 @@ class Broker:
                    on_deferred: Callable[[Message, int], None]) -> _MessageQueue:
         seglog = None
         if self.data_path and not ephemeral:
+            # A name not in the listing made at open has no files: those of
+            # a deleted log are deleted with it, and no one else writes here.
             seglog = SegmentLog(self.data_path, name, ack_mode=self.durable,
                                 clock=self.clock.monotonic, sync_every=self.sync_every,
                                 on_sync_due=self._sync_wake.set,
                                 max_bytes_per_file=self.max_bytes_per_file,
                                 max_record_size=max(self.max_msg_size, self.max_body_size)
-                                + _RECORD_SLACK)
+                                + _RECORD_SLACK,
+                                segments=self._listing.pop(name, []), files=self._files)
             with self._logs_lock:
                 self._logs[name] = seglog
         return _MessageQueue(seglog, self.mem_queue_size, self.durable, ephemeral,
@@ -4450,6 +4729,7 @@ class Broker:
             every = now >= due
             if every:
                 due = now + self.sync_timeout
+                self._sync_journal()
             self._sync_logs(every)
 
     def _sync_logs(self, every: bool = True) -> None:
@@ -4466,32 +4746,110 @@ class Broker:
                 except (OSError, ValueError) as e:
                     log.error("sync of %s failed: %s", seglog.name, e)
 
-    def _metadata_changed(self) -> None:
-        """Save topics, channels and pause flags (like nsqd.dat), atomically."""
+    def _metadata_changed(self, topic: str, channel: Optional[str] = None) -> None:
+        """A topic or channel was created, deleted, paused or unpaused: append
+        its state as it is now to minq.journal (to the OS at once: a killed
+        process keeps it; fsynced at once in fsync mode, else by the next
+        sync).  A change costs one short write however many topics exist;
+        the journal is folded into minq.dat once it outgrows them."""
         if not self.data_path or self._loading or self._lock_fd is None:
             return
+        t = self._topics.get(topic)            # read without a lock: the state
+        ch = None                              # now is what is recorded
+        if channel is None:
+            rec: Dict[str, Any] = {"topic": topic}
+            if t is not None:
+                if t.ephemeral:
+                    return
+                rec["paused"] = t.paused
+        else:
+            rec = {"topic": topic, "channel": channel}
+            ch = t._channels.get(channel) if t is not None else None
+            if ch is not None:
+                if ch.ephemeral:
+                    return
+                rec["paused"] = ch.paused
+        rec["exists"] = (t if channel is None else ch) is not None
+        line = json.dumps(rec).encode() + b"\n"
+        with self._meta_lock:
+            try:
+                if self._journal_fd is None:
+                    self._journal_fd = os.open(os.path.join(self.data_path, _JOURNAL),
+                                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.write(self._journal_fd, line)
+                self._journal_lines += 1
+                self._journal_dirty = True
+                if self.fsync:
+                    os.fsync(self._journal_fd)
+                    self._journal_dirty = False
+            except OSError as e:
+                log.error("could not record %s in %s (saved with the next change): %s",
+                          f"{topic}/{channel}" if channel else topic, _JOURNAL, e)
+                self._journal_lines = math.inf    # the next change saves minq.dat
+            if self._journal_lines > max(1024, 2 * len(self._topics)):
+                self._save_metadata_locked()
+
+    def _save_metadata(self) -> None:
+        """Save every topic and channel (and pause flags) to minq.dat and
+        empty the journal (nsqd saves nsqd.dat so, at each change)."""
+        if self.data_path and self._lock_fd is not None:
+            with self._meta_lock:
+                self._save_metadata_locked()
+
+    def _save_metadata_locked(self) -> None:
+        # State read without locks (dict copies are atomic): _meta_lock stays
+        # a leaf.  A change racing with this save is journaled after it.
         topics = []
-        for name, t in sorted(self.topics.items()):
+        for name, t in sorted(dict(self._topics).items()):
             if t.ephemeral:
                 continue
             chans = [{"name": cn, "paused": ch.paused}
-                     for cn, ch in sorted(t.channels.items()) if not ch.ephemeral]
+                     for cn, ch in sorted(dict(t._channels).items()) if not ch.ephemeral]
             topics.append({"name": name, "paused": t.paused, "channels": chans})
         data = json.dumps({"topics": topics, "version": NSQ_VERSION}).encode()
+        try:
+            _write_atomic(os.path.join(self.data_path, "minq.dat"), data)  # type: ignore[arg-type]
+            if self._journal_fd is not None:
+                os.ftruncate(self._journal_fd, 0)
+            self._journal_lines = 0
+            self._journal_dirty = False
+        except OSError as e:
+            log.error("could not save minq.dat: %s", e)
+
+    def _sync_journal(self) -> None:
+        # The sync loop's: changes journaled since the last one reach the disk
+        # (and a change the journal could not take is saved in minq.dat).
         with self._meta_lock:
-            try:
-                _write_atomic(os.path.join(self.data_path, "minq.dat"), data)
-            except OSError as e:
-                log.error("could not save minq.dat: %s", e)
+            if self._journal_lines == math.inf:
+                self._save_metadata_locked()
+            if self._journal_dirty and self._journal_fd is not None:
+                try:
+                    os.fsync(self._journal_fd)
+                    self._journal_dirty = False
+                except OSError as e:
+                    log.error("fsync of %s failed: %s", _JOURNAL, e)
 
     def _release_data_path(self) -> None:
         with self._logs_lock:
             logs, self._logs = list(self._logs.values()), {}
         for seglog in logs:
             try:
-                seglog.close()
+                seglog.close(sync_dir=False)
             except OSError as e:
                 log.error("closing %s failed: %s", seglog.name, e)
+        try:
+            _fsync_file(self.data_path)  # type: ignore[arg-type]   # for every log at once
+        except OSError as e:
+            log.error("fsync of %s failed: %s", self.data_path, e)
+        with self._meta_lock:
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
+            if not self._journal_lines:       # all in minq.dat
+                try:
+                    os.unlink(os.path.join(self.data_path, _JOURNAL))  # type: ignore[arg-type]
+                except OSError:
+                    pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -4566,7 +4924,7 @@ class Broker:
         if self.data_path:
             for t in self.topics.values():
                 t._persist()
-            self._metadata_changed()
+            self._save_metadata()
             self._release_data_path()
 
 
