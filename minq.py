@@ -139,6 +139,7 @@ _E2E_BOUNDS_NS = tuple(int(b * 1e9) for b in E2E_LATENCY_BUCKETS)
 _TIMER_IDLE_WAIT = 1.0
 _DEADLINE_GRAIN = 0.01   # in-flight deadlines fire at most this late (seconds)
 _PUMP_RETRY = 1.0      # seconds before a topic's pump tries again after a write error
+_READ_RETRY = 1.0      # seconds before a channel reads its log again after a read error
 _PUT_RETRIES = 3       # a publish racing deletes of its topic tries this often
 _random = random.Random()   # the random dispatch policy's draws (tests may seed it)
 _ID_MASK = (1 << 64) - 1
@@ -2426,6 +2427,7 @@ class _MessageQueue:
         self.drop_count = 0
         self._on_deferred = on_deferred   # a record read from disk is due later
         self._time_ns = time_ns           # wall clock: is a record read from the log due?
+        self.read_error: Optional[OSError] = None   # the log could not be read: retry later
 
     def __len__(self) -> int:
         return self.mem_count + (self.log.depth if self.log is not None else 0)
@@ -2554,7 +2556,17 @@ class _MessageQueue:
         self.mem_count -= len(out)
         seglog = self.log
         while len(out) < n and seglog is not None and seglog.unread:
-            payloads, positions = seglog.read_many(n - len(out))
+            try:
+                payloads, positions = seglog.read_many(n - len(out))
+            except OSError as e:
+                # Out of descriptors, an I/O error: the records stay unread
+                # (what was taken from memory is handed out) and the owner
+                # tries again later.  Logged once per cause.
+                if self.read_error is None or self.read_error.errno != e.errno:
+                    log.error("segment log %s: could not read (retrying): %s", seglog.name, e)
+                self.read_error = e
+                break
+            self.read_error = None
             if not payloads:
                 break
             self._decode_into(out, payloads, positions, self._time_ns())
@@ -3229,17 +3241,23 @@ class Channel:
         now = self._monotonic()
         if self.dispatch == "hash":
             self._dispatch_hash_locked(now, out)
-            return out
-        if len(cs) == 1:
+        elif len(cs) == 1:
             c = cs[0]
             room = c.ready_count - c.in_flight_count
             if room > 0 and not c.closed:
                 self._start_flight_locked(q.take(room), c, now, out)
-            return out
+        else:
+            self._share_locked(now, out)
+        if q.read_error is not None and now + _READ_RETRY < self._env.next_due:
+            self._env.schedule(now + _READ_RETRY)      # the log is read again then
+        return out
+
+    def _share_locked(self, now: float, out: Deliveries) -> None:
+        q, cs = self._queue, self._consumers
         # Several consumers: take what all of them have room for, then share it.
         room = sum(c.ready_count - c.in_flight_count for c in cs if c.is_ready())
         if room <= 0:
-            return out
+            return
         msgs = q.take(room)
         if self.dispatch == "weighted":
             for msg in msgs:
@@ -3248,7 +3266,6 @@ class Channel:
             self._share_random_locked(msgs, now, out)
         else:
             self._share_round_robin_locked(msgs, now, out)
-        return out
 
     def _share_random_locked(self, msgs: List[Message], now: float, out: Deliveries) -> None:
         # Each message to a consumer drawn at random among those with room.
@@ -3413,6 +3430,8 @@ class Channel:
                 self._queue.push(due)
             deliveries = self._dispatch_locked([])
             nxt = min(heap[0] * grain if heap else math.inf, dheap[0][0] if dheap else math.inf)
+            if self._queue.read_error is not None:      # its log to be read again soon
+                nxt = min(nxt, now + _READ_RETRY)
         self._hand_over(deliveries, dead)
         return nxt
 
@@ -10390,6 +10409,8 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("max-bytes-per-file", int, DEFAULT_MAX_BYTES_PER_FILE, "segment file size before rolling"),
     ("sync-every", int, DEFAULT_SYNC_EVERY, "disk operations between fsyncs"),
     ("sync-timeout", parse_duration, DEFAULT_SYNC_TIMEOUT, "longest time between fsyncs"),
+    ("max-open-files", int, 0,
+     "descriptors the segment logs may hold at once (0 = half the open-file limit)"),
     ("msg-timeout", parse_duration, DEFAULT_MSG_TIMEOUT, "default in-flight timeout"),
     ("max-msg-timeout", parse_duration, DEFAULT_MAX_MSG_TIMEOUT,
      "largest msg_timeout a client may ask for"),
@@ -10619,6 +10640,19 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one, as Go programs (nsqd)
+    do at start: room for connections and logs.  The logs' own bound
+    (``max_open_files``) holds without it."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError) as e:
+        log.debug("open-file limit left as it is: %s", e)
+
+
 def _abandon(broker: Broker, fresh: bool, existed: bool) -> None:
     """Close a broker whose server could not start; a data folder it made
     (or found empty) is left as it was found."""
@@ -10646,6 +10680,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
     """
     stop = stop or threading.Event()
     _tune_gc()
+    _raise_open_file_limit()
     data_path = opts["data_path"] or None
     existed = bool(data_path) and os.path.isdir(data_path)    # type: ignore[arg-type]
     fresh = bool(data_path) and not (existed and os.listdir(data_path))  # type: ignore[arg-type]
@@ -10656,7 +10691,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         sync_timeout=opts["sync_timeout"], msg_timeout=opts["msg_timeout"],
         max_msg_timeout=opts["max_msg_timeout"], max_msg_size=opts["max_msg_size"],
         max_body_size=opts["max_body_size"], max_req_timeout=opts["max_req_timeout"],
-        max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"])
+        max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"],
+        max_open_files=opts["max_open_files"] or None)
     loop = _EventLoop(broker.clock)        # one I/O thread for both faces
     try:
         budget = MemoryBudget(opts["max_body_memory"] or

@@ -1125,9 +1125,9 @@ def test_fsync_failure_fails_every_waiting_publisher_and_recovers(tmp_path, monk
 
 # -- subprocess tests: real crashes, a real file size limit, measured RSS -----
 
-def run_child(code, timeout=60, **kw):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=HERE,
-                          capture_output=True, text=True, timeout=timeout,
+def run_child(code, *args, timeout=60, **kw):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          cwd=HERE, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(HERE)}, **kw)
 
 
@@ -1468,6 +1468,152 @@ def test_publish_to_a_new_topic_on_a_full_disk_fails_cleanly_and_recovers(tmp_pa
         monkeypatch.undo()
         b.publish("new", b"now")
         assert b.get_topic("new").depth == 1 and b.get_topic("old").depth == 2
+
+
+def run_child_json(code, *args, timeout=120):
+    """Run *code* in a fresh Python (minq importable); its stdout's last line as JSON."""
+    p = run_child(code, *args, timeout=timeout)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def many_topics(path, topics, channels=2):
+    """A data folder with *topics* topics of *channels* channels, one message each."""
+    with disk_broker(path) as b:
+        for i in range(topics):
+            t = b.topic(f"t{i}")
+            for c in range(channels):
+                t.channel(f"c{c}")
+            b.publish(f"t{i}", b"m%d" % i)
+
+
+LOW_NOFILE_CHILD = r"""
+    import json, os, resource, sys
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    import minq
+    fds = lambda: len(os.listdir("/proc/self/fd"))
+    b = minq.Broker(data_path=sys.argv[1])
+    st = b.stats()
+    depth = sum(c["depth"] for t in st["topics"] for c in t["channels"])
+    got, most = 0, fds()
+    for name, t in sorted(b.topics.items()):
+        for cn in t.channels:
+            with b.consumer(name, cn) as c:
+                m = c.get(timeout=5)
+                got += m is not None and m.body == b"m" + name[1:].encode()
+                m.finish()
+            most = max(most, fds())
+    b.close()
+    print(json.dumps({"topics": len(st["topics"]), "depth": depth, "got": got, "most": most}))
+"""
+
+
+def test_thousands_of_logs_start_and_serve_under_a_low_descriptor_limit(tmp_path):
+    many_topics(tmp_path, 1000)                  # 3,000 logs, 2,000 of them with a segment
+    out = run_child_json(LOW_NOFILE_CHILD, tmp_path)
+    assert out["topics"] == 1000 and out["depth"] == out["got"] == 2000
+    assert out["most"] <= 64 + 16                # the logs' share (half) and the rest
+
+
+def test_open_descriptors_stay_within_max_open_files(tmp_path):
+    with disk_broker(tmp_path, mem_queue_size=0, max_open_files=16) as b:
+        for i in range(60):                      # every message through a log
+            b.topic(f"t{i}").channel("c")
+            b.publish_many(f"t{i}", [b"%d-%d" % (i, k) for k in range(3)])
+        assert len(b._files) <= 4 and b._files.released > 0
+        for i in range(60):
+            with b.consumer(f"t{i}", "c", max_in_flight=10) as c:
+                got = drain(c, 3)
+                assert sorted(m.body for m in got) == [b"%d-%d" % (i, k) for k in range(3)]
+                for m in got:
+                    m.finish()
+            assert len(b._files) <= 4
+
+
+OUT_OF_FILES_CHILD = r"""
+    import json, os, resource, sys
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    import minq
+    b = minq.Broker(data_path=sys.argv[1], durable=True)
+    b.publish("a", b"a1")
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    out = {}
+    try:
+        b.publish("b", b"b1")                 # a new log needs a descriptor: none left
+        out["new"] = "accepted"
+    except minq.PublishFailed as e:
+        out["new"] = str(e)
+    for fd in hog:
+        os.close(fd)
+    b.publish("b", b"b2")                     # descriptors are back: so is publishing
+    b.publish("a", b"a2")
+    b.close()
+    with minq.Broker(data_path=sys.argv[1]) as b:
+        out["depths"] = {n: t.depth for n, t in b.topics.items()}
+    print(json.dumps(out))
+"""
+
+
+def test_publish_without_descriptors_left_fails_loses_nothing_and_recovers(tmp_path):
+    out = run_child_json(OUT_OF_FILES_CHILD, tmp_path)
+    assert "Too many open files" in out["new"]
+    assert out["depths"] == {"a": 2, "b": 1}
+
+
+CREATE_KILL_CHILD = r"""
+    import sys, threading, minq
+    b = minq.Broker(data_path=sys.argv[1])
+    for i in range(300):
+        t = b.topic(f"t{i}")
+        t.channel("c")
+        if i % 3 == 0:
+            t.channel("d").pause()
+    b.delete_topic("t7")
+    b.get_topic("t8").delete_channel("c")
+    b.get_topic("t9").pause()
+    print("CREATED", flush=True)
+    threading.Event().wait(30)
+"""
+
+
+def test_kill9_right_after_creating_topics_keeps_every_one(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CREATE_KILL_CHILD),
+                          str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert p.stdout.readline() == "CREATED\n"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+    assert (tmp_path / "minq.journal").exists() and not (tmp_path / "minq.dat").exists()
+    with disk_broker(tmp_path) as b:
+        topics = b.topics
+        assert set(topics) == {f"t{i}" for i in range(300)} - {"t7"}
+        for i in range(300):
+            if i == 7:
+                continue
+            chans = topics[f"t{i}"].channels
+            want = ({"d"} if i % 3 == 0 else set()) | ({"c"} if i != 8 else set())
+            assert set(chans) == want
+            assert all(ch.paused == (n == "d") for n, ch in chans.items())
+            assert topics[f"t{i}"].paused == (i == 9)
+    assert not (tmp_path / "minq.journal").exists()      # folded into minq.dat at close
+    with disk_broker(tmp_path) as b:
+        assert len(b.topics) == 299 and b.get_topic("t9").paused
+
+
+def test_a_torn_journal_line_is_ignored(tmp_path, caplog):
+    with disk_broker(tmp_path) as b:
+        b.topic("kept").channel("c")
+    (tmp_path / "minq.journal").write_bytes(
+        b'{"topic": "new", "exists": true}\n{"topic": "half", "exi')
+    with disk_broker(tmp_path) as b:
+        assert set(b.topics) == {"kept", "new"} and set(b.get_topic("kept").channels) == {"c"}
 
 
 # =============================================================================
