@@ -24,6 +24,10 @@ Sections:
            and one in a channel's memory; beside a raw socket server doing the least
            work for the same exchanges.  Then SUB latency on a topic holding 1 M
            messages, and threads and memory with 10,000 idle consumer connections.
+  topics   N topics x 3 channels (N = 1,000 and 10,000) with one message each: create,
+           clean stop, restart, descriptors, files, memory per empty topic and channel,
+           idle CPU; beside the least a program must do for the same (one short write
+           per creation; one listing of the folder and a read of every file it holds).
   http     the same server's HTTP API: POST /pub one message per request and /mpub
            with 100 lines per request, over one keep-alive connection; beside a raw
            http.server (threaded, HTTP/1.1) in a subprocess that reads the body and
@@ -452,6 +456,87 @@ def section_storage(scale: float, base: str) -> None:
               f"{grown / 2**20:>14,.1f} MiB", flush=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# =============================================================================
+# topics: thousands of topics and channels on one data folder
+# =============================================================================
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def raw_records(path: str, n: int) -> float:
+    """The least a creation can cost: one short line appended per name (s)."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for i in range(n):
+        os.write(fd, b'{"topic": "t%d", "channel": "c", "exists": true}\n' % i)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def raw_read_folder(path: str) -> float:
+    """The least a restart can cost: list the folder, read every file but segments (s)."""
+    t0 = time.perf_counter()
+    for name in os.listdir(path):
+        if not name.endswith(".seg"):
+            with open(os.path.join(path, name), "rb") as f:
+                f.read()
+    return time.perf_counter() - t0
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def section_topics(scale: float, base: str) -> None:
+    print("== topics: N topics x 3 channels, one message each ==")
+    for n in (int(1000 * scale) or 10, int(10_000 * scale) or 100):
+        d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+        try:
+            progress(f"{n:,} topics x 3 channels")
+            gc.collect()
+            rss0 = rss_bytes()
+            t0 = time.perf_counter()
+            b = minq.Broker(data_path=d)
+            for i in range(n):
+                t = b.topic(f"t{i}")
+                for c in range(3):
+                    t.channel(f"c{c}")
+            per = (rss_bytes() - rss0) / n
+            for i in range(n):
+                b.publish(f"t{i}", BODY)
+            created = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            b.close()
+            closed = time.perf_counter() - t0
+            files = len(os.listdir(d))
+            raw = raw_records(os.path.join(d, "raw.journal"), 4 * n)
+            os.unlink(os.path.join(d, "raw.journal"))
+            report(f"{n:,} x 3: create + publish", created * 1000, "ms",
+                   "raw: a line per creation", raw * 1000, higher_is_better=False)
+            fds0 = open_fds()
+            t0 = time.perf_counter()
+            b = minq.Broker(data_path=d)
+            opened = time.perf_counter() - t0
+            fds = open_fds() - fds0
+            depth = sum(c["depth"] for t in b.stats()["topics"] for c in t["channels"])
+            cpu0 = cpu_seconds()
+            time.sleep(2)
+            idle = (cpu_seconds() - cpu0) / 2
+            b.close()
+            raw = raw_read_folder(d)
+            report(f"{n:,} x 3: restart ({depth:,} messages)", opened * 1000, "ms",
+                   "raw: list + read the files", raw * 1000, higher_is_better=False)
+            print(f"{f'{n:,} x 3: descriptors after restart':<44} {fds:>14,} "
+                  f"(bound {b._files.max_files:,}); files {files:,}; clean stop "
+                  f"{closed:.2f} s", flush=True)
+            print(f"{f'{n:,} x 3: memory per topic + 3 channels':<44} {per / 1024:>14,.1f} KiB;"
+                  f" idle CPU {idle * 100:.1f} % of a core", flush=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # =============================================================================
@@ -1379,8 +1464,9 @@ def section_codecs(scale: float) -> None:
           f"{'of input':<10} | {'deflate':<28} {len(deflated) / size * 100:>13.1f}%")
 
 
-SECTIONS = {"core": section_core, "storage": section_storage, "tcp": section_tcp,
-            "load": section_load, "http": section_http, "codecs": section_codecs}
+SECTIONS = {"core": section_core, "storage": section_storage, "topics": section_topics,
+            "tcp": section_tcp, "load": section_load, "http": section_http,
+            "codecs": section_codecs}
 
 
 def main(argv: List[str] = None) -> int:
@@ -1399,7 +1485,7 @@ def main(argv: List[str] = None) -> int:
         p.error(f"unknown section(s): {', '.join(unknown)}")
     print(f"minq {minq.VERSION} on Python {sys.version.split()[0]}")
     for name in names:
-        if name in ("storage", "load"):
+        if name in ("storage", "topics", "load"):
             SECTIONS[name](args.scale, args.dir)
         else:
             SECTIONS[name](args.scale)
