@@ -2765,6 +2765,11 @@ class Consumer:
         self.connect_ts = int(time.time())
         self.closed = False
         self._current_weight = 0          # smooth weighted round-robin state
+        # The channel's view, guarded by its lock: the room (RDY above in
+        # flight) it counts for this consumer, 0 while it is not among those
+        # with room; and the order it joined in (ties of the weighted policy).
+        self._room = 0
+        self._seq = 0
 
     # -- hooks for front ends -------------------------------------------------
     def _deliver(self, msg: _Delivery) -> None:
@@ -2796,6 +2801,165 @@ class Consumer:
 
     def is_ready(self) -> bool:
         return not self.closed and self.in_flight_count < self.ready_count
+
+
+class _ReadySet:
+    """The consumers of a channel that have room, kept where a dispatch finds
+    them without looking at the others (so its cost follows the messages it
+    hands out, not the number of consumers).  The channel adds a consumer
+    when it gains room and discards it when its room is gone; a subclass per
+    dispatch policy keeps them in the order that policy needs.  This base
+    keeps nothing: the hash policy asks the ring for a key's consumer.
+    Guarded by the channel's lock."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def add(self, c: Consumer) -> None:
+        """*c* has room now (the caller knows it was not here)."""
+
+    def discard(self, c: Consumer) -> None:
+        """*c* has no room any more (a no-op if it was not here)."""
+
+
+class _ReadyRing(_ReadySet):
+    """Round robin: the consumers with room in turn order, in an OrderedDict
+    (O(1) to add, discard and rotate).  One served goes to the back; one
+    that gets room back joins at the back (nsqd serves its waiting clients
+    first come, first served, too)."""
+
+    def __init__(self) -> None:
+        self.ring: "collections.OrderedDict[Consumer, None]" = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+    def add(self, c: Consumer) -> None:
+        self.ring[c] = None
+
+    def discard(self, c: Consumer) -> None:
+        self.ring.pop(c, None)
+
+
+class _ReadyPool(_ReadySet):
+    """Random: the consumers with room in a list, for a uniform draw by index;
+    one leaving swaps the last one into its place (O(1))."""
+
+    def __init__(self) -> None:
+        self.members: List[Consumer] = []
+        self._at: Dict[Consumer, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def add(self, c: Consumer) -> None:
+        if c not in self._at:
+            self._at[c] = len(self.members)
+            self.members.append(c)
+
+    def discard(self, c: Consumer) -> None:
+        i = self._at.pop(c, None)
+        if i is None:
+            return
+        last = self.members.pop()
+        if last is not c:
+            self.members[i] = last
+            self._at[last] = i
+
+
+class _ReadyWeighted(_ReadySet):
+    """Weighted: nginx's smooth weighted round robin over the consumers with
+    room, exactly, in O(log n + distinct weights) a pick instead of O(n).
+
+    The algorithm: at each pick every consumer with room gains its weight,
+    the richest (the first to join, on a tie) is picked and pays back the
+    total weight of those with room; one without room neither gains nor
+    pays.  Here the gains stay implicit: a consumer with room is worth
+    ``base + weight * picks``, so a pick changes only the picked one's base.
+    Consumers of one weight gain alike and keep their order, so a heap per
+    distinct weight (richest base first, then join order) has its richest at
+    the top; a pick compares those tops (one per distinct weight: usually one
+    or two).  A consumer leaving keeps its worth in ``_current_weight`` and
+    its heap entry goes stale, dropped once it surfaces (or in a rebuild once
+    stale entries outnumber live ones)."""
+
+    def __init__(self) -> None:
+        self.picks = 0
+        self.total = 0                                  # weight of those with room
+        self._base: Dict[Consumer, Tuple[int, int]] = {}    # consumer -> (base, weight)
+        self._heaps: Dict[int, List[Tuple[int, int, Consumer]]] = {}  # (-base, seq, c)
+        self._entries = 0
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def add(self, c: Consumer) -> None:
+        if c in self._base:
+            return
+        w = c.weight
+        base = c._current_weight - w * self.picks
+        self._base[c] = (base, w)
+        self.total += w
+        heapq.heappush(self._heaps.setdefault(w, []), (-base, c._seq, c))
+        self._entries += 1
+
+    def discard(self, c: Consumer) -> None:
+        entry = self._base.pop(c, None)
+        if entry is None:
+            return
+        base, w = entry
+        c._current_weight = base + w * self.picks
+        self.total -= w
+        if self._entries > 2 * len(self._base) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        heaps: Dict[int, List[Tuple[int, int, Consumer]]] = {}
+        for c, (base, w) in self._base.items():
+            heaps.setdefault(w, []).append((-base, c._seq, c))
+        for h in heaps.values():
+            heapq.heapify(h)
+        self._heaps = heaps
+        self._entries = len(self._base)
+
+    def pick(self) -> Optional[Consumer]:
+        """The consumer the next message goes to (None if none has room)."""
+        if not self._base:
+            return None
+        self.picks += 1
+        t = self.picks
+        bases = self._base
+        best: Optional[Consumer] = None
+        best_worth = best_seq = best_w = 0
+        for w, heap in self._heaps.items():
+            while heap:
+                neg, seq, c = heap[0]
+                entry = bases.get(c)
+                if entry is not None and entry[0] == -neg and entry[1] == w:
+                    break
+                heapq.heappop(heap)                     # stale: it left or moved
+                self._entries -= 1
+            else:
+                continue
+            worth = w * t - neg
+            if best is None or worth > best_worth or worth == best_worth and seq < best_seq:
+                best, best_worth, best_seq, best_w = c, worth, seq, w
+        assert best is not None
+        base = bases[best][0] - self.total              # the picked pays back the total
+        bases[best] = (base, best_w)
+        heapq.heapreplace(self._heaps[best_w], (-base, best_seq, best))
+        return best
+
+
+def _new_ready_set(dispatch: str) -> _ReadySet:
+    """The structure that keeps the consumers with room for *dispatch*."""
+    if dispatch == "weighted":
+        return _ReadyWeighted()
+    if dispatch == "random":
+        return _ReadyPool()
+    if dispatch == "hash":
+        return _ReadySet()
+    return _ReadyRing()
 
 
 class _HashRing:
@@ -2870,7 +3034,13 @@ class Channel:
         self._deferred: Dict[bytes, Message] = {}
         self._deferred_heap: List[Tuple[float, bytes]] = []    # (due, id), lazy
         self._consumers: List[Consumer] = []
-        self._rr_next = 0
+        self._joined = itertools.count(1)      # consumers' _seq: the order they joined
+        # The consumers with room, in the structure the policy dispatches
+        # from, and their total room (each one's is its ``_room``).  Kept up
+        # to date by ``_refresh_locked`` at every change of a consumer's RDY,
+        # in-flight count or closed flag, so no dispatch scans the consumers.
+        self._ready: _ReadySet = _ReadyRing()
+        self._room = 0
         self._ring: Optional[_HashRing] = None
         self.paused = False
         self.deleted = False
@@ -2910,8 +3080,12 @@ class Channel:
                 self.max_attempts = max_attempts
             if dead_letter_topic is not None:
                 self.dead_letter_topic = dead_letter_topic
-            if dispatch is not None:
+            if dispatch is not None and dispatch != self.dispatch:
                 self.dispatch = dispatch
+                self._ready = _new_ready_set(dispatch)
+                for c in self._consumers:
+                    if c._room:
+                        self._ready.add(c)
             if key is not None:
                 self.key = key
             self._ring = None
@@ -3018,7 +3192,10 @@ class Channel:
             if self.deleted:
                 raise BrokerClosed(f"channel {self.topic.name}/{self.name} was deleted")
             consumer.channel = self
+            consumer._seq = next(self._joined)
+            consumer._room = 0
             self._consumers.append(consumer)
+            self._refresh_locked(consumer)
             self._ring = None
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
@@ -3031,6 +3208,7 @@ class Channel:
                 return
             self._consumers.remove(consumer)
             consumer.closed = True
+            self._refresh_locked(consumer)
             self._ring = None
             self._settle_finished_locked()     # what it finished is not requeued
             mine = [h for h in self._in_flight.values() if h.consumer is consumer]
@@ -3053,6 +3231,7 @@ class Channel:
         """Change a consumer's RDY window and deliver what now fits."""
         with self._lock:
             consumer.ready_count = count
+            self._refresh_locked(consumer)
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
 
@@ -3095,14 +3274,21 @@ class Channel:
         stamps: List[int] = []
         acks: List[int] = []
         durable = self._queue.durable
+        last: Optional[Consumer] = None
         for h in done:
             del h._bucket[h.id]
             stamps.append(h.timestamp)
             c = h.consumer
             c.in_flight_count -= 1  # type: ignore[union-attr]
             c.finish_count += 1  # type: ignore[union-attr]
+            if c is not last:                     # (FINs come in runs per consumer)
+                if last is not None:
+                    self._refresh_locked(last)
+                last = c
             if durable and h._pos is not None:    # release its record
                 acks.append(h._pos)
+        if last is not None:
+            self._refresh_locked(last)
         self._e2e.count(stamps, self._env.time_ns())
         if acks:
             self._ack_locked(acks)
@@ -3189,6 +3375,7 @@ class Channel:
         del h._bucket[h.id]
         c = h.consumer
         c.in_flight_count -= 1  # type: ignore[union-attr]
+        self._refresh_locked(c)  # type: ignore[arg-type]
         return c  # type: ignore[return-value]
 
     def _requeue_locked(self, h: _Delivery, delay: float) -> Tuple[Deliveries, List[Message]]:
@@ -3232,20 +3419,36 @@ class Channel:
         return consumer.msg_timeout or self.broker.msg_timeout
 
     # -- dispatch --------------------------------------------------------------
+    def _refresh_locked(self, c: Consumer) -> None:
+        """*c*'s RDY, in-flight count or closed flag changed: bring its room,
+        the channel's total and its place among those with room up to date.
+        A consumer closed without the lock (its front end is going) keeps
+        its place until a dispatch meets it and calls this."""
+        room = 0 if c.closed else c.ready_count - c.in_flight_count
+        old = c._room
+        if room > 0:
+            if room != old:
+                self._room += room - old
+                c._room = room
+                if not old:
+                    self._ready.add(c)
+        elif old:
+            self._room -= old
+            c._room = 0
+            self._ready.discard(c)
+
     def _dispatch_locked(self, out: Deliveries) -> Deliveries:
-        """Move queued messages into flight for ready consumers (lock held)."""
+        """Move queued messages into flight for ready consumers (lock held).
+
+        Costs O(messages handed out), whatever the number of consumers: the
+        total room and the consumers with room are kept (``_refresh_locked``).
+        """
         q = self._queue
-        cs = self._consumers
-        if self.paused or not cs or not (q.mem or q.log is not None and q.log.unread):
+        if self.paused or self._room <= 0 or not (q.mem or q.log is not None and q.log.unread):
             return out
         now = self._monotonic()
         if self.dispatch == "hash":
             self._dispatch_hash_locked(now, out)
-        elif len(cs) == 1:
-            c = cs[0]
-            room = c.ready_count - c.in_flight_count
-            if room > 0 and not c.closed:
-                self._start_flight_locked(q.take(room), c, now, out)
         else:
             self._share_locked(now, out)
         if q.read_error is not None and now + _READ_RETRY < self._env.next_due:
@@ -3254,61 +3457,108 @@ class Channel:
 
     def _share_locked(self, now: float, out: Deliveries) -> None:
         q, cs = self._queue, self._consumers
-        # Several consumers: take what all of them have room for, then share it.
-        room = sum(c.ready_count - c.in_flight_count for c in cs if c.is_ready())
-        if room <= 0:
+        if len(cs) == 1:
+            c = cs[0]
+            if c.closed:
+                self._refresh_locked(c)
+            else:
+                self._start_flight_locked(q.take(c._room), c, now, out)
             return
-        msgs = q.take(room)
+        # Several consumers: take what all of them have room for, then share it.
+        msgs = q.take(self._room)
+        if not msgs:
+            return
         if self.dispatch == "weighted":
-            for msg in msgs:
-                self._start_flight_locked((msg,), self._pick_weighted(), now, out)  # type: ignore[arg-type]
+            left = self._share_weighted_locked(msgs, now, out)
         elif self.dispatch == "random":
-            self._share_random_locked(msgs, now, out)
+            left = self._share_random_locked(msgs, now, out)
         else:
-            self._share_round_robin_locked(msgs, now, out)
+            left = self._share_round_robin_locked(msgs, now, out)
+        if left < len(msgs):           # some had closed: what was theirs goes back
+            q.unshift(msgs[left:])
 
-    def _share_random_locked(self, msgs: List[Message], now: float, out: Deliveries) -> None:
-        # Each message to a consumer drawn at random among those with room.
-        cs = [c for c in self._consumers if c.is_ready()]
-        rooms = [c.ready_count - c.in_flight_count for c in cs]
-        shares: List[List[Message]] = [[] for _ in cs]
-        live = list(range(len(cs)))
-        draw = _random.randrange
-        for m in msgs:
-            k = draw(len(live))
-            i = live[k]
-            shares[i].append(m)
-            rooms[i] -= 1
-            if not rooms[i]:             # full: no longer drawn
-                live[k] = live[-1]
-                live.pop()
-        for c, share in zip(cs, shares):
-            if share:
-                self._start_flight_locked(share, c, now, out)
+    # The shares below hand out *msgs* and return how many they handed out
+    # (fewer only if consumers counted as having room turn out closed).  A
+    # consumer's room during a share is its ``_room``; one whose room the
+    # share used up leaves the ready set at once, and ``_start_flight_locked``
+    # (once per consumer, for its whole share) settles the rest.
 
     def _share_round_robin_locked(self, msgs: List[Message], now: float,
-                                  out: Deliveries) -> None:
-        # One message each in turn, skipping those without room; then one
-        # start per consumer for its share.
-        cs = self._consumers
-        n = len(cs)
-        order = [cs[(self._rr_next + i) % n] for i in range(n)]
-        rooms = [0 if c.closed else max(c.ready_count - c.in_flight_count, 0) for c in order]
-        if n - rooms.count(0) == 1:        # one has room (a burst of its FINs): no sharing
-            self._start_flight_locked(msgs, order[rooms.index(max(rooms))], now, out)
-            return
-        shares: List[List[Message]] = [[] for _ in order]
-        i = 0
-        for m in msgs:
-            while not rooms[i]:
-                i = (i + 1) % n
-            shares[i].append(m)
-            rooms[i] -= 1
-            i = (i + 1) % n
-        self._rr_next = (self._rr_next + i) % n
-        for c, share in zip(order, shares):
-            if share:
-                self._start_flight_locked(share, c, now, out)
+                                  out: Deliveries) -> int:
+        # One message each in turn among those with room, in the ring's order.
+        ring = self._ready.ring  # type: ignore[attr-defined]
+        if len(ring) == 1:             # one has room (a burst of its FINs): no sharing
+            c = next(iter(ring))
+            if not c.closed:
+                self._start_flight_locked(msgs, c, now, out)
+                return len(msgs)
+        shares: Dict[Consumer, List[Message]] = {}
+        to_back = ring.move_to_end
+        i, n = 0, len(msgs)
+        while i < n and ring:
+            c = next(iter(ring))
+            share = shares.get(c)
+            if share is None:
+                if c.closed:
+                    self._refresh_locked(c)
+                    continue
+                share = shares[c] = []
+            share.append(msgs[i])
+            i += 1
+            if len(share) < c._room:
+                to_back(c)
+            else:
+                del ring[c]            # full: out of turn until it has room again
+        for c, share in shares.items():
+            self._start_flight_locked(share, c, now, out)
+        return i
+
+    def _share_random_locked(self, msgs: List[Message], now: float, out: Deliveries) -> int:
+        # Each message to a consumer drawn uniformly among those with room.
+        pool: _ReadyPool = self._ready  # type: ignore[assignment]
+        members = pool.members
+        shares: Dict[Consumer, List[Message]] = {}
+        draw = _random.randrange
+        i, n = 0, len(msgs)
+        while i < n and members:
+            c = members[draw(len(members))]
+            share = shares.get(c)
+            if share is None:
+                if c.closed:
+                    self._refresh_locked(c)
+                    continue
+                share = shares[c] = []
+            share.append(msgs[i])
+            i += 1
+            if len(share) >= c._room:  # full: no longer drawn
+                pool.discard(c)
+        for c, share in shares.items():
+            self._start_flight_locked(share, c, now, out)
+        return i
+
+    def _share_weighted_locked(self, msgs: List[Message], now: float,
+                               out: Deliveries) -> int:
+        # Each message to the smooth weighted round robin's pick (_ReadyWeighted).
+        wrr: _ReadyWeighted = self._ready  # type: ignore[assignment]
+        shares: Dict[Consumer, List[Message]] = {}
+        i, n = 0, len(msgs)
+        while i < n:
+            c = wrr.pick()
+            if c is None:
+                break
+            share = shares.get(c)
+            if share is None:
+                if c.closed:
+                    self._refresh_locked(c)
+                    continue
+                share = shares[c] = []
+            share.append(msgs[i])
+            i += 1
+            if len(share) >= c._room:  # full: neither gains nor pays from now on
+                wrr.discard(c)
+        for c, share in shares.items():
+            self._start_flight_locked(share, c, now, out)
+        return i
 
     def _start_flight_locked(self, msgs: Iterable[Message], c: Consumer, now: float,
                              out: Deliveries) -> None:
@@ -3335,6 +3585,7 @@ class Channel:
         if handed:
             c.in_flight_count += len(handed)
             c.message_count += len(handed)
+            self._refresh_locked(c)
             out.append((c, handed))
 
     def _bucket_locked(self, deadline: float) -> Dict[bytes, _Delivery]:
@@ -3349,22 +3600,6 @@ class Channel:
         self._last_bucket = (k, bucket)     # deliveries in a row share one
         return bucket
 
-    def _pick_weighted(self) -> Optional[Consumer]:
-        # Smooth weighted round-robin (as nginx): every ready consumer gains its
-        # weight, the richest is picked and pays back the total.
-        ready = [c for c in self._consumers if c.is_ready()]
-        if not ready:
-            return None
-        total = 0
-        best = ready[0]
-        for c in ready:
-            c._current_weight += c.weight
-            total += c.weight
-            if c._current_weight > best._current_weight:
-                best = c
-        best._current_weight -= total
-        return best
-
     def _dispatch_hash_locked(self, now: float, out: Deliveries) -> None:
         # A key always maps to the same live consumer.  If that consumer is
         # full, its messages wait; others' messages behind them may pass
@@ -3375,7 +3610,7 @@ class Channel:
         queue.fill(self.HASH_LOOKAHEAD)
         q = queue.mem
         i = 0
-        while i < len(q) and i < self.HASH_LOOKAHEAD:
+        while i < len(q) and i < self.HASH_LOOKAHEAD and self._room > 0:
             msg = q[i]
             if msg.__class__ is _Batch:     # removals brought a batch into reach
                 queue.fill(i + self.HASH_LOOKAHEAD)
@@ -3417,6 +3652,7 @@ class Channel:
                 for msg_id, h in self._buckets.pop(heapq.heappop(heap)).items():
                     del self._in_flight[msg_id]      # (a settled message left its bucket)
                     h.consumer.in_flight_count -= 1
+                    self._refresh_locked(h.consumer)
                     self.timeout_count += 1
                     self._return_locked(h, 0.0, dead)
             dheap = self._deferred_heap
@@ -3466,6 +3702,7 @@ class Channel:
         self._deferred_heap.clear()
         for c in self._consumers:
             c.in_flight_count = 0
+            self._refresh_locked(c)
 
     def _clear_flight_locked(self) -> None:
         self._finished.clear()
@@ -3487,8 +3724,10 @@ class Channel:
             self._queue.drop_memory()
             self._env.drop_log(self._queue.log)
             consumers, self._consumers = self._consumers, []
+            self._ready, self._room = _new_ready_set(self.dispatch), 0
             for c in consumers:
                 c.closed = True
+                c._room = 0
         return consumers
 
     def _persist(self) -> None:
@@ -3503,6 +3742,7 @@ class Channel:
             self._queue.persist(extra)
             for c in self._consumers:
                 c.in_flight_count = 0
+                self._refresh_locked(c)
 
     def _held_records_locked(self) -> List[Tuple[Message, int]]:
         """In-flight and deferred messages with the due time their record keeps
