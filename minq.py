@@ -2963,28 +2963,47 @@ def _new_ready_set(dispatch: str) -> _ReadySet:
 
 
 class _HashRing:
-    """Consistent hashing of keys onto consumers (64 virtual nodes each)."""
+    """Consistent hashing of keys onto consumers (64 virtual nodes each).
+
+    Points are kept sorted by (hash, consumer id); a consumer joining or
+    leaving inserts or removes its own points (bisect), so churn among many
+    consumers does not rebuild the ring each time."""
 
     REPLICAS = 64
 
-    def __init__(self, consumers: List[Consumer]) -> None:
-        points = []
+    def __init__(self, consumers: Iterable[Consumer] = ()) -> None:
+        self._points: List[Tuple[int, int]] = []       # (hash, consumer id), sorted
+        self._owners: Dict[int, Consumer] = {}
         for c in consumers:
-            for r in range(self.REPLICAS):
-                points.append((self._hash(f"{c.id}-{r}".encode()), c.id, c))
-        points.sort(key=lambda p: (p[0], p[1]))
-        self._keys = [p[0] for p in points]
-        self._consumers = [p[2] for p in points]
+            self.add(c)
 
     @staticmethod
     def _hash(data: bytes) -> int:
         return zlib.crc32(data) * 2654435761 % (1 << 32)  # spread crc32 over the ring
 
+    def _points_of(self, c: Consumer) -> List[Tuple[int, int]]:
+        return [(self._hash(f"{c.id}-{r}".encode()), c.id) for r in range(self.REPLICAS)]
+
+    def add(self, c: Consumer) -> None:
+        if c.id in self._owners:
+            return
+        self._owners[c.id] = c
+        for p in self._points_of(c):
+            bisect.insort(self._points, p)
+
+    def remove(self, c: Consumer) -> None:
+        if self._owners.pop(c.id, None) is None:
+            return
+        points = self._points
+        for p in self._points_of(c):
+            del points[bisect.bisect_left(points, p)]
+
     def lookup(self, key: bytes) -> Optional[Consumer]:
-        if not self._keys:
+        points = self._points
+        if not points:
             return None
-        i = bisect.bisect(self._keys, self._hash(key)) % len(self._keys)
-        return self._consumers[i]
+        i = bisect.bisect(points, (self._hash(key), math.inf)) % len(points)
+        return self._owners[points[i][1]]
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -3196,7 +3215,8 @@ class Channel:
             consumer._room = 0
             self._consumers.append(consumer)
             self._refresh_locked(consumer)
-            self._ring = None
+            if self._ring is not None:
+                self._ring.add(consumer)
             deliveries = self._dispatch_locked([])
         self._hand_over(deliveries)
 
@@ -3209,7 +3229,8 @@ class Channel:
             self._consumers.remove(consumer)
             consumer.closed = True
             self._refresh_locked(consumer)
-            self._ring = None
+            if self._ring is not None:
+                self._ring.remove(consumer)
             self._settle_finished_locked()     # what it finished is not requeued
             mine = [h for h in self._in_flight.values() if h.consumer is consumer]
             for h in mine:
