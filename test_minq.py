@@ -2172,6 +2172,263 @@ def test_hash_dispatch_needs_key(broker):
         broker.topic("t").channel("c", dispatch="bogus")
 
 
+# -- many consumers: a dispatch finds those with room, however many there are
+
+class Recorder(minq.Consumer):
+    """An in-process consumer that keeps what it is handed, and counts the
+    hand-overs that found it without room (more held than its RDY)."""
+
+    def __init__(self, rdy, weight=1):
+        super().__init__(ready_count=rdy, weight=weight)
+        self.got = []          # every delivery, in order
+        self.held = {}         # id -> delivery, not settled yet
+        self.over = 0
+
+    def _deliver(self, msg):
+        self._deliver_many([msg])
+
+    def _deliver_many(self, msgs):
+        for m in msgs:
+            self.got.append(m)
+            self.held[m.id] = m
+        if len(self.held) > self.ready_count:
+            self.over += 1
+
+    def bodies(self):
+        return [m.body for m in self.got]
+
+    def finish_all(self, ch):
+        ids = list(self.held)
+        self.held.clear()
+        assert ch.finish_many(self, ids) == []
+
+
+DISPATCHES = [("round_robin", {}), ("weighted", {}), ("random", {}),
+              ("hash", {"key": lambda m: m.body.split(b":")[0]})]
+
+
+def many_consumers(broker, n, rdy, dispatch="round_robin", **options):
+    ch = broker.topic("t").channel("c", dispatch=dispatch, **options)
+    cs = [Recorder(rdy) for _ in range(n)]
+    for c in cs:
+        ch.add_consumer(c)
+    return ch, cs
+
+
+def assert_none_idle_while_messages_wait(ch, cs):
+    if ch.depth:
+        idle = [i for i, c in enumerate(cs)
+                if not c.closed and len(c.held) < c.ready_count]
+        assert not idle, f"{len(idle)} consumers have room while {ch.depth} wait"
+
+
+@pytest.mark.parametrize("dispatch, options", DISPATCHES)
+def test_a_thousand_consumers_get_every_message_once_within_their_rdy(
+        broker, dispatch, options):
+    ch, cs = many_consumers(broker, 1000, 2, dispatch, **options)
+    n = 5000
+    broker.publish_many("t", [b"k%d:%d" % (i % 300, i) for i in range(n)])
+    if dispatch != "hash":     # the hash policy keeps a key's messages for its consumer
+        assert [len(c.held) for c in cs] == [2] * 1000
+        assert_none_idle_while_messages_wait(ch, cs)
+    for _ in range(200):
+        if sum(len(c.got) for c in cs) == n:
+            break
+        for c in cs:
+            c.finish_all(ch)
+        if dispatch != "hash":
+            assert_none_idle_while_messages_wait(ch, cs)
+    got = [b for c in cs for b in c.bodies()]
+    assert len(got) == n and len(set(got)) == n          # each exactly once
+    assert [c.over for c in cs] == [0] * 1000             # none beyond its RDY
+    assert ch.depth == 0
+    if dispatch == "hash":     # one consumer per key, the key's order kept
+        owner, seen = {}, {}
+        for i, c in enumerate(cs):
+            for b in c.bodies():
+                key, seq = b.split(b":")
+                assert owner.setdefault(key, i) == i
+                assert int(seq) > seen.get(key, -1)
+                seen[key] = int(seq)
+        assert len(set(owner.values())) > 150             # spread over the ring
+
+
+@pytest.mark.parametrize("dispatch", ["round_robin", "weighted"])   # equal weights: in turn
+def test_a_thousand_consumers_take_one_message_each_in_turn(broker, dispatch):
+    ch, cs = many_consumers(broker, 1000, 8, dispatch)
+    broker.publish_many("t", [b"%d" % i for i in range(2500)])
+    for k, c in enumerate(cs):
+        want = [k, k + 1000, k + 2000] if k < 500 else [k, k + 1000]
+        assert c.bodies() == [b"%d" % i for i in want]
+    broker.publish_many("t", [b"%d" % i for i in range(2500, 3000)])   # the turn goes on
+    for k, c in enumerate(cs):
+        assert c.bodies() == [b"%d" % i for i in (k, k + 1000, k + 2000)]
+
+
+@pytest.mark.parametrize("dispatch, options", DISPATCHES)
+def test_consumers_with_rdy_0_or_closed_get_nothing_more(broker, dispatch, options):
+    ch, cs = many_consumers(broker, 999, 4, dispatch, **options)
+    paused, removed, dropping = cs[0::3], cs[1::3], cs[2::3][:100]
+    for c in paused:
+        ch.set_ready(c, 0)
+    for c in removed:
+        ch.remove_consumer(c)
+    for c in dropping:         # as a front end whose connection ends: the flag
+        c.closed = True        # first, remove_consumer later
+    live = cs[2::3][100:]
+    n = 3000
+    broker.publish_many("t", [b"k%d:%d" % (i, i) for i in range(n)])
+    assert not any(c.got for c in paused + removed + dropping)
+    held = sum(len(c.got) for c in live)
+    assert held + ch.depth == n                            # nothing lost
+    if dispatch != "hash":
+        assert held == 4 * len(live)
+    for c in dropping:
+        ch.remove_consumer(c)
+    for c in paused:
+        ch.set_ready(c, 4)
+    for c in live:
+        c.finish_all(ch)
+    assert not any(c.got for c in removed + dropping)
+    assert all(c.over == 0 for c in cs)
+    assert sum(1 for c in paused if c.got) > (300 if dispatch != "hash" else 0)
+
+
+@pytest.mark.parametrize("dispatch", ["round_robin", "weighted", "random"])
+def test_a_full_consumer_gets_room_back_on_fin_req_and_timeout(broker, clock, dispatch):
+    ch, cs = many_consumers(broker, 1000, 1, dispatch)
+    broker.publish_many("t", [b"%d" % i for i in range(5000)])
+    assert [len(c.got) for c in cs] == [1] * 1000
+    cs[7].finish_all(ch)                                  # FIN: room for one, its own
+    assert [len(c.got) for c in cs] == [1] * 7 + [2] + [1] * 992
+    h = cs[8].got[-1]
+    del cs[8].held[h.id]
+    ch.requeue(cs[8], h.id)                               # REQ: the same
+    assert [len(c.got) for c in cs] == [1] * 7 + [2, 2] + [1] * 991
+    ch.set_ready(cs[9], 3)                                # RDY up: two more
+    assert len(cs[9].got) == 3 and sum(len(c.got) for c in cs) == 1004
+    for c in cs:
+        c.held.clear()
+    clock.advance(broker.msg_timeout + 1)                  # all time out: all refill
+    assert [len(c.got) for c in cs[:7]] == [2] * 7
+    assert len(cs[9].got) == 6 and sum(len(c.got) for c in cs) == 1004 + 1002
+    assert all(c.over == 0 for c in cs)
+
+
+def _swrr_reference(weights, rdys, script):
+    """nginx's smooth weighted round robin over the consumers with room, the
+    plain O(n) way: which consumer each message goes to, as the script of
+    steps ("pub", k) / ("fin", i) / ("rdy", i, n) unfolds."""
+    cw = [0] * len(weights)
+    held = [0] * len(weights)
+    rdy = list(rdys)
+    queue, seq, out = collections.deque(), 0, [[] for _ in weights]
+
+    def pump():
+        while queue:
+            ready = [i for i in range(len(weights)) if held[i] < rdy[i]]
+            if not ready:
+                return
+            best = ready[0]
+            for i in ready:
+                cw[i] += weights[i]
+                if cw[i] > cw[best]:
+                    best = i
+            cw[best] -= sum(weights[i] for i in ready)
+            held[best] += 1
+            out[best].append(queue.popleft())
+
+    for step in script:
+        if step[0] == "pub":
+            queue.extend(range(seq, seq + step[1]))
+            seq += step[1]
+        elif step[0] == "fin":
+            held[step[1]] = 0
+        else:
+            rdy[step[1]] = step[2]
+        pump()
+    return out
+
+
+def test_weighted_dispatch_is_smooth_weighted_round_robin_among_those_with_room(broker):
+    rnd = random.Random(3)
+    n = 60
+    weights = [rnd.choice([1, 1, 2, 3, 5]) for _ in range(n)]
+    rdys = [rnd.randint(1, 6) for _ in range(n)]
+    script = [("pub", 150)]
+    for _ in range(40):
+        r = rnd.random()
+        if r < 0.6:
+            script.append(("fin", rnd.randrange(n)))
+        elif r < 0.8:
+            script.append(("rdy", rnd.randrange(n), rnd.choice([0, 1, 3, 8])))
+        else:
+            script.append(("pub", rnd.randint(1, 30)))
+    ch = broker.topic("t").channel("c", dispatch="weighted")
+    cs = [Recorder(r, weight=w) for w, r in zip(weights, rdys)]
+    for c in cs:
+        ch.add_consumer(c)
+    seq = 0
+    for step in script:
+        if step[0] == "pub":
+            broker.publish_many("t", [b"%d" % i for i in range(seq, seq + step[1])])
+            seq += step[1]
+        elif step[0] == "fin":
+            cs[step[1]].finish_all(ch)
+        else:
+            ch.set_ready(cs[step[1]], step[2])
+    want = _swrr_reference(weights, rdys, script)
+    assert [[int(b) for b in c.bodies()] for c in cs] == want
+    assert sum(map(len, want)) > 200
+
+
+def test_weighted_dispatch_follows_the_weights_of_many_consumers(broker):
+    ch = broker.topic("t").channel("c", dispatch="weighted")
+    cs = [Recorder(1000, weight=1 + i % 3) for i in range(300)]
+    for c in cs:
+        ch.add_consumer(c)
+    broker.publish_many("t", [b"x"] * 6000)             # 10 rounds of the weights' sum
+    assert [len(c.got) for c in cs] == [10 * c.weight for c in cs]
+
+
+def test_random_dispatch_draws_uniformly_among_many_with_room(broker, monkeypatch):
+    monkeypatch.setattr(minq, "_random", random.Random(11))
+    ch, cs = many_consumers(broker, 1000, 100, "random")
+    for c in cs[::2]:
+        ch.set_ready(c, 0)
+    broker.publish_many("t", [b"%d" % i for i in range(20000)])
+    assert not any(c.got for c in cs[::2])
+    counts = [len(c.got) for c in cs[1::2]]                # 40 each on average
+    assert sum(counts) == 20000 and 10 < min(counts) and max(counts) < 80
+    firsts = sorted(cs.index(c) for c in cs if c.got and c.got[0].body in
+                    {b"%d" % i for i in range(10)})
+    assert firsts != list(range(1, 20, 2))                # not in turn
+
+
+def test_a_thousand_pull_consumers_read_everything_once(broker):
+    cs = [broker.consumer("t", "c", max_in_flight=2) for _ in range(1000)]
+    try:
+        n = 6000
+        broker.publish_many("t", [b"%d" % i for i in range(n)])
+        got = []
+        for _ in range(20):
+            for c in cs:
+                while True:
+                    m = c.get(timeout=0)
+                    if m is None:
+                        break
+                    got.append(m.body)
+                    m.finish()
+            if len(got) == n:
+                break
+        assert sorted(got, key=int) == [b"%d" % i for i in range(n)]
+        st = channel_stats(broker, "t", "c")
+        assert (st["depth"], st["in_flight_count"]) == (0, 0)
+    finally:
+        for c in cs:
+            c.close()
+
+
 # =============================================================================
 # Topic: pause, empty, delete
 # =============================================================================
