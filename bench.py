@@ -22,8 +22,10 @@ Sections:
            MPUB x 100 writers, then readers with RDY 2500 and FINs through a 4 KiB
            buffer, for a backlog held by the topic, one overflowed to a channel's log
            and one in a channel's memory; beside a raw socket server doing the least
-           work for the same exchanges.  Then SUB latency on a topic holding 1 M
-           messages, and threads and memory with 10,000 idle consumer connections.
+           work for the same exchanges.  Reading through 10, 100 and 1,000 consumers
+           x RDY 8 each (beside the raw server, and 1,000 beside 10).  Then SUB
+           latency on a topic holding 1 M messages, and threads and memory with
+           10,000 idle consumer connections.
   topics   N topics x 3 channels (N = 1,000 and 10,000) with one message each: create,
            clean stop, restart, descriptors, files, memory per empty topic and channel,
            idle CPU; beside the least a program must do for the same (one short write
@@ -950,6 +952,54 @@ def load_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
     return {"connected": conns - closed, "heartbeats": beats}
 
 
+def load_many_readers(address: str, runfor: float, conns: int, rdy: int) -> int:
+    """*conns* consumers of one channel on one selectors loop, each SUB and
+    RDY *rdy*, FINning what each read brought in one write; messages read."""
+    import selectors
+    import socket
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, conns + 100)), hard))
+    sel = selectors.DefaultSelector()
+    hello = f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\nRDY {rdy}\n".encode()
+    for _ in range(conns):
+        sock = load_connect(address)
+        sock.sendall(hello)
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, [b""])
+    got, end = 0, time.monotonic() + runfor
+    while time.monotonic() < end:
+        for key, _ in sel.select(0.2):
+            sock, state = key.fileobj, key.data
+            try:
+                chunk = sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise EOFError("the server closed a connection")
+            buf, pos, fins = state[0] + chunk, 0, []
+            while len(buf) - pos >= 8:
+                size, ftype = struct.unpack_from(">lL", buf, pos)
+                if len(buf) - pos < 4 + size:
+                    break
+                if ftype == 2:
+                    fins.append(buf[pos + 18:pos + 34])
+                elif ftype == 1:
+                    raise RuntimeError(f"server error: {buf[pos + 8:pos + 4 + size]!r}")
+                elif buf[pos + 8:pos + 4 + size] == b"_heartbeat_":
+                    sock.sendall(b"NOP\n")
+                pos += 4 + size
+            state[0] = buf[pos:]
+            if fins:
+                got += len(fins)
+                sock.setblocking(True)
+                sock.sendall(b"FIN " + b"\nFIN ".join(fins) + b"\n")
+                sock.setblocking(False)
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    return got
+
+
 HTTP_PUB = (b"POST /pub?topic=" + LOAD_TOPIC.encode() + b" HTTP/1.1\r\nHost: bench\r\n"
             b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
 
@@ -1020,14 +1070,16 @@ def http_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
 
 
 def client_main(argv: List[str]) -> int:
-    """``python bench.py --client write|read|idle|pub|httppub|httpidle ADDRESS SECONDS
-    [CONNS]``: one load client process; prints its count as JSON."""
+    """``python bench.py --client write|read|readmany|idle|pub|httppub|httpidle ADDRESS
+    SECONDS [CONNS [RDY]]``: one load client process; prints its count as JSON."""
     import json
     kind, address, runfor = argv[0], argv[1], float(argv[2])
     if kind == "write":
         result = {"messages": load_writer(address, runfor)}
     elif kind == "read":
         result = {"messages": load_reader(address, runfor)}
+    elif kind == "readmany":
+        result = {"messages": load_many_readers(address, runfor, int(argv[3]), int(argv[4]))}
     elif kind in ("pub", "httppub"):
         result = {"messages": one_at_a_time(address, runfor, int(argv[3]), kind == "httppub")}
     elif kind == "httpidle":
@@ -1239,6 +1291,26 @@ def load_case(address: str, case: str, write_s: float, read_s: float) -> Dict[st
     return {"write": written / write_s, "read": got / read_s}
 
 
+MANY_READERS, MANY_RDY = (10, 100, 1000), 8
+
+
+def many_readers_case(address: str, write_s: float, read_s: float) -> Dict[int, float]:
+    """Write a backlog for *write_s* (channel made first), then read it for
+    *read_s* through each number of MANY_READERS consumers x RDY MANY_RDY
+    (2 client processes, half the connections each); messages per second."""
+    sock, reader = load_session(address)
+    sock.sendall(f"SUB {LOAD_TOPIC} {LOAD_CHANNEL}\n".encode())
+    reader.expect_ok()
+    sock.close()
+    if write_s:
+        run_clients("write", address, write_s, 2)
+    rates = {}
+    for n in MANY_READERS:
+        got = run_clients("readmany", address, read_s, 2, str(n // 2), str(MANY_RDY))
+        rates[n] = sum(r["messages"] for r in got) / read_s
+    return rates
+
+
 def one_at_a_time_case(address: str, seconds: float, http: bool) -> float:
     """Messages per second from 2 client processes x 16 connections, each
     publishing one message per request and waiting for its answer."""
@@ -1286,6 +1358,28 @@ def section_load(scale: float, base: str = None) -> None:
             shutil.rmtree(d, ignore_errors=True)
         report(f"write, {case}", got["write"], "msg/s", "raw socket, same load", raw["write"])
         report(f"read, {case}", got["read"], "msg/s", "raw socket, same load", raw["read"])
+
+    # Reading through many consumers with a small RDY each: what one dispatch
+    # costs must not grow with the consumers (nsqd's reads hardly change).
+    many_s = max(1.0, 2 * scale)
+    progress(f"read through {', '.join(map(str, MANY_READERS))} consumers x RDY {MANY_RDY}, "
+             f"{many_s:g} s each")
+    proc, addr = start_raw_load_server()
+    raw_many = many_readers_case(addr, 0, many_s)
+    stop(proc)
+    d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+    try:
+        proc, addr = start_minq_load_server(d, 10_000)
+        many = many_readers_case(addr, write_s, many_s)
+        stop(proc)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    for n in MANY_READERS:
+        report(f"read through {n} consumers x RDY {MANY_RDY}", many[n], "msg/s",
+               "raw socket, same load", raw_many[n])
+    last = MANY_READERS[-1]
+    report(f"read, {last} consumers beside {MANY_READERS[0]}", many[last], "msg/s",
+           f"minq, {MANY_READERS[0]} consumers x RDY {MANY_RDY}", many[MANY_READERS[0]])
 
     # One message per request, as most producers publish: the channel made
     # first (a memory queue overflowing to disk, as nsqd's), 32 connections.
