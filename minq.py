@@ -3101,8 +3101,9 @@ class Channel:
                 self.dead_letter_topic = dead_letter_topic
             if dispatch is not None and dispatch != self.dispatch:
                 self.dispatch = dispatch
-                self._ready = _new_ready_set(dispatch)
+                old, self._ready = self._ready, _new_ready_set(dispatch)
                 for c in self._consumers:
+                    old.discard(c)            # (weighted: keeps each one's worth)
                     if c._room:
                         self._ready.add(c)
             if key is not None:

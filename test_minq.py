@@ -2405,6 +2405,23 @@ def test_random_dispatch_draws_uniformly_among_many_with_room(broker, monkeypatc
     assert firsts != list(range(1, 20, 2))                # not in turn
 
 
+def test_changing_the_policy_keeps_the_consumers_with_room(broker):
+    ch, cs = many_consumers(broker, 300, 2)
+    seq = 0
+    for dispatch in ["random", "weighted", "round_robin", "weighted", "random"]:
+        broker.publish_many("t", [b"%d" % i for i in range(seq, seq + 400)])
+        seq += 400
+        ch.configure(dispatch=dispatch)
+        for c in cs[::2]:
+            c.finish_all(ch)
+        assert_none_idle_while_messages_wait(ch, cs)
+    for _ in range(20):
+        for c in cs:
+            c.finish_all(ch)
+    got = sorted(int(b) for c in cs for b in c.bodies())
+    assert got == list(range(seq)) and all(c.over == 0 for c in cs)
+
+
 def test_a_thousand_pull_consumers_read_everything_once(broker):
     cs = [broker.consumer("t", "c", max_in_flight=2) for _ in range(1000)]
     try:
