@@ -3505,6 +3505,18 @@ class Channel:
     # share used up leaves the ready set at once, and ``_start_flight_locked``
     # (once per consumer, for its whole share) settles the rest.
 
+    def _share_of_locked(self, shares: Dict[Consumer, List[Message]],
+                         c: Consumer) -> Optional[List[Message]]:
+        """*c*'s share so far (a new one if none), or None if *c* turned out
+        closed: then it leaves the ready set."""
+        share = shares.get(c)
+        if share is None:
+            if c.closed:
+                self._refresh_locked(c)
+                return None
+            share = shares[c] = []
+        return share
+
     def _share_round_robin_locked(self, msgs: List[Message], now: float,
                                   out: Deliveries) -> int:
         # One message each in turn among those with room, in the ring's order.
@@ -3519,12 +3531,9 @@ class Channel:
         i, n = 0, len(msgs)
         while i < n and ring:
             c = next(iter(ring))
-            share = shares.get(c)
+            share = self._share_of_locked(shares, c)
             if share is None:
-                if c.closed:
-                    self._refresh_locked(c)
-                    continue
-                share = shares[c] = []
+                continue
             share.append(msgs[i])
             i += 1
             if len(share) < c._room:
@@ -3544,12 +3553,9 @@ class Channel:
         i, n = 0, len(msgs)
         while i < n and members:
             c = members[draw(len(members))]
-            share = shares.get(c)
+            share = self._share_of_locked(shares, c)
             if share is None:
-                if c.closed:
-                    self._refresh_locked(c)
-                    continue
-                share = shares[c] = []
+                continue
             share.append(msgs[i])
             i += 1
             if len(share) >= c._room:  # full: no longer drawn
@@ -3568,12 +3574,9 @@ class Channel:
             c = wrr.pick()
             if c is None:
                 break
-            share = shares.get(c)
+            share = self._share_of_locked(shares, c)
             if share is None:
-                if c.closed:
-                    self._refresh_locked(c)
-                    continue
-                share = shares[c] = []
+                continue
             share.append(msgs[i])
             i += 1
             if len(share) >= c._room:  # full: neither gains nor pays from now on
