@@ -880,9 +880,9 @@ class _AckLedger:
 
     def load(self, cursor: int, meta_write: int, acks_base: int,
              segments: Iterable[int]) -> Tuple[set, int]:
-        """Read the acks file (a torn last entry is ignored).  Returns the acks of records at or past *cursor* (to be
-        passed over unread) and how many acks the metadata's depth does not
-        know: those after *acks_base*, of records it counted (before
+        """Read the acks file (a torn last entry is ignored).  Returns the
+        acks of records at or past *cursor* (to be passed over unread) and
+        how many acks the metadata's depth does not know: those after *acks_base*, of records it counted (before
         *meta_write*) or a scan counted (in *segments*, still on disk); a
         segment written and consumed after the save was deleted uncounted,
         and so are its acks."""
@@ -1310,15 +1310,18 @@ def _frame_records(payloads: List[bytes], chunks: Optional[List[bytes]] = None
     return chunks, rel
 
 
+def _list_segments(directory: str) -> Dict[str, List[int]]:
+    """Every log's segment numbers under *directory*, by log name: one listing."""
+    out: Dict[str, List[int]] = {}
+    for fn in os.listdir(directory):
+        if fn.endswith(".seg") and len(fn) > 11 and fn[-11] == "." and fn[-10:-4].isdigit():
+            out.setdefault(fn[:-11], []).append(int(fn[-10:-4]))
+    return out
+
+
 def _segment_numbers(directory: str, name: str) -> List[int]:
     """The numbers of log *name*'s segment files, in order."""
-    prefix, out = f"{name}.", []
-    for fn in os.listdir(directory):
-        if fn.startswith(prefix) and fn.endswith(".seg"):
-            mid = fn[len(prefix):-4]
-            if len(mid) == 6 and mid.isdigit():
-                out.append(int(mid))
-    return sorted(out)
+    return sorted(_list_segments(directory).get(name, ()))
 
 
 class _Recovery:
@@ -1593,7 +1596,6 @@ class SegmentLog:
         meta, nums, read_pos = found.meta, found.segments, found.read_pos
         write_num, write_off = found.write_num, found.write_off
         acked_since = 0
-        released: set = set()
         if self.acks is not None:
             self._skip, acked_since = self.acks.load(
                 read_pos, int(meta.get("write", 0)), int(meta.get("acks_base", 0)), nums)
@@ -4338,15 +4340,6 @@ def _default_open_files() -> int:
     except (ImportError, OSError, ValueError):
         return 4096
     return 4096 if soft == resource.RLIM_INFINITY else max(16, soft // 2)
-
-
-def _list_segments(directory: str) -> Dict[str, List[int]]:
-    """Every log's segment numbers under *directory*, by log name: one listing."""
-    out: Dict[str, List[int]] = {}
-    for fn in os.listdir(directory):
-        if fn.endswith(".seg") and len(fn) > 11 and fn[-11] == "." and fn[-10:-4].isdigit():
-            out.setdefault(fn[:-11], []).append(int(fn[-10:-4]))
-    return out
 
 
 def _read_topology(directory: str) -> Dict[str, Tuple[bool, Dict[str, bool]]]:
