@@ -30,6 +30,9 @@ Sections:
            clean stop, restart, descriptors, files, memory per empty topic and channel,
            idle CPU; beside the least a program must do for the same (one short write
            per creation; one listing of the folder and a read of every file it holds).
+           Then the same over nsqd's HTTP API on `python minq.py serve` (N = 1,000),
+           beside a real nsqd given with --nsqd PATH (a binary you built; skipped
+           without one).
   http     the same server's HTTP API: POST /pub one message per request and /mpub
            with 100 lines per request, over one keep-alive connection; beside a raw
            http.server (threaded, HTTP/1.1) in a subprocess that reads the body and
@@ -493,7 +496,80 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-def section_topics(scale: float, base: str) -> None:
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_topics(cmd: List[str], n: int) -> Dict[str, float]:
+    """Over nsqd's HTTP API on the server *cmd* starts (``{port}`` in it is the
+    HTTP port): n topics made with /topic/create, two /channel/create and a
+    /pub each; a SIGTERM; then the restart until /stats lists every message,
+    the descriptors the server holds, and its CPU ticks over 2 idle seconds."""
+    import http.client
+    import json
+    import signal
+    import subprocess
+    port = free_port()
+    argv = [a.format(port=port, tcp=free_port()) for a in cmd]
+    os.makedirs(argv[argv.index("--data-path") + 1])      # nsqd wants it made
+
+    def start():
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                c.request("GET", "/ping")
+                c.getresponse().read()
+                return p, c
+            except OSError:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{argv[0]} exited with {p.returncode}")
+                time.sleep(0.005)
+
+    def call(c, path, body=None):
+        c.request("POST" if body is not None or "create" in path else "GET", path, body)
+        r = c.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{path}: {r.status} {data[:200]!r}")
+        return data
+
+    def ticks(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return sum(map(int, f.read().rsplit(")", 1)[1].split()[11:13]))
+    p, c = start()
+    t0 = time.perf_counter()
+    for i in range(n):
+        call(c, f"/topic/create?topic=t{i}")
+        for ch in ("c0", "c1", "c2"):
+            call(c, f"/channel/create?topic=t{i}&channel={ch}")
+        call(c, f"/pub?topic=t{i}", BODY)
+    created = time.perf_counter() - t0
+    p.send_signal(signal.SIGTERM)
+    p.wait(300)
+    t0 = time.perf_counter()
+    p, c = start()
+    while True:
+        st = json.loads(call(c, "/stats?format=json"))
+        st = st.get("data", st)
+        topics = st.get("topics") or []
+        if len(topics) == n and sum(ch["depth"] for t in topics for ch in t["channels"]) == 3 * n:
+            break
+        time.sleep(0.01)
+    restarted = time.perf_counter() - t0
+    fds = len(os.listdir(f"/proc/{p.pid}/fd"))
+    t = ticks(p.pid)
+    time.sleep(2)
+    idle = ticks(p.pid) - t
+    p.send_signal(signal.SIGTERM)
+    p.wait(300)
+    return {"create": created, "restart": restarted, "fds": fds, "idle": idle}
+
+
+def section_topics(scale: float, base: str, nsqd: str = "") -> None:
     print("== topics: N topics x 3 channels, one message each ==")
     for n in (int(1000 * scale) or 10, int(10_000 * scale) or 100):
         d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
@@ -539,6 +615,32 @@ def section_topics(scale: float, base: str) -> None:
                   f" idle CPU {idle * 100:.1f} % of a core", flush=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
+    n = int(1000 * scale) or 10
+    d = tempfile.mkdtemp(prefix="minq-bench-", dir=base)
+    try:
+        progress(f"{n:,} topics x 3 channels over the HTTP API of minq.py serve")
+        here = os.path.dirname(os.path.abspath(__file__))
+        mine = http_topics([sys.executable, os.path.join(here, "minq.py"), "serve",
+                            "--data-path", os.path.join(d, "minq"), "--log-level", "error",
+                            "--tcp-address", "127.0.0.1:{tcp}",
+                            "--http-address", "127.0.0.1:{port}"], n)
+        if not nsqd:
+            print(f"  (HTTP API: minq create {mine['create']:.2f} s, restart "
+                  f"{mine['restart']:.2f} s, {mine['fds']} descriptors; "
+                  f"no --nsqd given: nothing beside it)", flush=True)
+            return
+        progress(f"{n:,} topics x 3 channels over the HTTP API of {nsqd}")
+        theirs = http_topics([nsqd, "--data-path", os.path.join(d, "nsqd"),
+                              "--tcp-address", "127.0.0.1:{tcp}",
+                              "--http-address", "127.0.0.1:{port}"], n)
+        for key, what, unit, k in (("create", "create + publish", "ms", 1000),
+                                   ("restart", "restart, /stats full", "ms", 1000),
+                                   ("fds", "descriptors after restart", "", 1),
+                                   ("idle", "idle CPU ticks in 2 s", "", 1)):
+            report(f"HTTP {n:,} x 3: {what}", mine[key] * k, unit, "nsqd", theirs[key] * k,
+                   higher_is_better=False)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # =============================================================================
@@ -1572,6 +1674,8 @@ def main(argv: List[str] = None) -> int:
                    help="multiply every message count by this (default 1.0)")
     p.add_argument("--dir", default=None,
                    help="where the storage section writes (default: the system temp dir)")
+    p.add_argument("--nsqd", default="",
+                   help="a real nsqd binary to measure beside minq in the topics section")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
@@ -1579,7 +1683,9 @@ def main(argv: List[str] = None) -> int:
         p.error(f"unknown section(s): {', '.join(unknown)}")
     print(f"minq {minq.VERSION} on Python {sys.version.split()[0]}")
     for name in names:
-        if name in ("storage", "topics", "load"):
+        if name == "topics":
+            section_topics(args.scale, args.dir, args.nsqd)
+        elif name in ("storage", "load"):
             SECTIONS[name](args.scale, args.dir)
         else:
             SECTIONS[name](args.scale)
