@@ -59,7 +59,8 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple, Union)
 
 __all__ = [
     # errors
@@ -75,7 +76,7 @@ __all__ = [
     "SnappyCompressor", "SnappyDecompressor", "SnappyError", "crc32c",
     # servers and the command line
     "TCPServer", "HTTPServer", "MemoryBudget", "Authorizer", "LookupdRegistrar",
-    "broadcast_address",
+    "StatsdPusher", "broadcast_address",
     "nsqd_stats", "prometheus_metrics", "parse_duration", "main",
     # constants
     "VERSION", "__version__", "NSQ_VERSION", "DISPATCH_POLICIES", "ACK_BUFFER",
@@ -96,6 +97,10 @@ NSQ_VERSION = "1.3.0"  # the nsqd version whose behaviour minq reproduces
 
 DEFAULT_MEM_QUEUE_SIZE = 10_000
 DEFAULT_MSG_TIMEOUT = 60.0
+DEFAULT_E2E_WINDOW = 600.0         # nsqd's --e2e-processing-latency-window-time
+DEFAULT_STATSD_PREFIX = "nsq.%s"   # %s: the host's broadcast address and HTTP port
+DEFAULT_STATSD_INTERVAL = 60.0
+DEFAULT_STATSD_PACKET_SIZE = 508
 DEFAULT_MAX_MSG_TIMEOUT = 15 * 60.0
 DEFAULT_MAX_MSG_SIZE = 1024 * 1024
 DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
@@ -2738,6 +2743,94 @@ class _LatencyHistogram:
                 "count": sum(self.counts), "sum": self.sum_ns / 1e9}
 
 
+class _E2EQuantiles:
+    """nsqd's end-to-end processing latency quantiles of a channel
+    (``--e2e-processing-latency-percentile``): publish-to-FIN times of the
+    last *window* seconds, kept as nsqd keeps them, in two streams of half a
+    window each (the older one is dropped when the newer one is half a
+    window old), and queried merged.
+
+    A stream is a sparse histogram on a log scale: 64 buckets per power of
+    two (a latency's bit length and its next six bits name its bucket), so
+    a quantile, reported as its bucket's middle, is within 1 % of the exact
+    one, and memory follows the spread of latencies (at most 64 buckets per
+    doubling), not their number.  A batch of FINs is counted a bucket at a
+    time (its stamps sorted, each bucket's run found by bisection), so
+    latencies that are close, as under load, cost little each.  Guarded by
+    its channel's lock."""
+
+    def __init__(self, percentiles: Sequence[float], window: float, now: float) -> None:
+        self.percentiles = tuple(percentiles)
+        self.half = window / 2
+        self._streams: List[Dict[int, int]] = [{}, {}]
+        self._current = 0
+        self._moved_at = now
+
+    def _advance(self, now: float) -> None:
+        # Drop the older stream for each half window that has passed.
+        if now >= self._moved_at + 2 * self.half:            # a whole window: both
+            self._streams = [{}, {}]
+            self._moved_at = now
+        while now >= self._moved_at + self.half:
+            self._current ^= 1
+            self._streams[self._current] = {}
+            self._moved_at += self.half
+
+    def count(self, stamps: List[int], now_ns: int, now: float) -> None:
+        """Count messages published at *stamps* (ns; sorted here) and finished
+        at *now_ns* (*now*: the broker's monotonic clock, for the window)."""
+        self._advance(now)
+        stream = self._streams[self._current]
+        get, right = stream.get, bisect.bisect_right
+        stamps.sort()
+        i, n = 0, len(stamps)
+        while i < n:
+            ns = now_ns - stamps[i]              # the longest latency left
+            if ns < 64:                          # (and all shorter): the first bucket
+                stream[448] = get(448, 0) + n - i
+                return
+            bits = ns.bit_length()
+            m = (ns >> (bits - 7)) & 63
+            k = (bits << 6) | m
+            j = right(stamps, now_ns - ((64 + m) << (bits - 7)), i)   # those in bucket k
+            stream[k] = get(k, 0) + j - i
+            i = j
+
+    def buckets(self, now: float) -> Dict[int, int]:
+        """The window's counts by bucket (both streams merged)."""
+        self._advance(now)
+        return _merge_buckets(self._streams)
+
+    @staticmethod
+    def result(percentiles: Sequence[float],
+               buckets: Optional[Dict[int, int]]) -> Dict[str, Any]:
+        """nsqd's ``e2e_processing_latency`` object: the count and each
+        percentile's value in ns (None: not tracked, as nsqd's null)."""
+        if buckets is None:
+            return {"count": 0, "percentiles": None}
+        total = sum(buckets.values())
+        keys = sorted(buckets)
+        out = []
+        for q in percentiles:
+            rank, seen, value = q * total, 0, 0
+            for k in keys:
+                seen += buckets[k]
+                if seen >= rank:                 # the bucket's middle
+                    value = int((64 + (k & 63) + 0.5) * 2.0 ** ((k >> 6) - 7))
+                    break
+            out.append({"quantile": q, "value": value})
+        return {"count": total, "percentiles": out}
+
+
+def _merge_buckets(parts: Iterable[Dict[int, int]]) -> Dict[int, int]:
+    """Histograms of latency buckets added up (a window's two halves, a topic's channels)."""
+    merged: Dict[int, int] = {}
+    for part in parts:
+        for k, n in part.items():
+            merged[k] = merged.get(k, 0) + n
+    return merged
+
+
 class Consumer:
     """A subscriber of a channel as the core sees it (in-process or a TCP client).
 
@@ -3070,6 +3163,10 @@ class Channel:
         self.timeout_count = 0
         self.dead_count = 0
         self._e2e = _LatencyHistogram()
+        # nsqd's quantiles, when the broker tracks some (None: not tracked).
+        self._quantiles = (_E2EQuantiles(self.broker.e2e_percentiles, self.broker.e2e_window,
+                                         self._monotonic())
+                           if self.broker.e2e_percentiles else None)
         self.max_attempts: Optional[int] = None
         self.dead_letter_topic: Optional[str] = None
         self.dispatch = "round_robin"
@@ -3313,7 +3410,10 @@ class Channel:
                 acks.append(h._pos)
         if last is not None:
             self._refresh_locked(last)
-        self._e2e.count(stamps, self._env.time_ns())
+        now_ns = self._env.time_ns()
+        if self._quantiles is not None:
+            self._quantiles.count(stamps, now_ns, self._monotonic())
+        self._e2e.count(stamps, now_ns)
         if acks:
             self._ack_locked(acks)
 
@@ -3810,6 +3910,17 @@ class Channel:
             for m in msgs:
                 self._queue.done(m)
 
+    def _quantile_buckets_locked(self) -> Optional[Dict[int, int]]:
+        q = self._quantiles
+        return q.buckets(self._monotonic()) if q is not None else None
+
+    def _quantile_buckets(self) -> Optional[Dict[int, int]]:
+        """The e2e quantiles' counts of the window (None: not tracked)."""
+        if self._quantiles is None:
+            return None
+        with self._lock:
+            return self._quantile_buckets_locked()
+
     def stats(self, include_clients: bool = True) -> Dict[str, Any]:
         """nsqd's channel object for /stats (plus minq's dead_count/drop_count)."""
         with self._lock:
@@ -3827,7 +3938,8 @@ class Channel:
                 "client_count": len(self._consumers),
                 "clients": clients,
                 "paused": self.paused,
-                "e2e_processing_latency": {"count": 0, "percentiles": None},
+                "e2e_processing_latency": _E2EQuantiles.result(
+                    self.broker.e2e_percentiles, self._quantile_buckets_locked()),
                 "dead_count": self.dead_count,
                 "drop_count": self._queue.drop_count,
                 "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
@@ -4299,11 +4411,16 @@ class Topic:
                 "message_count": self.message_count,
                 "message_bytes": self.message_bytes,
                 "paused": self.paused,
-                "e2e_processing_latency": {"count": 0, "percentiles": None},
+                "e2e_processing_latency": None,
                 "drop_count": self._queue.drop_count,
                 "corrupt_count": self._queue.log.corrupt_count if self._queue.log else 0,
             }
             channels = [chans[k].stats(include_clients) for k in sorted(chans)]
+            # As nsqd: the topic's quantiles are those of all its channels merged.
+            parts = [ch._quantile_buckets() for ch in self._channels.values()]
+            parts = [b for b in parts if b is not None]
+            top["e2e_processing_latency"] = _E2EQuantiles.result(
+                self.broker.e2e_percentiles, _merge_buckets(parts) if parts else None)
         return {"topic_name": top.pop("topic_name"), "channels": channels, **top}
 
 
@@ -4429,8 +4546,9 @@ class Broker:
     ``max_attempts`` (0 = unlimited; beyond it messages go to a dead-letter
     topic), ``durable`` (every message on disk before publish returns),
     ``fsync`` (and fsynced: group commit), ``max_open_files`` (descriptors
-    the segment logs may hold at once; default half the soft RLIMIT_NOFILE)
-    and ``clock``.  Without ``data_path`` everything is in memory only.
+    the segment logs may hold at once; default half the soft RLIMIT_NOFILE),
+    ``e2e_percentiles`` and ``e2e_window`` (nsqd's end-to-end processing
+    latency quantiles, reported in ``stats()``) and ``clock``.  Without ``data_path`` everything is in memory only.
     """
 
     def __init__(self, *, mem_queue_size: int = DEFAULT_MEM_QUEUE_SIZE,
@@ -4448,10 +4566,17 @@ class Broker:
                  sync_every: int = DEFAULT_SYNC_EVERY,
                  sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
                  max_open_files: Optional[int] = None,
+                 e2e_percentiles: Sequence[float] = (),
+                 e2e_window: float = DEFAULT_E2E_WINDOW,
                  clock: Any = None) -> None:
         _check_range("mem_queue_size", mem_queue_size, 0, None)
         if max_open_files is not None:
             _check_range("max_open_files", max_open_files, 4, None)
+        for q in e2e_percentiles:
+            if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 1):
+                raise InvalidArgument(f"invalid E2E processing latency percentile: {q!r} "
+                                      f"(a number in (0, 1])")
+        _check_range("e2e_window", e2e_window, 0.001, None)
         _check_range("msg_timeout", msg_timeout, 0.001, None)
         _check_range("max_msg_timeout", max_msg_timeout, msg_timeout, None)
         # A log record carries a body or a batch in a 31-bit length field.
@@ -4473,6 +4598,10 @@ class Broker:
         self.max_req_timeout = float(max_req_timeout)
         self.max_rdy_count = max_rdy_count
         self.max_attempts = max_attempts
+        # Sorted from the highest, as nsqd reports them.
+        self.e2e_percentiles: Tuple[float, ...] = tuple(sorted(map(float, e2e_percentiles),
+                                                               reverse=True))
+        self.e2e_window = float(e2e_window)
         self.data_path = os.path.abspath(data_path) if data_path else None
         self.fsync = bool(fsync)
         self.durable = bool(durable or fsync)
@@ -10151,6 +10280,24 @@ def prometheus_metrics(stats: Dict[str, Any]) -> str:
         lbl = _labels(topic=t, channel=c["channel_name"])
         out.append(f"{name}_sum{lbl} {e2e['sum']!r}")     # repr: every digit kept
         out.append(f"{name}_count{lbl} {e2e['count']}")
+    for name, who, labels in (
+            ("minq_topic_e2e_processing_latency_seconds", "its channels'",
+             [(t, {"topic": t["topic_name"]}) for t in topics]),
+            ("minq_channel_e2e_processing_latency_seconds", "the channel's",
+             [(c, {"topic": t, "channel": c["channel_name"]}) for t, c in channels])):
+        tracked = [(x, lbl) for x, lbl in labels
+                   if x["e2e_processing_latency"]["percentiles"] is not None]
+        if not tracked:
+            continue
+        out.append(f"# HELP {name} Publish-to-FIN time percentiles of {who} finishes "
+                   f"in the last --e2e-processing-latency-window-time (nsqd's).")
+        out.append(f"# TYPE {name} summary")
+        for x, lbl in tracked:
+            e2e = x["e2e_processing_latency"]
+            for item in e2e["percentiles"]:
+                q = f"{item['quantile']:g}"
+                out.append(f"{name}{_labels(**lbl, quantile=q)} {item['value'] / 1e9!r}")
+            out.append(f"{name}_count{_labels(**lbl)} {e2e['count']}")
     storage = stats.get("storage")
     if storage:
         for name, kind, text, key in _STORAGE_METRICS:
@@ -10166,6 +10313,144 @@ def _memory_stats() -> Dict[str, int]:
             "heap_in_use_bytes": _rss_bytes(), "heap_released_bytes": 0,
             "gc_pause_usec_100": 0, "gc_pause_usec_99": 0, "gc_pause_usec_95": 0,
             "next_gc_bytes": 0, "gc_total_runs": sum(g["collections"] for g in counts)}
+
+
+def statsd_prefix(prefix: str, host: str, http_port: int) -> str:
+    """nsqd's expansion of ``--statsd-prefix``: ``%s`` becomes this node's
+    broadcast address and HTTP port with dots and colons as underscores,
+    and a dot ends the prefix."""
+    if not prefix:
+        return ""
+    node = f"[{host}]:{http_port}" if ":" in host else f"{host}:{http_port}"
+    prefix = prefix.replace("%s", node.replace(".", "_").replace(":", "_"))
+    return prefix if prefix.endswith(".") else prefix + "."
+
+
+class StatsdPusher:
+    """nsqd's statsd reporting (``--statsd-address``): every *interval*
+    seconds, the broker's topics and channels (and memory, *mem_stats*)
+    under nsqd's names and types, over UDP to *address*, in packets of at
+    most *packet_size* bytes holding whole lines.  Counters (``|c``) carry
+    the change since the last push, gauges (``|g``) the value now; e2e
+    percentiles are gauges in ns named ``e2e_processing_latency_<99>``.
+    ``start()`` runs a thread pushing until ``close()``; ``push()`` pushes
+    once.  A statsd that cannot be reached costs a log line per push."""
+
+    def __init__(self, broker: "Broker", address: str, prefix: str = "", *,
+                 interval: float = DEFAULT_STATSD_INTERVAL, mem_stats: bool = True,
+                 packet_size: int = DEFAULT_STATSD_PACKET_SIZE,
+                 exclude_ephemeral: bool = False) -> None:
+        _check_range("statsd interval", interval, 0.001, None)
+        _check_range("statsd packet size", packet_size, 64, 65507)
+        self.broker = broker
+        self.address = _split_address(address, 8125)
+        self.prefix = prefix
+        self.interval = interval
+        self.mem_stats = mem_stats
+        self.packet_size = packet_size
+        self.exclude_ephemeral = exclude_ephemeral
+        self._last: Dict[str, int] = {}      # counters' values at the last push
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "StatsdPusher":
+        self._thread = threading.Thread(target=self._loop, name="minq-statsd")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.push()
+            except Exception:                     # never let reporting die
+                log.exception("STATSD: push failed")
+
+    def lines(self) -> List[str]:
+        """What one push sends, a line per metric (counters as changes)."""
+        last, now = self._last, {}
+        out: List[str] = []
+        p = self.prefix
+
+        def incr(stat: str, value: int) -> None:
+            now[stat] = value
+            out.append(f"{p}{stat}:{value - last.get(stat, 0)}|c")
+
+        def gauge(stat: str, value: float) -> None:
+            out.append(f"{p}{stat}:{int(value)}|g")
+
+        def e2e(stat: str, result: Dict[str, Any]) -> None:
+            for item in result.get("percentiles") or ():
+                gauge(f"{stat}.e2e_processing_latency_{item['quantile'] * 100:.0f}",
+                      item["value"])
+        skip = self.exclude_ephemeral
+        for t in self.broker.stats(include_clients=False)["topics"] or ():
+            if skip and t["topic_name"].endswith("#ephemeral"):
+                continue
+            ts = f"topic.{t['topic_name']}"
+            incr(f"{ts}.message_count", t["message_count"])
+            incr(f"{ts}.message_bytes", t["message_bytes"])
+            gauge(f"{ts}.depth", t["depth"])
+            gauge(f"{ts}.backend_depth", t["backend_depth"])
+            e2e(ts, t["e2e_processing_latency"])
+            for c in t["channels"]:
+                if skip and c["channel_name"].endswith("#ephemeral"):
+                    continue
+                cs = f"{ts}.channel.{c['channel_name']}"
+                incr(f"{cs}.message_count", c["message_count"])
+                gauge(f"{cs}.depth", c["depth"])
+                gauge(f"{cs}.backend_depth", c["backend_depth"])
+                gauge(f"{cs}.in_flight_count", c["in_flight_count"])
+                gauge(f"{cs}.deferred_count", c["deferred_count"])
+                incr(f"{cs}.requeue_count", c["requeue_count"])
+                incr(f"{cs}.timeout_count", c["timeout_count"])
+                gauge(f"{cs}.clients", c["client_count"])
+                e2e(cs, c["e2e_processing_latency"])
+        if self.mem_stats:
+            ms = _memory_stats()
+            for key in ("heap_objects", "heap_idle_bytes", "heap_in_use_bytes",
+                        "heap_released_bytes", "gc_pause_usec_100", "gc_pause_usec_99",
+                        "gc_pause_usec_95", "next_gc_bytes"):
+                gauge(f"mem.{key}", ms[key])
+            incr("mem.gc_runs", ms["gc_total_runs"])
+        self._last = now
+        return out
+
+    def packets(self, lines: List[str]) -> List[bytes]:
+        """*lines* (each ended by a newline) in packets of whole lines, each
+        within the packet size unless one line alone is longer."""
+        out: List[bytes] = []
+        buf = b""
+        for line in lines:
+            data = line.encode() + b"\n"
+            if buf and len(buf) + len(data) > self.packet_size:
+                out.append(buf)
+                buf = b""
+            buf += data
+        if buf:
+            out.append(buf)
+        return out
+
+    def push(self) -> int:
+        """Send the stats once; returns how many packets went out."""
+        host, port = self.address
+        packets = self.packets(self.lines())
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, 0,
+                                                              socket.SOCK_DGRAM)[0]
+            with socket.socket(family, kind, proto) as sock:
+                for packet in packets:
+                    sock.sendto(packet, addr)
+        except OSError as e:
+            log.error("STATSD: failed to push stats to %s:%d: %s", host, port, e)
+            return 0
+        log.debug("STATSD: pushed %d packet(s) to %s:%d", len(packets), host, port)
+        return len(packets)
 
 
 def _rss_bytes() -> int:
@@ -10571,6 +10856,22 @@ def _http_bool(value: Optional[str], default: bool) -> bool:
     raise _HTTPError(400, "INVALID_REQUEST")
 
 
+def _nanoseconds_text(ns: float) -> str:
+    """nsqd's short form of a duration in ns: 1.5ms, 230.0us, 2.1s."""
+    for size, unit in ((1e9, "s"), (1e6, "ms"), (1e3, "us")):
+        if ns > size:
+            return f"{ns / size:.1f}{unit}"
+    return f"{ns:.1f}ns"
+
+
+def _e2e_text(stats: Dict[str, Any]) -> str:
+    # nsqd's "e2e%: <each percentile's value>", when percentiles are tracked.
+    items = stats["e2e_processing_latency"]["percentiles"]
+    if not items:
+        return ""
+    return " e2e%: " + ", ".join(_nanoseconds_text(i["value"]) for i in items)
+
+
 def _stats_text(stats: Dict[str, Any]) -> str:
     """nsqd's human-readable /stats (no tool parses it)."""
     lines = [f"nsqd v{stats['version']} (minq {VERSION})",
@@ -10582,13 +10883,13 @@ def _stats_text(stats: Dict[str, Any]) -> str:
     for t in topics:
         lines.append(f"   [{t['topic_name']:<25}] depth: {t['depth']:<5} be-depth: "
                      f"{t['backend_depth']:<5} msgs: {t['message_count']:<8}"
-                     + (" *P" if t["paused"] else ""))
+                     + _e2e_text(t) + (" *P" if t["paused"] else ""))
         for c in t["channels"]:
             lines.append(f"      [{c['channel_name']:<25}] depth: {c['depth']:<5} be-depth: "
                          f"{c['backend_depth']:<5} inflt: {c['in_flight_count']:<4} def: "
                          f"{c['deferred_count']:<4} re-q: {c['requeue_count']:<5} timeout: "
                          f"{c['timeout_count']:<5} msgs: {c['message_count']:<8}"
-                         + (" *P" if c["paused"] else ""))
+                         + _e2e_text(c) + (" *P" if c["paused"] else ""))
             for cl in c.get("clients") or []:
                 lines.append(f"        [{cl['user_agent']} {cl['client_id']}] state: "
                              f"{cl['state']} inflt: {cl['in_flight_count']:<4} rdy: "
@@ -10669,6 +10970,20 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
     ("sync-timeout", parse_duration, DEFAULT_SYNC_TIMEOUT, "longest time between fsyncs"),
     ("max-open-files", int, 0,
      "descriptors the segment logs may hold at once (0 = half the open-file limit)"),
+    ("e2e-processing-latency-percentile", None, None,
+     "message processing time percentiles to track, in (0, 1]; repeat the flag or separate "
+     "with commas (default none)"),
+    ("e2e-processing-latency-window-time", parse_duration, DEFAULT_E2E_WINDOW,
+     "the time end-to-end latency quantiles are computed over"),
+    ("statsd-address", str, "", "UDP <addr>:<port> of a statsd daemon to push stats to"),
+    ("statsd-prefix", str, DEFAULT_STATSD_PREFIX,
+     "prefix of the keys sent to statsd (%%s: this host's address and HTTP port)"),
+    ("statsd-interval", parse_duration, DEFAULT_STATSD_INTERVAL, "time between pushes to statsd"),
+    ("statsd-mem-stats", _parse_bool, True, "send memory and GC stats to statsd"),
+    ("statsd-udp-packet-size", int, DEFAULT_STATSD_PACKET_SIZE,
+     "largest statsd UDP packet in bytes"),
+    ("statsd-exclude-ephemeral", _parse_bool, False,
+     "leave ephemeral topics and channels out of what goes to statsd"),
     ("msg-timeout", parse_duration, DEFAULT_MSG_TIMEOUT, "default in-flight timeout"),
     ("max-msg-timeout", parse_duration, DEFAULT_MAX_MSG_TIMEOUT,
      "largest msg_timeout a client may ask for"),
@@ -10738,13 +11053,11 @@ _SERVE_OPTIONS: List[Tuple[str, Callable[[Any], Any], Any, str]] = [
 # nsqd 1.3.0's flags that only change what is reported (statsd, latency
 # percentiles, log prefix) or tune nsqd's internals: accepted, ignored with
 # a warning, so an nsqd command line starts minq unchanged.
-_IGNORED_FLAGS = ("e2e-processing-latency-percentile", "e2e-processing-latency-window-time",
-                  "log-prefix", "node-id", "worker-id", "verbose", "statsd-address",
-                  "statsd-exclude-ephemeral", "statsd-interval", "statsd-mem-stats",
-                  "statsd-prefix", "statsd-udp-packet-size", "queue-scan-selection-count",
-                  "queue-scan-worker-pool-max")
-_BOOL_FLAGS = {"durable", "fsync", "deflate", "snappy", "tls-required"}
-_LIST_FLAGS = {"auth-http-address", "lookupd-tcp-address"}
+_IGNORED_FLAGS = ("log-prefix", "node-id", "worker-id", "verbose",
+                  "queue-scan-selection-count", "queue-scan-worker-pool-max")
+_BOOL_FLAGS = {"durable", "fsync", "deflate", "snappy", "tls-required", "statsd-mem-stats",
+               "statsd-exclude-ephemeral"}
+_LIST_FLAGS = {"auth-http-address", "lookupd-tcp-address", "e2e-processing-latency-percentile"}
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
 
@@ -10784,12 +11097,13 @@ def _serve_parser(sub: Any) -> None:
             shown = f" (default {format_duration(default)})"
         else:
             shown = f" (default {str(default).lower() if isinstance(default, bool) else default})"
+            shown = shown.replace("%", "%%")          # argparse formats help with %
         if flag in _BOOL_FLAGS:
             p.add_argument(f"--{flag}", nargs="?", const="true", default=argparse.SUPPRESS,
                            metavar="BOOL", help=text + shown)
         elif flag in _LIST_FLAGS:
             p.add_argument(f"--{flag}", action="append", default=argparse.SUPPRESS,
-                           metavar="ADDR", help=text)
+                           metavar="ADDR" if "address" in flag else "VALUE", help=text)
         else:
             p.add_argument(f"--{flag}", default=argparse.SUPPRESS, metavar="VALUE",
                            help=text + shown)
@@ -10874,14 +11188,34 @@ def _serve_options(args: argparse.Namespace) -> Dict[str, Any]:
             opts[key] = default
         elif flag in _LIST_FLAGS:
             value = given[key]
-            opts[key] = [value] if isinstance(value, str) else list(value)
+            opts[key] = [value] if isinstance(value, (str, int, float)) else list(value)
         else:
             try:
                 opts[key] = parse(given[key])
             except (ValueError, MinqError) as e:
                 raise InvalidArgument(f"--{flag}: {e}") from None
     opts["ignored_flags"] = sorted(set(ignored))
+    opts["e2e_processing_latency_percentile"] = _parse_percentiles(
+        opts["e2e_processing_latency_percentile"] or ())
     return opts
+
+
+def _parse_percentiles(values: Iterable[Any]) -> List[float]:
+    """nsqd's --e2e-processing-latency-percentile values (each may hold several,
+    comma-separated): floats in (0, 1], highest first."""
+    out = []
+    for value in values:
+        for part in str(value).split(","):
+            try:
+                q = float(part)
+            except ValueError:
+                raise InvalidArgument(f"--e2e-processing-latency-percentile: could not parse "
+                                      f"{part!r}") from None
+            if not 0 < q <= 1:
+                raise InvalidArgument(f"--e2e-processing-latency-percentile: invalid E2E "
+                                      f"processing latency percentile: {part}")
+            out.append(q)
+    return sorted(out, reverse=True)
 
 
 def _tune_gc() -> None:
@@ -10950,7 +11284,9 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         max_msg_timeout=opts["max_msg_timeout"], max_msg_size=opts["max_msg_size"],
         max_body_size=opts["max_body_size"], max_req_timeout=opts["max_req_timeout"],
         max_rdy_count=opts["max_rdy_count"], max_attempts=opts["max_attempts"],
-        max_open_files=opts["max_open_files"] or None)
+        max_open_files=opts["max_open_files"] or None,
+        e2e_percentiles=opts["e2e_processing_latency_percentile"],
+        e2e_window=opts["e2e_processing_latency_window_time"])
     loop = _EventLoop(broker.clock)        # one I/O thread for both faces
     try:
         budget = MemoryBudget(opts["max_body_memory"] or
@@ -10978,7 +11314,7 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         loop.close()
         _abandon(broker, fresh, existed)
         raise
-    http_server = https_server = registrar = None
+    http_server = https_server = registrar = statsd = None
     try:
         if opts["https_address"] and server.tls_context is not None:
             https_server = HTTPServer(broker, opts["https_address"], tcp_address=server.address,
@@ -10997,6 +11333,17 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
                 tcp_port=opts["broadcast_tcp_port"] or tcp_port,
                 http_port=(opts["broadcast_http_port"] or
                            (http_server.server_address[1] if http_server else 0)))
+        if opts["statsd_address"]:
+            statsd = StatsdPusher(
+                broker, opts["statsd_address"],
+                statsd_prefix(opts["statsd_prefix"],
+                              http_server.broadcast_address if http_server else
+                              opts["broadcast_address"] or socket.gethostname(),
+                              opts["broadcast_http_port"] or
+                              (http_server.server_address[1] if http_server else 0)),
+                interval=opts["statsd_interval"], mem_stats=opts["statsd_mem_stats"],
+                packet_size=opts["statsd_udp_packet_size"],
+                exclude_ephemeral=opts["statsd_exclude_ephemeral"])
     except BaseException:
         for s in (http_server, https_server):
             if s is not None:
@@ -11023,6 +11370,10 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
         web.start()
     if registrar is not None:
         registrar.start()
+    if statsd is not None:
+        statsd.start()
+        log.info("STATSD: pushing stats to %s every %s", opts["statsd_address"],
+                 format_duration(opts["statsd_interval"]))
     if ready is not None:
         ready(server)
     try:
@@ -11035,6 +11386,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
                 web.stop_accepting()
             if registrar is not None:
                 registrar.close()
+            if statsd is not None:
+                statsd.close()
             server.close()
             grace = opts.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
             for web in webs:

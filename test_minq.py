@@ -2446,6 +2446,71 @@ def test_a_thousand_pull_consumers_read_everything_once(broker):
             c.close()
 
 
+def finish_after(b, clock, cons, seconds):
+    """Take a message and finish it *seconds* (on the clock) after it was published."""
+    m = cons.get(timeout=5)
+    clock.advance(seconds)
+    m.finish()
+    b.stats()                                  # finishes are settled now, at this time
+
+
+def test_e2e_percentiles_as_nsqd_within_one_percent(clock):
+    with minq.Broker(clock=clock, e2e_percentiles=[0.5, 1.0, 0.99], e2e_window=60) as b:
+        with b.consumer("t", "c", max_in_flight=1) as cons:
+            for i in range(1, 101):             # latencies of 1, 2, ... 100 ms
+                b.publish("t", b"x")
+                finish_after(b, clock, cons, i / 1000)
+        e2e = b.stats()["topics"][0]["channels"][0]["e2e_processing_latency"]
+    assert e2e["count"] == 100
+    assert [p["quantile"] for p in e2e["percentiles"]] == [1.0, 0.99, 0.5]   # nsqd's order
+    for p, exact in zip(e2e["percentiles"], (100e6, 99e6, 50e6)):
+        assert isinstance(p["value"], int) and abs(p["value"] - exact) <= 0.01 * exact, p
+
+
+def test_e2e_percentiles_keep_one_window_in_two_halves(clock):
+    with minq.Broker(clock=clock, e2e_percentiles=[0.5], e2e_window=60) as b:
+        with b.consumer("t", "c") as cons:
+            b.publish("t", b"old")
+            finish_after(b, clock, cons, 0.5)
+            clock.advance(31)                   # a half window: the older half now
+            b.publish("t", b"new")
+            finish_after(b, clock, cons, 0.01)
+
+            def e2e():
+                return b.stats()["topics"][0]["channels"][0]["e2e_processing_latency"]
+            assert e2e()["count"] == 2
+            clock.advance(30)                   # the half holding "old" is dropped
+            assert e2e()["count"] == 1 and abs(e2e()["percentiles"][0]["value"] - 1e7) < 1e5
+            clock.advance(60)                   # nothing in the window
+            assert e2e() == {"count": 0, "percentiles": [{"quantile": 0.5, "value": 0}]}
+
+
+def test_a_topics_e2e_percentiles_merge_its_channels(clock):
+    with minq.Broker(clock=clock, e2e_percentiles=[0.99, 0.25]) as b:
+        with b.consumer("t", "fast") as fast, b.consumer("t", "slow") as slow:
+            for _ in range(4):
+                b.publish("t", b"x")
+                finish_after(b, clock, fast, 0.01)
+                finish_after(b, clock, slow, 1.0)
+        t = b.stats()["topics"][0]
+    assert t["e2e_processing_latency"]["count"] == 8
+    p99, p25 = (p["value"] for p in t["e2e_processing_latency"]["percentiles"])
+    assert abs(p99 - 1.01e9) < 0.02e9 and abs(p25 - 1e7) < 0.02e7
+    assert all(c["e2e_processing_latency"]["count"] == 4 for c in t["channels"])
+
+
+def test_e2e_percentiles_off_or_invalid(broker):
+    broker.publish("t", b"x")
+    with broker.consumer("t", "c") as cons:
+        cons.get(timeout=5).finish()
+    t = broker.stats()["topics"][0]
+    assert t["e2e_processing_latency"] == {"count": 0, "percentiles": None}
+    assert t["channels"][0]["e2e_processing_latency"] == {"count": 0, "percentiles": None}
+    for bad in ([0], [1.5], [-0.5], ["0.5"]):
+        with pytest.raises(minq.InvalidArgument, match="percentile"):
+            minq.Broker(e2e_percentiles=bad)
+
+
 # =============================================================================
 # Topic: pause, empty, delete
 # =============================================================================
@@ -5160,6 +5225,101 @@ def test_metrics_keep_every_digit_of_large_latency_sums(clock):
     assert 'le="+Inf"} 1' in text and 'le="300"} 0' in text
 
 
+def test_http_stats_text_and_metrics_carry_e2e_percentiles(clock):
+    with minq.Broker(clock=clock, e2e_percentiles=[0.99, 0.5]) as b, \
+            minq.HTTPServer(b, "127.0.0.1:0").start() as srv, b.consumer("t", "c") as cons:
+        b.publish("t", b"x")
+        finish_after(b, clock, cons, 0.0015)
+        stats = json.loads(http(srv, "GET", "/stats?format=json")[2])
+        text = http(srv, "GET", "/stats")[2].decode()
+        metrics = http(srv, "GET", "/metrics")[2].decode()
+    for obj in (stats["topics"][0], stats["topics"][0]["channels"][0]):
+        e2e = obj["e2e_processing_latency"]        # nsqd's layout, values in ns
+        assert e2e["count"] == 1 and [p["quantile"] for p in e2e["percentiles"]] == [0.99, 0.5]
+        assert all(abs(p["value"] - 1_500_000) <= 15_000 for p in e2e["percentiles"])
+    assert text.count("e2e%: 1.5ms, 1.5ms") == 2      # nsqd's text form, topic and channel
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                   if line.startswith("minq_channel_e2e_processing_latency"))
+    key = 'minq_channel_e2e_processing_latency_seconds{topic="t",channel="c",quantile="0.99"}'
+    assert float(samples[key]) == pytest.approx(0.0015, rel=0.01)
+    assert samples['minq_channel_e2e_processing_latency_seconds_count{topic="t",channel="c"}'] \
+        == "1"
+    assert "# TYPE minq_topic_e2e_processing_latency_seconds summary" in metrics
+
+
+def udp_listener():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    u.settimeout(5)
+    return u
+
+
+def statsd_lines(u, packets):
+    """What *packets* UDP packets carry: {name: (value, type)}, each packet checked."""
+    got = {}
+    for _ in range(packets):
+        data = u.recv(65536)
+        assert data.endswith(b"\n")
+        for line in data.decode().splitlines():
+            name, rest = line.split(":")
+            value, kind = rest.split("|")
+            got[name] = (int(value), kind)
+    return got
+
+
+def test_statsd_pushes_nsqds_names_and_types(clock):
+    u = udp_listener()
+    with u, minq.Broker(clock=clock, e2e_percentiles=[0.99]) as b:
+        b.topic("t").channel("c")
+        b.topic("t").channel("tmp#ephemeral")
+        b.publish_many("t", [b"abc", b"de", b"f"])
+        with b.consumer("t", "c", max_in_flight=2) as cons:
+            finish_after(b, clock, cons, 0.002)
+            cons.get(timeout=5).requeue()
+            pusher = minq.StatsdPusher(b, "127.0.0.1:%d" % u.getsockname()[1],
+                                       minq.statsd_prefix("nsq.%s", "10.0.0.7", 4151),
+                                       packet_size=200, exclude_ephemeral=True)
+            sent = pusher.push()
+            got = statsd_lines(u, sent)
+            assert sent > 1 and all(len(p) <= 200 for p in pusher.packets(pusher.lines()))
+            t, c = "nsq.10_0_0_7_4151.topic.t", "nsq.10_0_0_7_4151.topic.t.channel.c"
+            assert got[f"{t}.message_count"] == (3, "c")
+            assert got[f"{t}.message_bytes"] == (6, "c")
+            assert got[f"{t}.depth"] == (0, "g") and got[f"{t}.backend_depth"] == (0, "g")
+            assert got[f"{c}.message_count"] == (3, "c")
+            st = b.stats()["topics"][0]["channels"][0]
+            for key in ("depth", "backend_depth", "in_flight_count", "deferred_count"):
+                assert got[f"{c}.{key}"] == (st[key], "g"), key
+            assert got[f"{c}.requeue_count"] == (1, "c") and got[f"{c}.timeout_count"] == (0, "c")
+            assert got[f"{c}.clients"] == (1, "g") and st["in_flight_count"] == 2
+            assert abs(got[f"{c}.e2e_processing_latency_99"][0] - 2_000_000) < 20_000
+            assert got[f"{t}.e2e_processing_latency_99"][1] == "g"
+            assert got["nsq.10_0_0_7_4151.mem.heap_objects"][1] == "g"
+            assert got["nsq.10_0_0_7_4151.mem.gc_runs"][1] == "c"
+            assert not [n for n in got if "ephemeral" in n]
+            b.publish("t", b"more")                  # counters carry the change since
+            got = statsd_lines(u, pusher.push())
+            assert got[f"{t}.message_count"] == (1, "c") and got[f"{c}.requeue_count"] == (0, "c")
+            quiet = minq.StatsdPusher(b, "127.0.0.1:%d" % u.getsockname()[1], mem_stats=False)
+            got = statsd_lines(u, quiet.push())
+            assert "topic.t.channel.tmp#ephemeral.depth" in got and not [
+                n for n in got if n.startswith("mem.")]
+
+
+def test_statsd_prefix_expands_as_nsqd():
+    assert minq.statsd_prefix("nsq.%s", "10.0.0.7", 4151) == "nsq.10_0_0_7_4151."
+    assert minq.statsd_prefix("nsq.%s", "::1", 4151) == "nsq.[__1]_4151."
+    assert minq.statsd_prefix("app.", "h", 1) == "app." and minq.statsd_prefix("app", "h", 1) \
+        == "app."
+    assert minq.statsd_prefix("", "h", 1) == ""
+
+
+def test_statsd_unreachable_costs_a_log_line(broker, caplog):
+    pusher = minq.StatsdPusher(broker, "no-such-host.invalid:8125")
+    assert pusher.push() == 0
+    assert "STATSD: failed to push stats to no-such-host.invalid:8125" in caplog.text
+
+
 def test_http_ping_reports_storage_failure(tmp_path, monkeypatch):
     with minq.Broker(data_path=str(tmp_path), durable=True) as b, \
             minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
@@ -6002,19 +6162,43 @@ def test_serve_starts_unchanged_from_an_nsqd_command_line(tmp_path, nsqd_args):
         assert s.stop() == 0
 
 
+def test_serve_tracks_e2e_percentiles_and_pushes_statsd_from_nsqd_flags(tmp_path):
+    u = udp_listener()
+    s = Served("--data-path=", f"-statsd-address=127.0.0.1:{u.getsockname()[1]}",
+               "-statsd-interval=100ms", "-statsd-mem-stats=false",
+               "-e2e-processing-latency-percentile=0.5",
+               "-e2e-processing-latency-percentile", "0.99,0.95", cwd=tmp_path)
+    try:
+        with u, minq.Client(s.address) as c:
+            c.publish("t", b"x")
+            with c.consumer("t", "c") as cons:
+                cons.get(timeout=5).finish()
+            stats = json.loads(http(s.http_address, "GET", "/stats?format=json")[2])
+            e2e = stats["topics"][0]["e2e_processing_latency"]
+            assert [p["quantile"] for p in e2e["percentiles"]] == [0.99, 0.95, 0.5]
+            port = s.http_address.rsplit(":", 1)[1]
+            wait_until(lambda: f"nsq.127_0_0_1_{port}.topic.t.channel.c.message_count" in
+                       statsd_lines(u, 1), what="a statsd push with the channel")
+    finally:
+        assert s.stop() == 0
+    for bad in ("-e2e-processing-latency-percentile=0", "-e2e-processing-latency-percentile=x"):
+        r = run_minq("serve", "-tcp-address=127.0.0.1:0", "-http-address=", "-data-path=", bad)
+        assert r.returncode != 0 and "e2e-processing-latency-percentile" in r.stderr
+
+
 def test_serve_warns_once_about_the_nsqd_flags_it_ignores(tmp_path):
     r = run_minq("serve", "-tcp-address=127.0.0.1:0", "-http-address=", "-data-path=",
-                 "-statsd-address=127.0.0.1:8125", "-node-id", "3", "--version")
+                 "-verbose", "-node-id", "3", "--version")
     assert r.returncode == 0 and r.stdout.startswith("nsqd v1.3.0 ")   # --version after the flags
     p = subprocess.Popen([sys.executable, str(HERE / "minq.py"), "serve", "-tcp-address=127.0.0.1:0",
-                          "-http-address=", "-data-path=", "-statsd-address=127.0.0.1:8125",
+                          "-http-address=", "-data-path=", "-verbose",
                           "-node-id", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     assert "listening on" in p.stdout.readline()
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=20)
     lines = [line for line in err.splitlines() if "ignoring nsqd option" in line]
-    assert len(lines) == 1 and "node-id, statsd-address" in lines[0]
+    assert len(lines) == 1 and "node-id, verbose" in lines[0]
 
 
 def test_serve_version_and_help_in_nsqd_forms():
