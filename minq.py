@@ -3163,6 +3163,8 @@ class Channel:
         self.timeout_count = 0
         self.dead_count = 0
         self._e2e = _LatencyHistogram()
+        # The time the broker's timer will next visit (guarded by its lock).
+        self._wake_at = math.inf
         # nsqd's quantiles, when the broker tracks some (None: not tracked).
         self._quantiles = (_E2EQuantiles(self.broker.e2e_percentiles, self.broker.e2e_window,
                                          self._monotonic())
@@ -3298,7 +3300,7 @@ class Channel:
     def _defer_locked(self, msg: Message, due: float) -> None:
         self._deferred[msg.id] = msg
         heapq.heappush(self._deferred_heap, (due, msg.id))
-        self._env.schedule(due)
+        self._wake_by(due)
 
     def _defer_from_disk(self, msg: Message, due_ns: int) -> None:
         # A deferred record met while reading the log (after a restart).
@@ -3575,8 +3577,8 @@ class Channel:
             self._dispatch_hash_locked(now, out)
         else:
             self._share_locked(now, out)
-        if q.read_error is not None and now + _READ_RETRY < self._env.next_due:
-            self._env.schedule(now + _READ_RETRY)      # the log is read again then
+        if q.read_error is not None:
+            self._wake_by(now + _READ_RETRY)            # the log is read again then
         return out
 
     def _share_locked(self, now: float, out: Deliveries) -> None:
@@ -3715,15 +3717,21 @@ class Channel:
             self._refresh_locked(c)
             out.append((c, handed))
 
+    def _wake_by(self, due: float) -> None:
+        """Have the broker's timer visit this channel by *due* (monotonic):
+        a deadline, a deferral or a retry.  Nothing to do when it will
+        already (``_wake_at``, read here without the timer's lock: a stale
+        read costs one more heap entry, never a missed visit)."""
+        if due < self._wake_at:
+            self._env.schedule(due, self)
+
     def _bucket_locked(self, deadline: float) -> Dict[bytes, _Delivery]:
         k = math.ceil(deadline / _DEADLINE_GRAIN)
         bucket = self._buckets.get(k)
         if bucket is None:
             bucket = self._buckets[k] = {}
             heapq.heappush(self._bucket_heap, k)
-            due = k * _DEADLINE_GRAIN
-            if due < self._env.next_due:
-                self._env.schedule(due)
+            self._wake_by(k * _DEADLINE_GRAIN)
         self._last_bucket = (k, bucket)     # deliveries in a row share one
         return bucket
 
@@ -4516,7 +4524,7 @@ class _BrokerServices:
         self._broker = broker
         self.time_ns = broker.clock.time_ns               # wall clock, ns (timestamps, due times)
         self.monotonic = broker.clock.monotonic           # deadlines
-        self.schedule = broker._schedule                  # wake the timer by this monotonic time
+        self.schedule = broker._schedule                  # visit a channel by a monotonic time
         self.schedule_pump = broker._schedule_pump        # a topic has held messages to move
         self.metadata_changed = broker._metadata_changed  # minq.dat must be saved
         self.announce = broker._announce                  # a topic or channel came or went
@@ -4524,11 +4532,6 @@ class _BrokerServices:
         self.drop_log = broker._drop_log                  # a deleted queue's log goes
         self.dead_letter = broker._dead_letter            # messages out of attempts
         self.delete_topic_if_unused = broker._delete_topic_if_unused
-
-    @property
-    def next_due(self) -> float:
-        """The timer's next wake-up (a sooner deadline must call ``schedule``)."""
-        return self._broker._next_due
 
     @property
     def loading(self) -> bool:
@@ -4651,11 +4654,16 @@ class Broker:
         self._pump_retry: List[Tuple[float, Topic]] = []
         if self.data_path:
             self._open_data_path()
-        # _timer_cond guards _next_due.  Channels call _schedule while holding
-        # their own lock (channel lock -> timer lock); the timer thread never
-        # takes a channel lock while holding it.
+        # _timer_cond guards _next_due, _due and the channels' _wake_at.
+        # Channels call _schedule while holding their own lock (channel lock
+        # -> timer lock); the timer thread never takes a channel lock while
+        # holding it.
         self._timer_cond = threading.Condition(threading.Lock())
         self._next_due = math.inf
+        # Channels to visit, by due time: (due, sequence, channel); a channel's
+        # _wake_at is its earliest entry's (later ones of it are stale).
+        self._due: List[Tuple[float, int, Channel]] = []
+        self._due_seq = itertools.count()
         if hasattr(self.clock, "add_listener"):
             self.clock.add_listener(self._on_clock_advance)
         self._timer = threading.Thread(target=self._timer_loop, name="minq-timer")
@@ -4956,13 +4964,15 @@ class Broker:
         ch._dead_lettered(msgs)
 
     # -- timers ----------------------------------------------------------------
-    def _schedule(self, due: float) -> None:
-        """Make sure the timer thread wakes by *due* (monotonic seconds)."""
-        if due < self._next_due:
-            with self._timer_cond:
-                if due < self._next_due:
-                    self._next_due = due
-                    self._timer_cond.notify()
+    def _schedule(self, due: float, channel: Channel) -> None:
+        """Make sure the timer thread visits *channel* by *due* (monotonic seconds)."""
+        with self._timer_cond:
+            if due < channel._wake_at:
+                channel._wake_at = due
+                heapq.heappush(self._due, (due, next(self._due_seq), channel))
+            if due < self._next_due:
+                self._next_due = due
+                self._timer_cond.notify()
 
     def _timer_loop(self) -> None:
         cond = self._timer_cond
@@ -4982,13 +4992,25 @@ class Broker:
                 log.exception("timer pass failed")
 
     def _process_due(self) -> None:
+        """Visit the channels whose time came, and only those: a pass costs
+        what is due, not the number of channels (10,000 topics)."""
         now = self.clock.monotonic()
-        nxt = math.inf
-        for t in list(self._topics.values()):
-            for ch in list(t._channels.values()):
-                nxt = min(nxt, ch._process_due(now))
-        if nxt < math.inf:
-            self._schedule(nxt)
+        due: List[Channel] = []
+        with self._timer_cond:
+            heap = self._due
+            while heap and heap[0][0] <= now:
+                ch = heapq.heappop(heap)[2]
+                if ch._wake_at <= now:        # (else a later entry of it is stale)
+                    ch._wake_at = math.inf
+                    due.append(ch)
+        for ch in due:
+            if not ch.deleted:
+                nxt = ch._process_due(now)
+                if nxt < math.inf:
+                    self._schedule(nxt, ch)
+        with self._timer_cond:
+            if heap and heap[0][0] < self._next_due:
+                self._next_due = heap[0][0]
 
     def _schedule_pump(self, topic: Topic, retry: bool = False) -> None:
         """Have the pump thread move *topic*'s held messages (after a second

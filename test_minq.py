@@ -2454,6 +2454,26 @@ def finish_after(b, clock, cons, seconds):
     b.stats()                                  # finishes are settled now, at this time
 
 
+def test_a_timer_pass_visits_only_channels_with_something_due(clock, monkeypatch):
+    with minq.Broker(clock=clock, msg_timeout=1) as b:
+        for i in range(500):                     # idle channels cost a timer pass nothing
+            b.topic(f"idle{i}").channel("c")
+        visits = collections.Counter()
+        real = minq.Channel._process_due
+
+        def counted(ch, now):
+            visits[ch.topic.name] += 1
+            return real(ch, now)
+        monkeypatch.setattr(minq.Channel, "_process_due", counted)
+        b.publish("busy", b"x", defer=0)
+        with b.consumer("busy", "c") as cons:
+            m = cons.get(timeout=5)
+            clock.advance(1.5)                   # its deadline passes: redelivered
+            again = cons.get(timeout=5)
+            assert again.id == m.id and again.attempts == 2
+    assert visits["busy"] >= 1 and sum(visits.values()) == visits["busy"]
+
+
 def test_e2e_percentiles_as_nsqd_within_one_percent(clock):
     with minq.Broker(clock=clock, e2e_percentiles=[0.5, 1.0, 0.99], e2e_window=60) as b:
         with b.consumer("t", "c", max_in_flight=1) as cons:
