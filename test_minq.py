@@ -333,9 +333,10 @@ def test_segment_log_rolls_segments_and_deletes_consumed_ones(tmp_path):
 
 @pytest.mark.parametrize("window", [0, 4096, 256 * 1024], ids=["pwrite", "small-window", "window"])
 def test_single_record_appends_interleave_with_batches_across_windows_and_segments(
-        tmp_path, window):
+        tmp_path, window, monkeypatch):
     # append_record (a publish's lean path) and the general appends share one
     # write position, through window changes and segment rolls.
+    monkeypatch.setattr(minq, "_MAP_FROM", 0)          # windows from the first byte
     lg = minq.SegmentLog(str(tmp_path), "q", max_bytes_per_file=8000)
     lg.map_window = window
     want, positions = [], []
@@ -429,8 +430,23 @@ def test_torn_tail_is_cut_silently(tmp_path, caplog):
     lg.close()
 
 
+def test_a_quiet_log_writes_without_reserving_or_mapping(tmp_path):
+    # Thousands of quiet topics: their few records go through pwrite, no
+    # space is reserved and no mapping (nor its descriptor) is held.
+    lg = minq.SegmentLog(str(tmp_path), "q")
+    lg.append_record(b"one")
+    lg.append([b"two", b"three"])
+    seg = next(tmp_path.glob("q.*.seg"))
+    assert seg.stat().st_size == 3 * 8 + 11 and lg._writer.map is None
+    lg.append([b"x" * 1000] * 70)                # past the first 64 KiB (one pwrite) ...
+    lg.append_record(b"small")                   # ... small records go through a window
+    assert lg._writer.map is not None or not minq._MAP_OK
+    lg.close()
+
+
 def test_mapped_window_reserves_space_and_is_trimmed(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(minq.SegmentLog, "map_window", 8192)
+    monkeypatch.setattr(minq, "_MAP_FROM", 0)
     lg = minq.SegmentLog(str(tmp_path), "q")
     # Small records cross many windows; ones over half a window take pwrite.
     payloads = [b"%04d" % i + b"s" * (50 + 37 * (i % 40)) for i in range(300)]
@@ -994,6 +1010,7 @@ def test_write_error_fails_publish_whole_and_recovers(tmp_path, monkeypatch, cap
 
 def test_full_disk_while_reserving_a_window_fails_publish_and_recovers(tmp_path, monkeypatch):
     monkeypatch.setattr(minq.SegmentLog, "map_window", 8192)
+    monkeypatch.setattr(minq, "_MAP_FROM", 0)
     full = [False]
     accepted = []
     with disk_broker(tmp_path, mem_queue_size=0) as b:
@@ -1026,6 +1043,7 @@ def test_failed_big_write_beside_a_mapped_window_is_cut_safely(tmp_path):
     # of the file (the next small record would die of SIGBUS): a subprocess.
     code = f"""
         import errno, os, minq
+        minq._MAP_FROM = 0                  # small records mapped from the first byte
         real = os.pwrite
         def failing(fd, data, offset):
             real(fd, bytes(data)[:len(data) // 2], offset)
