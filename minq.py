@@ -10083,6 +10083,289 @@ def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any
     return out
 
 
+# -- history for the admin page: rings of samples per topic and channel --------
+#
+# The HTTP face samples Broker.stats() once a second (a deadline on its event
+# loop; the sample itself runs on one of its workers) and keeps, per topic and
+# channel, fixed-size rings of float32 rows.  Nothing here knows about HTTP.
+
+# window name: (seconds per row, rows) of the full-resolution ring
+_HISTORY_WINDOWS = {"10m": (1, 600), "24h": (60, 1440)}
+_HISTORY_POINTS = 60                 # rows of the overview's small charts, per window
+_TOPIC_FIELDS = ("depth", "rate_in", "rate_out")
+_CHANNEL_FIELDS = ("depth", "in_flight", "deferred", "rate_in", "rate_out")
+_OVERVIEW_FIELDS = ("depth", "rate_in", "rate_out")
+_NAN = float("nan")
+
+
+class _Ring:
+    """The last *size* rows of *width* float32 values, one row per integer
+    stamp (a second, a minute, ...), at ``stamp % size``.  A row never
+    written, or skipped by a gap in the stamps, is NaN (no sample).  Its
+    memory is fixed: 4 x size x width bytes of values."""
+
+    __slots__ = ("size", "width", "values", "last")
+
+    def __init__(self, size: int, width: int) -> None:
+        self.size, self.width = size, width
+        self.values = array.array("f", [_NAN]) * (size * width)
+        self.last: Optional[int] = None        # the newest stamp written
+
+    def put(self, stamp: int, row: List[float]) -> None:
+        """Write *row* at *stamp*: the newest again overwrites it; an older
+        one is ignored (the clock does not go back)."""
+        last, size, width, values = self.last, self.size, self.width, self.values
+        if last is not None and stamp != last:
+            if stamp < last:
+                return
+            gap = array.array("f", [_NAN]) * width
+            for s in range(max(last + 1, stamp - size + 1), stamp):      # no samples
+                i = (s % size) * width
+                values[i:i + width] = gap
+        i = (stamp % size) * width
+        values[i:i + width] = array.array("f", row)
+        self.last = stamp
+
+    def columns(self, end: int) -> List[List[Optional[float]]]:
+        """Each field's values at the *size* stamps up to *end*, oldest first;
+        None where there is no sample.  Rounded to 3 significant decimals."""
+        size, width, last = self.size, self.width, self.last
+        cols: List[List[Optional[float]]] = []
+        for j in range(width):
+            col = self.values[j::width].tolist()
+            k = (end + 1) % size
+            col = col[k:] + col[:k]                       # oldest first, ending at *end*
+            if last is None or end - last >= size:
+                col = [None] * size
+            else:
+                col = [None if v != v else (round(v, 3) if v % 1 else int(v)) for v in col]
+                if end > last:                            # not sampled since *last*
+                    col[size - (end - last):] = [None] * (end - last)
+            cols.append(col)
+        return cols
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its values take (the array's buffer)."""
+        return self.values.buffer_info()[1] * self.values.itemsize
+
+
+class _Summary(_Ring):
+    """A ring *factor* times coarser than the rows it is fed: a row holds,
+    over the finer rows of its stamp so far, the maximum of the first
+    *gauges* fields (depth: the worst of the minute) and the mean of the
+    others (rates)."""
+
+    __slots__ = ("factor", "gauges", "_bucket", "_acc", "_n")
+
+    def __init__(self, size: int, width: int, factor: int, gauges: int) -> None:
+        super().__init__(size, width)
+        self.factor, self.gauges = factor, gauges
+        self._bucket: Optional[int] = None
+        self._acc = [0.0] * width
+        self._n = [0] * width
+
+    def add(self, fine_stamp: int, row: List[float]) -> None:
+        """Take the finer *row* of *fine_stamp*."""
+        bucket = fine_stamp // self.factor
+        acc, n, gauges = self._acc, self._n, self.gauges
+        if bucket != self._bucket:
+            if self._bucket is not None and bucket < self._bucket:
+                return
+            self._bucket = bucket
+            acc[:] = row
+            n[:] = [0 if v != v else 1 for v in row]
+            self.put(bucket, row)
+            return
+        out = []
+        for j, v in enumerate(row):
+            if v == v:
+                if not n[j]:
+                    acc[j] = v
+                elif j < gauges:
+                    if v > acc[j]:
+                        acc[j] = v
+                else:
+                    acc[j] += v
+                n[j] += 1
+            out.append(acc[j] if j < gauges or n[j] < 2 else acc[j] / n[j])
+        self.put(bucket, out)
+
+
+class _Series:
+    """One topic's or channel's history: its *fields* each second for 10
+    minutes, each minute for 24 hours, 60-row summaries of both windows (the
+    overview's small charts), and the e2e percentiles the same way once the
+    stats carry them.  Fixed size: see ``nbytes``."""
+
+    __slots__ = ("fields", "gauges", "rings", "overview", "quantiles", "e2e", "_counts", "_at")
+
+    def __init__(self, fields: Tuple[str, ...]) -> None:
+        self.fields = fields
+        self.gauges = len(fields) - 2                 # then rate_in, rate_out
+        (s_step, s_size), (m_step, m_size) = _HISTORY_WINDOWS["10m"], _HISTORY_WINDOWS["24h"]
+        self.rings = {"10m": _Ring(s_size, len(fields)),
+                      "24h": _Summary(m_size, len(fields), m_step, self.gauges)}
+        self.overview = {name: _Summary(_HISTORY_POINTS, len(_OVERVIEW_FIELDS),
+                                        step * size // _HISTORY_POINTS, 1)
+                         for name, (step, size) in _HISTORY_WINDOWS.items()}
+        self.quantiles: Tuple[float, ...] = ()
+        self.e2e: Dict[str, _Ring] = {}
+        self._counts: Optional[Tuple[int, int]] = None     # (in, out) at the last sample
+        self._at = 0.0                                     # ... and when (monotonic)
+
+    def add(self, second: int, now: float, gauges: List[float], count_in: int,
+            count_out: int, percentiles: Optional[List[Dict[str, float]]]) -> None:
+        """The sample of *second* (at *now*, monotonic): *gauges* as they are,
+        the counters of messages in and out made rates (per second since the
+        last sample; a counter that went down, emptied or deleted, counts 0)."""
+        prev, self._counts = self._counts, (count_in, count_out)
+        rate_in = rate_out = _NAN
+        if prev is not None and now > self._at:
+            span = now - self._at
+            rate_in = max(count_in - prev[0], 0) / span     # (a counter reset: emptied)
+            rate_out = max(count_out - prev[1], 0) / span
+        self._at = now
+        row = gauges + [rate_in, rate_out]
+        self.rings["10m"].put(second, row)
+        self.rings["24h"].add(second, row)        # type: ignore[attr-defined]
+        small = [row[0], rate_in, rate_out]
+        for ring in self.overview.values():
+            ring.add(second, small)
+        if percentiles:
+            self._add_e2e(second, percentiles)
+
+    def _add_e2e(self, second: int, percentiles: List[Dict[str, float]]) -> None:
+        quantiles = tuple(float(p["quantile"]) for p in percentiles)
+        if quantiles != self.quantiles:           # first seen, or the flag changed
+            self.quantiles = quantiles
+            (s_step, s_size), (m_step, m_size) = (_HISTORY_WINDOWS["10m"],
+                                                  _HISTORY_WINDOWS["24h"])
+            self.e2e = {"10m": _Ring(s_size, len(quantiles)),
+                        "24h": _Summary(m_size, len(quantiles), m_step, len(quantiles))}
+        row = [p["value"] / 1e6 for p in percentiles]      # ns -> ms
+        self.e2e["10m"].put(second, row)
+        self.e2e["24h"].add(second, row)          # type: ignore[attr-defined]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its rings' values take (fixed once e2e percentiles are on or not)."""
+        rings = list(self.rings.values()) + list(self.overview.values()) + list(self.e2e.values())
+        return sum(r.nbytes for r in rings)
+
+
+class _StatsHistory:
+    """What the admin page charts, fed ``Broker.stats()`` once a second.
+
+    Per topic: depth, messages in (published) and out (handed to its
+    channels) per second; per channel: depth, in flight, deferred, messages
+    in and out (finished) per second; and the e2e percentiles when the
+    stats carry them (``--e2e-processing-latency-percentile``).  A topic or
+    channel gone from the stats is forgotten, so memory is a fixed amount
+    per topic and channel (``_Series.nbytes``).  ``_lock`` guards
+    ``_series`` and the rings: ``sample`` writes under it, the readers read
+    under it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: Dict[Tuple[str, str], _Series] = {}   # (topic, channel or "")
+        self._second: Optional[int] = None     # the last sample's stamp (monotonic second)
+        self._wall_offset = 0.0                # wall time - monotonic time at that sample
+
+    def sample(self, now: float, wall: float, stats: Dict[str, Any]) -> None:
+        """Record *stats* (``Broker.stats(include_clients=False)``) as the
+        sample of monotonic time *now*; *wall* is the same moment in Unix time."""
+        second = int(now)
+        with self._lock:
+            if self._second is not None and second <= self._second:
+                return                             # this second has its sample
+            seen = set()
+            series = self._series
+            for t in stats.get("topics") or []:
+                tname = t["topic_name"]
+                out = 0
+                for c in t["channels"]:
+                    key = (tname, c["channel_name"])
+                    seen.add(key)
+                    s = series.get(key)
+                    if s is None:
+                        s = series[key] = _Series(_CHANNEL_FIELDS)
+                    finished = (c.get("e2e_latency") or {}).get("count", 0)
+                    s.add(second, now, [c["depth"], c["in_flight_count"], c["deferred_count"]],
+                          c["message_count"], finished,
+                          (c.get("e2e_processing_latency") or {}).get("percentiles"))
+                    out = max(out, c["message_count"])
+                key = (tname, "")
+                seen.add(key)
+                s = series.get(key)
+                if s is None:
+                    s = series[key] = _Series(_TOPIC_FIELDS)
+                s.add(second, now, [t["depth"]], t["message_count"], out,
+                      (t.get("e2e_processing_latency") or {}).get("percentiles"))
+            for key in [k for k in series if k not in seen]:
+                del series[key]
+            self._second = second
+            self._wall_offset = wall - now
+
+    def _end(self, window: str) -> Tuple[int, float, int]:
+        # the newest stamp of *window*'s ring, its seconds per stamp, and the
+        # Unix time that stamp began
+        step = _HISTORY_WINDOWS[window][0]
+        second = self._second if self._second is not None else 0
+        return second // step, step, (second // step) * step + self._wall_offset
+
+    def has(self, topic: str, channel: Optional[str] = None) -> bool:
+        """Whether the topic (or channel) was in the last sample."""
+        with self._lock:
+            return (topic, channel or "") in self._series
+
+    def series(self, topic: str, channel: Optional[str], window: str) -> Dict[str, Any]:
+        """A topic's or channel's history over *window* ("10m": a row a
+        second; "24h": a row a minute, gauges their maximum, rates their
+        mean), oldest first; None where there was no sample.  Every field
+        present even if the topic or channel was never sampled."""
+        fields = _CHANNEL_FIELDS if channel else _TOPIC_FIELDS
+        with self._lock:
+            end, step, end_time = self._end(window)
+            s = self._series.get((topic, channel or ""))
+            size = _HISTORY_WINDOWS[window][1]
+            if s is None:
+                cols: List[List[Optional[float]]] = [[None] * size for _ in fields]
+                e2e = None
+            else:
+                cols = s.rings[window].columns(end)
+                e2e = None
+                if s.quantiles:
+                    e2e = [{"quantile": q, "ms": col} for q, col in
+                           zip(s.quantiles, s.e2e[window].columns(end))]
+        return {"topic": topic, "channel": channel, "window": window, "step": step,
+                "end": round(end_time, 3), "fields": dict(zip(fields, cols)),
+                "e2e_percentiles": e2e}
+
+    def overview(self, window: str) -> Dict[str, Any]:
+        """Every topic and channel at the overview's resolution: 60 rows over
+        *window* (10 s or 24 min each; depth their maximum, rates their
+        mean), in /stats' layout."""
+        size, step_fine = _HISTORY_WINDOWS[window][1], _HISTORY_WINDOWS[window][0]
+        step = step_fine * size // _HISTORY_POINTS
+        with self._lock:
+            second = self._second if self._second is not None else 0
+            end = second // step
+            topics: Dict[str, Dict[str, Any]] = {}
+            for (tname, cname), s in sorted(self._series.items()):
+                cols = dict(zip(_OVERVIEW_FIELDS, s.overview[window].columns(end)))
+                if not cname:
+                    topics[tname] = {"topic_name": tname, "fields": cols, "channels": []}
+                else:
+                    topics.setdefault(tname, {"topic_name": tname, "fields": None,
+                                              "channels": []})
+                    topics[tname]["channels"].append({"channel_name": cname, "fields": cols})
+            end_time = end * step + self._wall_offset
+        return {"window": window, "step": step, "end": round(end_time, 3),
+                "topics": list(topics.values())}
+
+
 # -- the admin page at / : HTML and a little JavaScript, no external assets ----
 
 _ADMIN_PAGE = """<!doctype html>
@@ -10535,24 +10818,32 @@ class HTTPServer(_Face):
         "/channels": (("GET",), "channels"), "/nodes": (("GET",), "nodes"),
         "/metrics": (("GET",), "metrics"),
         "/": (("GET", "HEAD"), "admin_page"),
+        "/history": (("GET",), "history"),             # minq's: the admin page's charts
     }
     _CONFIG_ROUTE = (("GET",), "config")
     # the body each route reads: (limit option, error code when over it)
     _BODY_LIMITS = {"pub": ("max_msg_size", "MSG_TOO_BIG"),
                     "mpub": ("max_body_size", "BODY_TOO_BIG")}
     _OTHER_BODY_LIMIT = 64 * 1024      # read and ignored by the other endpoints
-    # answered on a worker: they write minq.dat, delete files or ask lookupd
+    # answered on a worker: they write minq.dat, delete files or ask lookupd;
+    # /history waits for the history's lock and encodes up to ~1 MB of JSON
     _BLOCKING = frozenset({"topic_create", "topic_delete", "topic_empty", "topic_pause",
                            "topic_unpause", "channel_create", "channel_delete",
-                           "channel_empty", "channel_pause", "channel_unpause"})
+                           "channel_empty", "channel_pause", "channel_unpause", "history"})
 
     def __init__(self, broker: Broker, address: Any = DEFAULT_HTTP_ADDRESS, *,
                  tcp_address: Optional[str] = None,
                  options: Optional[Dict[str, Any]] = None,
                  tls_context: Optional[ssl.SSLContext] = None,
                  body_budget: Optional[MemoryBudget] = None,
-                 loop: Optional[_EventLoop] = None, workers: int = 16) -> None:
+                 loop: Optional[_EventLoop] = None, workers: int = 16,
+                 history: Optional[_StatsHistory] = None) -> None:
         self.broker = broker
+        #: what /history serves; sampled by this server unless it was given one
+        self.history = history if history is not None else _StatsHistory()
+        self._samples = history is None
+        self._sampling = False           # a sample is being taken (on a worker)
+        self._deadline_at = math.inf     # when the next sample is due (broker's clock)
         self.tcp_address = tcp_address
         self.options = opts = dict(options or {})
         self.tls_context = tls_context
@@ -10585,6 +10876,38 @@ class HTTPServer(_Face):
 
     def _protocol(self, conn: _ServerConnection) -> _HTTPProtocol:
         return _HTTPProtocol(self, conn)
+
+    # -- the history's samples: a deadline on the loop, the work on a worker -----
+    def start(self) -> "HTTPServer":
+        """Serve connections from the loop's thread; sample the history once
+        a second (on the broker's clock) if this server owns it."""
+        super().start()
+        if self._samples:
+            self.loop.call(self._sample_soon)
+        return self
+
+    def _sample_soon(self, _: Any = None) -> None:
+        self.loop.arm_deadline(self, self.broker.clock.monotonic())
+
+    def _on_deadline(self, now: float) -> None:
+        if self.closing:
+            return
+        self.loop.arm_deadline(self, math.floor(now) + 1.0)
+        if self._sampling:               # the last one is not done: skip this second
+            return
+        self._sampling = True
+        try:
+            self._workers.submit(self._sample, now, self.broker.clock.time_ns() / 1e9)
+        except RuntimeError:             # the pool is shut down: the server is closing
+            self._sampling = False
+
+    def _sample(self, now: float, wall: float) -> None:
+        try:
+            self.history.sample(now, wall, self.broker.stats(include_clients=False))
+        except Exception:
+            log.exception("http: sampling the stats for /history failed")
+        finally:
+            self._sampling = False
 
     # -- life cycle ------------------------------------------------------------------
     def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:
@@ -10778,6 +11101,23 @@ class HTTPServer(_Face):
 
     def _ep_admin_page(self, req: _HTTPRequest) -> Any:
         return _ADMIN_PAGE.encode(), "text/html; charset=utf-8"
+
+    def _ep_history(self, req: _HTTPRequest) -> Any:
+        """minq's: the admin page's charts.  With ``topic`` (and ``channel``):
+        its history over ``window`` (``10m`` or ``24h``); without: every
+        topic and channel, 60 points over the window."""
+        window = req.arg("window") or "10m"
+        if window not in _HISTORY_WINDOWS:
+            raise _HTTPError(400, "INVALID_WINDOW")
+        if req.arg("topic") is None:
+            if req.arg("channel") is not None:
+                raise _HTTPError(400, "MISSING_ARG_TOPIC")
+            return self.history.overview(window)
+        if req.arg("channel") is None:
+            t = self._existing_topic(req)
+            return self.history.series(t.name, None, window)
+        c = self._existing_channel(req)
+        return self.history.series(c.topic.name, c.name, window)
 
     def _ep_metrics(self, req: _HTTPRequest) -> Any:
         text = prometheus_metrics(self.broker.stats(include_clients=False))
@@ -11360,7 +11700,8 @@ def serve(opts: Dict[str, Any], ready: Optional[Callable[[TCPServer], None]] = N
             opts["https_port"] = https_server.server_address[1]
         if opts["http_address"]:
             http_server = HTTPServer(broker, opts["http_address"], tcp_address=server.address,
-                                     options=opts, body_budget=budget, loop=loop)
+                                     options=opts, body_budget=budget, loop=loop,
+                                     history=https_server.history if https_server else None)
         if opts["lookupd_tcp_address"]:
             tcp_host, tcp_port = _split_address(server.address, TCP_PORT)
             registrar = LookupdRegistrar(

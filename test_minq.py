@@ -5158,6 +5158,185 @@ def test_http_metrics_are_prometheus_text_with_e2e_latency(tmp_path, clock):
     assert families["minq_topic_messages"].type == "counter"
 
 
+# -- /history: the rings behind the admin page's charts ------------------------
+
+def test_history_ring_is_bounded_and_marks_gaps():
+    ring = minq._Ring(5, 2)
+    nbytes = ring.nbytes
+    for s in range(10):
+        ring.put(s, [s, s * 10])
+    assert ring.columns(9) == [[5, 6, 7, 8, 9], [50, 60, 70, 80, 90]]
+    ring.put(13, [13, 130])                         # 10, 11, 12 were not sampled
+    assert ring.columns(13)[0] == [9, None, None, None, 13]
+    ring.put(12, [0, 0])                            # older than the newest: ignored
+    assert ring.columns(15)[0] == [None, None, 13, None, None]   # nothing since 13
+    assert ring.columns(30) == [[None] * 5, [None] * 5]
+    ring.put(10**6, [1.5, 2.25])                    # a long gap clears at most the ring
+    assert ring.columns(10**6) == [[None] * 4 + [1.5], [None] * 4 + [2.25]]
+    assert ring.nbytes == nbytes == 5 * 2 * 4
+
+
+def test_history_summary_keeps_the_max_of_gauges_and_the_mean_of_rates():
+    ring = minq._Summary(3, 2, 60, 1)               # a row a minute: (depth, rate)
+    for s in range(60, 180):                        # minutes 1 and 2
+        ring.add(s, [s % 60, 10.0 if s < 120 else float(s % 2)])
+    ring.add(180, [7, float("nan")])                # minute 3 so far: no rate yet
+    assert ring.columns(3) == [[59, 59, 7], [10, 0.5, None]]
+
+
+def _sample(h, clock, b):
+    h.sample(clock.monotonic(), clock.time_ns() / 1e9, b.stats(include_clients=False))
+
+
+def test_history_samples_each_second_and_summarises_each_minute():
+    clock = minq.FakeClock(start=1200.0)            # at a whole minute
+    b = minq.Broker(clock=clock)
+    h = minq._StatsHistory()
+    b.topic("t").channel("backlog")                 # no consumer: its depth grows
+    try:
+        with b.consumer("t", "busy", max_in_flight=10) as cons:
+            for _ in range(120):                    # 2 minutes: 5 a second, all finished
+                b.publish_many("t", [b"x"] * 5)
+                for m in drain(cons, 5, timeout=2):
+                    m.finish()
+                clock.advance(1)
+                _sample(h, clock, b)
+            seconds = h.series("t", "backlog", "10m")
+            busy = h.series("t", "busy", "10m")
+            minutes = h.series("t", "backlog", "24h")
+            topic = h.series("t", None, "10m")
+            for _ in range(700):                    # 10 minutes later, all quiet
+                clock.advance(1)
+                _sample(h, clock, b)
+            later = h.series("t", "backlog", "10m")
+    finally:
+        b.close()
+    assert (seconds["step"], minutes["step"]) == (1, 60)
+    assert len(seconds["fields"]["depth"]) == 600 and len(minutes["fields"]["depth"]) == 1440
+    assert set(seconds["fields"]) == {"depth", "in_flight", "deferred", "rate_in", "rate_out"}
+    assert set(topic["fields"]) == {"depth", "rate_in", "rate_out"}
+    depth = seconds["fields"]["depth"]
+    assert depth[:480] == [None] * 480 and depth[-3:] == [590, 595, 600]
+    assert seconds["fields"]["rate_in"][-119:] == [5] * 119      # the first has no rate
+    assert seconds["fields"]["rate_in"][-120] is None
+    assert seconds["fields"]["rate_out"][-119:] == [0] * 119
+    assert busy["fields"]["rate_out"][-119:] == [5] * 119        # finished each second
+    assert busy["fields"]["depth"][-1] == busy["fields"]["in_flight"][-1] == 0
+    assert topic["fields"]["rate_in"][-1] == topic["fields"]["rate_out"][-1] == 5
+    assert minutes["fields"]["depth"][-4:] == [None, 295, 595, 600]   # each minute's max
+    assert minutes["fields"]["rate_in"][-3:] == [5, 5, 5]             # ... and mean
+    assert seconds["e2e_percentiles"] is None
+    assert later["fields"]["depth"] == [600] * 600                # the busy minutes rolled off
+    assert later["fields"]["rate_in"] == [0] * 600
+    assert later["end"] - seconds["end"] == 700
+
+
+def test_history_forgets_deleted_channels_and_holds_a_fixed_size_per_series(clock):
+    b = minq.Broker(clock=clock)
+    h = minq._StatsHistory()
+    try:
+        b.topic("t").channel("c")
+        b.topic("t").channel("gone")
+        for _ in range(3):
+            clock.advance(1)
+            _sample(h, clock, b)
+        sizes = {k: s.nbytes for k, s in h._series.items()}
+        assert sizes == {("t", ""): 25920, ("t", "c"): 42240, ("t", "gone"): 42240}
+        b.get_topic("t").delete_channel("gone")
+        for _ in range(2000):
+            clock.advance(1)
+            _sample(h, clock, b)
+        assert {k: s.nbytes for k, s in h._series.items()} == {
+            ("t", ""): 25920, ("t", "c"): 42240}
+        assert not h.has("t", "gone") and h.has("t", "c") and h.has("t")
+    finally:
+        b.close()
+
+
+def test_history_keeps_e2e_percentiles_when_the_stats_carry_them(clock):
+    b = minq.Broker(clock=clock)
+    h = minq._StatsHistory()
+    b.topic("t").channel("c")
+    percentiles = [{"quantile": 0.99, "value": 25_000_000}, {"quantile": 0.5, "value": 2_500_000}]
+    try:
+        for k in range(120):
+            stats = b.stats(include_clients=False)
+            for x in [stats["topics"][0]] + stats["topics"][0]["channels"]:
+                x["e2e_processing_latency"] = {
+                    "count": 1, "percentiles": None if k < 60 else percentiles}
+            clock.advance(1)
+            h.sample(clock.monotonic(), clock.time_ns() / 1e9, stats)
+        got = h.series("t", "c", "10m")["e2e_percentiles"]
+        minutes = h.series("t", "c", "24h")["e2e_percentiles"]
+        assert h._series[("t", "c")].nbytes == 42240 + 2 * (600 + 1440) * 4
+    finally:
+        b.close()
+    assert [p["quantile"] for p in got] == [0.99, 0.5]
+    assert got[0]["ms"][-60:] == [25] * 60 and got[1]["ms"][-60:] == [2.5] * 60
+    assert got[0]["ms"][-61] is None
+    assert minutes[0]["ms"][-1] == 25
+
+
+def test_http_history_serves_the_last_ten_minutes_and_an_overview(clock):
+    with minq.Broker(clock=clock) as b, minq.HTTPServer(b, "127.0.0.1:0").start() as srv:
+        b.topic("orders").channel("billing")
+        for k in range(5):
+            b.publish_many("orders", [b"x"] * 4)
+            clock.advance(1)                # the server samples on the broker's clock
+            wait_until(lambda: srv.history.series("orders", "billing", "10m")["fields"][
+                "depth"][-1] == 4 * (k + 1), what=f"sample {k}")
+        status, v1, body = http(srv, "GET", "/history?topic=orders&channel=billing")
+        one = json.loads(body)
+        topic = json.loads(http(srv, "GET", "/history?topic=orders&window=24h")[2])
+        every = json.loads(http(srv, "GET", "/history")[2])
+    assert (status, v1) == (200, "nsq; version=1.0")
+    assert set(one) == {"topic", "channel", "window", "step", "end", "fields",
+                        "e2e_percentiles"}
+    assert (one["topic"], one["channel"], one["window"], one["step"]) == (
+        "orders", "billing", "10m", 1)
+    assert one["end"] == pytest.approx(clock.time_ns() / 1e9, abs=1)
+    assert one["fields"]["depth"][-5:] == [4, 8, 12, 16, 20]
+    assert one["fields"]["rate_in"][-4:] == [4, 4, 4, 4]
+    assert (topic["channel"], topic["step"], len(topic["fields"]["depth"])) == (None, 60, 1440)
+    assert every["window"] == "10m" and every["step"] == 10
+    (t,) = every["topics"]
+    assert t["topic_name"] == "orders" and len(t["fields"]["depth"]) == 60
+    (c,) = t["channels"]
+    assert c["channel_name"] == "billing" and set(c["fields"]) == {"depth", "rate_in",
+                                                                   "rate_out"}
+    assert max(v for v in c["fields"]["depth"] if v is not None) == 20
+
+
+@pytest.mark.parametrize("path, status, code", [
+    ("/history?window=1h", 400, "INVALID_WINDOW"),
+    ("/history?channel=c", 400, "MISSING_ARG_TOPIC"),
+    ("/history?topic=bad!name", 400, "INVALID_TOPIC"),
+    ("/history?topic=t&channel=bad!", 400, "INVALID_ARG_CHANNEL"),
+    ("/history?topic=missing", 404, "TOPIC_NOT_FOUND"),
+    ("/history?topic=t&channel=missing", 404, "CHANNEL_NOT_FOUND"),
+])
+def test_http_history_refuses_bad_parameters(web, path, status, code):
+    web.broker.topic("t")
+    got = http(web, "GET", path)
+    assert (got[0], json.loads(got[2])) == (status, {"message": code})
+    assert http(web, "POST", "/history")[0] == 405
+
+
+def test_http_server_samples_no_more_after_close(clock):
+    before = set(threading.enumerate())
+    with minq.Broker(clock=clock) as b:
+        srv = minq.HTTPServer(b, "127.0.0.1:0").start()
+        b.topic("t")
+        clock.advance(1)
+        wait_until(lambda: srv.history.has("t"), what="a sample")
+        srv.close()
+        clock.advance(1)
+        b.topic("u")
+        clock.advance(1)
+        assert not srv.history.has("u")
+    assert set(threading.enumerate()) <= before
+
+
 def _chromium():
     """Playwright driving Debian's Chromium, or a skip saying what is missing."""
     sync_api = pytest.importorskip("playwright.sync_api")
