@@ -10192,6 +10192,13 @@ class _Summary(_Ring):
         self.put(bucket, out)
 
 
+def _rings(width: int, gauges: int) -> Dict[str, _Ring]:
+    """A row a second for 10 minutes, and a row a minute for 24 hours (its
+    first *gauges* fields the minute's maximum, the others its mean)."""
+    (_, s_size), (m_step, m_size) = _HISTORY_WINDOWS["10m"], _HISTORY_WINDOWS["24h"]
+    return {"10m": _Ring(s_size, width), "24h": _Summary(m_size, width, m_step, gauges)}
+
+
 class _Series:
     """One topic's or channel's history: its *fields* each second for 10
     minutes, each minute for 24 hours, 60-row summaries of both windows (the
@@ -10203,9 +10210,7 @@ class _Series:
     def __init__(self, fields: Tuple[str, ...]) -> None:
         self.fields = fields
         self.gauges = len(fields) - 2                 # then rate_in, rate_out
-        (s_step, s_size), (m_step, m_size) = _HISTORY_WINDOWS["10m"], _HISTORY_WINDOWS["24h"]
-        self.rings = {"10m": _Ring(s_size, len(fields)),
-                      "24h": _Summary(m_size, len(fields), m_step, self.gauges)}
+        self.rings = _rings(len(fields), self.gauges)
         self.overview = {name: _Summary(_HISTORY_POINTS, len(_OVERVIEW_FIELDS),
                                         step * size // _HISTORY_POINTS, 1)
                          for name, (step, size) in _HISTORY_WINDOWS.items()}
@@ -10239,10 +10244,7 @@ class _Series:
         quantiles = tuple(float(p["quantile"]) for p in percentiles)
         if quantiles != self.quantiles:           # first seen, or the flag changed
             self.quantiles = quantiles
-            (s_step, s_size), (m_step, m_size) = (_HISTORY_WINDOWS["10m"],
-                                                  _HISTORY_WINDOWS["24h"])
-            self.e2e = {"10m": _Ring(s_size, len(quantiles)),
-                        "24h": _Summary(m_size, len(quantiles), m_step, len(quantiles))}
+            self.e2e = _rings(len(quantiles), len(quantiles))     # each minute's worst
         row = [p["value"] / 1e6 for p in percentiles]      # ns -> ms
         self.e2e["10m"].put(second, row)
         self.e2e["24h"].add(second, row)          # type: ignore[attr-defined]
@@ -10368,118 +10370,616 @@ class _StatsHistory:
 
 # -- the admin page at / : HTML and a little JavaScript, no external assets ----
 
-_ADMIN_PAGE = """<!doctype html>
+_ADMIN_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
 <title>minq</title>
 <style>
  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
- h1 { font-size: 1.3em; margin: 0 0 .2em; } h1 small { color: #777; font-weight: normal; }
- #status { color: #666; margin-bottom: 1em; } #status.error { color: #b00; }
- table { border-collapse: collapse; table-layout: fixed; width: 78em; }
- col.name { width: 18em; } col.num { width: 5.5em; } col.state { width: 5em; }
- col.actions { width: 15em; } td { overflow: hidden; white-space: nowrap;
-   font-variant-numeric: tabular-nums; }
- button[data-action=pause], button[data-action=unpause] { min-width: 5.5em; }
- th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; text-align: right; }
- th { background: #f4f4f4; font-weight: 600; } td.name, th.name { text-align: left; }
+ a { color: #0b57d0; text-decoration: none; } a:hover { text-decoration: underline; }
+ header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4em 1.2em; }
+ h1 { font-size: 1.3em; margin: 0; } h1 small { color: #777; font-weight: normal; }
+ h2 { font-size: 1.15em; margin: .2em 0 .4em; overflow-wrap: anywhere; }
+ h3 { font-size: 1em; margin: 1.2em 0 .4em; }
+ #crumbs { flex: 1 1 auto; overflow-wrap: anywhere; }
+ #windows button[aria-pressed=true] { font-weight: 600; background: #dde7f7; }
+ #status { color: #666; margin: .4em 0 1em; } #status.error { color: #b00; }
+ .wrap { overflow-x: auto; }
+ table.grid { border-collapse: collapse; table-layout: fixed; }
+ #stats { width: 95em; }
+ col.name { width: 14em; } col.num { width: 5.2em; } col.chart { width: 8em; }
+ col.state { width: 4.8em; } col.actions { width: 13.6em; }
+ td { overflow: hidden; white-space: nowrap; font-variant-numeric: tabular-nums; }
+ th, td { padding: .3em .6em; border-bottom: 1px solid #ddd; text-align: right; }
+ th { background: #f4f4f4; font-weight: 600; vertical-align: bottom; font-size: .9em; }
+ td.name, th.name { text-align: left; text-overflow: ellipsis; }
  tr.topic td { background: #fafafa; font-weight: 600; border-top: 2px solid #ccc; }
  tr.channel td.name { padding-left: 2em; }
+ td.chart { padding: .15em .4em; }
+ svg.spark { display: block; width: 100%; height: 22px; overflow: visible; }
  .paused { color: #b60; font-weight: 600; } button { font-size: .85em; margin-left: .2em; }
- button.danger { color: #a00; } #empty { color: #777; padding: 1em 0; }
+ button.danger { color: #a00; } button[data-action=pause], button[data-action=unpause] { min-width: 5.5em; }
+ #empty { color: #777; padding: 1em 0; }
+ #detail-actions { margin: .2em 0 .8em; } #detail-actions button { margin: 0 .4em 0 0; }
+ #numbers { display: flex; flex-wrap: wrap; gap: .2em 1.4em; margin-bottom: .8em; }
+ #numbers b { font-variant-numeric: tabular-nums; }
+ .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(26em, 1fr)); gap: 1em; }
+ figure.chart { margin: 0; border: 1px solid #ddd; border-radius: 4px; padding: .5em .6em; min-width: 0; }
+ figure.chart figcaption { font-weight: 600; }
+ figure.chart svg { display: block; width: 100%; height: 190px; }
+ .legend { display: flex; flex-wrap: wrap; gap: .1em 1.1em; font-size: .9em;
+   font-variant-numeric: tabular-nums; } .legend .when { color: #777; }
+ .sw { display: inline-block; width: .75em; height: .75em; border-radius: 2px; margin-right: .3em; }
+ svg text { font: 11px system-ui, sans-serif; fill: #666; }
+ #clients { width: 100%; table-layout: auto; } #clients td, #clients th { text-align: left; }
+ #clients td.n, #clients th.n { text-align: right; }
+ .muted { color: #777; }
+ @media (max-width: 760px) {
+  body { margin: .6em; }
+  table.cards, table.cards tbody, table.cards tr { display: block; width: auto !important; }
+  table.cards colgroup, table.cards thead { display: none; }
+  table.cards tr { border-bottom: 1px solid #ccc; padding: .35em 0; }
+  table.cards tr.topic { background: #f4f4f4; border-top: 2px solid #ccc; }
+  table.cards td { display: inline-block; border: 0; padding: .1em .9em .1em 0;
+    text-align: left; background: none !important; }
+  table.cards td::before { content: attr(data-label) " "; color: #777; font-weight: normal;
+    font-size: .85em; }
+  table.cards td.name { display: block; padding-left: 0 !important; }
+  table.cards td.name::before, table.cards td.chart::before { content: none; }
+  table.cards td.chart { width: 45%; padding: .3em 5% .3em 0; }
+  table.cards td[data-field=actions] { display: block; }
+  table.cards td[data-field=actions]::before { content: none; }
+  .charts { grid-template-columns: 1fr; }
+ }
 </style></head>
 <body>
-<h1>minq <small id="version"></small></h1>
+<header><h1><a href="#/" style="color:inherit">minq</a> <small id="version"></small></h1>
+ <nav id="crumbs"></nav>
+ <span id="windows">history: <button data-window="10m" aria-pressed="true">10 min</button><button
+   data-window="24h" aria-pressed="false">24 h</button></span></header>
 <div id="status">loading&hellip;</div>
-<table id="stats"><colgroup><col class="name"><col class="num" span="9"><col class="state">
- <col class="actions"></colgroup><thead><tr>
- <th class="name">topic / channel</th><th>depth</th><th>on disk</th><th>in flight</th>
- <th>deferred</th><th>requeued</th><th>timed out</th><th>messages</th><th>msg/s</th>
- <th>clients</th><th>state</th><th>actions</th>
-</tr></thead><tbody></tbody></table>
-<div id="empty" hidden>No topics yet. Publish one:
- <code>curl -d hello 'http://HOST/pub?topic=test'</code></div>
+<section id="detail" hidden>
+ <h2 id="title"></h2>
+ <div id="detail-actions"></div>
+ <div id="numbers"></div>
+ <div class="charts" id="charts"></div>
+ <div id="clients-part" hidden>
+  <h3>Clients <span class="muted" id="clients-count"></span></h3>
+  <div class="wrap"><table id="clients" class="grid cards"><thead><tr>
+   <th>client id</th><th>address</th><th>user agent</th><th>TLS</th><th>deflate</th>
+   <th>snappy</th><th>auth</th><th class="n">RDY</th><th class="n">in flight</th>
+   <th class="n">finished</th><th class="n">requeued</th><th class="n">messages</th>
+   <th class="n">connected</th></tr></thead><tbody></tbody></table></div>
+  <div id="no-clients" class="muted" hidden>No consumers on this channel.</div>
+ </div>
+</section>
+<section id="list">
+ <h3 id="list-title" hidden>Channels</h3>
+ <div class="wrap"><table id="stats" class="grid cards"><colgroup><col class="name">
+  <col class="num" span="9"><col class="chart" span="2"><col class="state"><col class="actions">
+  </colgroup><thead><tr>
+  <th class="name">topic / channel</th><th>depth</th><th>on disk</th><th>in flight</th>
+  <th>deferred</th><th>requeued</th><th>timed out</th><th>messages</th><th>msg/s</th>
+  <th>clients</th><th class="chart-head">depth (10 min)</th><th class="chart-head">in / out per s</th>
+  <th>state</th><th>actions</th>
+ </tr></thead><tbody></tbody></table></div>
+ <div id="empty" hidden>No topics yet. Publish one:
+  <code>curl -d hello 'http://HOST/pub?topic=test'</code></div>
+</section>
 <script>
 "use strict";
-const REFRESH_MS = 2000;
-let last = {};            // name -> [time, message_count], for rates
+const REFRESH_MS = 2000;                         // /stats, and a view's own history
+const OVERVIEW_MS = {"10m": 10000, "24h": 60000};  // the small charts' history (their step)
+const DETAIL_MS = {"10m": 2000, "24h": 30000};
+const COLORS = {depth: "#1f6fd1", in_flight: "#e08a00", deferred: "#8a5cc7",
+                rate_in: "#1f6fd1", rate_out: "#2a9d4b"};
+const E2E_COLORS = ["#c0392b", "#e08a00", "#8a5cc7", "#1f6fd1", "#2a9d4b"];
+const LABELS = {depth: "depth", in_flight: "in flight", deferred: "deferred",
+                rate_in: "in", rate_out: "out"};
+// the overview's columns: [field, label shown on a phone]
+const COLUMNS = [["name", ""], ["depth", "depth"], ["backend_depth", "on disk"],
+  ["in_flight_count", "in flight"], ["deferred_count", "deferred"], ["requeue_count", "requeued"],
+  ["timeout_count", "timed out"], ["message_count", "messages"], ["rate", "msg/s"],
+  ["clients", "clients"], ["depth_chart", ""], ["rate_chart", ""], ["state", ""],
+  ["actions", ""]];
+const SVG = "http://www.w3.org/2000/svg";
 
-function cell(row, field, value, cls) {
+let view = {kind: "overview"};   // or {kind: "topic", topic} / {kind: "channel", topic, channel}
+let win = "10m";
+let last = {};                   // name -> [time, message_count], for the msg/s column
+const rows = new Map();          // row key -> {tr, td, paused}
+let order = "";                  // the keys of the rows shown, in order
+let overview = new Map();        // row key -> {depth, rate_in, rate_out} small-chart history
+let overviewAt = 0, overviewFirst = 0;
+let detail = null, detailAt = 0; // the view's own history (/history?topic=...)
+let timer = null;
+
+const $ = (sel) => document.querySelector(sel);
+const keyOf = (topic, channel) => channel === null ? topic : topic + "/" + channel;
+
+function parseHash() {
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  if (parts[0] === "topic" && parts.length === 2 && parts[1])
+    return {kind: "topic", topic: parts[1]};
+  if (parts[0] === "channel" && parts.length === 3 && parts[1] && parts[2])
+    return {kind: "channel", topic: parts[1], channel: parts[2]};
+  return {kind: "overview"};
+}
+
+function hrefOf(topic, channel) {
+  return channel === null || channel === undefined
+    ? "#/topic/" + encodeURIComponent(topic)
+    : "#/channel/" + encodeURIComponent(topic) + "/" + encodeURIComponent(channel);
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "-";
+  const a = Math.abs(v);
+  if (a >= 1e9) return (v / 1e9).toFixed(a >= 1e10 ? 0 : 1) + "G";
+  if (a >= 1e6) return (v / 1e6).toFixed(a >= 1e7 ? 0 : 1) + "M";
+  if (a >= 1e4) return (v / 1e3).toFixed(a >= 1e5 ? 0 : 1) + "k";
+  if (Number.isInteger(v)) return String(v);
+  return v.toFixed(a >= 100 ? 0 : a >= 10 ? 1 : 2);
+}
+
+function setText(el, text) {
+  text = String(text);
+  if (el.textContent !== text) el.textContent = text;
+}
+
+// -- the small charts: a path of a series' points, broken where there is no sample --
+function pathOf(values, x, y) {
+  // (a sample alone between gaps becomes a short dash, so it shows)
+  let d = "", pen = false;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (v === null) { pen = false; continue; }
+    const alone = !pen && (i + 1 >= values.length || values[i + 1] === null);
+    const xi = x(i), step = values.length > 1 ? Math.abs(x(1) - x(0)) / 2 : 1;
+    d += (pen ? "L" : "M") + (alone ? xi - step : xi).toFixed(1) + " " + y(v).toFixed(1);
+    if (alone) d += "L" + xi.toFixed(1) + " " + y(v).toFixed(1);
+    pen = true;
+  }
+  return d;
+}
+
+function niceMax(v) {
+  if (!(v > 0)) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function seriesMax(list) {
+  let m = 0;
+  for (const vs of list) for (const v of vs) if (v !== null && v > m) m = v;
+  return m;
+}
+
+function spark(svg, fields, list) {
+  // One small chart: the series of *fields* (their values in *list*), over the
+  // window.  data-ymax/top/bottom let a reader turn the path back into values.
+  const W = 100, TOP = 2, BOTTOM = 22;
+  const ymax = niceMax(seriesMax(list));
+  const n = list.length ? list[0].length : 0;
+  const x = (i) => n > 1 ? i * W / (n - 1) : 0;
+  const y = (v) => BOTTOM - v / ymax * (BOTTOM - TOP);
+  svg.dataset.ymax = ymax;
+  svg.dataset.top = TOP;
+  svg.dataset.bottom = BOTTOM;
+  let html = "";
+  fields.forEach((f, k) => {
+    if (f === "depth") {                         // a light area under it
+      const d = pathOf(list[k], x, y).replace(/M([0-9.]+) ([0-9.]+)/g, "M$1 " + BOTTOM + "L$1 $2")
+        .replace(/L([0-9.]+) ([0-9.]+)(?=M|$)/g, "L$1 $2L$1 " + BOTTOM);
+      html += '<path d="' + d + '" fill="' + COLORS[f] + '" fill-opacity=".15" stroke="none"/>';
+    }
+    html += '<path data-series="' + f + '" d="' + pathOf(list[k], x, y) +
+      '" fill="none" stroke="' + COLORS[f] + '" stroke-width="1.5" ' +
+      'vector-effect="non-scaling-stroke"/>';
+  });
+  const latest = fields.map((f, k) => {
+    const vs = list[k].filter((v) => v !== null);
+    return LABELS[f] + " " + fmt(vs.length ? vs[vs.length - 1] : null);
+  });
+  svg.innerHTML = "<title>" + latest.join(", ") + " (top of the chart: " + fmt(ymax) +
+    ")</title>" + html;
+}
+
+function newSpark() {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 100 24");
+  svg.setAttribute("preserveAspectRatio", "none");
+  return svg;
+}
+
+// -- the large charts of a topic's or channel's view ----------------------------------
+function timeLabel(t) {
+  const d = new Date(t * 1000);
+  const two = (n) => String(n).padStart(2, "0");
+  return two(d.getHours()) + ":" + two(d.getMinutes()) +
+    (win === "10m" ? ":" + two(d.getSeconds()) : "");
+}
+
+function bigChart(fig, spec) {
+  // spec: {name, title, unit, step, end, series: [{key, label, color, values}]}
+  const svg = fig.querySelector("svg");
+  const W = Math.max(240, Math.round(svg.getBoundingClientRect().width) || 600), H = 190;
+  const L = 46, R = 8, TOP = 8, BOTTOM = H - 22;
+  const n = spec.series.length ? spec.series[0].values.length : 0;
+  const ymax = niceMax(seriesMax(spec.series.map((s) => s.values)));
+  const x = (i) => L + (n > 1 ? i * (W - L - R) / (n - 1) : 0);
+  const y = (v) => BOTTOM - v / ymax * (BOTTOM - TOP);
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  svg.dataset.ymax = ymax;
+  svg.dataset.top = TOP;
+  svg.dataset.bottom = BOTTOM;
+  let html = "";
+  for (let k = 0; k <= 4; k++) {
+    const v = ymax * k / 4, yy = y(v).toFixed(1);
+    html += '<line x1="' + L + '" x2="' + (W - R) + '" y1="' + yy + '" y2="' + yy +
+      '" stroke="' + (k ? "#eee" : "#bbb") + '"/><text x="' + (L - 4) + '" y="' + yy +
+      '" dy="4" text-anchor="end">' + fmt(v) + '</text>';
+  }
+  const ticks = Math.max(1, Math.min(4, Math.floor((W - L) / 110)));
+  for (let k = 0; k <= ticks; k++) {
+    const i = Math.round(k * (n - 1) / ticks);
+    const t = spec.end - (n - 1 - i) * spec.step;
+    html += '<text x="' + x(i).toFixed(1) + '" y="' + (H - 6) + '" text-anchor="' +
+      (k === 0 ? "start" : k === ticks ? "end" : "middle") + '">' + timeLabel(t) + '</text>';
+  }
+  for (const s of spec.series)
+    html += '<path data-series="' + s.key + '" d="' + pathOf(s.values, x, y) +
+      '" fill="none" stroke="' + s.color + '" stroke-width="1.8" stroke-linejoin="round"/>';
+  html += '<line class="cursor" y1="' + TOP + '" y2="' + BOTTOM + '" stroke="#999" ' +
+    'stroke-dasharray="3 3" visibility="hidden"/>';
+  svg.innerHTML = html;
+  fig.spec = spec;
+  fig.geometry = {x, n, L, W, R};
+  legend(fig, null);
+}
+
+function legend(fig, index) {
+  // the values at *index* (the pointer's), else the latest of each series
+  const spec = fig.spec, box = fig.querySelector(".legend");
+  const n = fig.geometry.n;
+  let html = "";
+  if (index !== null) {
+    html += '<span class="when">' + timeLabel(spec.end - (n - 1 - index) * spec.step) +
+      '</span>';
+  }
+  for (const s of spec.series) {
+    let v = null;
+    if (index !== null) v = s.values[index];
+    else for (let i = s.values.length - 1; i >= 0 && v === null; i--) v = s.values[i];
+    html += '<span data-series="' + s.key + '"><span class="sw" style="background:' +
+      s.color + '"></span>' + s.label + ": <b>" + fmt(v) + "</b>" +
+      (spec.unit ? " " + spec.unit : "") + "</span>";
+  }
+  box.innerHTML = html;
+}
+
+function pointer(fig, ev) {
+  const g = fig.geometry, svg = fig.querySelector("svg"), cur = svg.querySelector(".cursor");
+  if (!g || !cur) return;
+  const r = svg.getBoundingClientRect();
+  const px = (ev.clientX - r.left) * g.W / r.width;
+  const i = Math.round((px - g.L) / (g.W - g.L - g.R) * (g.n - 1));
+  if (ev.type === "mouseleave" || i < 0 || i >= g.n) {
+    cur.setAttribute("visibility", "hidden");
+    legend(fig, null);
+    return;
+  }
+  cur.setAttribute("x1", g.x(i));
+  cur.setAttribute("x2", g.x(i));
+  cur.setAttribute("visibility", "visible");
+  legend(fig, i);
+}
+
+function figure(name, title) {
+  let fig = document.querySelector('figure[data-chart="' + name + '"]');
+  if (fig) return fig;
+  fig = document.createElement("figure");
+  fig.className = "chart";
+  fig.dataset.chart = name;
+  fig.innerHTML = "<figcaption></figcaption><svg></svg><div class='legend'></div>";
+  fig.querySelector("figcaption").textContent = title;
+  fig.addEventListener("mousemove", (ev) => pointer(fig, ev));
+  fig.addEventListener("mouseleave", (ev) => pointer(fig, ev));
+  $("#charts").appendChild(fig);
+  return fig;
+}
+
+function drawDetail() {
+  if (!detail || view.kind === "overview") return;
+  const f = detail.fields, isChannel = view.kind === "channel";
+  const base = {step: detail.step, end: detail.end};
+  const specs = [];
+  specs.push(Object.assign({name: "depth", title: isChannel
+      ? "queue: depth, in flight, deferred" : "depth (messages at the topic)", unit: "",
+    series: (isChannel ? ["depth", "in_flight", "deferred"] : ["depth"]).map((k) => (
+      {key: k, label: LABELS[k], color: COLORS[k], values: f[k]}))}, base));
+  specs.push(Object.assign({name: "rates", title: isChannel
+      ? "messages per second: in, out (finished)" : "messages per second: published, to channels",
+    unit: "/s", series: [
+      {key: "rate_in", label: isChannel ? "in" : "published", color: COLORS.rate_in,
+       values: f.rate_in},
+      {key: "rate_out", label: isChannel ? "finished" : "to channels", color: COLORS.rate_out,
+       values: f.rate_out}]}, base));
+  if (detail.e2e_percentiles) {
+    specs.push(Object.assign({name: "e2e", title: "end-to-end latency, publish to FIN",
+      unit: "ms", series: detail.e2e_percentiles.map((p, k) => (
+        {key: "p" + +(p.quantile * 100).toFixed(2), label: "p" + +(p.quantile * 100).toFixed(2),
+         color: E2E_COLORS[k % E2E_COLORS.length], values: p.ms}))}, base));
+  }
+  const wanted = new Set(specs.map((s) => s.name));
+  for (const fig of document.querySelectorAll("#charts figure"))
+    if (!wanted.has(fig.dataset.chart)) fig.remove();
+  // from the first sample (at least a minute or an hour shown), as the small charts
+  const first = firstSample([].concat(...specs.map((s) => s.series.map((x) => x.values))), 60);
+  for (const s of specs) for (const x of s.series) x.values = x.values.slice(first);
+  const figs = specs.map((s) => figure(s.name, s.title));    // laid out before measured
+  specs.forEach((s, k) => bigChart(figs[k], s));
+}
+
+// -- the overview's table, updated in place -------------------------------------------
+function cell(tr, field, label) {
   const td = document.createElement("td");
   td.dataset.field = field;
-  if (cls) td.className = cls;
-  td.textContent = value;
-  row.appendChild(td);
+  if (label) td.dataset.label = label;
+  tr.appendChild(td);
   return td;
 }
 
-function button(td, label, kind, action, topic, channel, danger) {
+function makeRow(kind, topic, channel) {
+  const tr = document.createElement("tr");
+  tr.className = kind;
+  tr.dataset.topic = topic;
+  if (channel !== null) tr.dataset.channel = channel;
+  const r = {tr, kind, topic, channel, td: {}, paused: null};
+  for (const [field, label] of COLUMNS) r.td[field] = cell(tr, field, label);
+  r.td.name.className = "name";
+  const a = document.createElement("a");
+  a.href = hrefOf(topic, channel);
+  a.textContent = channel === null ? topic : channel;
+  a.title = keyOf(topic, channel);
+  r.td.name.appendChild(a);
+  for (const f of ["depth_chart", "rate_chart"]) {
+    r.td[f].className = "chart";
+    r.td[f].appendChild(newSpark());
+  }
+  drawSparks(r);
+  return r;
+}
+
+function button(box, label, kind, action, topic, channel, danger) {
   const b = document.createElement("button");
   b.textContent = label;
   b.dataset.action = action;
   if (danger) b.className = "danger";
   b.onclick = () => act(kind, action, topic, channel);
-  td.appendChild(b);
+  box.appendChild(b);
 }
 
-function row(tbody, kind, topic, channel, s, now) {
-  const name = channel === null ? topic : topic + "/" + channel;
-  const tr = document.createElement("tr");
-  tr.className = kind;
-  tr.dataset.topic = topic;
-  if (channel !== null) tr.dataset.channel = channel;
-  cell(tr, "name", channel === null ? topic : channel, "name");
-  cell(tr, "depth", s.depth);
-  cell(tr, "backend_depth", s.backend_depth);
-  cell(tr, "in_flight_count", kind === "channel" ? s.in_flight_count : "");
-  cell(tr, "deferred_count", kind === "channel" ? s.deferred_count : "");
-  cell(tr, "requeue_count", kind === "channel" ? s.requeue_count : "");
-  cell(tr, "timeout_count", kind === "channel" ? s.timeout_count : "");
-  cell(tr, "message_count", s.message_count);
-  const prev = last[name];
-  const rate = prev ? (s.message_count - prev[1]) / ((now - prev[0]) / 1000) : null;
-  last[name] = [now, s.message_count];
-  cell(tr, "rate", rate === null ? "-" : rate.toFixed(1));
-  cell(tr, "clients", kind === "channel" ? s.client_count
-                                         : s.channels.reduce((n, c) => n + c.client_count, 0));
-  cell(tr, "state", s.paused ? "paused" : "active", s.paused ? "paused" : "");
-  const td = cell(tr, "actions", "");
-  if (s.paused) button(td, "unpause", kind, "unpause", topic, channel);
-  else button(td, "pause", kind, "pause", topic, channel);
-  button(td, "empty", kind, "empty", topic, channel, true);
-  button(td, "delete", kind, "delete", topic, channel, true);
-  tbody.appendChild(tr);
+function actions(box, kind, topic, channel, paused) {
+  box.replaceChildren();
+  if (paused) button(box, "unpause", kind, "unpause", topic, channel);
+  else button(box, "pause", kind, "pause", topic, channel);
+  button(box, "empty", kind, "empty", topic, channel, true);
+  button(box, "delete", kind, "delete", topic, channel, true);
+}
+
+function updateRow(r, s, now) {
+  const td = r.td, isChannel = r.kind === "channel";
+  setText(td.depth, s.depth);
+  setText(td.backend_depth, s.backend_depth);
+  setText(td.in_flight_count, isChannel ? s.in_flight_count : "");
+  setText(td.deferred_count, isChannel ? s.deferred_count : "");
+  setText(td.requeue_count, isChannel ? s.requeue_count : "");
+  setText(td.timeout_count, isChannel ? s.timeout_count : "");
+  setText(td.message_count, s.message_count);
+  const name = keyOf(r.topic, r.channel), prev = last[name];
+  const rate = prev && now > prev[0] ? (s.message_count - prev[1]) / ((now - prev[0]) / 1000)
+                                     : null;
+  if (!prev || now > prev[0]) last[name] = [now, s.message_count];
+  if (rate !== null || !prev) setText(td.rate, rate === null ? "-" : rate.toFixed(1));
+  setText(td.clients, isChannel ? s.client_count
+                                : s.channels.reduce((n, c) => n + c.client_count, 0));
+  setText(td.state, s.paused ? "paused" : "active");
+  td.state.className = s.paused ? "paused" : "";
+  if (r.paused !== s.paused) {
+    r.paused = s.paused;
+    actions(td.actions, r.kind, r.topic, r.channel, s.paused);
+  }
+}
+
+function drawSparks(r) {
+  // from the first sample of any row (a server started a minute ago charts
+  // that minute, not 9 blank ones), so every row shares one time axis
+  const h = overview.get(keyOf(r.topic, r.channel));
+  const blank = new Array(60).fill(null);
+  const f = h || {depth: blank, rate_in: blank, rate_out: blank};
+  const cut = (vs) => vs.slice(overviewFirst);
+  spark(r.td.depth_chart.firstChild, ["depth"], [cut(f.depth)]);
+  spark(r.td.rate_chart.firstChild, ["rate_in", "rate_out"], [cut(f.rate_in), cut(f.rate_out)]);
+}
+
+function firstSample(lists, keep) {
+  // the first index where any of *lists* has a value, at most len - keep
+  let first = lists.length ? lists[0].length : 0;
+  for (const vs of lists) {
+    const i = vs.findIndex((v) => v !== null);
+    if (i >= 0 && i < first) first = i;
+  }
+  return Math.max(0, Math.min(first, (lists.length ? lists[0].length : 0) - keep));
+}
+
+function renderList(topics, now) {
+  const tbody = $("#stats tbody"), keys = [], seen = new Set();
+  const want = (kind, topic, channel, s) => {
+    const key = kind + " " + keyOf(topic, channel);
+    let r = rows.get(key);
+    if (!r) { r = makeRow(kind, topic, channel); rows.set(key, r); }
+    updateRow(r, s, now);
+    keys.push(key);
+    seen.add(key);
+  };
+  for (const t of topics) {
+    want("topic", t.topic_name, null, t);
+    for (const c of t.channels) want("channel", t.topic_name, c.channel_name, c);
+  }
+  for (const [key, r] of rows) if (!seen.has(key)) { r.tr.remove(); rows.delete(key); }
+  const joined = keys.join("\n");
+  if (joined !== order) {                        // only then move rows: 1,000s stay put
+    order = joined;
+    tbody.replaceChildren(...keys.map((k) => rows.get(k).tr));
+  }
+}
+
+// -- a topic's or channel's own view ----------------------------------------------------
+function renderDetail(t, c, now) {
+  const s = c || t, isChannel = !!c;
+  setText($("#title"), isChannel ? "channel " + t.topic_name + " / " + c.channel_name
+                                 : "topic " + t.topic_name);
+  const box = $("#detail-actions");
+  if (box.dataset.paused !== String(s.paused) || box.dataset.name !== keyOf(view.topic,
+      view.channel || null)) {
+    box.dataset.paused = String(s.paused);
+    box.dataset.name = keyOf(view.topic, view.channel || null);
+    actions(box, isChannel ? "channel" : "topic", view.topic, isChannel ? view.channel : null,
+            s.paused);
+  }
+  const nums = isChannel
+    ? [["depth", s.depth], ["on disk", s.backend_depth], ["in flight", s.in_flight_count],
+       ["deferred", s.deferred_count], ["requeued", s.requeue_count],
+       ["timed out", s.timeout_count], ["messages", s.message_count],
+       ["clients", s.client_count], ["state", s.paused ? "paused" : "active"]]
+    : [["depth", s.depth], ["on disk", s.backend_depth], ["messages", s.message_count],
+       ["channels", s.channels.length], ["state", s.paused ? "paused" : "active"]];
+  $("#numbers").innerHTML = nums.map(([k, v]) =>
+    '<span data-field="' + k + '">' + k + " <b>" + v + "</b></span>").join("");
+  $("#clients-part").hidden = !isChannel;
+  if (isChannel) renderClients(c.clients || [], now);
+}
+
+function yesNo(v) { return v ? "yes" : "-"; }
+
+function since(ts, now) {
+  let s = Math.max(0, Math.round(now / 1000 - ts));
+  const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60);
+  s = s % 60;
+  return h ? h + "h" + String(m).padStart(2, "0") + "m" : m ? m + "m" + String(s).padStart(2, "0") + "s" : s + "s";
+}
+
+function renderClients(clients, now) {
+  const tbody = $("#clients tbody");
+  setText($("#clients-count"), "(" + clients.length + ")");
+  $("#no-clients").hidden = clients.length > 0;
+  tbody.replaceChildren();
+  for (const c of clients) {
+    const tr = document.createElement("tr");
+    tr.dataset.clientId = c.client_id;
+    const add = (field, label, value, cls) => {
+      const td = cell(tr, field, label);
+      if (cls) td.className = cls;
+      td.textContent = value;
+      td.title = value;
+    };
+    add("client_id", "", c.client_id, "name");
+    add("remote_address", "address", c.remote_address === "inproc" ? "in-process"
+                                                                     : c.remote_address);
+    add("user_agent", "agent", c.user_agent || "-");
+    add("tls", "TLS", c.tls ? (c.tls_version || "yes") : "-");
+    add("deflate", "deflate", yesNo(c.deflate));
+    add("snappy", "snappy", yesNo(c.snappy));
+    add("authed", "auth", c.authed ? (c.auth_identity || "yes") : "-");
+    add("ready_count", "RDY", c.ready_count, "n");
+    add("in_flight_count", "in flight", c.in_flight_count, "n");
+    add("finish_count", "finished", c.finish_count, "n");
+    add("requeue_count", "requeued", c.requeue_count, "n");
+    add("message_count", "messages", c.message_count, "n");
+    add("connected", "connected", since(c.connect_ts, now), "n");
+    tbody.appendChild(tr);
+  }
+}
+
+// -- fetching -------------------------------------------------------------------------------
+async function getJSON(url) {
+  const r = await fetch(url);
+  if (!r.ok) {
+    let code = "HTTP " + r.status;
+    try { code += " " + (await r.json()).message; } catch (e) {}
+    const err = new Error(code);
+    err.status = r.status;
+    throw err;
+  }
+  return r.json();
+}
+
+async function loadOverview(now) {
+  const h = await getJSON("/history?window=" + win);
+  const m = new Map();
+  for (const t of h.topics) {
+    if (t.fields) m.set(t.topic_name, t.fields);
+    for (const c of t.channels) m.set(keyOf(t.topic_name, c.channel_name), c.fields);
+  }
+  overview = m;
+  overviewAt = now;
+  const lists = [];
+  for (const f of m.values()) lists.push(f.depth, f.rate_in);
+  overviewFirst = firstSample(lists, 6);
+  for (const r of rows.values()) drawSparks(r);
+}
+
+async function loadDetail(now) {
+  let url = "/history?window=" + win + "&topic=" + encodeURIComponent(view.topic);
+  if (view.kind === "channel") url += "&channel=" + encodeURIComponent(view.channel);
+  detail = await getJSON(url);
+  detailAt = now;
+  drawDetail();
 }
 
 async function refresh() {
-  const status = document.getElementById("status");
+  const status = $("#status");
+  const v = view;
   try {
-    const r = await fetch("/stats?format=json&include_clients=false&include_mem=false");
-    if (!r.ok) throw new Error("HTTP " + r.status);
-    const data = await r.json();
+    let url = "/stats?format=json&include_mem=false";
+    if (v.kind !== "overview") url += "&topic=" + encodeURIComponent(v.topic);
+    url += v.kind === "channel"
+      ? "&channel=" + encodeURIComponent(v.channel) + "&include_clients=true"
+      : "&include_clients=false";
+    const data = await getJSON(url);
+    if (v !== view) return;                      // the view changed meanwhile
     const now = Date.now();
-    document.getElementById("version").textContent =
-      "nsqd " + data.version + " protocol, health: " + data.health;
-    const tbody = document.querySelector("#stats tbody");
-    tbody.replaceChildren();
+    setText($("#version"), "nsqd " + data.version + " protocol, health: " + data.health);
     const topics = data.topics || [];
-    for (const t of topics) {
-      row(tbody, "topic", t.topic_name, null, t, now);
-      for (const c of t.channels) row(tbody, "channel", t.topic_name, c.channel_name, c, now);
+    if (v.kind !== "overview") {
+      const t = topics[0];
+      const c = t && v.kind === "channel" ? t.channels[0] : null;
+      if (!t || (v.kind === "channel" && !c)) {
+        throw new Error(v.kind + " " + keyOf(v.topic, v.channel || null) + " not found");
+      }
+      renderDetail(t, c, now);
+      if (now - detailAt >= DETAIL_MS[win] - 100) await loadDetail(now);
     }
-    document.getElementById("empty").hidden = topics.length > 0;
+    if (v.kind !== "channel") {
+      renderList(topics, now);
+      if (now - overviewAt >= OVERVIEW_MS[win] - 100) await loadOverview(now);
+    }
+    $("#empty").hidden = v.kind !== "overview" || topics.length > 0;
     status.className = "";
     status.textContent = "updated " + new Date(now).toLocaleTimeString() +
-      " \\u00b7 refreshes every " + REFRESH_MS / 1000 + " s";
+      " \u00b7 refreshes every " + REFRESH_MS / 1000 + " s";
   } catch (e) {
     status.className = "error";
-    status.textContent = "cannot read /stats: " + e.message;
+    status.textContent = "cannot read the stats: " + e.message;
   }
 }
 
 async function act(kind, action, topic, channel) {
-  const name = channel === null ? topic : topic + "/" + channel;
+  const name = keyOf(topic, channel);
   if ((action === "empty" || action === "delete") &&
       !confirm(action === "delete"
         ? "Delete " + kind + " " + name + " and every message in it?"
@@ -10488,20 +10988,81 @@ async function act(kind, action, topic, channel) {
   if (channel !== null) url += "&channel=" + encodeURIComponent(channel);
   const r = await fetch(url, {method: "POST"});
   if (!r.ok) {
-    const status = document.getElementById("status");
+    const status = $("#status");
     status.className = "error";
     status.textContent = action + " " + name + " failed: HTTP " + r.status + " " +
       (await r.text());
     return;
   }
+  if (action === "delete" && view.kind !== "overview" &&
+      view.topic === topic && (channel === null || view.channel === channel)) {
+    location.hash = channel === null ? "#/" : hrefOf(topic, null);   // gone: up a level
+    return;
+  }
+  overviewAt = detailAt = 0;                    // show its effect on the charts at once
   await refresh();
 }
 
+function route() {
+  view = parseHash();
+  detail = null;
+  detailAt = 0;
+  $("#charts").replaceChildren();
+  $("#numbers").replaceChildren();
+  $("#detail-actions").replaceChildren();
+  delete $("#detail-actions").dataset.paused;
+  $("#detail").hidden = view.kind === "overview";
+  $("#list").hidden = view.kind === "channel";
+  $("#list-title").hidden = view.kind !== "topic";
+  const crumbs = $("#crumbs");
+  crumbs.replaceChildren();
+  if (view.kind !== "overview") {
+    const add = (text, href) => {
+      if (crumbs.childNodes.length) crumbs.append(" / ");
+      const a = document.createElement("a");
+      a.textContent = text;
+      a.href = href;
+      crumbs.appendChild(a);
+    };
+    add("all topics", "#/");
+    add(view.topic, hrefOf(view.topic, null));
+    if (view.kind === "channel") add(view.channel, hrefOf(view.topic, view.channel));
+  }
+  document.title = view.kind === "overview" ? "minq" : "minq: " + keyOf(view.topic,
+    view.channel || null);
+  for (const r of rows.values()) r.tr.remove();
+  rows.clear();
+  order = "";
+  start();
+}
+
+function start() {
+  // a second look soon after the first, so rates show at once
+  if (timer !== null) clearInterval(timer);
+  refresh().then(() => setTimeout(refresh, 500));
+  timer = setInterval(refresh, REFRESH_MS);
+}
+
+for (const b of document.querySelectorAll("#windows button")) {
+  b.onclick = () => {
+    win = b.dataset.window;
+    for (const o of document.querySelectorAll("#windows button"))
+      o.setAttribute("aria-pressed", String(o === b));
+    for (const th of document.querySelectorAll("th.chart-head"))
+      th.textContent = th.textContent.replace(/10 min|24 h/, win === "10m" ? "10 min" : "24 h");
+    overviewAt = detailAt = 0;
+    refresh();
+  };
+}
+let resizing = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizing);
+  resizing = setTimeout(drawDetail, 150);
+});
+window.addEventListener("hashchange", route);
 document.querySelector("#empty code").textContent =
   "curl -d hello 'http://" + location.host + "/pub?topic=test'";
-// a second look soon after the first, so rates show at once
-refresh().then(() => setTimeout(refresh, 500));
-setInterval(refresh, REFRESH_MS);
+route();
 </script>
 </body></html>
 """
@@ -10794,7 +11355,10 @@ class HTTPServer(_Face):
     Requests that may block (publishes in fsync mode or to a new topic,
     admin actions that write ``minq.dat`` or ask lookupd) are answered on
     worker threads while the loop serves everyone else.  *loop*: an event
-    loop to share (``serve`` runs the TCP face on the same one).
+    loop to share (``serve`` runs the TCP face on the same one).  It samples
+    the broker's stats once a second into *history* (a ``_StatsHistory`` it
+    makes unless given one to share), which ``/history`` and the admin
+    page's charts read.
     """
 
     _name = "http"
@@ -10842,8 +11406,12 @@ class HTTPServer(_Face):
         #: what /history serves; sampled by this server unless it was given one
         self.history = history if history is not None else _StatsHistory()
         self._samples = history is None
-        self._sampling = False           # a sample is being taken (on a worker)
         self._deadline_at = math.inf     # when the next sample is due (broker's clock)
+        # _sample_lock guards _sampling (a worker is taking samples) and
+        # _sample_due (the latest moment to sample, for it to take next)
+        self._sample_lock = threading.Lock()
+        self._sampling = False
+        self._sample_due: Optional[Tuple[float, float]] = None
         self.tcp_address = tcp_address
         self.options = opts = dict(options or {})
         self.tls_context = tls_context
@@ -10893,21 +11461,30 @@ class HTTPServer(_Face):
         if self.closing:
             return
         self.loop.arm_deadline(self, math.floor(now) + 1.0)
-        if self._sampling:               # the last one is not done: skip this second
-            return
-        self._sampling = True
+        with self._sample_lock:
+            self._sample_due = (now, self.broker.clock.time_ns() / 1e9)
+            if self._sampling:           # the worker takes it when done with the last
+                return
+            self._sampling = True
         try:
-            self._workers.submit(self._sample, now, self.broker.clock.time_ns() / 1e9)
+            self._workers.submit(self._sample)
         except RuntimeError:             # the pool is shut down: the server is closing
-            self._sampling = False
+            with self._sample_lock:
+                self._sampling = False
 
-    def _sample(self, now: float, wall: float) -> None:
-        try:
-            self.history.sample(now, wall, self.broker.stats(include_clients=False))
-        except Exception:
-            log.exception("http: sampling the stats for /history failed")
-        finally:
-            self._sampling = False
+    def _sample(self) -> None:
+        # On a worker, until no sample is due: at most one worker samples, and
+        # seconds that came while it did become one sample, at the latest.
+        while True:
+            with self._sample_lock:
+                due, self._sample_due = self._sample_due, None
+                if due is None:
+                    self._sampling = False
+                    return
+            try:
+                self.history.sample(due[0], due[1], self.broker.stats(include_clients=False))
+            except Exception:
+                log.exception("http: sampling the stats for /history failed")
 
     # -- life cycle ------------------------------------------------------------------
     def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:

@@ -5428,6 +5428,318 @@ def test_admin_page_in_headless_chromium(web, tmp_path):
                 browser.close()
 
 
+_CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+
+# The values a chart draws, read back from the page: its path's y coordinates
+# turned into values by the chart's own scale (data-ymax/top/bottom), in order.
+_RENDERED_JS = r"""([sel, series]) => {
+  const svg = document.querySelector(sel);
+  if (!svg) return null;
+  const path = svg.querySelector('path[data-series="' + series + '"]');
+  if (!path) return null;
+  const ymax = +svg.dataset.ymax, top = +svg.dataset.top, bottom = +svg.dataset.bottom;
+  return (path.getAttribute("d").match(/[ML][^ML]*/g) || []).map((s) => {
+    const y = +s.slice(1).trim().split(/\s+/)[1];
+    return (bottom - y) / (bottom - top) * ymax;
+  });
+}"""
+
+
+def _rendered(page, selector, series):
+    return page.evaluate(_RENDERED_JS, [selector, series])
+
+
+def _artifacts(tmp_path):
+    out = Path(os.environ.get("MINQ_ARTIFACTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def _served(**options):
+    """A real-clock broker behind TCP and HTTP, for the browser tests."""
+    b = minq.Broker(**options)
+    tcp = minq.TCPServer(b, "127.0.0.1:0").start()
+    srv = minq.HTTPServer(b, "127.0.0.1:0", tcp_address=tcp.address).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+        tcp.close()
+        b.close()
+
+
+def _publish_at(b, topic, rate, count):
+    """Publish *count* messages at *rate* a second (paced, not bursting)."""
+    t0 = time.monotonic()
+    for i in range(count):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        b.publish(topic, b"m%d" % i)
+
+
+def _finishing(consumer, stop):
+    """Finish every message *consumer* gets until *stop* is set (a thread)."""
+    def run():
+        while not stop.is_set():
+            m = consumer.get(timeout=0.1)
+            if m is not None:
+                m.finish()
+    t = threading.Thread(target=run, name="test-finisher")
+    t.start()
+    return t
+
+
+def test_admin_page_charts_views_clients_and_actions(tmp_path):
+    """Publish 20 a second for 5 s to a topic with a backlog channel and a
+    consumed one: the overview's small charts and each view's large charts
+    draw it; the channel view lists its TCP and in-process consumers; every
+    action works from the views; it reads at 1400 px and on a phone."""
+    sync_api, exe = _chromium()
+    rate, count = 20, 100
+    out = _artifacts(tmp_path)
+    stop = threading.Event()
+    with _served() as web:
+        b = web.broker
+        b.topic("orders").channel("billing")               # nobody consumes: a backlog
+        client = minq.Client(web.tcp_address, client_id="audit-worker-1",
+                             user_agent="test-suite/1.0")
+        remote = client.consumer("orders", "audit", max_in_flight=5)
+        inproc = b.consumer("orders", "audit", max_in_flight=1)
+        wait_until(lambda: channel_stats(b, "orders", "audit")["client_count"] == 2,
+                   what="two consumers on audit")
+        finisher = _finishing(remote, stop)
+        try:
+            _publish_at(b, "orders", rate, count)
+            wait_until(lambda: web.history.series("orders", "billing", "10m")["fields"][
+                "depth"][-1] == count, what="a sample after the last publish")
+            with sync_api.sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1400, "height": 900})
+                    dialogs, refuse = [], []     # refuse: dismiss the next dialog
+
+                    def answer(d):
+                        dialogs.append(d.message)
+                        d.dismiss() if refuse and refuse.pop() else d.accept()
+                    page.on("dialog", answer)
+                    page.goto(f"http://{web.address}/")
+                    # The overview shows the last minutes at once: billing's depth grew
+                    # to the backlog, and the topic's rate in is drawn.
+                    spark = 'tr[data-channel="billing"] td[data-field="depth_chart"] svg'
+                    page.wait_for_function(
+                        "([sel, n]) => { const v = (" + _RENDERED_JS + ")([sel, 'depth']);"
+                        " return v && v.length && Math.max(...v) > n - 0.5; }",
+                        arg=[spark, count], timeout=10000)
+                    depth = _rendered(page, spark, "depth")
+                    assert max(depth) == pytest.approx(count, abs=0.5)
+                    assert depth == sorted(depth)                       # only ever growing
+                    ins = _rendered(page, 'tr.topic[data-topic="orders"] '
+                                          'td[data-field="rate_chart"] svg', "rate_in")
+                    assert 0 < max(ins) <= 2 * rate
+                    page.screenshot(path=str(out / "admin-overview-backlog.png"))
+                    width = page.evaluate("document.querySelector('#stats').offsetWidth")
+                    assert width <= 1400
+
+                    # The topic's view: its rate in, second by second.
+                    page.click('tr.topic[data-topic="orders"] td.name a')
+                    chart = 'figure[data-chart="rates"] svg'
+                    page.wait_for_selector(chart + ' path[data-series="rate_in"]',
+                                           state="attached", timeout=10000)
+                    busy = [v for v in _rendered(page, chart, "rate_in") if v > 0.5]
+                    assert len(busy) >= 3
+                    assert rate / 2 <= sorted(busy)[len(busy) // 2] <= rate * 2
+                    assert page.inner_text("h2") == "topic orders"
+
+                    # A channel's view: its clients, TCP and in-process, and how fast
+                    # it finishes what comes in.
+                    page.click('tr[data-channel="audit"] td.name a')
+                    row = '#clients tr[data-client-id="audit-worker-1"]'
+                    page.wait_for_selector(row, timeout=10000)
+                    cells = {f: page.inner_text(f'{row} td[data-field="{f}"]') for f in (
+                        "remote_address", "user_agent", "tls", "ready_count", "finish_count")}
+                    assert cells["remote_address"].startswith("127.0.0.1:")
+                    assert cells["user_agent"] == "test-suite/1.0"
+                    assert (cells["tls"], cells["ready_count"]) == ("-", "5")
+                    assert int(cells["finish_count"]) > 0
+                    inproc_row = f'#clients tr[data-client-id="{inproc.client_id}"]'
+                    assert page.inner_text(
+                        f'{inproc_row} td[data-field="remote_address"]') == "in-process"
+                    page.wait_for_selector('figure[data-chart="rates"] '
+                                           'path[data-series="rate_out"]', state="attached",
+                                           timeout=10000)
+                    done = [v for v in _rendered(page, chart, "rate_out") if v > 0.5]
+                    assert len(done) >= 3
+                    assert rate / 4 <= sorted(done)[len(done) // 2] <= rate * 2
+                    page.screenshot(path=str(out / "admin-channel-clients.png"), full_page=True)
+
+                    # On a phone's width nothing needs scrolling sideways.
+                    page.set_viewport_size({"width": 390, "height": 844})
+                    page.wait_for_timeout(300)
+                    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+                    page.screenshot(path=str(out / "admin-phone-channel.png"), full_page=True)
+                    page.goto(f"http://{web.address}/#/")
+                    page.wait_for_selector('tr[data-channel="billing"]', timeout=10000)
+                    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+                    page.screenshot(path=str(out / "admin-phone-overview.png"), full_page=True)
+                    page.set_viewport_size({"width": 1400, "height": 900})
+
+                    # Billing's view follows new messages by itself.
+                    page.click('tr[data-channel="billing"] td.name a')
+                    depth_chart = 'figure[data-chart="depth"] svg'
+                    page.wait_for_selector(depth_chart + ' path[data-series="depth"]',
+                                           state="attached", timeout=10000)
+                    b.publish_many("orders", [b"more"] * 10)
+                    page.wait_for_function(
+                        "([sel, n]) => { const v = (" + _RENDERED_JS + ")([sel, 'depth']);"
+                        " return v && v.length && Math.abs(v[v.length - 1] - n) < 0.5; }",
+                        arg=[depth_chart, count + 10], timeout=10000)
+
+                    # Each action, from the channel's view, then the topic's.
+                    billing = b.get_topic("orders").get_channel("billing")
+                    page.click('#detail-actions button[data-action="pause"]')
+                    page.wait_for_selector('#detail-actions button[data-action="unpause"]',
+                                           timeout=10000)
+                    assert billing.paused
+                    page.click('#detail-actions button[data-action="unpause"]')
+                    page.wait_for_selector('#detail-actions button[data-action="pause"]',
+                                           timeout=10000)
+                    assert not billing.paused
+                    refuse.append(True)          # asked first: dismissing keeps them
+                    page.click('#detail-actions button[data-action="empty"]')
+                    wait_until(lambda: not refuse, what="the dialog")
+                    page.wait_for_timeout(300)
+                    assert billing.stats()["depth"] == count + 10
+                    page.click('#detail-actions button[data-action="empty"]')
+                    wait_until(lambda: billing.stats()["depth"] == 0, what="billing emptied")
+                    assert dialogs[-1].startswith("Empty channel orders/billing")
+                    page.click('#detail-actions button[data-action="delete"]')
+                    page.wait_for_function("location.hash === '#/topic/orders'", timeout=10000)
+                    assert dialogs[-1].startswith("Delete channel orders/billing")
+                    assert "billing" not in b.get_topic("orders").channels
+                    page.wait_for_selector('tr[data-channel="audit"]', timeout=10000)
+                    assert page.query_selector('tr[data-channel="billing"]') is None
+                    topic = b.get_topic("orders")
+                    page.click('#detail-actions button[data-action="pause"]')
+                    page.wait_for_selector('#detail-actions button[data-action="unpause"]',
+                                           timeout=10000)
+                    assert topic.paused
+                    page.click('#detail-actions button[data-action="unpause"]')
+                    page.wait_for_selector('#detail-actions button[data-action="pause"]',
+                                           timeout=10000)
+                    assert not topic.paused
+                    page.click('#detail-actions button[data-action="empty"]')
+                    wait_until(lambda: dialogs[-1].startswith("Empty topic orders"),
+                               what="the empty dialog")
+                    page.click('#detail-actions button[data-action="delete"]')
+                    page.wait_for_function("location.hash === '#/'", timeout=10000)
+                    assert dialogs[-1].startswith("Delete topic orders")
+                    wait_until(lambda: not b.has_topic("orders"), what="orders deleted")
+                    page.wait_for_selector("#empty:not([hidden])", timeout=10000)
+                finally:
+                    browser.close()
+        finally:
+            stop.set()
+            finisher.join()
+            remote.close()
+            inproc.close()
+            client.close()
+
+
+def test_admin_page_charts_e2e_percentiles_when_on(tmp_path):
+    """With e2e percentiles in the stats (monkeypatched in, as serve's
+    --e2e-processing-latency-percentile gives), a channel's view charts them."""
+    sync_api, exe = _chromium()
+    with _served() as web:
+        b = web.broker
+        b.topic("orders").channel("billing")
+        stats = b.stats
+
+        def with_percentiles(*args, **kwargs):
+            s = stats(*args, **kwargs)
+            for t in s["topics"] or []:
+                for c in t["channels"]:
+                    c["e2e_processing_latency"] = {"count": 10, "percentiles": [
+                        {"quantile": 0.99, "value": 12_000_000},
+                        {"quantile": 0.5, "value": 3_000_000}]}
+            return s
+        b.stats = with_percentiles
+        b.publish_many("orders", [b"x"] * 3)
+
+        def sampled():
+            e2e = web.history.series("orders", "billing", "10m")["e2e_percentiles"]
+            return e2e and sum(v is not None for v in e2e[0]["ms"]) >= 3
+        wait_until(sampled, what="3 samples with percentiles")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(f"http://{web.address}/#/channel/orders/billing")
+                chart = 'figure[data-chart="e2e"] svg'
+                page.wait_for_selector(chart + ' path[data-series="p99"]', state="attached",
+                                       timeout=10000)
+                p99, p50 = _rendered(page, chart, "p99"), _rendered(page, chart, "p50")
+                assert p99 and p50
+                assert p99[-1] == pytest.approx(12, abs=0.1)
+                assert p50[-1] == pytest.approx(3, abs=0.1)
+                assert "p99" in page.inner_text('figure[data-chart="e2e"] .legend')
+                page.screenshot(path=str(_artifacts(tmp_path) / "admin-channel-e2e.png"),
+                                full_page=True)
+            finally:
+                browser.close()
+
+
+def test_admin_page_stays_responsive_with_200_topics_of_5_channels(tmp_path):
+    """1,200 rows, each with two small charts: all shown, refreshed in place,
+    and an action answers.  The times are written down, not asserted."""
+    sync_api, exe = _chromium()
+    with _served() as web:
+        b = web.broker
+        for i in range(200):
+            t = b.topic(f"topic-{i:03d}")
+            for j in range(5):
+                t.channel(f"channel-{j}")
+            if i % 7:
+                b.publish_many(t.name, [b"x"] * (i % 7))
+        wait_until(lambda: web.history.has("topic-199", "channel-4"), what="a sample")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                t0 = time.monotonic()
+                page.goto(f"http://{web.address}/")
+                page.wait_for_function(
+                    "document.querySelectorAll('#stats tr.channel').length === 1000",
+                    timeout=30000)
+                page.wait_for_function(
+                    """() => document.querySelector('tr[data-topic="topic-199"]'
+                       + '[data-channel="channel-4"] path[data-series="depth"]')
+                       .getAttribute('d') !== ''""", timeout=30000)
+                shown = time.monotonic() - t0
+                # A 2 s refresh runs; the page answers a click meanwhile.
+                row = 'tr[data-topic="topic-150"][data-channel="channel-2"]'
+                t0 = time.monotonic()
+                page.click(f'{row} button[data-action="pause"]')
+                page.wait_for_selector(f'{row} button[data-action="unpause"]', timeout=30000)
+                paused = time.monotonic() - t0
+                assert b.get_topic("topic-150").get_channel("channel-2").paused
+                assert page.inner_text('tr[data-topic="topic-006"][data-channel="channel-0"] '
+                                       'td[data-field="depth"]') == "6"
+                frame = page.evaluate("""() => new Promise((done) => {
+                    const t0 = performance.now();
+                    requestAnimationFrame(() => done(performance.now() - t0)); })""")
+                out = _artifacts(tmp_path)
+                page.screenshot(path=str(out / "admin-many-topics.png"))
+                (out / "admin-many-topics.txt").write_text(
+                    f"1,000 channels: shown in {shown:.2f} s, a pause shown in {paused:.2f} s, "
+                    f"a frame in {frame:.0f} ms\n")
+            finally:
+                browser.close()
+
+
 def test_metrics_keep_every_digit_of_large_latency_sums(clock):
     with minq.Broker(clock=clock, msg_timeout=3000, max_msg_timeout=3000) as b, \
             b.consumer("t", "c") as cons:
