@@ -10092,10 +10092,16 @@ def nsqd_stats(stats: Dict[str, Any], include_mem: bool = True) -> Dict[str, Any
 # window name: (seconds per row, rows) of the full-resolution ring
 _HISTORY_WINDOWS = {"10m": (1, 600), "24h": (60, 1440)}
 _HISTORY_POINTS = 60                 # rows of the overview's small charts, per window
+_SAMPLE_SHARE = 0.05                 # of a core, the most the history's sampling takes
 _TOPIC_FIELDS = ("depth", "rate_in", "rate_out")
 _CHANNEL_FIELDS = ("depth", "in_flight", "deferred", "rate_in", "rate_out")
 _OVERVIEW_FIELDS = ("depth", "rate_in", "rate_out")
 _NAN = float("nan")
+
+
+def _shown(v: float) -> Optional[float]:
+    # A sample as JSON gives it: None for none, 3 decimals at most.
+    return None if v != v else (round(v, 3) if v % 1 else int(v))
 
 
 class _Ring:
@@ -10111,14 +10117,17 @@ class _Ring:
         self.values = array.array("f", [_NAN]) * (size * width)
         self.last: Optional[int] = None        # the newest stamp written
 
-    def put(self, stamp: int, row: List[float]) -> None:
+    def put(self, stamp: int, row: List[float], fill: bool = False) -> None:
         """Write *row* at *stamp*: the newest again overwrites it; an older
-        one is ignored (the clock does not go back)."""
+        one is ignored (the clock does not go back).  Stamps skipped since
+        the newest get no sample (NaN), or *row* too with *fill* (the
+        sampler skipped them on purpose: it samples less often when
+        sampling is costly)."""
         last, size, width, values = self.last, self.size, self.width, self.values
         if last is not None and stamp != last:
             if stamp < last:
                 return
-            gap = array.array("f", [_NAN]) * width
+            gap = array.array("f", row if fill else [_NAN] * width)
             for s in range(max(last + 1, stamp - size + 1), stamp):      # no samples
                 i = (s % size) * width
                 values[i:i + width] = gap
@@ -10138,7 +10147,7 @@ class _Ring:
             if last is None or end - last >= size:
                 col = [None] * size
             else:
-                col = [None if v != v else (round(v, 3) if v % 1 else int(v)) for v in col]
+                col = [_shown(v) for v in col]
                 if end > last:                            # not sampled since *last*
                     col[size - (end - last):] = [None] * (end - last)
             cols.append(col)
@@ -10165,8 +10174,8 @@ class _Summary(_Ring):
         self._acc = [0.0] * width
         self._n = [0] * width
 
-    def add(self, fine_stamp: int, row: List[float]) -> None:
-        """Take the finer *row* of *fine_stamp*."""
+    def add(self, fine_stamp: int, row: List[float], fill: bool = False) -> None:
+        """Take the finer *row* of *fine_stamp* (*fill*: as ``put``)."""
         bucket = fine_stamp // self.factor
         acc, n, gauges = self._acc, self._n, self.gauges
         if bucket != self._bucket:
@@ -10175,7 +10184,7 @@ class _Summary(_Ring):
             self._bucket = bucket
             acc[:] = row
             n[:] = [0 if v != v else 1 for v in row]
-            self.put(bucket, row)
+            self.put(bucket, row, fill)
             return
         out = []
         for j, v in enumerate(row):
@@ -10199,31 +10208,115 @@ def _rings(width: int, gauges: int) -> Dict[str, _Ring]:
     return {"10m": _Ring(s_size, width), "24h": _Summary(m_size, width, m_step, gauges)}
 
 
+class _Track:
+    """One series of rows of *width* values (the first *gauges* of them
+    gauges, the rest rates) at both windows' resolutions, and, with
+    *overview* (the columns it shows), the overview's 60-row summaries.
+
+    The rings are made only once the rows change: until then the series is
+    one constant row and the stamp it began (a quiet or static topic, of
+    thousands, costs a few bytes and no work), and the rings start filled
+    with it.  A rate not known yet (NaN, the first sample) matches any."""
+
+    __slots__ = ("width", "gauges", "show", "rings", "overview", "const", "since", "last")
+
+    def __init__(self, width: int, gauges: int,
+                 overview: Optional[Tuple[int, ...]] = None) -> None:
+        self.width, self.gauges, self.show = width, gauges, overview
+        self.rings: Optional[Dict[str, _Ring]] = None
+        self.overview: Optional[Dict[str, _Summary]] = None
+        self.const: Optional[List[float]] = None
+        self.since = self.last = 0
+
+    def add(self, second: int, row: List[float], fill: bool) -> None:
+        if self.rings is None:
+            const = self.const
+            if const is None:
+                self.const, self.since, self.last = row, second, second
+                return
+            if all(a == b or a != a for a, b in zip(const, row)):
+                self.const = [b if a != a else a for a, b in zip(const, row)]
+                self.last = second
+                return
+            self._unfold(second)
+        self._put(second, row, fill)
+
+    def _put(self, second: int, row: List[float], fill: bool) -> None:
+        self.rings["10m"].put(second, row, fill)              # type: ignore[index]
+        self.rings["24h"].add(second, row, fill)              # type: ignore[index, attr-defined]
+        if self.overview is not None:
+            small = [row[k] for k in self.show]               # type: ignore[union-attr]
+            for ring in self.overview.values():
+                ring.add(second, small, fill)
+
+    def _unfold(self, second: int) -> None:
+        # The rows changed: make the rings, holding the constant row from the
+        # stamp it began (as far as each window reaches) up to *second*.
+        self.rings = _rings(self.width, self.gauges)
+        if self.show is not None:
+            self.overview = {name: _Summary(_HISTORY_POINTS, len(self.show),
+                                            step * size // _HISTORY_POINTS, 1)
+                             for name, (step, size) in _HISTORY_WINDOWS.items()}
+        const, first = self.const, max(self.since, second - _HISTORY_WINDOWS["10m"][1])
+        self._put(first, const, False)                        # type: ignore[arg-type]
+        if self.last > first:
+            self._put(self.last, const, True)                 # type: ignore[arg-type]
+
+    def columns(self, window: str, end: int) -> List[List[Optional[float]]]:
+        """Each value's column over *window* up to its stamp *end* (as ``_Ring``)."""
+        if self.rings is not None:
+            return self.rings[window].columns(end)
+        step, size = _HISTORY_WINDOWS[window]
+        return self._const_columns(step, size, end)
+
+    def overview_columns(self, window: str, end: int) -> List[List[Optional[float]]]:
+        """The overview's columns over *window* up to its stamp *end*."""
+        if self.overview is not None:
+            return self.overview[window].columns(end)
+        step, size = _HISTORY_WINDOWS[window]
+        const = self._const_columns(step * size // _HISTORY_POINTS, _HISTORY_POINTS, end)
+        return [const[k] for k in self.show]                  # type: ignore[union-attr]
+
+    def _const_columns(self, step: int, size: int, end: int) -> List[List[Optional[float]]]:
+        first, last = self.since // step, self.last // step
+        stamps = range(end - size + 1, end + 1)
+        if self.const is None:
+            return [[None] * size for _ in range(self.width)]
+        return [[_shown(v) if first <= st <= last else None for st in stamps]
+                for v in self.const]
+
+    @property
+    def nbytes(self) -> int:
+        rings = list((self.rings or {}).values()) + list((self.overview or {}).values())
+        return sum(r.nbytes for r in rings)
+
+
 class _Series:
     """One topic's or channel's history: its *fields* each second for 10
     minutes, each minute for 24 hours, 60-row summaries of both windows (the
     overview's small charts), and the e2e percentiles the same way once the
-    stats carry them.  Fixed size: see ``nbytes``."""
+    stats carry them (``_Track``s: nothing but a row until the values change).
+    Bounded: see ``nbytes``."""
 
-    __slots__ = ("fields", "gauges", "rings", "overview", "quantiles", "e2e", "_counts", "_at")
+    __slots__ = ("fields", "main", "quantiles", "e2e", "_counts", "_at")
 
     def __init__(self, fields: Tuple[str, ...]) -> None:
         self.fields = fields
-        self.gauges = len(fields) - 2                 # then rate_in, rate_out
-        self.rings = _rings(len(fields), self.gauges)
-        self.overview = {name: _Summary(_HISTORY_POINTS, len(_OVERVIEW_FIELDS),
-                                        step * size // _HISTORY_POINTS, 1)
-                         for name, (step, size) in _HISTORY_WINDOWS.items()}
+        gauges = len(fields) - 2                      # then rate_in, rate_out
+        self.main = _Track(len(fields), gauges, (0, gauges, gauges + 1))
         self.quantiles: Tuple[float, ...] = ()
-        self.e2e: Dict[str, _Ring] = {}
+        self.e2e: Optional[_Track] = None
         self._counts: Optional[Tuple[int, int]] = None     # (in, out) at the last sample
         self._at = 0.0                                     # ... and when (monotonic)
 
     def add(self, second: int, now: float, gauges: List[float], count_in: int,
-            count_out: int, percentiles: Optional[List[Dict[str, float]]]) -> None:
+            count_out: int, percentiles: Optional[List[Dict[str, float]]],
+            fill: bool = False) -> None:
         """The sample of *second* (at *now*, monotonic): *gauges* as they are,
         the counters of messages in and out made rates (per second since the
-        last sample; a counter that went down, emptied or deleted, counts 0)."""
+        last sample; a counter that went down, emptied or deleted, counts 0).
+        *fill*: the seconds since the last sample were skipped on purpose
+        and take this sample's values."""
         prev, self._counts = self._counts, (count_in, count_out)
         rate_in = rate_out = _NAN
         if prev is not None and now > self._at:
@@ -10231,29 +10324,19 @@ class _Series:
             rate_in = max(count_in - prev[0], 0) / span     # (a counter reset: emptied)
             rate_out = max(count_out - prev[1], 0) / span
         self._at = now
-        row = gauges + [rate_in, rate_out]
-        self.rings["10m"].put(second, row)
-        self.rings["24h"].add(second, row)        # type: ignore[attr-defined]
-        small = [row[0], rate_in, rate_out]
-        for ring in self.overview.values():
-            ring.add(second, small)
+        self.main.add(second, gauges + [rate_in, rate_out], fill)
         if percentiles:
-            self._add_e2e(second, percentiles)
-
-    def _add_e2e(self, second: int, percentiles: List[Dict[str, float]]) -> None:
-        quantiles = tuple(float(p["quantile"]) for p in percentiles)
-        if quantiles != self.quantiles:           # first seen, or the flag changed
-            self.quantiles = quantiles
-            self.e2e = _rings(len(quantiles), len(quantiles))     # each minute's worst
-        row = [p["value"] / 1e6 for p in percentiles]      # ns -> ms
-        self.e2e["10m"].put(second, row)
-        self.e2e["24h"].add(second, row)          # type: ignore[attr-defined]
+            quantiles = tuple(float(p["quantile"]) for p in percentiles)
+            if quantiles != self.quantiles:       # first seen, or the flag changed
+                self.quantiles = quantiles
+                self.e2e = _Track(len(quantiles), len(quantiles))     # each minute's worst
+            self.e2e.add(second, [p["value"] / 1e6 for p in percentiles], fill)  # ns -> ms
 
     @property
     def nbytes(self) -> int:
-        """Bytes its rings' values take (fixed once e2e percentiles are on or not)."""
-        rings = list(self.rings.values()) + list(self.overview.values()) + list(self.e2e.values())
-        return sum(r.nbytes for r in rings)
+        """Bytes its rings' values take: none while its values stay the same,
+        then fixed (more once e2e percentiles change)."""
+        return self.main.nbytes + (self.e2e.nbytes if self.e2e is not None else 0)
 
 
 class _StatsHistory:
@@ -10274,6 +10357,9 @@ class _StatsHistory:
         self._series: Dict[Tuple[str, str], _Series] = {}   # (topic, channel or "")
         self._second: Optional[int] = None     # the last sample's stamp (monotonic second)
         self._wall_offset = 0.0                # wall time - monotonic time at that sample
+        # Seconds between samples: more than 1 once a sample costs much (the
+        # sampler keeps its share of a core small; thousands of topics).
+        self.every = 1
 
     def sample(self, now: float, wall: float, stats: Dict[str, Any]) -> None:
         """Record *stats* (``Broker.stats(include_clients=False)``) as the
@@ -10282,6 +10368,8 @@ class _StatsHistory:
         with self._lock:
             if self._second is not None and second <= self._second:
                 return                             # this second has its sample
+            # Seconds skipped because sampling is spaced out take this sample.
+            fill = self._second is not None and second - self._second <= self.every
             seen = set()
             series = self._series
             for t in stats.get("topics") or []:
@@ -10296,7 +10384,7 @@ class _StatsHistory:
                     finished = (c.get("e2e_latency") or {}).get("count", 0)
                     s.add(second, now, [c["depth"], c["in_flight_count"], c["deferred_count"]],
                           c["message_count"], finished,
-                          (c.get("e2e_processing_latency") or {}).get("percentiles"))
+                          (c.get("e2e_processing_latency") or {}).get("percentiles"), fill)
                     out = max(out, c["message_count"])
                 key = (tname, "")
                 seen.add(key)
@@ -10304,7 +10392,7 @@ class _StatsHistory:
                 if s is None:
                     s = series[key] = _Series(_TOPIC_FIELDS)
                 s.add(second, now, [t["depth"]], t["message_count"], out,
-                      (t.get("e2e_processing_latency") or {}).get("percentiles"))
+                      (t.get("e2e_processing_latency") or {}).get("percentiles"), fill)
             for key in [k for k in series if k not in seen]:
                 del series[key]
             self._second = second
@@ -10336,11 +10424,11 @@ class _StatsHistory:
                 cols: List[List[Optional[float]]] = [[None] * size for _ in fields]
                 e2e = None
             else:
-                cols = s.rings[window].columns(end)
+                cols = s.main.columns(window, end)
                 e2e = None
-                if s.quantiles:
+                if s.e2e is not None:
                     e2e = [{"quantile": q, "ms": col} for q, col in
-                           zip(s.quantiles, s.e2e[window].columns(end))]
+                           zip(s.quantiles, s.e2e.columns(window, end))]
         return {"topic": topic, "channel": channel, "window": window, "step": step,
                 "end": round(end_time, 3), "fields": dict(zip(fields, cols)),
                 "e2e_percentiles": e2e}
@@ -10356,7 +10444,7 @@ class _StatsHistory:
             end = second // step
             topics: Dict[str, Dict[str, Any]] = {}
             for (tname, cname), s in sorted(self._series.items()):
-                cols = dict(zip(_OVERVIEW_FIELDS, s.overview[window].columns(end)))
+                cols = dict(zip(_OVERVIEW_FIELDS, s.main.overview_columns(window, end)))
                 if not cname:
                     topics[tname] = {"topic_name": tname, "fields": cols, "channels": []}
                 else:
@@ -11460,7 +11548,7 @@ class HTTPServer(_Face):
     def _on_deadline(self, now: float) -> None:
         if self.closing:
             return
-        self.loop.arm_deadline(self, math.floor(now) + 1.0)
+        self.loop.arm_deadline(self, math.floor(now) + self.history.every)
         with self._sample_lock:
             self._sample_due = (now, self.broker.clock.time_ns() / 1e9)
             if self._sampling:           # the worker takes it when done with the last
@@ -11481,10 +11569,15 @@ class HTTPServer(_Face):
                 if due is None:
                     self._sampling = False
                     return
+            started = time.perf_counter()
             try:
                 self.history.sample(due[0], due[1], self.broker.stats(include_clients=False))
             except Exception:
                 log.exception("http: sampling the stats for /history failed")
+            # At most _SAMPLE_SHARE of a core: with thousands of topics a
+            # sample takes a while, and then comes every few seconds.
+            took = time.perf_counter() - started
+            self.history.every = max(1, math.ceil(took / _SAMPLE_SHARE))
 
     # -- life cycle ------------------------------------------------------------------
     def close(self, grace: float = 0.0, hurry: Optional[threading.Event] = None) -> None:

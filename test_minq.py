@@ -5237,20 +5237,47 @@ def test_history_forgets_deleted_channels_and_holds_a_fixed_size_per_series(cloc
     try:
         b.topic("t").channel("c")
         b.topic("t").channel("gone")
+        b.topic("quiet").channel("c")
+        for _ in range(3):
+            clock.advance(1)
+            _sample(h, clock, b)
+        # Values that never change cost no rings (thousands of quiet topics) ...
+        assert {s.nbytes for s in h._series.values()} == {0}
+        assert h.series("t", "c", "10m")["fields"]["depth"][-4:] == [None, 0, 0, 0]
+        b.publish("t", b"x")                         # ... values that do, a fixed size
         for _ in range(3):
             clock.advance(1)
             _sample(h, clock, b)
         sizes = {k: s.nbytes for k, s in h._series.items()}
-        assert sizes == {("t", ""): 25920, ("t", "c"): 42240, ("t", "gone"): 42240}
+        assert sizes == {("t", ""): 25920, ("t", "c"): 42240, ("t", "gone"): 42240,
+                         ("quiet", ""): 0, ("quiet", "c"): 0}
+        assert h.series("t", "c", "10m")["fields"]["depth"][-7:] == [None, 0, 0, 0, 1, 1, 1]
+        assert h.series("t", "c", "10m")["fields"]["rate_in"][-3:] == [1, 0, 0]
         b.get_topic("t").delete_channel("gone")
         for _ in range(2000):
             clock.advance(1)
             _sample(h, clock, b)
         assert {k: s.nbytes for k, s in h._series.items()} == {
-            ("t", ""): 25920, ("t", "c"): 42240}
+            ("t", ""): 25920, ("t", "c"): 42240, ("quiet", ""): 0, ("quiet", "c"): 0}
         assert not h.has("t", "gone") and h.has("t", "c") and h.has("t")
     finally:
         b.close()
+
+
+def test_history_spaced_samples_fill_the_seconds_between(clock):
+    # With thousands of topics a sample is costly and comes every few
+    # seconds: the seconds between take its values, they are not gaps.
+    with minq.Broker(clock=clock) as b:
+        h = minq._StatsHistory()
+        h.every = 5
+        b.topic("t").channel("c")
+        for k in range(4):
+            b.publish_many("t", [b"x"] * 10)
+            clock.advance(5)
+            _sample(h, clock, b)
+        series = h.series("t", "c", "10m")["fields"]
+    assert series["depth"][-16:] == [10] + [20] * 5 + [30] * 5 + [40] * 5
+    assert series["rate_in"][-15:] == [2] * 15 and series["depth"][-17] is None
 
 
 def test_history_keeps_e2e_percentiles_when_the_stats_carry_them(clock):
@@ -5258,23 +5285,32 @@ def test_history_keeps_e2e_percentiles_when_the_stats_carry_them(clock):
     h = minq._StatsHistory()
     b.topic("t").channel("c")
     percentiles = [{"quantile": 0.99, "value": 25_000_000}, {"quantile": 0.5, "value": 2_500_000}]
-    try:
-        for k in range(120):
+    later = [{"quantile": 0.99, "value": 40_000_000}, {"quantile": 0.5, "value": 2_500_000}]
+
+    def run(seconds, start):
+        for k in range(start, start + seconds):
             stats = b.stats(include_clients=False)
             for x in [stats["topics"][0]] + stats["topics"][0]["channels"]:
-                x["e2e_processing_latency"] = {
-                    "count": 1, "percentiles": None if k < 60 else percentiles}
+                x["e2e_processing_latency"] = {"count": 1, "percentiles": (
+                    None if k < 60 else percentiles if k < 120 else later)}
             clock.advance(1)
             h.sample(clock.monotonic(), clock.time_ns() / 1e9, stats)
+    try:
+        run(120, 0)
         got = h.series("t", "c", "10m")["e2e_percentiles"]
+        steady = h._series[("t", "c")].nbytes          # unchanged values: no rings
+        run(30, 120)
+        changed = h.series("t", "c", "10m")["e2e_percentiles"]
         minutes = h.series("t", "c", "24h")["e2e_percentiles"]
-        assert h._series[("t", "c")].nbytes == 42240 + 2 * (600 + 1440) * 4
+        assert h._series[("t", "c")].nbytes == 2 * (600 + 1440) * 4
     finally:
         b.close()
+    assert steady == 0
     assert [p["quantile"] for p in got] == [0.99, 0.5]
     assert got[0]["ms"][-60:] == [25] * 60 and got[1]["ms"][-60:] == [2.5] * 60
     assert got[0]["ms"][-61] is None
-    assert minutes[0]["ms"][-1] == 25
+    assert changed[0]["ms"][-91:] == [None] + [25] * 60 + [40] * 30
+    assert minutes[0]["ms"][-1] == 40                  # each minute's worst
 
 
 def test_http_history_serves_the_last_ten_minutes_and_an_overview(clock):
