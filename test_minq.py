@@ -5635,15 +5635,16 @@ def test_admin_page_charts_views_clients_and_actions(tmp_path):
                         arg=[depth_chart, count + 10], timeout=10000)
 
                     # Each action, from the channel's view, then the topic's.
+                    def pause_and_unpause(target):
+                        for action, then, paused in (("pause", "unpause", True),
+                                                     ("unpause", "pause", False)):
+                            page.click(f'#detail-actions button[data-action="{action}"]')
+                            page.wait_for_selector(
+                                f'#detail-actions button[data-action="{then}"]', timeout=10000)
+                            assert target.paused == paused
+
                     billing = b.get_topic("orders").get_channel("billing")
-                    page.click('#detail-actions button[data-action="pause"]')
-                    page.wait_for_selector('#detail-actions button[data-action="unpause"]',
-                                           timeout=10000)
-                    assert billing.paused
-                    page.click('#detail-actions button[data-action="unpause"]')
-                    page.wait_for_selector('#detail-actions button[data-action="pause"]',
-                                           timeout=10000)
-                    assert not billing.paused
+                    pause_and_unpause(billing)
                     refuse.append(True)          # asked first: dismissing keeps them
                     page.click('#detail-actions button[data-action="empty"]')
                     wait_until(lambda: not refuse, what="the dialog")
@@ -5659,14 +5660,7 @@ def test_admin_page_charts_views_clients_and_actions(tmp_path):
                     page.wait_for_selector('tr[data-channel="audit"]', timeout=10000)
                     assert page.query_selector('tr[data-channel="billing"]') is None
                     topic = b.get_topic("orders")
-                    page.click('#detail-actions button[data-action="pause"]')
-                    page.wait_for_selector('#detail-actions button[data-action="unpause"]',
-                                           timeout=10000)
-                    assert topic.paused
-                    page.click('#detail-actions button[data-action="unpause"]')
-                    page.wait_for_selector('#detail-actions button[data-action="pause"]',
-                                           timeout=10000)
-                    assert not topic.paused
+                    pause_and_unpause(topic)
                     page.click('#detail-actions button[data-action="empty"]')
                     wait_until(lambda: dialogs[-1].startswith("Empty topic orders"),
                                what="the empty dialog")
