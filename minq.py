@@ -235,6 +235,17 @@ class SystemClock:
     time_ns = staticmethod(time.time_ns)
 
 
+def _wait_get(q: "queue.SimpleQueue[Any]", deadline: Optional[float]) -> Any:
+    """``q.get()`` waiting until the monotonic *deadline* (None: for ever);
+    queue.Empty after it.  A wait of (almost) nothing is a non-blocking get:
+    Python 3.9's SimpleQueue, asked for a timed wait that is over by the
+    time it looks again (an item taken meanwhile), waits for ever."""
+    if deadline is None:
+        return q.get()
+    left = deadline - time.monotonic()
+    return q.get(timeout=left) if left > 0.001 else q.get_nowait()
+
+
 class FakeClock:
     """A clock that moves only when told to, for tests: ``clock.advance(61)``.
 
@@ -5435,10 +5446,7 @@ class PullConsumer(Consumer):
             if ch is not None and ch._finished and buf.empty():
                 ch.settle()        # about to wait: the freed slots first
             try:
-                if deadline is None:
-                    h = buf.get()
-                else:
-                    h = buf.get(timeout=max(deadline - time.monotonic(), 0.0))
+                h = _wait_get(buf, deadline)
             except queue.Empty:
                 return None
             if h is None:          # woken to stop: pass the wake-up on
@@ -6673,10 +6681,7 @@ class RemoteConsumer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stopping:
             try:
-                if deadline is None:
-                    msg = self._buffer.get()
-                else:
-                    msg = self._buffer.get(timeout=max(deadline - time.monotonic(), 0.0))
+                msg = _wait_get(self._buffer, deadline)
             except queue.Empty:
                 return None
             if msg is None:
@@ -9979,7 +9984,7 @@ class _LookupdPeer:
         next_ping = time.monotonic() + reg.ping_interval
         while not reg._stop.is_set():
             try:
-                event = self.events.get(timeout=max(0.0, next_ping - time.monotonic()))
+                event = _wait_get(self.events, next_ping)
             except queue.Empty:
                 self._command(b"PING\n")
                 next_ping = time.monotonic() + reg.ping_interval
