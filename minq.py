@@ -5969,7 +5969,7 @@ def _body(data: bytes) -> bytes:
 class _Layers:
     """NSQ's optional layers over a connection's bytes, without I/O: TLS on
     memory BIOs, then deflate or snappy.  One implementation for both ends
-    (``_Stream`` of ``Client``, ``_ServerConnection`` of the servers).
+    (``_ClientWire`` of the clients, ``_ServerConnection`` of the servers).
 
     Raw bytes from the peer go in with ``feed``; ``read`` returns what they
     decode to, inflating at most *limit* bytes per call (a small compressed
@@ -6093,146 +6093,184 @@ class _Layers:
                 "tls_version": version}
 
 
-class _Stream:
-    """One client TCP connection as a byte stream, through its ``_Layers``.
+class _ClientWire:
+    """NSQ protocol V2's client side without I/O: the handshake (magic,
+    IDENTIFY, the TLS and snappy or deflate upgrades, AUTH), then frames.
 
-    ``send`` is called by one thread at a time (callers serialise it with a
-    send lock of their own); ``recv`` only by the connection's reader.
+    Both clients drive it: ``_Connection`` over a blocking socket,
+    ``_AsyncConnection`` over an asyncio transport.  A driver sends
+    ``hello()``, hands every read to ``feed`` (which returns the frames
+    that are the owner's: none until ``ready``), and after each feed sends
+    ``outgoing()`` (the handshake's own bytes: TLS records, AUTH) and one
+    NOP per heartbeat counted in ``heartbeats``.  Its commands go out
+    through ``encode``; encoding is stateful (deflate, TLS), so a driver
+    serialises ``encode`` with its sends.  Malformed input raises
+    ProtocolError (or ssl.SSLError, zlib.error, SnappyError from a layer).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, options: "_ClientOptions", host: str) -> None:
+        self.options = options
+        self.host = host
         self.layers = _Layers()
-        self._plain = True         # no layer yet: the socket's bytes as they are
+        self.raw = True                   # no layer yet: bytes are frames as they are
+        self.ready = False
+        self.server_info: Dict[str, Any] = {}
+        self.auth_info: Optional[Dict[str, Any]] = None
+        self.heartbeats = 0               # heartbeats seen, to answer with NOP
+        self._buf = bytearray()
+        self._pos = 0
+        self._out: List[bytes] = []
+        self._step: Callable[[bytes], bool] = self._identified   # the next reply's meaning
 
-    @property
-    def tls(self) -> Optional[ssl.SSLObject]:
-        return self.layers.tls
+    def hello(self) -> bytes:
+        """The first bytes to send: the magic and IDENTIFY with the options."""
+        o = self.options
+        ident = {
+            "client_id": o.client_id, "hostname": platform.node(),
+            "user_agent": o.user_agent, "feature_negotiation": True,
+            "heartbeat_interval": int(o.heartbeat_interval * 1000) if o.heartbeat_interval > 0 else -1,
+            "tls_v1": o.tls is not None, "deflate": o.deflate, "deflate_level": o.deflate_level,
+            "snappy": o.snappy, "output_buffer_size": o.output_buffer_size,
+            "output_buffer_timeout": int(o.output_buffer_timeout * 1000),
+        }
+        if o.msg_timeout:
+            ident["msg_timeout"] = int(o.msg_timeout * 1000)
+        return MAGIC_V2 + b"IDENTIFY\n" + _body(json.dumps(ident).encode())
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data if self._plain else self.layers.encode(data))
+    def encode(self, data: bytes) -> bytes:
+        """Commands to send, through the negotiated layers."""
+        return data if self.raw else self.layers.encode(data)
 
-    def recv(self, limit: int = 65536) -> bytes:
-        """Up to about *limit* bytes from the peer; b'' at end of stream."""
-        if self._plain:
-            return self.sock.recv(limit)
+    def outgoing(self) -> bytes:
+        """What the handshake itself has to send now."""
+        if self.layers.tls is not None:
+            self._out.append(self.layers.outgoing())
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def feed(self, raw: bytes) -> List[Tuple[int, bytes]]:
+        """Bytes read from the server -> the complete frames they end, in order."""
+        frames: List[Tuple[int, bytes]] = []
         layers = self.layers
-        while True:
-            data = layers.read(limit)
-            if data or layers.eof:
-                return data
-            raw = self.sock.recv(65536)
-            if not raw:
-                return b""
+        if self.raw:
+            self._append(raw)
+        else:
             layers.feed(raw)
-
-    def start_tls(self, context: ssl.SSLContext, server_side: bool, leftover: bytes = b"",
-                  server_hostname: Optional[str] = None, timeout: float = 5.0) -> None:
-        """Run the TLS handshake now; *leftover* is raw data already read past the upgrade."""
-        layers = self.layers
-        layers.start_tls(context, server_side, server_hostname)
-        layers.feed(leftover)
-        saved = self.sock.gettimeout()
-        self.sock.settimeout(timeout)
-        try:
-            while not layers.handshake():
-                out = layers.outgoing()
-                if out:
-                    self.sock.sendall(out)
-                raw = self.sock.recv(65536)
-                if not raw:
-                    raise ConnectionLost("connection closed during the TLS handshake")
-                layers.feed(raw)
-            out = layers.outgoing()
-            if out:
-                self.sock.sendall(out)
-        finally:
-            self.sock.settimeout(saved)
-        self._plain = False
-
-    def start_deflate(self, level: int, leftover: bytes = b"") -> None:
-        """Raw DEFLATE both ways from now on (sync flush after every send)."""
-        self._start_compression("deflate", level, leftover)
-
-    def start_snappy(self, leftover: bytes = b"") -> None:
-        """Snappy's framing format both ways from now on."""
-        self._start_compression("snappy", 0, leftover)
-
-    def _start_compression(self, kind: str, level: int, leftover: bytes) -> None:
-        self.layers.start_compression(kind, level, leftover)
-        self._plain = False
-
-    def tls_stats(self) -> Dict[str, Any]:
-        return self.layers.tls_stats()
-
-
-class _FrameBuffer:
-    """Bytes read from a _Stream, consumed as lines, exact-size pieces or frames.
-
-    A read offset avoids shifting the buffer for every command; it is
-    compacted whenever more data is read.
-    """
-
-    def __init__(self, stream: _Stream, on_timeout: Callable[[], None]) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-        self.pos = 0
-        self._on_timeout = on_timeout   # called on a socket timeout; raises to give up
-
-    def fill(self) -> None:
         while True:
-            try:
-                data = self.stream.recv()
-            except socket.timeout:
-                self._on_timeout()
+            data = b""
+            if not self.raw:
+                if layers.handshaking and not layers.handshake():
+                    break                     # the TLS handshake needs more input
+                data = layers.read(65536)
+                if data:
+                    self._append(data)
+                elif layers.eof:
+                    raise ConnectionLost("the server ended the TLS stream")
+            if self._parse(frames):           # a layer started: read on through it
                 continue
-            if not data:
-                raise ConnectionLost("connection closed by the peer")
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
-            self.buf += data
-            return
+            if self.raw or not (data or layers.more):
+                break
+        return frames
 
-    def take_leftover(self) -> bytes:
-        """Everything read but not consumed (handed to a new TLS/deflate layer)."""
-        data = bytes(self.buf[self.pos:])
-        self.buf.clear()
-        self.pos = 0
+    def _append(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def _parse(self, frames: List[Tuple[int, bytes]]) -> bool:
+        """Cut complete frames; True when a handshake step started a layer."""
+        buf, pos, end_of = self._buf, self._pos, len(self._buf)
+        limit = self.options.max_frame_size
+        while end_of - pos >= 4:
+            size = _LEN.unpack_from(buf, pos)[0]
+            if not 4 <= size <= limit:
+                raise ProtocolError("E_PROTOCOL", f"frame size {size} out of range 4-{limit}")
+            end = pos + 4 + size
+            if end > end_of:
+                break
+            ftype = _FRAME_HEAD.unpack_from(buf, pos)[1]
+            data = bytes(buf[pos + 8:end])
+            pos = end
+            if ftype == FRAME_TYPE_RESPONSE and data == _HEARTBEAT:
+                self.heartbeats += 1
+            elif self.ready:
+                frames.append((ftype, data))
+            else:
+                self._pos = pos
+                if self._handshake(ftype, data):
+                    return True
+                buf, pos, end_of = self._buf, self._pos, len(self._buf)
+        self._pos = pos
+        return False
+
+    # -- the handshake: each step reads one reply, says whether a layer started
+    def _handshake(self, ftype: int, data: bytes) -> bool:
+        if ftype == FRAME_TYPE_ERROR:
+            code, _, text = data.decode(errors="replace").partition(" ")
+            raise ProtocolError(code, text)
+        if ftype != FRAME_TYPE_RESPONSE:
+            raise ProtocolError("E_PROTOCOL", f"unexpected frame type {ftype} before the "
+                                              f"handshake ended")
+        return self._step(data)
+
+    def _rest(self) -> bytes:
+        """Bytes past the reply that started a layer: the layer's first input."""
+        data = bytes(self._buf[self._pos:])
+        self._buf.clear()
+        self._pos = 0
         return data
 
-    def line(self, limit: int = MAX_LINE_LENGTH) -> bytes:
-        while True:
-            i = self.buf.find(b"\n", self.pos)
-            if i >= 0:
-                line = bytes(self.buf[self.pos:i])
-                self.pos = i + 1
-                return line[:-1] if line.endswith(b"\r") else line
-            if len(self.buf) - self.pos > limit:
-                raise _LineTooLong(f"command line longer than {limit} bytes")
-            self.fill()
+    def _identified(self, reply: bytes) -> bool:
+        if reply.startswith(b"{"):
+            try:
+                self.server_info = json.loads(reply)
+            except ValueError as e:
+                raise ProtocolError("E_PROTOCOL", f"IDENTIFY reply is not JSON: {e}") from e
+        tls = self.options.tls
+        if self.server_info.get("tls_v1") and tls is not None:
+            self.layers.start_tls(tls, False, self.host if tls.check_hostname else None)
+            self.layers.feed(self._rest())
+            self.raw = False
+            self._step = functools.partial(self._upgraded, "TLS", self._compress)
+            return True
+        return self._compress()
 
-    def exact(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            self.fill()
-        data = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return data
+    def _compress(self) -> bool:
+        info = self.server_info
+        kind = "snappy" if info.get("snappy") else "deflate" if info.get("deflate") else ""
+        if not kind:
+            return self._authenticate()
+        level = int(info.get("deflate_level") or self.options.deflate_level)
+        self.layers.start_compression(kind, level, self._rest())
+        self.raw = False
+        self._step = functools.partial(self._upgraded, kind, self._authenticate)
+        return True
 
-    def int32(self) -> int:
-        return _LEN.unpack(self.exact(4))[0]
+    def _upgraded(self, what: str, then: Callable[[], bool], reply: bytes) -> bool:
+        if reply != b"OK":
+            raise ProtocolError("E_PROTOCOL", f"expected OK after the {what} upgrade, got {reply!r}")
+        return then()
 
-    def frame(self, max_size: int) -> Tuple[int, bytes]:
-        """One server frame (client side): (type, data)."""
-        size = self.int32()
-        if not 4 <= size <= max_size:
-            raise ProtocolError("E_PROTOCOL", f"frame size {size} out of range 4-{max_size}")
-        data = self.exact(size)
-        return struct.unpack_from(">L", data)[0], data[4:]
+    def _authenticate(self) -> bool:
+        if not self.server_info.get("auth_required"):
+            self.ready = True
+            return False
+        secret = self.options.auth_secret
+        if secret is None:
+            raise ProtocolError("E_AUTH_FIRST", "the server requires AUTH: pass auth_secret")
+        self._out.append(self.encode(b"AUTH\n" + _body(secret.encode())))
+        self._step = self._authorized
+        return False
 
-
-class _LineTooLong(MinqError):
-    """A command line exceeded MAX_LINE_LENGTH (the server closes the connection)."""
+    def _authorized(self, reply: bytes) -> bool:
+        try:
+            self.auth_info = json.loads(reply)
+        except ValueError as e:
+            raise ProtocolError("E_PROTOCOL", f"AUTH reply is not JSON: {e}") from e
+        self.ready = True
+        return False
 
 
 # -- Client: the same publish/consume API over NSQ's TCP protocol -------------
@@ -6262,100 +6300,68 @@ def _split_address(address: Any, default_port: int) -> Tuple[str, int]:
 class _Connection:
     """A client connection, ready for SUB/PUB: magic, IDENTIFY, upgrades, AUTH done.
 
-    ``serve(on_frame)`` reads frames until the connection ends, answering
-    heartbeats with NOP and passing every other frame to *on_frame*.
+    The blocking driver of ``_ClientWire``.  ``serve(on_frame)`` reads frames
+    until the connection ends, answering heartbeats with NOP and passing
+    every other frame to *on_frame*; ``send`` may be called from any thread.
     """
 
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: "_ClientOptions", address: Any = None) -> None:
         self.client = client
-        host, port = _split_address(client.address, TCP_PORT)
+        host, port = _split_address(client.address if address is None else address, TCP_PORT)
         try:
             sock = socket.create_connection((host, port), timeout=client.timeout)
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.stream = _Stream(sock)
-        self.reader = _FrameBuffer(self.stream, self._read_timeout)
-        self._send_lock = threading.Lock()   # serialises writes to the stream
+        self.wire = _ClientWire(client, host)
+        self._send_lock = threading.Lock()   # serialises encoding and writing
+        self._early: List[Tuple[int, bytes]] = []   # frames read with the handshake's end
         self.closed = False
-        self.server_info: Dict[str, Any] = {}
         try:
-            self._handshake(host)
+            self._handshake()
+        except socket.timeout:
+            self.close()
+            raise ConnectionLost(f"no answer from {host}:{port} within {client.timeout:g}s") \
+                from None
         except BaseException:
             self.close()
             raise
         # Reads block for up to two heartbeat intervals, then the peer is dead.
         sock.settimeout(2 * client.heartbeat_interval if client.heartbeat_interval > 0 else None)
 
-    def _read_timeout(self) -> None:
-        raise ConnectionLost("no data from the server within two heartbeat intervals")
+    @property
+    def server_info(self) -> Dict[str, Any]:
+        """The server's IDENTIFY reply (empty if it negotiated nothing)."""
+        return self.wire.server_info
 
-    def _handshake(self, host: str) -> None:
-        c = self.client
-        ident = {
-            "client_id": c.client_id, "hostname": platform.node(),
-            "user_agent": c.user_agent, "feature_negotiation": True,
-            "heartbeat_interval": int(c.heartbeat_interval * 1000) if c.heartbeat_interval > 0 else -1,
-            "tls_v1": c.tls is not None, "deflate": c.deflate, "deflate_level": c.deflate_level,
-            "snappy": c.snappy, "output_buffer_size": c.output_buffer_size,
-            "output_buffer_timeout": int(c.output_buffer_timeout * 1000),
-        }
-        if c.msg_timeout:
-            ident["msg_timeout"] = int(c.msg_timeout * 1000)
-        self.send(MAGIC_V2 + b"IDENTIFY\n" + _body(json.dumps(ident).encode()))
-        reply = self.expect_response()
-        if reply.startswith(b"{"):
-            try:
-                self.server_info = json.loads(reply)
-            except ValueError as e:
-                raise ProtocolError("E_PROTOCOL", f"IDENTIFY reply is not JSON: {e}") from e
-        if self.server_info.get("tls_v1"):
-            self.stream.start_tls(c.tls, False, self.reader.take_leftover(),  # type: ignore[arg-type]
-                                  server_hostname=host if c.tls.check_hostname else None,
-                                  timeout=c.timeout)
-            self._expect_ok("TLS")
-        if self.server_info.get("snappy"):
-            self.stream.start_snappy(self.reader.take_leftover())
-            self._expect_ok("snappy")
-        elif self.server_info.get("deflate"):
-            level = int(self.server_info.get("deflate_level") or c.deflate_level)
-            self.stream.start_deflate(level, self.reader.take_leftover())
-            self._expect_ok("deflate")
-        if self.server_info.get("auth_required"):
-            if c.auth_secret is None:
-                raise ProtocolError("E_AUTH_FIRST", "the server requires AUTH: pass auth_secret")
-            self.send(b"AUTH\n" + _body(c.auth_secret.encode()))
-            self.auth_info = json.loads(self.expect_response())
+    def _handshake(self) -> None:
+        wire = self.wire
+        self.sock.sendall(wire.hello())
+        while not wire.ready:
+            self._early += self._read()
 
-    def _expect_ok(self, what: str) -> None:
-        reply = self.expect_response()
-        if reply != b"OK":
-            raise ProtocolError("E_PROTOCOL", f"expected OK after the {what} upgrade, got {reply!r}")
-
-    def read_frame(self) -> Tuple[int, bytes]:
-        return self.reader.frame(self.client.max_frame_size)
-
-    def expect_response(self) -> bytes:
-        """The next non-heartbeat frame, which must be a response; errors raise."""
-        while True:
-            ftype, data = self.read_frame()
-            if ftype == FRAME_TYPE_RESPONSE and data == _HEARTBEAT:
-                self.send(b"NOP\n")
-                continue
-            if ftype == FRAME_TYPE_ERROR:
-                code, _, text = data.decode(errors="replace").partition(" ")
-                raise ProtocolError(code, text)
-            if ftype != FRAME_TYPE_RESPONSE:
-                raise ProtocolError("E_PROTOCOL", f"unexpected frame type {ftype}")
-            return data
+    def _read(self) -> List[Tuple[int, bytes]]:
+        """The frames of one read; answers heartbeats, sends the handshake's bytes."""
+        wire = self.wire
+        raw = self.sock.recv(65536)
+        if not raw:
+            raise ConnectionLost("connection closed by the peer")
+        frames = wire.feed(raw)
+        out = wire.outgoing()
+        if out:
+            self.sock.sendall(out)
+        if wire.heartbeats:
+            nops, wire.heartbeats = wire.heartbeats, 0
+            self.send(b"NOP\n" * nops)
+        return frames
 
     def send(self, data: bytes) -> None:
         if self.closed:
             raise ConnectionLost("the connection is closed")
         try:
             with self._send_lock:
-                self.stream.send(data)
+                self.sock.sendall(self.wire.encode(data))
         except (OSError, ssl.SSLError) as e:
             self.close()
             raise ConnectionLost(f"send failed: {e}") from e
@@ -6363,13 +6369,17 @@ class _Connection:
     def serve(self, on_frame: Callable[[int, bytes], None]) -> Optional[BaseException]:
         """Read frames until the connection ends; return why it ended."""
         try:
-            while not self.closed:
-                ftype, data = self.read_frame()
-                if ftype == FRAME_TYPE_RESPONSE and data == _HEARTBEAT:
-                    self.send(b"NOP\n")
-                else:
+            frames, self._early = self._early, []
+            while True:
+                for ftype, data in frames:
                     on_frame(ftype, data)
-            return None
+                if self.closed:
+                    return None
+                try:
+                    frames = self._read()
+                except socket.timeout:
+                    raise ConnectionLost("no data from the server within two heartbeat "
+                                         "intervals") from None
         except (MinqError, OSError, ssl.SSLError, zlib.error, SnappyError) as e:
             return e
         finally:
@@ -6414,16 +6424,9 @@ class _RemoteMessage(Message):
         self._command(b"TOUCH %s\n" % self.id, False)
 
 
-class Client:
-    """Publish to and consume from minq or nsqd over TCP, with the Broker's API.
-
-    ``publish``, ``publish_many``, ``consumer`` and ``subscribe`` behave as on
-    ``Broker`` (``publish`` returns None: NSQ does not tell the message id).
-    Connections are opened lazily, negotiate features with IDENTIFY (TLS when
-    *tls* is an ``ssl.SSLContext``, deflate when *deflate* is true), answer
-    heartbeats, send AUTH when the server asks for it, and reconnect with
-    exponential backoff (at most *max_backoff* seconds).
-    """
+class _ClientOptions:
+    """What a client connection negotiates and how it reconnects: the options
+    ``Client`` and ``AsyncClient`` share (and ``_ClientWire`` reads)."""
 
     def __init__(self, address: Any = DEFAULT_TCP_ADDRESS, *,
                  tls: Optional[ssl.SSLContext] = None, deflate: bool = False,
@@ -6436,6 +6439,7 @@ class Client:
                  timeout: float = 5.0, max_backoff: float = 10.0,
                  max_frame_size: int = DEFAULT_MAX_BODY_SIZE + _FRAME_SLACK,
                  user_agent: str = f"minq/{VERSION}", snappy: bool = False) -> None:
+        """Check and keep the options (see ``Client``)."""
         _check_range("deflate_level", deflate_level, 1, 9)
         if snappy and deflate:
             raise InvalidArgument("choose deflate or snappy, not both (as nsqd)")
@@ -6455,6 +6459,21 @@ class Client:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.max_frame_size = max_frame_size
+
+
+class Client(_ClientOptions):
+    """Publish to and consume from minq or nsqd over TCP, with the Broker's API.
+
+    ``publish``, ``publish_many``, ``consumer`` and ``subscribe`` behave as on
+    ``Broker`` (``publish`` returns None: NSQ does not tell the message id).
+    Connections are opened lazily, negotiate features with IDENTIFY (TLS when
+    *tls* is an ``ssl.SSLContext``, deflate when *deflate* is true), answer
+    heartbeats, send AUTH when the server asks for it, and reconnect with
+    exponential backoff (at most *max_backoff* seconds).
+    """
+
+    def __init__(self, address: Any = DEFAULT_TCP_ADDRESS, **options: Any) -> None:
+        super().__init__(address, **options)
         # _pub_lock serialises publishes: one command, one reply, in order.
         self._pub_lock = threading.Lock()
         self._pub_conn: Optional[_Connection] = None
@@ -6472,27 +6491,11 @@ class Client:
     # -- publishing --------------------------------------------------------------
     def publish(self, topic: str, body: bytes, defer: float = 0.0) -> None:
         """PUB (or DPUB when *defer* > 0 seconds); returns once the server said OK."""
-        validate_name(topic)
-        body = _as_body(body)
-        if defer:
-            _check_range("defer", defer, 0, None)
-            cmd = b"DPUB %s %d\n" % (topic.encode(), int(defer * 1000))
-        else:
-            cmd = b"PUB %s\n" % topic.encode()
-        self._request(cmd + _body(body))
+        self._request(_cmd_pub(topic, body, defer))
 
     def publish_many(self, topic: str, bodies: Iterable[bytes], defer: float = 0.0) -> None:
         """MPUB: all messages are accepted or none."""
-        validate_name(topic)
-        if defer:
-            raise InvalidArgument("NSQ's MPUB cannot defer; publish deferred messages one by one")
-        parts = []
-        for b in bodies:
-            parts.append(_body(_as_body(b)))
-        if not parts:
-            raise InvalidMessage("publish_many needs at least one message")
-        payload = _LEN.pack(len(parts)) + b"".join(parts)
-        self._request(b"MPUB %s\n" % topic.encode() + _body(payload))
+        self._request(_cmd_mpub(topic, bodies, defer))
 
     def _request(self, data: bytes) -> None:
         with self._pub_lock:
@@ -6519,10 +6522,7 @@ class Client:
                 # connection after it. Close our end now, so the next publish
                 # reconnects instead of writing to a socket that is going away.
                 conn.close()
-                code, _, text = payload.decode(errors="replace").partition(" ")
-                if code in _PUBLISH_ERRORS:
-                    raise _PUBLISH_ERRORS[code](f"{code} {text}")
-                raise ProtocolError(code, text)
+                raise _reply_error(payload)
 
     def _producer(self) -> _Connection:
         """The publishing connection, (re)connected with backoff within *timeout*."""
@@ -6574,6 +6574,35 @@ class Client:
             if self._pub_thread is not None:
                 self._pub_thread.join()
                 self._pub_thread = None
+
+
+def _cmd_pub(topic: str, body: Any, defer: float) -> bytes:
+    """PUB, or DPUB when *defer* > 0 seconds, checked as the server would."""
+    validate_name(topic)
+    body = _as_body(body)
+    if defer:
+        _check_range("defer", defer, 0, None)
+        return b"DPUB %s %d\n" % (topic.encode(), int(defer * 1000)) + _body(body)
+    return b"PUB %s\n" % topic.encode() + _body(body)
+
+
+def _cmd_mpub(topic: str, bodies: Iterable[Any], defer: float) -> bytes:
+    """MPUB of *bodies*, checked as the server would (NSQ's MPUB cannot defer)."""
+    validate_name(topic)
+    if defer:
+        raise InvalidArgument("NSQ's MPUB cannot defer; publish deferred messages one by one")
+    parts = [_body(_as_body(b)) for b in bodies]
+    if not parts:
+        raise InvalidMessage("publish_many needs at least one message")
+    return b"MPUB %s\n" % topic.encode() + _body(_LEN.pack(len(parts)) + b"".join(parts))
+
+
+def _reply_error(payload: bytes) -> MinqError:
+    """The exception for an error frame answering a publish."""
+    code, _, text = payload.decode(errors="replace").partition(" ")
+    if code in _PUBLISH_ERRORS:
+        return _PUBLISH_ERRORS[code](f"{code} {text}")
+    return ProtocolError(code, text)
 
 
 def _as_body(body: Any) -> bytes:
