@@ -4859,7 +4859,8 @@ class Broker:
         return len(self._publish_batch(topic, bodies, defer, _Batch))
 
     def _publish_batch(self, topic: str, bodies: Iterable[bytes], defer: float,
-                       kind: Callable[..., Any]) -> Messages:
+                       kind: Callable[..., Any],
+                       unsynced: Optional[List[Tuple[SegmentLog, int]]] = None) -> Messages:
         defer = self._check_defer(defer)
         if bodies.__class__ in _PACKED_BODIES and kind is _Batch:   # checked as cut
             if bodies.__class__ is _BodyRun and not 0 < bodies.size <= self.max_msg_size:  # type: ignore[attr-defined]
@@ -4879,10 +4880,11 @@ class Broker:
             msgs: Messages = _Batch(self._reserve_ids(len(bodies)), bodies, now)  # type: ignore[arg-type]
         else:
             msgs = [kind(i, b, now) for i, b in zip(self._next_ids(len(bodies)), bodies)]
-        self._put(topic, msgs, defer)
+        self._put(topic, msgs, defer, unsynced)
         return msgs
 
-    def _put(self, topic: str, msgs: Messages, defer: float) -> None:
+    def _put(self, topic: str, msgs: Messages, defer: float,
+             unsynced: Optional[List[Tuple[SegmentLog, int]]] = None) -> None:
         for _ in range(_PUT_RETRIES):  # a topic deleted under our feet is recreated
             if self._closed:
                 raise BrokerClosed("the broker is closed")
@@ -4890,19 +4892,24 @@ class Broker:
                 t = self._topics.get(topic) or self.topic(topic)
             except OSError as e:
                 raise self._put_failed(topic, len(msgs), e) from e
-            if self._put_into(t, msgs, defer):
+            if self._put_into(t, msgs, defer, unsynced):
                 return
         raise PublishFailed(f"topic {topic!r} kept being deleted during publish")
 
-    def _put_into(self, t: Topic, msgs: Messages, defer: float) -> bool:
-        """Put to topic *t* (and, in fsync mode, wait for the fsync); False if
-        it was deleted meanwhile.  PublishFailed if storing failed: health
-        says so until a put succeeds."""
+    def _put_into(self, t: Topic, msgs: Messages, defer: float,
+                  unsynced: Optional[List[Tuple[SegmentLog, int]]] = None) -> bool:
+        """Put to topic *t* (and, in fsync mode, wait for the fsync, or list
+        in *unsynced* the (log, position) pairs to wait for); False if it was
+        deleted meanwhile.  PublishFailed if storing failed: health says so
+        until a put succeeds."""
         try:
             written = t._put(msgs, defer)
             if written and self.fsync:
-                for seglog, pos in written:
-                    seglog.sync_to(pos)
+                if unsynced is not None:
+                    unsynced.extend(written)
+                else:
+                    for seglog, pos in written:
+                        seglog.sync_to(pos)
         except OSError as e:
             raise self._put_failed(t.name, len(msgs), e) from e
         if self._health != "OK" and written is not None:
@@ -4914,6 +4921,27 @@ class Broker:
         self._health = f"NOK - {e}"
         log.error("publish of %d message(s) to %s failed: %s", count, topic, e)
         return PublishFailed(f"publish to topic {topic!r} failed: {e}")
+
+    def _publish_unsynced(self, topic: str, bodies: List[bytes], defer: float,
+                          unsynced: List[Tuple[SegmentLog, int]]) -> List[Message]:
+        """Publish as ``publish_many`` (one body: as ``publish``) without
+        waiting for fsync mode's fsync: *unsynced* gets the (log, position)
+        pairs to pass to ``_sync_written`` before telling the publisher."""
+        if len(bodies) == 1:
+            defer = self._check_defer(defer) if defer else 0.0
+            msgs = [Message(self._next_ids(1)[0], self._checked_body(bodies[0]), self._time_ns())]
+            self._put(topic, msgs, defer, unsynced)
+            return msgs
+        msgs = self._publish_batch(topic, bodies, defer, Message, unsynced)
+        return msgs  # type: ignore[return-value]
+
+    def _sync_written(self, topic: str, written: List[Tuple[SegmentLog, int]]) -> None:
+        """Wait for the fsync of what ``_publish_unsynced`` wrote (PublishFailed if it failed)."""
+        try:
+            for seglog, pos in written:
+                seglog.sync_to(pos)
+        except OSError as e:
+            raise self._put_failed(topic, len(written), e) from e
 
     # -- consuming -------------------------------------------------------------
     def consumer(self, topic: str, channel: str, max_in_flight: int = 1, *,
