@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import asyncio
 import binascii
 import bisect
 import collections
@@ -56,6 +57,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 import zlib
@@ -72,6 +74,8 @@ __all__ = [
     "SystemClock", "FakeClock",
     # clients: in-process, and over TCP
     "PullConsumer", "Subscription", "Client", "RemoteConsumer", "RemoteSubscription",
+    # clients for asyncio: in-process, and over TCP
+    "AsyncBroker", "AsyncClient", "AsyncConsumer", "AsyncSubscription",
     "log_timing", "dedup", "keep_touching", "requeue_on", "HTTPForwarder", "message_key",
     "SnappyCompressor", "SnappyDecompressor", "SnappyError", "crc32c",
     # servers and the command line
@@ -5518,6 +5522,8 @@ class PullConsumer(Consumer):
 # A layer is ``layer(message, next)``: it runs code before and after calling
 # ``next(message)`` (the next layer, the handler last), or settles the message
 # itself and does not call it, or raises.  The first listed is the outermost.
+# Around an async handler a layer is ``async layer(message, next)`` awaiting
+# ``next(message)``; the built-in layers carry that form as ``layer.aio``.
 
 Handler = Callable[[Message], Any]
 Layer = Callable[[Message, Handler], Any]
@@ -5549,7 +5555,19 @@ def log_timing(logger: Optional[logging.Logger] = None, level: int = logging.INF
         out.log(level, "message %s handled in %.1f ms", msg.id.decode(),
                 (time.perf_counter() - start) * 1000)
         return result
-    return layer
+
+    async def async_layer(msg: Message, nxt: Callable[[Message], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await nxt(msg)
+        except Exception as e:
+            out.log(level, "message %s failed after %.1f ms (attempt %d): %s", msg.id.decode(),
+                    (time.perf_counter() - start) * 1000, msg.attempts, e)
+            raise
+        out.log(level, "message %s handled in %.1f ms", msg.id.decode(),
+                (time.perf_counter() - start) * 1000)
+        return result
+    return _with_aio(layer, async_layer)
 
 
 def dedup(window: int = 10_000, key: Optional[Callable[[Message], Any]] = None) -> Layer:
@@ -5561,20 +5579,37 @@ def dedup(window: int = 10_000, key: Optional[Callable[[Message], Any]] = None) 
     lock = threading.Lock()
 
     def layer(msg: Message, nxt: Handler) -> Any:
+        k, dup = seen_before(msg)
+        if dup:
+            return None
+        result = nxt(msg)              # a failure is not remembered: it will be retried
+        remember(k)
+        return result
+
+    def seen_before(msg: Message) -> Tuple[Any, bool]:
         k = key(msg) if key is not None else msg.id
         with lock:
             if k in seen:
                 seen.move_to_end(k)
                 log.debug("message %s: a duplicate of %r; finished unhandled",
                           msg.id.decode(), k)
-                return None
-        result = nxt(msg)              # a failure is not remembered: it will be retried
+                return k, True
+        return k, False
+
+    def remember(k: Any) -> None:
         with lock:
             seen[k] = None
             if len(seen) > window:
                 seen.popitem(last=False)
+
+    async def async_layer(msg: Message, nxt: Callable[[Message], Any]) -> Any:
+        k, dup = seen_before(msg)
+        if dup:
+            return None
+        result = await nxt(msg)
+        remember(k)
         return result
-    return layer
+    return _with_aio(layer, async_layer)
 
 
 def keep_touching(interval: float) -> Layer:
@@ -5598,7 +5633,22 @@ def keep_touching(interval: float) -> Layer:
         finally:
             done.set()
             toucher.join()
-    return layer
+
+    async def async_layer(msg: Message, nxt: Callable[[Message], Any]) -> Any:
+        async def touch() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    msg.touch()
+                except (NotInFlight, ConnectionLost):
+                    return
+        toucher = asyncio.ensure_future(touch())
+        try:
+            return await nxt(msg)
+        finally:
+            toucher.cancel()
+            await asyncio.gather(toucher, return_exceptions=True)
+    return _with_aio(layer, async_layer)
 
 
 def requeue_on(*exceptions: type, delay: float = 0.0) -> Layer:
@@ -5614,6 +5664,20 @@ def requeue_on(*exceptions: type, delay: float = 0.0) -> Layer:
             log.info("message %s: %s; requeued in %gs", msg.id.decode(), e, delay)
             msg.requeue(delay)
             return None
+
+    async def async_layer(msg: Message, nxt: Callable[[Message], Any]) -> Any:
+        try:
+            return await nxt(msg)
+        except kinds as e:
+            log.info("message %s: %s; requeued in %gs", msg.id.decode(), e, delay)
+            msg.requeue(delay)
+            return None
+    return _with_aio(layer, async_layer)
+
+
+def _with_aio(layer: Layer, async_layer: Callable[..., Any]) -> Layer:
+    """A built-in layer, with its form for async handlers as ``layer.aio``."""
+    layer.aio = async_layer  # type: ignore[attr-defined]
     return layer
 
 
@@ -7131,6 +7195,956 @@ class HTTPForwarder:
             with self._lock:
                 if conn in self._open:
                     self._open.remove(conn)
+
+
+# =============================================================================
+# asyncio clients
+#
+# The same API for asyncio programs, in-process (AsyncBroker, over a Broker
+# in the same process) and over TCP (AsyncClient, against minq or nsqd,
+# directly or through nsqlookupd).  Nothing here blocks the event loop:
+# deliveries made on the broker's threads wake the loop once per batch,
+# fsync mode's group commit is waited for on one thread per AsyncBroker,
+# and a TCP connection is _ClientWire driven by an asyncio Protocol, with
+# every command written in one pass of the loop sent at once.
+# =============================================================================
+
+_FAIR_SHARE = 64    # an async get() yields to the loop once per this many calls
+
+
+def _loop_wake(fut: "asyncio.Future[Any]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AsyncConsumer:
+    """A consumer for asyncio: ``await get(timeout)``, ``async for``,
+    ``set_max_in_flight()``, ``await close()``; an async context manager.
+
+    Messages are minq's ``Message``: ``finish()``, ``requeue(delay)`` and
+    ``touch()`` never block, so a coroutine calls them as they are.  Any
+    number of tasks may wait in ``get()`` at once; cancelling one loses no
+    message.  ``AsyncBroker.consumer`` and ``AsyncClient.consumer`` make them.
+    """
+
+    topic: str
+    channel: str
+
+    def _init_inbox(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Delivered, not yet taken: a deque, appended to from any thread.
+        self._inbox: Deque[Any] = collections.deque()
+        self._getters: Deque["asyncio.Future[Any]"] = collections.deque()
+        self._ending = False      # get() returns None (closing, or a subscription stopping)
+        self._gets = 0
+
+    def _valid(self, msg: Any) -> bool:
+        """Whether a buffered message is still in flight for us."""
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Wake as many waiting getters as there are messages (all, once ending)."""
+        getters, n = self._getters, len(self._inbox)
+        while getters and (n > 0 or self._ending):
+            fut = getters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
+
+    def _before_wait(self) -> None:
+        """About to wait for a message (the in-process consumer frees slots)."""
+
+    async def get(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message, waiting up to *timeout* seconds (None: until one
+        comes); None on timeout or once the consumer is closing."""
+        self._gets += 1
+        if not self._gets % _FAIR_SHARE:   # a full inbox is drained without waiting:
+            await asyncio.sleep(0)          # let the loop's other tasks run now and then
+        loop, inbox = self._loop, self._inbox
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._ending:
+            while inbox:
+                msg = inbox.popleft()
+                if self._valid(msg):
+                    return msg
+            self._before_wait()
+            if inbox:
+                continue
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return None
+            fut = loop.create_future()
+            self._getters.append(fut)
+            timer = None if left is None else loop.call_later(left, _loop_wake, fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake()            # our wake-up goes to another getter
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        return None
+
+    def __aiter__(self) -> "AsyncConsumer":
+        return self
+
+    async def __anext__(self) -> Message:
+        msg = await self.get()
+        if msg is None:
+            raise StopAsyncIteration
+        return msg
+
+    def set_max_in_flight(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        """Make every ``get()`` return None, now and later."""
+        self._ending = True
+        self._wake()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> "AsyncConsumer":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+class AsyncSubscription:
+    """Tasks that run ``await handler(message)`` on what a consumer gets, at
+    most *concurrency* at once.  Returning finishes the message; raising
+    logs and requeues it after ``backoff * 2**(attempts-1)`` seconds (at
+    most *max_backoff*), as ``subscribe`` does.  ``await close()`` stops
+    delivery, lets running handlers end, and gives the rest back."""
+
+    def __init__(self, consumer: AsyncConsumer, handler: Callable[[Message], Any],
+                 concurrency: int, backoff: float, max_backoff: float,
+                 middleware: Iterable[Layer]) -> None:
+        _check_range("concurrency", concurrency, 1, 100_000)
+        _check_range("backoff", backoff, 0, None)
+        _check_range("max_backoff", max_backoff, 0, None)
+        self.consumer = consumer
+        self.handler = _chain_async(handler, middleware)
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._tasks = [asyncio.ensure_future(self._work()) for _ in range(concurrency)]
+        self._closed = False
+
+    async def _work(self) -> None:
+        get, handler = self.consumer.get, self.handler
+        while True:
+            msg = await get()
+            if msg is None:
+                return
+            try:
+                await handler(msg)
+            except Exception:
+                delay = _requeue_delay(msg, self.backoff, self.max_backoff)
+                log.exception("handler failed on message %s (attempt %d); requeue in %.3gs",
+                              msg.id.decode(), msg.attempts, delay)
+                _HandlerPool._settle_quietly(msg, "requeue", delay)
+            else:
+                _HandlerPool._settle_quietly(msg, "finish", 0.0)
+
+    async def close(self) -> None:
+        """Stop delivery, let running handlers end, give back what was not handled."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.consumer.set_max_in_flight(0)
+        except (ConnectionLost, MinqError):
+            pass
+        self.consumer._end()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.consumer.close()
+
+    async def __aenter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+def _requeue_delay(msg: Message, backoff: float, max_backoff: float) -> float:
+    """A failed handler's requeue delay: doubling with each attempt, capped."""
+    return min(backoff * 2 ** (msg.attempts - 1), max_backoff)
+
+
+AsyncHandler = Callable[[Message], Any]
+
+
+def _chain_async(handler: AsyncHandler, middleware: Iterable[Layer]) -> AsyncHandler:
+    """*handler* inside its async layers (a built-in layer's ``aio`` form)."""
+    call = handler
+    for layer in reversed(list(middleware)):
+        call = functools.partial(_through_async, getattr(layer, "aio", layer), call)
+    return call
+
+
+async def _through_async(layer: Callable[..., Any], inner: AsyncHandler, msg: Message) -> Any:
+    return await layer(msg, inner)
+
+
+# -- in-process: AsyncBroker ------------------------------------------------------
+
+class _AsyncLocalConsumer(Consumer, AsyncConsumer):
+    """A channel's consumer whose messages reach the event loop's tasks.
+
+    The broker delivers on its threads (a publisher's, the timer's) into a
+    deque and wakes the loop once per batch with ``call_soon_threadsafe``;
+    on the loop's own thread it wakes the getters directly.
+    """
+
+    def __init__(self, owner: "AsyncBroker", topic: str, channel: str, max_in_flight: int,
+                 msg_timeout: Optional[float], weight: int) -> None:
+        broker = owner.broker
+        broker._check_consumer_options(max_in_flight, msg_timeout, weight)
+        Consumer.__init__(self, max_in_flight, msg_timeout, weight)
+        self._init_inbox()
+        self.owner, self.broker, self.topic, self.channel_name = owner, broker, topic, channel
+        self._loop_thread = threading.get_ident()
+        self._wake_sent = False
+        # What Broker.close calls, on its thread: a plain close() of its own.
+        self._closer = types.SimpleNamespace(close=self._detach)
+        broker._register_client(self._closer)
+        try:
+            broker.topic(topic).channel(channel).add_consumer(self)
+        except BaseException:
+            broker._unregister_client(self._closer)
+            raise
+        owner._consumers.append(self)
+
+    # ``channel`` is the Consumer's Channel object; the name is channel_name.
+    def _deliver(self, msg: _Delivery) -> None:
+        self._deliver_many([msg])
+
+    def _deliver_many(self, msgs: List[_Delivery]) -> None:
+        self._inbox.extend(msgs)
+        if threading.get_ident() == self._loop_thread:
+            self._wake()
+        elif not self._wake_sent:
+            self._wake_sent = True
+            self._call_in_loop(self._woken)
+
+    def _woken(self) -> None:
+        self._wake_sent = False       # first: a delivery after this sends its own wake-up
+        self._wake()
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:          # the loop is closed: nobody is waiting any more
+            pass
+
+    def _on_channel_closed(self) -> None:
+        self.closed = True
+        self._ending = True
+        if threading.get_ident() == self._loop_thread:
+            self._wake()
+        else:
+            self._call_in_loop(self._wake)
+
+    def _valid(self, msg: Any) -> bool:
+        ch = self.channel
+        return ch is not None and ch.holds(msg)   # not timed out while it waited here
+
+    def _before_wait(self) -> None:
+        ch = self.channel
+        if ch is not None and ch._finished:
+            ch.settle()                # the slots of finished messages, before waiting
+
+    def set_max_in_flight(self, n: int) -> None:
+        """Change the RDY window (0 pauses delivery to this consumer)."""
+        _check_range("max_in_flight", n, 0, self.broker.max_rdy_count)
+        if self.channel is not None:
+            self.channel.set_ready(self, n)
+
+    def _detach(self) -> None:
+        ch = self.channel
+        if ch is not None:
+            ch.remove_consumer(self)
+        self._on_channel_closed()
+        self.broker._unregister_client(self._closer)
+
+    async def close(self) -> None:
+        """Detach from the channel; messages still in flight are requeued."""
+        self._detach()
+        if self in self.owner._consumers:
+            self.owner._consumers.remove(self)
+
+
+class _Committer:
+    """One thread that waits for fsync mode's group commits on behalf of an
+    event loop: each publish's (log, position) pairs go in with a future;
+    every future of a round is resolved in one call on the loop."""
+
+    def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        self.broker, self.loop = broker, loop
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._ended = loop.create_future()      # set by the thread as it returns
+        self._thread = threading.Thread(target=self._run, name="minq-async-commit")
+        self._thread.start()
+
+    def wait(self, topic: str, written: List[Tuple[SegmentLog, int]],
+             fut: "asyncio.Future[Any]") -> None:
+        self._queue.put((topic, written, fut))
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            done = []
+            for item in batch:
+                if item is None:
+                    continue
+                topic, written, fut = item
+                try:
+                    self.broker._sync_written(topic, written)
+                    done.append((fut, None))
+                except MinqError as e:
+                    done.append((fut, e))
+            if done or stop:
+                try:
+                    self.loop.call_soon_threadsafe(self._resolve, done, stop and self._ended)
+                except RuntimeError:
+                    pass                   # the loop is gone
+            if stop:
+                return
+
+    @staticmethod
+    def _resolve(done: List[Tuple["asyncio.Future[Any]", Optional[BaseException]]],
+                 ended: Any = None) -> None:
+        if ended:
+            _loop_wake(ended)
+        for fut, error in done:
+            if fut.done():
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    async def close(self) -> None:
+        """Stop once every queued wait is answered (never blocking the loop)."""
+        self._queue.put(None)
+        await self._ended
+        self._thread.join()           # it has returned, or is about to
+
+
+class AsyncBroker:
+    """A ``Broker`` of this process for asyncio code: the Broker's publish,
+    consumer and subscribe shapes, as coroutines and async iterators.
+
+    Publishing never blocks the loop on a disk: in fsync mode the publish
+    is written at once and awaited while its group commit runs on one
+    helper thread.  ``await close()`` closes this wrapper's consumers and
+    subscriptions (not the broker, which stays its owner's).
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._consumers: List[_AsyncLocalConsumer] = []
+        self._subscriptions: List[AsyncSubscription] = []
+        self._committer: Optional[_Committer] = None
+
+    async def publish(self, topic: str, body: bytes, defer: float = 0.0) -> Message:
+        """Publish one message (as ``Broker.publish``); returns the stored message."""
+        if not self.broker.fsync:
+            return self.broker.publish(topic, body, defer)
+        return (await self._publish_synced(topic, [body], defer))[0]
+
+    async def publish_many(self, topic: str, bodies: Iterable[bytes]) -> List[Message]:
+        """Publish several messages atomically (as ``Broker.publish_many``)."""
+        if not self.broker.fsync:
+            return self.broker.publish_many(topic, bodies)
+        return await self._publish_synced(topic, list(bodies), 0.0)
+
+    async def _publish_synced(self, topic: str, bodies: List[bytes],
+                              defer: float) -> List[Message]:
+        written: List[Tuple[SegmentLog, int]] = []
+        msgs = self.broker._publish_unsynced(topic, bodies, defer, written)
+        if written:
+            loop = asyncio.get_running_loop()
+            if self._committer is None:
+                self._committer = _Committer(self.broker, loop)
+            fut = loop.create_future()
+            self._committer.wait(topic, written, fut)
+            await fut
+        return msgs
+
+    def consumer(self, topic: str, channel: str, max_in_flight: int = 1, *,
+                 msg_timeout: Optional[float] = None, weight: int = 1) -> AsyncConsumer:
+        """An async consumer of *topic*/*channel* (as ``Broker.consumer``)."""
+        return _AsyncLocalConsumer(self, topic, channel, max_in_flight, msg_timeout, weight)
+
+    async def subscribe(self, topic: str, channel: str, handler: AsyncHandler,
+                        max_in_flight: int = 32, concurrency: int = 4, *,
+                        msg_timeout: Optional[float] = None, weight: int = 1,
+                        backoff: float = 1.0, max_backoff: float = 60.0,
+                        middleware: Iterable[Layer] = ()) -> AsyncSubscription:
+        """Run ``await handler(message)`` on every message, *concurrency* at once."""
+        cons = self.consumer(topic, channel, max_in_flight, msg_timeout=msg_timeout,
+                             weight=weight)
+        sub = AsyncSubscription(cons, handler, concurrency, backoff, max_backoff, middleware)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def close(self) -> None:
+        """Close this wrapper's subscriptions and consumers; stop its commit thread."""
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._subscriptions.clear()
+        for cons in list(self._consumers):
+            await cons.close()
+        if self._committer is not None:
+            committer, self._committer = self._committer, None
+            await committer.close()
+
+    async def __aenter__(self) -> "AsyncBroker":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+# -- over TCP: AsyncClient ---------------------------------------------------------
+
+class _AsyncConnection(asyncio.Protocol):
+    """One AsyncClient connection: ``_ClientWire`` over an asyncio transport.
+
+    ``send`` queues a command; what one pass of the loop queued is encoded
+    and written at its end, in one piece.  Heartbeats are answered; with no
+    data for two heartbeat intervals the connection is dropped as dead.
+    ``on_frame(conn, type, data)`` gets every frame after the handshake;
+    ``lost`` is a future set (to the reason, or None) when it ends.
+    """
+
+    def __init__(self, options: "_ClientOptions", host: str,
+                 on_frame: Callable[["_AsyncConnection", int, bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.wire = _ClientWire(options, host)
+        self.on_frame = on_frame
+        self.transport: Optional[asyncio.Transport] = None
+        self.closed = False
+        self.ready: "asyncio.Future[None]" = loop.create_future()
+        self.lost: "asyncio.Future[Optional[BaseException]]" = loop.create_future()
+        self.requests: Deque[Tuple["asyncio.Future[None]", bytes]] = collections.deque()
+        self.refused = False            # the server answered a command with a fatal error
+        self.rdy = 0                    # the RDY last sent (consumers)
+        self._why: Optional[BaseException] = None
+        self._out: List[bytes] = []
+        self._interval = options.heartbeat_interval
+        self._last_read = loop.time()
+        self._watch: Optional[asyncio.TimerHandle] = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.wire.hello())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        wire = self.wire
+        try:
+            frames = wire.feed(data)
+        except (MinqError, ssl.SSLError, zlib.error, SnappyError) as e:
+            self.abort(e)
+            return
+        out = wire.outgoing()
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        if wire.heartbeats:
+            nops, wire.heartbeats = wire.heartbeats, 0
+            self.send(b"NOP\n" * nops)
+        if not self.ready.done() and wire.ready:
+            self.ready.set_result(None)
+            if self._interval > 0:
+                self._watch = self.loop.call_later(2 * self._interval, self._check_alive)
+        on_frame = self.on_frame
+        for ftype, payload in frames:
+            on_frame(self, ftype, payload)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        why = self._why or (ConnectionLost(f"connection lost: {exc}") if exc else None)
+        if self._watch is not None:
+            self._watch.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(why or ConnectionLost("connection closed by the peer "
+                                                           "during the handshake"))
+            self.ready.exception()      # retrieved: the connector reports it
+        if not self.lost.done():
+            self.lost.set_result(why)
+
+    # -- ours ---------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        idle = self.loop.time() - self._last_read
+        if idle >= 2 * self._interval:
+            self.abort(ConnectionLost("no data from the server within two heartbeat intervals"))
+        else:
+            self._watch = self.loop.call_later(2 * self._interval - idle, self._check_alive)
+
+    def send(self, data: bytes) -> None:
+        """Queue a command; written (with the others of this pass) at its end."""
+        if self.closed:
+            raise ConnectionLost("the connection is closed")
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out and not self.closed:
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                self.transport.write(self.wire.encode(data))  # type: ignore[union-attr]
+            except (ssl.SSLError, zlib.error) as e:
+                self.abort(e)
+        else:
+            self._out.clear()
+
+    def abort(self, why: BaseException) -> None:
+        """Drop the connection at once, for *why*."""
+        if self._why is None:
+            self._why = why
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Write what is queued, then close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.closed = True
+            self.transport.close()
+
+
+async def _async_connect(options: "_ClientOptions", address: Any,
+                         on_frame: Callable[[_AsyncConnection, int, bytes], None]
+                         ) -> _AsyncConnection:
+    """A connection through its handshake, within the options' *timeout*."""
+    host, port = _split_address(address, TCP_PORT)
+    loop = asyncio.get_running_loop()
+    conn = _AsyncConnection(options, host, on_frame)
+    try:
+        await asyncio.wait_for(loop.create_connection(lambda: conn, host, port),
+                               options.timeout)
+        await asyncio.wait_for(asyncio.shield(conn.ready), options.timeout)
+    except asyncio.TimeoutError:
+        conn.abort(ConnectionLost("timed out"))
+        raise ConnectionLost(f"no answer from {host}:{port} within "
+                             f"{options.timeout:g}s") from None
+    except OSError as e:
+        raise ConnectionLost(f"cannot connect to {host}:{port}: {e}") from e
+    except BaseException:
+        conn.abort(ConnectionLost("connecting was abandoned"))
+        raise
+    return conn
+
+
+class _Resend(Exception):
+    """A command the server never read (an earlier one was refused): send again."""
+
+
+class AsyncClient(_ClientOptions):
+    """``Client`` for asyncio: publish to and consume from minq or nsqd over TCP.
+
+    ``await publish()`` and ``await publish_many()`` share one connection:
+    every task's command is written at once and the replies are matched in
+    order, so a thousand concurrent publishers need one connection, not a
+    thousand.  ``consumer()`` and ``await subscribe()`` read one server
+    (*address*), or, with *lookupd_http_addresses*, every nsqd that those
+    nsqlookupds list for the topic, asked every *lookupd_poll_interval*
+    seconds: producers that appear are connected, those that go are
+    dropped, and *max_in_flight* is shared among the connections.  The
+    other options are ``Client``'s.  ``await close()`` leaves no task behind.
+    """
+
+    def __init__(self, address: Any = DEFAULT_TCP_ADDRESS, *,
+                 lookupd_http_addresses: Iterable[str] = (),
+                 lookupd_poll_interval: float = 60.0, **options: Any) -> None:
+        super().__init__(address, **options)
+        if isinstance(lookupd_http_addresses, str):
+            lookupd_http_addresses = [lookupd_http_addresses]
+        self.lookupd_http_addresses = list(lookupd_http_addresses)
+        _check_range("lookupd_poll_interval", lookupd_poll_interval, 0.01, None)
+        self.lookupd_poll_interval = lookupd_poll_interval
+        self._pub_conn: Optional[_AsyncConnection] = None
+        self._connecting: Optional["asyncio.Future[_AsyncConnection]"] = None
+        self._consumers: List["_AsyncRemoteConsumer"] = []
+        self._subscriptions: List[AsyncSubscription] = []
+        self._closed = False
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # -- publishing --------------------------------------------------------------
+    async def publish(self, topic: str, body: bytes, defer: float = 0.0) -> None:
+        """PUB (or DPUB when *defer* > 0 seconds); returns once the server said OK."""
+        await self._request(_cmd_pub(topic, body, defer))
+
+    async def publish_many(self, topic: str, bodies: Iterable[bytes],
+                           defer: float = 0.0) -> None:
+        """MPUB: all messages are accepted or none."""
+        await self._request(_cmd_mpub(topic, bodies, defer))
+
+    async def _request(self, data: bytes) -> None:
+        while True:
+            conn = self._pub_conn
+            if conn is None or conn.closed or conn.refused:
+                conn = await self._producer()
+            fut = conn.loop.create_future()
+            conn.requests.append((fut, data))
+            conn.send(data)
+            try:
+                return await fut
+            except _Resend:
+                continue
+
+    async def _producer(self) -> _AsyncConnection:
+        """The publishing connection, (re)connected with backoff within *timeout*."""
+        if self._closed:
+            raise BrokerClosed("the client is closed")
+        if self._connecting is None:        # the first caller connects; the others wait
+            self._connecting = asyncio.ensure_future(self._connect_producer())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect_producer(self) -> _AsyncConnection:
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        conn = await _async_retry(lambda: _async_connect(self, self.address, self._on_reply),
+                                  deadline, self.max_backoff)
+        self._pub_conn = conn
+        conn.lost.add_done_callback(functools.partial(self._producer_lost, conn))
+        return conn
+
+    @staticmethod
+    def _on_reply(conn: _AsyncConnection, ftype: int, payload: bytes) -> None:
+        if ftype == FRAME_TYPE_MESSAGE:
+            return
+        if not conn.requests:
+            log.warning("publishing connection: a reply to no command: %r", payload[:80])
+            return
+        fut, _ = conn.requests.popleft()
+        if ftype == FRAME_TYPE_ERROR:
+            # Every publishing error is fatal in NSQ: the server closes the
+            # connection after it, reading no further.  Commands sent after
+            # this one were never read: they go again on a new connection.
+            conn.refused = True
+            if not fut.done():
+                fut.set_exception(_reply_error(payload))
+            conn.abort(ProtocolError("E_PROTOCOL", "the server refused a command"))
+        elif not fut.done():
+            fut.set_result(None)
+
+    @staticmethod
+    def _producer_lost(conn: _AsyncConnection, lost: "asyncio.Future[Any]") -> None:
+        why = lost.result()
+        for fut, _ in conn.requests:
+            if fut.done():
+                continue
+            if conn.refused:
+                fut.set_exception(_Resend())
+            else:
+                fut.set_exception(ConnectionLost(
+                    f"connection lost before the reply ({why}): the message may or may "
+                    f"not have been published"))
+        conn.requests.clear()
+
+    # -- consuming ---------------------------------------------------------------
+    def consumer(self, topic: str, channel: str, max_in_flight: int = 1) -> AsyncConsumer:
+        """An async consumer of *topic*/*channel* (SUB, RDY *max_in_flight* shared
+        among its connections); call it from a coroutine.  Its ``subscribed``
+        future is done once a server confirmed the SUB."""
+        if self._closed:
+            raise BrokerClosed("the client is closed")
+        return _AsyncRemoteConsumer(self, topic, channel, max_in_flight)
+
+    async def subscribe(self, topic: str, channel: str, handler: AsyncHandler,
+                        max_in_flight: int = 32, concurrency: int = 4, *,
+                        backoff: float = 1.0, max_backoff: float = 60.0,
+                        middleware: Iterable[Layer] = ()) -> AsyncSubscription:
+        """Run ``await handler(message)`` on every message, *concurrency* at once;
+        returns once the server confirmed the SUB (at most *timeout* seconds
+        with a direct address; it keeps trying after that)."""
+        cons = self.consumer(topic, channel, max_in_flight)
+        sub = AsyncSubscription(cons, handler, concurrency, backoff, max_backoff, middleware)
+        self._subscriptions.append(sub)
+        if not self.lookupd_http_addresses:
+            try:
+                await asyncio.wait_for(asyncio.shield(cons.subscribed), self.timeout)
+            except asyncio.TimeoutError:
+                log.warning("subscription %s/%s: not subscribed within %gs; still trying",
+                            topic, channel, self.timeout)
+        return sub
+
+    async def close(self) -> None:
+        """Close subscriptions (running handlers end first), consumers and the
+        publishing connection; no task of this client is left."""
+        self._closed = True
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._subscriptions.clear()
+        for cons in list(self._consumers):
+            await cons.close()
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+        conn = self._pub_conn
+        if conn is not None:
+            conn.close()
+            await conn.lost
+
+
+async def _async_retry(connect: Callable[[], Any], deadline: float,
+                       max_backoff: float) -> _AsyncConnection:
+    """Await *connect()* until it succeeds, backing off exponentially, until *deadline*."""
+    loop = asyncio.get_running_loop()
+    delay = _FIRST_RETRY
+    while True:
+        try:
+            return await connect()
+        except (ConnectionLost, ssl.SSLError) as e:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise e if isinstance(e, ConnectionLost) else ConnectionLost(str(e)) from e
+            await asyncio.sleep(min(delay, left, max_backoff))
+            delay *= 2
+
+
+_RDY_ROTATE = 5.0     # seconds between moves of RDY when connections outnumber max_in_flight
+
+
+class _AsyncRemoteConsumer(AsyncConsumer):
+    """An AsyncClient's consumer: a task per server it reads (reconnecting
+    with backoff), and with lookupd a task that follows the topic's servers.
+
+    *max_in_flight* is split among the connections, never more in all;
+    when there are more connections than that, the RDY of 1 moves round
+    them every few seconds, so none starves (as go-nsq does).
+    """
+
+    def __init__(self, client: AsyncClient, topic: str, channel: str, max_in_flight: int) -> None:
+        validate_name(topic)
+        validate_name(channel, "channel")
+        _check_range("max_in_flight", max_in_flight, 0, None)
+        self._init_inbox()
+        self.client, self.topic, self.channel = client, topic, channel
+        self.max_in_flight = max_in_flight
+        self._conns: Dict[str, _AsyncConnection] = {}       # address -> subscribed connection
+        self._tasks: Dict[str, "asyncio.Task[None]"] = {}    # address -> the task that keeps it
+        self._listed: Optional[set] = None     # what lookupd lists (None: no lookupd)
+        self._recheck: Optional["asyncio.Future[None]"] = None
+        self._turn = 0
+        self._rotation: Optional[asyncio.TimerHandle] = None
+        self._lookup_task: Optional["asyncio.Task[None]"] = None
+        self.subscribed: "asyncio.Future[None]" = self._loop.create_future()   # a first SUB's OK
+        client._consumers.append(self)
+        if client.lookupd_http_addresses:
+            self._listed = set()
+            self._lookup_task = asyncio.ensure_future(self._follow_lookupd())
+        else:
+            self._keep(_address_text(client.address))
+
+    @property
+    def connections(self) -> List[str]:
+        """The servers this consumer is subscribed to now."""
+        return sorted(self._conns)
+
+    def _keep(self, address: str) -> None:
+        self._tasks[address] = asyncio.ensure_future(self._run(address))
+
+    async def _run(self, address: str) -> None:
+        client = self.client
+        delay = _FIRST_RETRY
+        while not self._ending:
+            if self._listed is not None and address not in self._listed:
+                break                               # lookupd no longer lists it
+            try:
+                conn = await _async_connect(client, address, self._on_frame)
+            except (MinqError, OSError, ssl.SSLError) as e:
+                log.warning("consumer %s/%s: %s", self.topic, self.channel, e)
+                if self._listed is not None:
+                    break                           # lookupd says when to try again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, client.max_backoff)
+                continue
+            try:
+                conn.send(b"SUB %s %s\n" % (self.topic.encode(), self.channel.encode()))
+            except ConnectionLost:
+                continue
+            self._conns[address] = conn
+            self._share_rdy()
+            delay = _FIRST_RETRY
+            try:
+                why = await asyncio.shield(conn.lost)
+            except asyncio.CancelledError:
+                conn.abort(ConnectionLost("the consumer closed"))
+                raise
+            finally:
+                if self._conns.get(address) is conn:
+                    del self._conns[address]
+                    self._share_rdy()
+            if self._ending:
+                break
+            log.warning("consumer %s/%s: connection to %s lost (%s)%s", self.topic, self.channel,
+                        address, why, "" if self._listed is None else "; asking lookupd")
+            if self._listed is not None:
+                self._listed.discard(address)
+                self._poll_soon()
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, client.max_backoff)
+        if self._tasks.get(address) is asyncio.current_task():
+            del self._tasks[address]
+
+    def _on_frame(self, conn: _AsyncConnection, ftype: int, payload: bytes) -> None:
+        if ftype == FRAME_TYPE_MESSAGE:
+            try:
+                msg = _RemoteMessage(conn, payload)  # type: ignore[arg-type]
+            except struct.error:
+                conn.abort(ProtocolError("E_PROTOCOL", "a message frame too short"))
+                return
+            self._inbox.append(msg)
+            if self._getters:
+                self._wake()
+        elif ftype == FRAME_TYPE_ERROR:
+            log.warning("consumer %s/%s: %s", self.topic, self.channel,
+                        payload.decode(errors="replace"))
+        elif payload == b"OK" and not self.subscribed.done():
+            self.subscribed.set_result(None)
+
+    def _valid(self, msg: Any) -> bool:
+        return not msg._conn.closed            # its connection's messages were requeued
+
+    # -- RDY: max_in_flight shared among the connections --------------------------
+    def set_max_in_flight(self, n: int) -> None:
+        """A new RDY window in all (0 pauses delivery)."""
+        _check_range("max_in_flight", n, 0, None)
+        self.max_in_flight = n
+        self._share_rdy()
+
+    def _share_rdy(self) -> None:
+        conns = [self._conns[a] for a in sorted(self._conns)]
+        if not conns:
+            return
+        n, total = len(conns), self.max_in_flight
+        each, extra = divmod(total, n)
+        for i, conn in enumerate(conns):
+            rdy = each + (1 if (i - self._turn) % n < extra else 0)
+            if rdy != conn.rdy and not conn.closed:
+                conn.rdy = rdy
+                conn.send(b"RDY %d\n" % rdy)
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
+        if 0 < total < n and not self._ending:
+            self._rotation = self._loop.call_later(_RDY_ROTATE, self._rotate)
+
+    def _rotate(self) -> None:
+        self._rotation = None
+        self._turn += self.max_in_flight
+        self._share_rdy()
+
+    # -- lookupd ---------------------------------------------------------------------
+    async def _follow_lookupd(self) -> None:
+        client, loop = self.client, self._loop
+        while not self._ending:
+            answers = await asyncio.gather(*[
+                _lookup_async(lookupd, self.topic, client.timeout)
+                for lookupd in client.lookupd_http_addresses])
+            found = [a for a in answers if a is not None]
+            if found:                       # none answered: keep what we had
+                self._listed = set().union(*found)
+                for address in sorted(self._listed):
+                    if address not in self._tasks:
+                        self._keep(address)
+            self._recheck = loop.create_future()
+            timer = loop.call_later(client.lookupd_poll_interval, _loop_wake, self._recheck)
+            try:
+                await self._recheck
+            finally:
+                timer.cancel()
+                self._recheck = None
+
+    def _poll_soon(self) -> None:
+        if self._recheck is not None:
+            self._loop.call_later(_FIRST_RETRY, _loop_wake, self._recheck)
+
+    async def close(self) -> None:
+        """Disconnect: the servers requeue whatever this consumer held in flight."""
+        self._end()
+        if self._rotation is not None:
+            self._rotation.cancel()
+        tasks = list(self._tasks.values())
+        if self._lookup_task is not None:
+            tasks.append(self._lookup_task)
+        for conn in list(self._conns.values()):
+            conn.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._conns.values()):
+            await conn.lost
+        self._conns.clear()
+        if self in self.client._consumers:
+            self.client._consumers.remove(self)
+
+
+def _address_text(address: Any) -> str:
+    host, port = _split_address(address, TCP_PORT)
+    return f"{host}:{port}"
+
+
+async def _lookup_async(lookupd: str, topic: str, timeout: float) -> Optional[set]:
+    """The TCP addresses nsqlookupd lists for *topic* (an empty set for a topic
+    it does not know); None if it could not be asked."""
+    base = lookupd if "://" in lookupd else f"http://{lookupd}"
+    url = urllib.parse.urlsplit(f"{base}/lookup?{urllib.parse.urlencode({'topic': topic})}")
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            url.hostname, url.port or (443 if url.scheme == "https" else 80),
+            ssl=url.scheme == "https" or None), timeout)
+        writer.write(f"GET {url.path}?{url.query} HTTP/1.0\r\nHost: {url.netloc}\r\n"
+                     f"Accept: application/vnd.nsq; version=1.0\r\n\r\n".encode())
+        reply = await asyncio.wait_for(reader.read(), timeout)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        status = int(head.split(None, 2)[1])
+        if status == 404:
+            return set()                    # lookupd does not know the topic (yet)
+        if status != 200:
+            raise ValueError(f"status {status}")
+        data = json.loads(body)
+        data = data.get("data", data) if isinstance(data, dict) else data
+        return {f"{p['broadcast_address']}:{p['tcp_port']}" for p in data.get("producers") or []}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            asyncio.TimeoutError) as e:
+        log.warning("lookupd %s: %s", lookupd, e or type(e).__name__)
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 # =============================================================================

@@ -6,6 +6,7 @@ fires what fell due before it returns, so no test sleeps for a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import errno
@@ -4850,6 +4851,637 @@ def test_random_dispatch_over_tcp(server, monkeypatch):
         assert sum(counts) == 300 and min(counts) > 100, counts
         for k in cons:
             k.close()
+
+
+# =============================================================================
+# asyncio clients: AsyncBroker (in-process) and AsyncClient (over TCP)
+# =============================================================================
+
+def arun(coro, timeout=30):
+    """Run *coro* in a fresh event loop, bounded; no task of minq may outlive it."""
+    async def main():
+        result = await asyncio.wait_for(coro, timeout)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, f"tasks left running: {left}"
+        return result
+    return asyncio.run(main())
+
+
+@pytest.fixture(params=["minq", "nsqd"])
+def nsqd_address(request, tmp_path):
+    """A TCP address served by minq, then by a real nsqd where one is built
+    (``MINQ_NSQD=/path/to/nsqd`` or ``nsqd`` on PATH)."""
+    if request.param == "minq":
+        with tcp_server() as srv:
+            yield srv.address
+        return
+    nsqd = os.environ.get("MINQ_NSQD") or shutil.which("nsqd")
+    if not nsqd:
+        pytest.skip("no real nsqd built here (set MINQ_NSQD=/path/to/nsqd)")
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    p = subprocess.Popen([nsqd, f"--tcp-address=127.0.0.1:{ports[0]}",
+                          f"--http-address=127.0.0.1:{ports[1]}", f"--data-path={tmp_path}",
+                          "--msg-timeout=60s"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", ports[0]), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nsqd did not start"
+                time.sleep(0.05)
+        yield f"127.0.0.1:{ports[0]}"
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_async_client_pipelines_a_thousand_concurrent_publishes_on_one_connection(nsqd_address):
+    async def main():
+        async with minq.AsyncClient(nsqd_address) as c:
+            await asyncio.gather(*[c.publish("t", b"%d" % i) for i in range(1000)])
+            conns = {id(c._pub_conn)}
+            await c.publish_many("t", [b"m1", b"m2"])
+            await c.publish("t", b"later", defer=0.05)
+            conns.add(id(c._pub_conn))
+            assert len(conns) == 1                     # one connection carried them all
+            got = set()
+            async with c.consumer("t", "c", max_in_flight=200) as cons:
+                while len(got) < 1003:
+                    m = await cons.get(timeout=5)
+                    assert m is not None, f"{1003 - len(got)} messages never came"
+                    got.add(m.body)
+                    m.finish()
+            assert got == {b"%d" % i for i in range(1000)} | {b"m1", b"m2", b"later"}
+    arun(main())
+
+
+def test_async_consumer_finish_requeue_touch(nsqd_address):
+    async def main():
+        async with minq.AsyncClient(nsqd_address, msg_timeout=1.0) as c:
+            await c.publish_many("t", [b"a", b"b"])
+            async with c.consumer("t", "c", max_in_flight=2) as cons:
+                first, second = await cons.get(timeout=5), await cons.get(timeout=5)
+                assert {first.body, second.body} == {b"a", b"b"}
+                first.requeue()
+                again = await cons.get(timeout=5)
+                assert (again.body, again.attempts) == (first.body, 2)
+                with pytest.raises(minq.NotInFlight):
+                    first.finish()                     # settled by the requeue
+                again.finish()
+                for _ in range(3):                     # 1.2 s held, past the 1 s timeout
+                    await asyncio.sleep(0.4)
+                    second.touch()
+                second.finish()
+                assert await cons.get(timeout=1.1) is None   # nothing timed out and came back
+    arun(main())
+
+
+def test_async_client_maps_errors_and_resends_what_the_server_never_read(server):
+    async def main():
+        async with minq.AsyncClient(server.address) as c:
+            with pytest.raises(minq.InvalidName):
+                await c.publish("bad topic", b"x")
+            with pytest.raises(minq.InvalidMessage):
+                await c.publish("t", b"")
+            results = await asyncio.gather(
+                *[c.publish("t", b"x" * (2 * 1024 * 1024) if i == 3 else b"%d" % i)
+                  for i in range(10)], return_exceptions=True)
+            assert isinstance(results[3], minq.InvalidMessage)     # E_BAD_MESSAGE
+            assert [r for i, r in enumerate(results) if i != 3] == [None] * 9
+            with pytest.raises(minq.InvalidArgument):
+                await c.publish("t", b"x", defer=7200)               # E_INVALID
+            await c.publish("t", b"after")
+    arun(main())
+    [topic] = [t for t in server.broker.stats()["topics"] if t["topic_name"] == "t"]
+    assert topic["message_count"] == 10                 # 9 of the batch + "after", once each
+
+
+def test_async_client_connection_refused_and_closed_client():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+
+    async def main():
+        c = minq.AsyncClient(f"127.0.0.1:{port}", timeout=0.3)
+        with pytest.raises(minq.ConnectionLost):
+            await c.publish("t", b"x")
+        await c.close()
+        with pytest.raises(minq.BrokerClosed):
+            await c.publish("t", b"x")
+    arun(main())
+
+
+def test_async_client_rejects_a_server_that_breaks_the_protocol():
+    """A peer answering IDENTIFY with garbage gets ProtocolError, not a hang."""
+    import socket
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"\x7f\xff\xff\xff garbage")          # a frame size out of range
+        conn.recv(4096)
+        conn.close()
+    t = threading.Thread(target=serve)
+    t.start()
+
+    async def main():
+        async with minq.AsyncClient(f"127.0.0.1:{port}", timeout=2) as c:
+            with pytest.raises(minq.ProtocolError) as e:
+                await c.publish("t", b"x")
+            assert e.value.code == "E_PROTOCOL"
+    try:
+        arun(main())
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def test_async_client_answers_heartbeats_and_keeps_its_connection():
+    """The server (on a fake clock) sends a heartbeat every second and drops a
+    client silent for two: the client's NOPs keep the same connection alive."""
+    clock = minq.FakeClock()
+    with minq.Broker(clock=clock) as b, minq.TCPServer(b, "127.0.0.1:0").start() as srv:
+        async def main():
+            async with minq.AsyncClient(srv.address, heartbeat_interval=1.0) as c:
+                async with c.consumer("t", "c") as cons:
+                    await asyncio.wait_for(asyncio.shield(cons.subscribed), 5)
+                    first = cons._conns[srv.address]
+                    for _ in range(6):                   # six heartbeats, six NOPs
+                        clock.advance(1.0)
+                        await asyncio.sleep(0.05)
+                    b.publish("t", b"still here")
+                    m = await cons.get(timeout=5)
+                    assert m.body == b"still here" and m._conn is first
+                    m.finish()
+        arun(main())
+
+
+def test_async_client_drops_a_silent_server_and_dials_again():
+    """No data for two heartbeat intervals: the peer is dead; the consumer reconnects."""
+    import socket
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    accepted = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            for _ in range(2):
+                conn, _ = listener.accept()
+                accepted.append(conn)
+                conn.recv(4096)
+                conn.sendall(struct.pack(">lL", 6, 0) + b"OK")   # IDENTIFY's OK, then silence
+    t = threading.Thread(target=serve)
+    t.start()
+
+    async def main():
+        async with minq.AsyncClient(address, heartbeat_interval=0.1) as c:
+            async with c.consumer("t", "c"):
+                for _ in range(300):
+                    if len(accepted) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+        assert len(accepted) == 2                      # dropped after 0.2 s, dialled again
+    try:
+        arun(main())
+    finally:
+        t.join(5)
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_async_get_cancelled_loses_no_message(server):
+    async def main():
+        async with minq.AsyncClient(server.address) as c:
+            async with c.consumer("t", "c", max_in_flight=5) as cons:
+                waiting = asyncio.ensure_future(cons.get())
+                await asyncio.sleep(0.05)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                await c.publish("t", b"kept")
+                m = await cons.get(timeout=5)
+                assert m.body == b"kept" and m.attempts == 1
+                m.finish()
+                assert await cons.get(timeout=0.05) is None
+    arun(main())
+
+
+def test_async_subscribe_bounds_concurrency_and_backs_off(server):
+    running, most, seen, failed_at = 0, 0, [], {}
+
+    async def handler(msg):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.01)
+            if msg.body == b"flaky" and msg.attempts < 3:
+                failed_at[msg.attempts] = time.monotonic()
+                raise RuntimeError("not yet")
+            seen.append(msg.body)
+        finally:
+            running -= 1
+
+    async def main():
+        async with minq.AsyncClient(server.address) as c:
+            sub = await c.subscribe("t", "c", handler, max_in_flight=20, concurrency=3,
+                                    backoff=0.1)
+            await c.publish_many("t", [b"%d" % i for i in range(30)] + [b"flaky"])
+            deadline = time.monotonic() + 10
+            while len(seen) < 31 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await sub.close()
+    arun(main())
+    assert sorted(seen) == sorted([b"%d" % i for i in range(30)] + [b"flaky"])
+    assert most == 3                                   # never more than concurrency at once
+    assert failed_at[2] - failed_at[1] >= 0.1          # requeued after backoff * 2**0
+    assert channel_stats(server.broker, "t", "c")["depth"] == 0
+
+
+def test_async_subscription_close_lets_handlers_end_and_gives_back_the_rest(server):
+    started, ended = [], []
+
+    async def handler(msg):
+        started.append(msg.body)
+        await asyncio.sleep(0.2)
+        ended.append(msg.body)
+
+    async def main():
+        async with minq.AsyncClient(server.address) as c:
+            await c.publish_many("t", [b"%d" % i for i in range(10)])
+            sub = await c.subscribe("t", "c", handler, max_in_flight=10, concurrency=2)
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+            await sub.close()
+    arun(main())
+    assert len(ended) == len(started) == 2             # the two running ended; no new one began
+    wait_until(lambda: channel_stats(server.broker, "t", "c")["depth"] == 8, what="the rest back")
+    assert channel_stats(server.broker, "t", "c")["in_flight_count"] == 0
+
+
+def test_async_subscription_takes_async_middleware_and_the_built_in_layers(server):
+    order = []
+
+    async def mine(msg, nxt):
+        order.append("before")
+        result = await nxt(msg)
+        order.append("after")
+        return result
+
+    async def handler(msg):
+        order.append(msg.body)
+
+    async def main():
+        async with minq.AsyncClient(server.address) as c:
+            sub = await c.subscribe("t", "c", handler, concurrency=1, middleware=[
+                mine, minq.log_timing(), minq.dedup(key=lambda m: m.body),
+                minq.keep_touching(0.05), minq.requeue_on(KeyError)])
+            await c.publish("t", b"x")
+            await c.publish("t", b"x")                  # a duplicate: finished unhandled
+            while order.count("after") < 2:
+                await asyncio.sleep(0.01)
+            await sub.close()
+    arun(main())
+    assert order == ["before", b"x", "after", "before", "after"]
+
+
+@pytest.mark.parametrize("layer", ["tls", "snappy", "deflate", "tls+snappy", "tls+deflate"])
+def test_async_client_over_tls_snappy_and_deflate(tmp_path, layer):
+    cert, key = make_cert(tmp_path) if "tls" in layer else (None, None)
+    opts = dict(tls=client_tls_context() if cert else None, snappy="snappy" in layer,
+                deflate="deflate" in layer)
+    server_opts = dict(tls_cert=cert, tls_key=key, tls_required=True) if cert else {}
+    with tcp_server(**server_opts) as srv:
+        async def main():
+            async with minq.AsyncClient(srv.address, **opts) as c:
+                await asyncio.gather(*[c.publish("t", b"body %d " % i * 50) for i in range(200)])
+                async with c.consumer("t", "c", max_in_flight=50) as cons:
+                    got = []
+                    while len(got) < 200:
+                        m = await cons.get(timeout=5)
+                        assert m is not None
+                        got.append(m.body)
+                        m.finish()
+                    [client] = channel_stats(srv.broker, "t", "c")["clients"]
+            assert sorted(got) == sorted(b"body %d " % i * 50 for i in range(200))
+            return client
+        client = arun(main())
+    assert client["tls"] is bool(cert)
+    assert client["snappy"] is opts["snappy"] and client["deflate"] is opts["deflate"]
+
+
+def test_async_consumer_follows_lookupd_producers_as_they_come_and_go():
+    """Producers appear in lookupd's answer and are read; one that goes away
+    is dropped and not dialled again; max_in_flight is shared between them."""
+    listed, asked = [], []
+
+    def answer(req):
+        asked.append(req.path)
+        return json.dumps({"channels": [], "producers": [
+            {"broadcast_address": "127.0.0.1", "tcp_port": int(s.address.rsplit(":", 1)[1]),
+             "http_port": 1} for s in listed]}).encode()
+
+    with tcp_server() as a, tcp_server() as b, answering_http(answer) as lookupd:
+        def rdy(srv):
+            return [cl["ready_count"] for t in srv.broker.stats()["topics"]
+                    for ch in t["channels"] for cl in ch["clients"]]
+
+        async def until(check):
+            for _ in range(500):
+                if check():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("never happened")
+
+        async def main():
+            listed.append(a)
+            async with minq.AsyncClient(None, lookupd_http_addresses=[lookupd.address],
+                                        lookupd_poll_interval=0.05) as c:
+                async with c.consumer("t", "c", max_in_flight=4) as cons:
+                    await until(lambda: rdy(a) == [4])
+                    a.broker.publish("t", b"from a")
+                    m = await cons.get(timeout=5)
+                    assert m.body == b"from a"
+                    m.finish()
+                    listed.append(b)                     # a producer appears
+                    await until(lambda: rdy(a) == [2] and rdy(b) == [2])
+                    b.broker.publish("t", b"from b")
+                    m = await cons.get(timeout=5)
+                    assert m.body == b"from b"
+                    m.finish()
+                    listed.remove(b)                     # ...and goes away
+                    b.close()
+                    await until(lambda: cons.connections == [a.address] and rdy(a) == [4])
+                    polls = len(asked)
+                    await until(lambda: len(asked) > polls + 3)
+                    assert cons.connections == [a.address]   # not dialled again
+        arun(main())
+
+
+def test_async_consumer_shares_a_small_max_in_flight_by_turns(monkeypatch):
+    """More connections than max_in_flight: RDY 1 moves round them, none starves."""
+    monkeypatch.setattr(minq, "_RDY_ROTATE", 0.05)
+    with tcp_server() as a, tcp_server() as b, tcp_server() as c3:
+        servers = [a, b, c3]
+        producers = [{"broadcast_address": "127.0.0.1", "http_port": 1,
+                      "tcp_port": int(s.address.rsplit(":", 1)[1])} for s in servers]
+        with answering_http(lambda req: json.dumps({"producers": producers}).encode()) as lk:
+            for s in servers:
+                s.broker.publish("t", s.address.encode())
+
+            async def main():
+                async with minq.AsyncClient(None, lookupd_http_addresses=lk.address) as c:
+                    async with c.consumer("t", "c", max_in_flight=1) as cons:
+                        got = set()
+                        while len(got) < 3:
+                            m = await cons.get(timeout=5)
+                            assert m is not None, f"starved: {got}"
+                            got.add(m.body)
+                            m.finish()
+                        return got
+            assert arun(main()) == {s.address.encode() for s in servers}
+
+
+def test_async_client_survives_a_durable_server_kill9_losing_nothing(tmp_path):
+    """Publishing and consuming through a SIGKILL and restart of ``serve --durable``:
+    both reconnect; every publish that returned is delivered."""
+    s = Served("--data-path", "d", "--durable", cwd=tmp_path)
+    address = s.address
+    acked, got = set(), set()
+
+    async def main():
+        nonlocal s
+        async with minq.AsyncClient(address, max_backoff=0.1, timeout=10) as c:
+            async with c.consumer("t", "c", max_in_flight=50) as cons:
+                async def consume():
+                    while True:
+                        m = await cons.get(timeout=0.5)
+                        if m is None:
+                            if len(got) >= 400 and acked <= got:
+                                return
+                            continue
+                        got.add(m.body)
+                        try:
+                            m.finish()
+                        except minq.NotInFlight:
+                            pass                        # its connection died: it comes again
+                reading = asyncio.ensure_future(consume())
+                for i in range(400):
+                    if i == 200:
+                        s.stop(signal.SIGKILL)
+                        s = Served("--data-path", "d", "--durable", "--tcp-address", address,
+                                   cwd=tmp_path)
+                    body = b"m%d" % i
+                    for _ in range(50):
+                        try:
+                            await c.publish("t", body)
+                            acked.add(body)
+                            break
+                        except minq.ConnectionLost:
+                            await asyncio.sleep(0.05)
+                await asyncio.wait_for(reading, 20)
+    try:
+        arun(main(), timeout=60)
+    finally:
+        s.stop()
+    assert len(acked) == 400 and acked <= got
+
+
+def test_async_client_close_leaves_nothing_behind_under_dev_mode(server):
+    """``python -X dev``: no pending task, unclosed transport or never-retrieved error."""
+    script = textwrap.dedent(f"""
+        import asyncio, gc, minq
+        async def handler(msg):
+            pass
+        async def main():
+            async with minq.AsyncClient({server.address!r}) as c:
+                await asyncio.gather(*[c.publish("t", b"x") for _ in range(100)])
+                sub = await c.subscribe("t", "c", handler)
+                cons = c.consumer("t", "c2")
+                waiter = asyncio.ensure_future(cons.get())
+                await asyncio.sleep(0.1)
+            assert await waiter is None                  # close ends a waiting get()
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert not left, left
+        asyncio.run(main(), debug=True)
+        gc.collect()
+        print("clean")
+    """)
+    r = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", script],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert r.returncode == 0 and r.stdout == "clean\n", r.stderr
+    assert r.stderr == "", r.stderr
+
+
+# -- the wire both clients drive, fed bytes cut at every offset -------------------
+
+def server_frames(*frames):
+    return b"".join(struct.pack(">lL", len(d) + 4, t) + d for t, d in frames)
+
+
+@pytest.mark.parametrize("compression", ["", "deflate", "snappy"])
+def test_client_wire_handshake_and_frames_split_at_every_offset(compression):
+    import zlib
+    opts = minq._ClientOptions("127.0.0.1:4150", deflate=compression == "deflate",
+                               snappy=compression == "snappy", auth_secret="s3cret")
+    info = {"max_rdy_count": 2500, "auth_required": True, "deflate": compression == "deflate",
+            "deflate_level": 6, "snappy": compression == "snappy", "tls_v1": False}
+    msg = struct.pack(">qH16s", 1, 1, b"0123456789abcdef") + b"body"
+    after = server_frames((0, b'{"identity":"me"}'), (0, b"_heartbeat_"), (2, msg), (0, b"OK"))
+    if compression == "deflate":
+        z = zlib.compressobj(6, zlib.DEFLATED, -15)
+        after = z.compress(server_frames((0, b"OK"))) + z.flush(zlib.Z_SYNC_FLUSH) + \
+            z.compress(after) + z.flush(zlib.Z_SYNC_FLUSH)
+    elif compression == "snappy":
+        s = minq.SnappyCompressor()
+        after = s.compress(server_frames((0, b"OK"))) + s.compress(after)
+    stream = server_frames((0, json.dumps(info).encode())) + after
+    for cut in range(len(stream) + 1):
+        wire = minq._ClientWire(opts, "127.0.0.1")
+        assert wire.hello().startswith(b"  V2IDENTIFY\n")
+        frames, sent = [], b""
+        for piece in (stream[:cut], stream[cut:]):
+            frames += wire.feed(piece)
+            sent += wire.outgoing()
+        assert wire.ready and wire.server_info == info, cut
+        assert wire.auth_info == {"identity": "me"}
+        assert wire.heartbeats == 1 and frames == [(2, msg), (0, b"OK")], cut
+        assert wire.layers.compression == compression
+        if not compression:
+            assert sent == b"AUTH\n" + struct.pack(">l", 6) + b"s3cret"
+
+
+def test_client_wire_refuses_bad_frames_and_handshake_errors():
+    opts = minq._ClientOptions()
+    wire = minq._ClientWire(opts, "h")
+    with pytest.raises(minq.ProtocolError) as e:
+        wire.feed(server_frames((1, b"E_BAD_BODY IDENTIFY bad")))
+    assert e.value.code == "E_BAD_BODY"
+    wire = minq._ClientWire(opts, "h")
+    with pytest.raises(minq.ProtocolError):
+        wire.feed(struct.pack(">l", 3) + b"abc")            # a frame smaller than its type
+    wire = minq._ClientWire(opts, "h")
+    with pytest.raises(minq.ProtocolError):
+        wire.feed(server_frames((0, b'{"auth_required": true}')))   # no secret to give
+
+
+# -- in-process: AsyncBroker ------------------------------------------------------
+
+def test_async_broker_consumer_and_subscribe_in_process():
+    seen = []
+
+    async def handler(msg):
+        seen.append(msg.body)
+
+    async def main():
+        with minq.Broker() as b:
+            async with minq.AsyncBroker(b) as ab:
+                m = await ab.publish("t", b"one")
+                assert isinstance(m, minq.Message) and m.body == b"one"
+                assert [x.body for x in await ab.publish_many("t", [b"two", b"three"])] \
+                    == [b"two", b"three"]
+                async with ab.consumer("t", "c", max_in_flight=3) as cons:
+                    got = [await cons.get(timeout=1) for _ in range(3)]
+                    assert [g.body for g in got] == [b"one", b"two", b"three"]
+                    got[0].requeue()
+                    again = await cons.get(timeout=1)
+                    assert (again.body, again.attempts) == (b"one", 2)
+                    for g in [again] + got[1:]:
+                        g.finish()
+                    assert await cons.get(timeout=0.05) is None
+                sub = await ab.subscribe("t", "s", handler, concurrency=2)
+                await ab.publish_many("t", [b"a", b"b", b"c"])
+                while len(seen) < 3:
+                    await asyncio.sleep(0.01)
+                await sub.close()
+                assert sorted(seen) == [b"a", b"b", b"c"]
+                assert b.stats()["topics"][0]["channels"][1]["depth"] == 0
+    arun(main())
+
+
+def test_async_broker_wakes_the_loop_once_per_batch_from_other_threads():
+    async def main():
+        with minq.Broker() as b:
+            async with minq.AsyncBroker(b) as ab:
+                cons = ab.consumer("t", "c", max_in_flight=1000)
+                loop = asyncio.get_running_loop()
+                wakes = []
+                real = loop.call_soon_threadsafe
+
+                def counting(fn, *args):
+                    wakes.append(fn)
+                    return real(fn, *args)
+                loop.call_soon_threadsafe = counting
+                t = threading.Thread(target=b.publish_many,
+                                     args=("t", [b"%d" % i for i in range(500)]))
+                t.start()
+                t.join()
+                got = [await cons.get(timeout=2) for _ in range(500)]
+                del loop.call_soon_threadsafe
+                assert [m.body for m in got] == [b"%d" % i for i in range(500)]
+                assert len(wakes) == 1                 # one wake-up for the batch of 500
+                for m in got:
+                    m.finish()
+                await cons.close()
+    arun(main())
+
+
+def test_async_broker_fsync_publish_waits_for_its_group_commit_off_the_loop(tmp_path,
+                                                                            monkeypatch):
+    """In fsync mode the publish is awaited while the fsync runs elsewhere: the
+    loop keeps running (here the fsync waits until a coroutine lets it go)."""
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        assert release.wait(10), "the loop was blocked"
+        real_fsync(fd)
+
+    async def main():
+        with minq.Broker(data_path=str(tmp_path), fsync=True) as b:
+            async with minq.AsyncBroker(b) as ab:
+                await ab.publish("t", b"warm-up")
+                monkeypatch.setattr(os, "fsync", slow_fsync)
+                publishing = asyncio.ensure_future(ab.publish("t", b"durable"))
+                await asyncio.sleep(0.05)
+                assert not publishing.done()            # waiting for its fsync...
+                release.set()                           # ...which this coroutine ends
+                msg = await publishing
+                assert msg.body == b"durable"
+                monkeypatch.setattr(os, "fsync", real_fsync)
+                many = await ab.publish_many("t", [b"x", b"y"])
+                assert len(many) == 2
+            with pytest.raises(minq.InvalidMessage):
+                await minq.AsyncBroker(b).publish("t", b"")
+    arun(main())
+
+
+def test_async_broker_consumer_ends_when_the_broker_closes():
+    async def main():
+        b = minq.Broker()
+        ab = minq.AsyncBroker(b)
+        cons = ab.consumer("t", "c")
+        waiting = asyncio.ensure_future(cons.get())
+        await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, b.close)
+        assert await asyncio.wait_for(waiting, 5) is None
+        await ab.close()
+    arun(main())
 
 
 # =============================================================================
