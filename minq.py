@@ -5430,7 +5430,38 @@ def _check_range(name: str, value: Any, low: Optional[float], high: Optional[flo
 # buffer.
 # =============================================================================
 
-class PullConsumer(Consumer):
+class _LocalConsumer(Consumer):
+    """What the in-process consumers (threaded and async) share: joining a
+    channel of their broker, changing RDY, and leaving it."""
+
+    broker: Broker
+
+    def _join(self, broker: Broker, topic: str, channel: str, closer: Any) -> None:
+        """Subscribe to *topic*/*channel*; ``broker.close()`` will call ``closer.close()``."""
+        self.broker = broker
+        broker._register_client(closer)
+        try:
+            broker.topic(topic).channel(channel).add_consumer(self)
+        except BaseException:
+            broker._unregister_client(closer)
+            raise
+
+    def set_max_in_flight(self, n: int) -> None:
+        """Change the RDY window (0 pauses delivery to this consumer)."""
+        _check_range("max_in_flight", n, 0, self.broker.max_rdy_count)
+        if self.channel is not None:
+            self.channel.set_ready(self, n)
+
+    def _leave(self, closer: Any) -> None:
+        """Detach from the channel (in-flight messages are requeued); stop consuming."""
+        ch = self.channel
+        if ch is not None:
+            ch.remove_consumer(self)
+        self._on_channel_closed()
+        self.broker._unregister_client(closer)
+
+
+class PullConsumer(_LocalConsumer):
     """Pull-style consumer: ``get(timeout)`` returns a Message or None.
 
     Holds at most ``max_in_flight`` messages (delivered but not yet settled).
@@ -5442,17 +5473,11 @@ class PullConsumer(Consumer):
                  msg_timeout: Optional[float] = None, weight: int = 1) -> None:
         broker._check_consumer_options(max_in_flight, msg_timeout, weight)
         super().__init__(max_in_flight, msg_timeout, weight)
-        self.broker = broker
         # Delivered messages not yet taken by get(); a C queue, so delivery
         # (on the publisher's thread) is cheap.  None is a wake-up sentinel.
         self._buffer: "queue.SimpleQueue[Optional[_Delivery]]" = queue.SimpleQueue()
         self._stopping = False   # set by Subscription.close: get() returns None
-        broker._register_client(self)
-        try:
-            broker.topic(topic).channel(channel).add_consumer(self)
-        except BaseException:
-            broker._unregister_client(self)
-            raise
+        self._join(broker, topic, channel, self)
 
     def _deliver(self, msg: _Delivery) -> None:
         self._buffer.put(msg)
@@ -5497,19 +5522,9 @@ class PullConsumer(Consumer):
                 return
             yield msg
 
-    def set_max_in_flight(self, n: int) -> None:
-        """Change the RDY window (0 pauses delivery to this consumer)."""
-        _check_range("max_in_flight", n, 0, self.broker.max_rdy_count)
-        if self.channel is not None:
-            self.channel.set_ready(self, n)
-
     def close(self) -> None:
         """Detach from the channel; messages still in flight are requeued."""
-        ch = self.channel
-        if ch is not None:
-            ch.remove_consumer(self)
-        self._on_channel_closed()
-        self.broker._unregister_client(self)
+        self._leave(self)
 
     def __enter__(self) -> "PullConsumer":
         return self
@@ -5544,16 +5559,22 @@ def log_timing(logger: Optional[logging.Logger] = None, level: int = logging.INF
     """A layer that logs how long each message took, and failures with their error."""
     out = logger or log
 
+    def took(msg: Message, start: float, error: Optional[Exception] = None) -> None:
+        ms = (time.perf_counter() - start) * 1000
+        if error is None:
+            out.log(level, "message %s handled in %.1f ms", msg.id.decode(), ms)
+        else:
+            out.log(level, "message %s failed after %.1f ms (attempt %d): %s", msg.id.decode(),
+                    ms, msg.attempts, error)
+
     def layer(msg: Message, nxt: Handler) -> Any:
         start = time.perf_counter()
         try:
             result = nxt(msg)
         except Exception as e:
-            out.log(level, "message %s failed after %.1f ms (attempt %d): %s", msg.id.decode(),
-                    (time.perf_counter() - start) * 1000, msg.attempts, e)
+            took(msg, start, e)
             raise
-        out.log(level, "message %s handled in %.1f ms", msg.id.decode(),
-                (time.perf_counter() - start) * 1000)
+        took(msg, start)
         return result
 
     async def async_layer(msg: Message, nxt: Callable[[Message], Any]) -> Any:
@@ -5561,11 +5582,9 @@ def log_timing(logger: Optional[logging.Logger] = None, level: int = logging.INF
         try:
             result = await nxt(msg)
         except Exception as e:
-            out.log(level, "message %s failed after %.1f ms (attempt %d): %s", msg.id.decode(),
-                    (time.perf_counter() - start) * 1000, msg.attempts, e)
+            took(msg, start, e)
             raise
-        out.log(level, "message %s handled in %.1f ms", msg.id.decode(),
-                (time.perf_counter() - start) * 1000)
+        took(msg, start)
         return result
     return _with_aio(layer, async_layer)
 
@@ -7393,7 +7412,7 @@ async def _through_async(layer: Callable[..., Any], inner: AsyncHandler, msg: Me
 
 # -- in-process: AsyncBroker ------------------------------------------------------
 
-class _AsyncLocalConsumer(Consumer, AsyncConsumer):
+class _AsyncLocalConsumer(_LocalConsumer, AsyncConsumer):
     """A channel's consumer whose messages reach the event loop's tasks.
 
     The broker delivers on its threads (a publisher's, the timer's) into a
@@ -7407,17 +7426,12 @@ class _AsyncLocalConsumer(Consumer, AsyncConsumer):
         broker._check_consumer_options(max_in_flight, msg_timeout, weight)
         Consumer.__init__(self, max_in_flight, msg_timeout, weight)
         self._init_inbox()
-        self.owner, self.broker, self.topic, self.channel_name = owner, broker, topic, channel
+        self.owner, self.topic, self.channel_name = owner, topic, channel
         self._loop_thread = threading.get_ident()
         self._wake_sent = False
         # What Broker.close calls, on its thread: a plain close() of its own.
         self._closer = types.SimpleNamespace(close=self._detach)
-        broker._register_client(self._closer)
-        try:
-            broker.topic(topic).channel(channel).add_consumer(self)
-        except BaseException:
-            broker._unregister_client(self._closer)
-            raise
+        self._join(broker, topic, channel, self._closer)
         owner._consumers.append(self)
 
     # ``channel`` is the Consumer's Channel object; the name is channel_name.
@@ -7459,18 +7473,8 @@ class _AsyncLocalConsumer(Consumer, AsyncConsumer):
         if ch is not None and ch._finished:
             ch.settle()                # the slots of finished messages, before waiting
 
-    def set_max_in_flight(self, n: int) -> None:
-        """Change the RDY window (0 pauses delivery to this consumer)."""
-        _check_range("max_in_flight", n, 0, self.broker.max_rdy_count)
-        if self.channel is not None:
-            self.channel.set_ready(self, n)
-
     def _detach(self) -> None:
-        ch = self.channel
-        if ch is not None:
-            ch.remove_consumer(self)
-        self._on_channel_closed()
-        self.broker._unregister_client(self._closer)
+        self._leave(self._closer)
 
     async def close(self) -> None:
         """Detach from the channel; messages still in flight are requeued."""
