@@ -7,7 +7,9 @@
 Sections:
   core     in-process: publish->deliver->finish throughput (1 publisher, 1 consumer),
            fan-out to 3 channels, end-to-end latency percentiles, memory per queued
-           message; beside queue.Queue measured in the same run.
+           message; beside queue.Queue measured in the same run.  And the same
+           throughput through an AsyncBroker consumer (one event loop) beside the
+           threaded PullConsumer.
   storage  durable publish->finish beside memory mode; fsync-mode publish with 1, 4
            and 16 publishers beside raw append+fsync per record (and, for scale, the
            fastest bare Python group commit found: 16 threads, no broker); overflow
@@ -37,6 +39,13 @@ Sections:
            with 100 lines per request, over one keep-alive connection; beside a raw
            http.server (threaded, HTTP/1.1) in a subprocess that reads the body and
            answers OK.
+  aio      minq.AsyncClient on `python minq.py serve` (memory only), each client in a
+           process of its own, beside pynsq (tornado) and ansq doing the same (each
+           skipped when not installed: pip install .[bench]): reading 200,000
+           messages with RDY 2500, FIN each; 32 tasks publishing one message at a
+           time; and the worst event-loop lag while one AsyncClient process
+           publishes and consumes 100,000 messages, beside the same probe's in an
+           idle loop.
 
 Numbers depend on the machine and its load: compare ratios, not absolutes.
 """
@@ -79,14 +88,14 @@ def best_of(runs: int, fn: Callable[[], float]) -> float:
     return max(fn() for _ in range(runs))
 
 
-def best_of_each(runs: int, fa: Callable[[], float], fb: Callable[[], float]):
+def best_of_each(runs: int, *fns: Callable[[], float]):
     """The best of *runs* of each, taken in turns, so that a busy moment of a
-    shared machine weighs on both figures alike."""
-    a, b = [], []
+    shared machine weighs on every figure alike."""
+    seen: List[List[float]] = [[] for _ in fns]
     for _ in range(runs):
-        a.append(fa())
-        b.append(fb())
-    return max(a), max(b)
+        for fn, got in zip(fns, seen):
+            got.append(fn())
+    return tuple(max(got) for got in seen)
 
 
 def percentiles(samples: List[float]) -> Dict[str, float]:
@@ -132,6 +141,36 @@ def pub_finish_throughput(n: int, **options) -> float:
             b.publish("bench", BODY)
         t.join()
         return n / (time.perf_counter() - t0)
+
+
+def async_pub_finish_throughput(n: int) -> float:
+    """publish->deliver->finish in one event loop: an AsyncBroker consumer task
+    and a publishing coroutine that yields every 100 publishes."""
+    import asyncio
+
+    async def run() -> float:
+        with minq.Broker() as b:
+            ab = minq.AsyncBroker(b)
+            cons = ab.consumer("bench", "c", max_in_flight=1000)
+
+            async def consume() -> None:
+                got = 0
+                async for m in cons:
+                    m.finish()
+                    got += 1
+                    if got == n:
+                        return
+            t0 = time.perf_counter()
+            reading = asyncio.ensure_future(consume())
+            for i in range(n):
+                await ab.publish("bench", BODY)
+                if i % 100 == 99:
+                    await asyncio.sleep(0)
+            await reading
+            rate = n / (time.perf_counter() - t0)
+            await ab.close()
+            return rate
+    return asyncio.run(run())
 
 
 def queue_fanout(n: int, k: int = 3) -> float:
@@ -239,8 +278,11 @@ def section_core(scale: float) -> None:
     print("== core: in-process broker vs queue.Queue (100-byte bodies) ==")
     n = max(1000, int(200_000 * scale))
     progress(f"throughput, {n:,} messages, 1 publisher + 1 consumer thread")
-    q, m = best_of_each(5, lambda: queue_throughput(n), lambda: pub_finish_throughput(n))
+    q, m, a = best_of_each(5, lambda: queue_throughput(n), lambda: pub_finish_throughput(n),
+                           lambda: async_pub_finish_throughput(n))
     report("publish->deliver->finish, 1P+1C", m, "msg/s", "queue.Queue put/get", q)
+    report("  the same, AsyncBroker consumer task", a, "msg/s",
+           "PullConsumer (threads) 1P+1C", m)
     progress(f"fan-out to 3 channels, {n // 2:,} messages")
     q, m = best_of_each(3, lambda: queue_fanout(n // 2), lambda: minq_fanout(n // 2))
     report("fan-out to 3 channels (published msg/s)", m, "msg/s", "queue.Queue x3", q)
@@ -1173,9 +1215,15 @@ def http_idle(address: str, conns: int, hold: float) -> Dict[str, int]:
 
 def client_main(argv: List[str]) -> int:
     """``python bench.py --client write|read|readmany|idle|pub|httppub|httpidle ADDRESS
-    SECONDS [CONNS [RDY]]``: one load client process; prints its count as JSON."""
+    SECONDS [CONNS [RDY]]``: one load client process; prints its count as JSON.
+    ``python bench.py --client KIND ADDRESS COUNT TOPIC [CHANNEL]``, KIND one of
+    AIO_CLIENTS (the aio section): messages and seconds as JSON."""
     import json
-    kind, address, runfor = argv[0], argv[1], float(argv[2])
+    kind, address = argv[0], argv[1]
+    if kind in AIO_CLIENTS:
+        print(json.dumps(AIO_CLIENTS[kind](address, int(argv[2]), *argv[3:])), flush=True)
+        return 0
+    runfor = float(argv[2])
     if kind == "write":
         result = {"messages": load_writer(address, runfor)}
     elif kind == "read":
@@ -1660,9 +1708,331 @@ def section_codecs(scale: float) -> None:
           f"{'of input':<10} | {'deflate':<28} {len(deflated) / size * 100:>13.1f}%")
 
 
+# =============================================================================
+# aio: minq.AsyncClient beside pynsq (tornado) and ansq
+# =============================================================================
+#
+# Every client runs in a process of its own (``--client``), one after the
+# other, against the same ``minq.py serve`` holding everything in memory, so
+# that no two event loops share a core or an interpreter.  A read is timed
+# from its first message to its last, the channel holding 2 x RDY more than
+# it reads: a server drained to its last message waits for its output buffer
+# timer (250 ms by default, as nsqd) before sending the tail, which would time
+# a timer, not a client.  A publish run is timed from its first PUB (after
+# one PUB that opened the connection) to the last OK.
+
+AIO_RDY, AIO_TASKS = 2500, 32
+
+
+def aio_read(address: str, n: int, topic: str, channel: str) -> Dict[str, float]:
+    """minq.AsyncClient reads *n* messages with RDY AIO_RDY, finishing each."""
+    import asyncio
+
+    async def run() -> Dict[str, float]:
+        async with minq.AsyncClient(address) as c:
+            async with c.consumer(topic, channel, max_in_flight=AIO_RDY) as cons:
+                got, t0 = 0, 0.0
+                async for msg in cons:
+                    if not got:
+                        t0 = time.perf_counter()
+                    msg.finish()
+                    got += 1
+                    if got == n:
+                        break
+                elapsed = time.perf_counter() - t0
+        return {"messages": got, "seconds": elapsed}
+    return asyncio.run(run())
+
+
+def pynsq_read(address: str, n: int, topic: str, channel: str) -> Dict[str, float]:
+    """pynsq's Reader (tornado) reads *n* messages, max_in_flight AIO_RDY; the
+    handler returns True (FIN) and stops the IOLoop at the last."""
+    import nsq
+    import tornado.ioloop
+    loop = tornado.ioloop.IOLoop.current()
+    state = {"got": 0, "t0": 0.0, "t1": 0.0}
+
+    def handler(msg) -> bool:
+        if not state["got"]:
+            state["t0"] = time.perf_counter()
+        state["got"] += 1
+        if state["got"] == n:
+            state["t1"] = time.perf_counter()
+            loop.stop()
+        return True
+    reader = nsq.Reader(topic=topic, channel=channel, nsqd_tcp_addresses=[address],
+                        max_in_flight=AIO_RDY, message_handler=handler)
+    loop.start()
+    reader.close()
+    return {"messages": state["got"], "seconds": state["t1"] - state["t0"]}
+
+
+def ansq_read(address: str, n: int, topic: str, channel: str) -> Dict[str, float]:
+    """ansq's reader reads *n* messages (RDY AIO_RDY on each of its
+    connections), awaiting ``fin()`` on each."""
+    import asyncio
+    import ansq
+
+    async def run() -> Dict[str, float]:
+        reader = await ansq.create_reader(topic=topic, channel=channel,
+                                          nsqd_tcp_addresses=[address])
+        for conn in reader.connections:
+            await conn.rdy(AIO_RDY)
+        got, t0 = 0, 0.0
+        async for message in reader.messages():
+            if not got:
+                t0 = time.perf_counter()
+            await message.fin()
+            got += 1
+            if got == n:
+                break
+        elapsed = time.perf_counter() - t0
+        await reader.close()
+        return {"messages": got, "seconds": elapsed}
+    return asyncio.run(run())
+
+
+def aio_pub(address: str, n: int, topic: str) -> Dict[str, float]:
+    """AIO_TASKS tasks sharing one minq.AsyncClient, each awaiting one PUB at a time."""
+    import asyncio
+
+    async def run() -> Dict[str, float]:
+        per = n // AIO_TASKS
+        async with minq.AsyncClient(address) as c:
+            await c.publish(topic, BODY)            # connected
+
+            async def publish() -> None:
+                for _ in range(per):
+                    await c.publish(topic, BODY)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(publish() for _ in range(AIO_TASKS)))
+            elapsed = time.perf_counter() - t0
+        return {"messages": per * AIO_TASKS, "seconds": elapsed}
+    return asyncio.run(run())
+
+
+def ansq_pub(address: str, n: int, topic: str) -> Dict[str, float]:
+    """AIO_TASKS tasks sharing one ansq writer, each awaiting one ``pub`` at a time."""
+    import asyncio
+    import ansq
+
+    async def run() -> Dict[str, float]:
+        per = n // AIO_TASKS
+        writer = await ansq.create_writer(nsqd_tcp_addresses=[address])
+        if not await writer.pub(topic, BODY):
+            raise RuntimeError("ansq: the first PUB failed")
+
+        async def publish() -> None:
+            for _ in range(per):
+                reply = await writer.pub(topic, BODY)
+                if not reply:
+                    raise RuntimeError(f"ansq: PUB failed: {reply}")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(publish() for _ in range(AIO_TASKS)))
+        elapsed = time.perf_counter() - t0
+        await writer.close()
+        return {"messages": per * AIO_TASKS, "seconds": elapsed}
+    return asyncio.run(run())
+
+
+def pynsq_pub(address: str, n: int, topic: str) -> Dict[str, float]:
+    """pynsq's Writer (tornado): AIO_TASKS callback chains, each ``pub`` callback
+    issuing its chain's next ``pub``; the IOLoop stops at the last answer."""
+    import functools
+    import nsq
+    import tornado.ioloop
+    loop = tornado.ioloop.IOLoop.current()
+    writer = nsq.Writer([address])
+    per = n // AIO_TASKS
+    left = [per] * AIO_TASKS
+    state = {"done": 0, "t0": 0.0, "t1": 0.0, "error": None}
+
+    def failed(data) -> bool:
+        if isinstance(data, nsq.Error):
+            state["error"] = str(data)
+            loop.stop()
+            return True
+        return False
+
+    def sent(i: int, conn, data) -> None:
+        if failed(data):
+            return
+        state["done"] += 1
+        left[i] -= 1
+        if left[i]:
+            writer.pub(topic, BODY, callback=functools.partial(sent, i))
+        elif state["done"] == per * AIO_TASKS:
+            state["t1"] = time.perf_counter()
+            loop.stop()
+
+    def warmed(conn, data) -> None:
+        if failed(data):
+            return
+        state["t0"] = time.perf_counter()
+        for i in range(AIO_TASKS):
+            writer.pub(topic, BODY, callback=functools.partial(sent, i))
+
+    def start() -> None:
+        if not any(c.connected() for c in writer.conns.values()):
+            loop.call_later(0.005, start)
+            return
+        writer.pub(topic, BODY, callback=warmed)
+    loop.add_callback(start)
+    loop.start()
+    if state["error"]:
+        raise RuntimeError(f"pynsq: PUB failed: {state['error']}")
+    return {"messages": state["done"], "seconds": state["t1"] - state["t0"]}
+
+
+def aio_lag(address: str, n: int, topic: str, channel: str) -> Dict[str, float]:
+    """One AsyncClient: AIO_TASKS tasks publish *n* messages while a consumer
+    task reads and finishes them (RDY AIO_RDY), with a probe measuring the
+    worst lateness of a 1 ms sleep; then the probe alone in the idle loop for
+    as long.  Seconds of lag, busy and idle."""
+    import asyncio
+
+    async def run() -> Dict[str, float]:
+        loop = asyncio.get_running_loop()
+        running = [True]
+
+        async def probe() -> float:
+            lag = 0.0
+            while running[0]:
+                t = loop.time()
+                await asyncio.sleep(0.001)
+                lag = max(lag, loop.time() - t - 0.001)
+            return lag
+        per = n // AIO_TASKS
+        total = per * AIO_TASKS
+        async with minq.AsyncClient(address) as c:
+            cons = c.consumer(topic, channel, max_in_flight=AIO_RDY)
+
+            async def consume() -> None:
+                got = 0
+                async for msg in cons:
+                    msg.finish()
+                    got += 1
+                    if got == total:
+                        return
+
+            async def publish() -> None:
+                for _ in range(per):
+                    await c.publish(topic, BODY)
+            probing = asyncio.ensure_future(probe())
+            t0 = loop.time()
+            reading = asyncio.ensure_future(consume())
+            await asyncio.gather(*(publish() for _ in range(AIO_TASKS)))
+            await reading
+            busy_s = loop.time() - t0
+            running[0] = False
+            busy = await probing
+            await cons.close()
+        running[0] = True
+        probing = asyncio.ensure_future(probe())
+        await asyncio.sleep(busy_s)
+        running[0] = False
+        idle = await probing
+        return {"messages": total, "seconds": busy_s, "lag": busy, "idle_lag": idle}
+    return asyncio.run(run())
+
+
+AIO_CLIENTS = {"aioread": aio_read, "pynsqread": pynsq_read, "ansqread": ansq_read,
+               "aiopub": aio_pub, "pynsqpub": pynsq_pub, "ansqpub": ansq_pub,
+               "aiolag": aio_lag}
+
+
+def aio_client(kind: str, address: str, *extra: str) -> Dict[str, float]:
+    """One client of AIO_CLIENTS in a process of its own; its JSON answer."""
+    import json
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--client", kind, address,
+                        *extra], stdout=subprocess.PIPE, text=True, timeout=900)
+    if p.returncode != 0:
+        raise RuntimeError(f"client {kind} failed ({p.returncode})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def aio_libraries() -> Dict[str, bool]:
+    """Which of the other asyncio-era clients are installed (said when one is not)."""
+    import importlib.util
+    have = {"pynsq": all(importlib.util.find_spec(m) for m in ("nsq", "tornado")),
+            "ansq": importlib.util.find_spec("ansq") is not None}
+    for name, ok in have.items():
+        if not ok:
+            print(f"  ({name} is not installed: skipped; pip install .[bench])", flush=True)
+    return have
+
+
+def report_beside(name: str, mine: float, unit: str, others: Dict[str, float]) -> None:
+    """*mine* beside the best of *others* (named), then beside each of the rest."""
+    if not others:
+        print(f"{name:<44} {mine:>14,.1f} {unit:<10} | (neither pynsq nor ansq to compare)",
+              flush=True)
+        return
+    ranked = sorted(others, key=others.get, reverse=True)
+    report(name, mine, unit, f"{ranked[0]} (the faster)", others[ranked[0]])
+    for other in ranked[1:]:
+        report(f"  the same, beside {other}", mine, unit, other, others[other])
+
+
+def section_aio(scale: float) -> None:
+    print("\n[aio] asyncio clients on python minq.py serve (subprocess, memory only), "
+          "100-byte bodies:\n  minq.AsyncClient beside pynsq 0.9 (tornado) and ansq, each "
+          "in a client process of its own")
+    have = aio_libraries()
+    proc, addr = start_minq_load_server("", 1_000_000)
+    try:
+        n = max(10_000, int(200_000 * scale))
+        topic, channels = "aioread", {"AsyncClient": "aio", "pynsq": "pynsq", "ansq": "ansq"}
+        queued = n + 2 * AIO_RDY         # never drained: see above
+        progress(f"read: {queued:,} messages published, then {n:,} read by each client "
+                 f"(RDY {AIO_RDY}, FIN each)")
+        for channel in channels.values():
+            sock, reader = load_session(addr)
+            sock.sendall(f"SUB {topic} {channel}\n".encode())
+            reader.expect_ok()
+            sock.close()
+        with minq.Client(addr) as c:
+            for _ in range(queued // 1000):
+                c.publish_many(topic, [BODY] * 1000)
+        rates = {}
+        for name, kind in (("AsyncClient", "aioread"), ("pynsq", "pynsqread"),
+                           ("ansq", "ansqread")):
+            if name in have and not have[name]:
+                continue
+            progress(f"read through {name}")
+            got = aio_client(kind, addr, str(n), topic, channels[name])
+            rates[name] = (got["messages"] - 1) / got["seconds"]
+        mine = rates.pop("AsyncClient")
+        report_beside(f"aio read, RDY {AIO_RDY}, FIN each", mine, "msg/s", rates)
+
+        n = max(AIO_TASKS * 100, int(50_000 * scale))
+        rates = {}
+        for name, kind in (("AsyncClient", "aiopub"), ("pynsq", "pynsqpub"),
+                           ("ansq", "ansqpub")):
+            if name in have and not have[name]:
+                continue
+            progress(f"publish through {name}: {AIO_TASKS} tasks, {n:,} messages "
+                     f"one at a time")
+            got = aio_client(kind, addr, str(n), f"aiopub_{kind}")
+            rates[name] = got["messages"] / got["seconds"]
+        mine = rates.pop("AsyncClient")
+        report_beside(f"aio PUB one at a time, {AIO_TASKS} tasks", mine, "msg/s", rates)
+
+        n = max(10_000, int(100_000 * scale))
+        progress(f"event-loop lag: {AIO_TASKS} tasks publish {n:,} messages, a consumer "
+                 f"task reads them")
+        got = aio_client("aiolag", addr, str(n), "aiolag", "c")
+        report(f"aio worst loop lag, pub+consume {got['messages'] / got['seconds']:,.0f}/s",
+               got["lag"] * 1000, "ms", "idle loop, same probe", got["idle_lag"] * 1000,
+               higher_is_better=False)
+    finally:
+        stop(proc)
+
+
 SECTIONS = {"core": section_core, "storage": section_storage, "topics": section_topics,
             "tcp": section_tcp, "load": section_load, "http": section_http,
-            "codecs": section_codecs}
+            "codecs": section_codecs, "aio": section_aio}
 
 
 def main(argv: List[str] = None) -> int:
