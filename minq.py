@@ -7228,7 +7228,48 @@ class HTTPForwarder:
 # every command written in one pass of the loop sent at once.
 # =============================================================================
 
-_FAIR_SHARE = 64    # an async get() yields to the loop once per this many calls
+_TURN = 0.001     # seconds of minq calls that need not wait, per turn of the loop
+
+
+class _Turns:
+    """Turns of the event loop for minq calls that need not wait (a publish
+    in memory, a get from a full inbox), so that tasks draining thousands
+    of buffered messages or publishing in a loop never hold it for long.
+
+    A turn is ``_TURN`` seconds of such calls, back to back.  The caller
+    that uses it up yields; the next caller also yields and starts a new
+    turn at the loop's next pass, which goes first to the tasks queued after
+    the one that had it: turns move round the tasks, and a pass of the loop
+    holds at most one.  A gap between calls (the loop idled, or did other
+    work) begins a turn at once.
+    """
+
+    __slots__ = ("start", "last", "spent", "next_due")
+
+    def __init__(self) -> None:
+        self.start = self.last = 0.0
+        self.spent = False         # the turn is used up
+        self.next_due = False      # a new turn is scheduled for the next pass
+
+    def over(self) -> bool:
+        """Whether the caller must yield to the loop before its call."""
+        now = time.perf_counter()
+        if now - self.last > _TURN:          # not back to back: a new turn
+            self.start, self.spent = now, False
+        self.last = now
+        if not self.spent:
+            if now - self.start <= _TURN:
+                return False
+            self.spent = True                # this caller used it up: it waits
+            return True
+        if not self.next_due:
+            self.next_due = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        return True
+
+    def _next_turn(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.spent = self.next_due = False
 
 
 def _loop_wake(fut: "asyncio.Future[Any]") -> None:
@@ -7255,7 +7296,7 @@ class AsyncConsumer:
         self._inbox: Deque[Any] = collections.deque()
         self._getters: Deque["asyncio.Future[Any]"] = collections.deque()
         self._ending = False      # get() returns None (closing, or a subscription stopping)
-        self._gets = 0
+        self._turns = _Turns()
 
     def _valid(self, msg: Any) -> bool:
         """Whether a buffered message is still in flight for us."""
@@ -7276,9 +7317,8 @@ class AsyncConsumer:
     async def get(self, timeout: Optional[float] = None) -> Optional[Message]:
         """The next message, waiting up to *timeout* seconds (None: until one
         comes); None on timeout or once the consumer is closing."""
-        self._gets += 1
-        if not self._gets % _FAIR_SHARE:   # a full inbox is drained without waiting:
-            await asyncio.sleep(0)          # let the loop's other tasks run now and then
+        if self._turns.over():         # a full inbox is drained without waiting
+            await asyncio.sleep(0)
         loop, inbox = self._loop, self._inbox
         deadline = None if timeout is None else loop.time() + timeout
         while not self._ending:
@@ -7426,6 +7466,7 @@ class _AsyncLocalConsumer(_LocalConsumer, AsyncConsumer):
         broker._check_consumer_options(max_in_flight, msg_timeout, weight)
         Consumer.__init__(self, max_in_flight, msg_timeout, weight)
         self._init_inbox()
+        self._turns = owner._turns
         self.owner, self.topic, self.channel_name = owner, topic, channel
         self._loop_thread = threading.get_ident()
         self._wake_sent = False
@@ -7561,16 +7602,21 @@ class AsyncBroker:
         self._consumers: List[_AsyncLocalConsumer] = []
         self._subscriptions: List[AsyncSubscription] = []
         self._committer: Optional[_Committer] = None
+        self._turns = _Turns()
 
     async def publish(self, topic: str, body: bytes, defer: float = 0.0) -> Message:
         """Publish one message (as ``Broker.publish``); returns the stored message."""
         if not self.broker.fsync:
+            if self._turns.over():              # nothing to wait for: still, take turns
+                await asyncio.sleep(0)
             return self.broker.publish(topic, body, defer)
         return (await self._publish_synced(topic, [body], defer))[0]
 
     async def publish_many(self, topic: str, bodies: Iterable[bytes]) -> List[Message]:
         """Publish several messages atomically (as ``Broker.publish_many``)."""
         if not self.broker.fsync:
+            if self._turns.over():
+                await asyncio.sleep(0)
             return self.broker.publish_many(topic, bodies)
         return await self._publish_synced(topic, list(bodies), 0.0)
 

@@ -5471,6 +5471,35 @@ def test_async_broker_fsync_publish_waits_for_its_group_commit_off_the_loop(tmp_
     arun(main())
 
 
+def test_async_calls_that_need_not_wait_still_take_turns_with_other_tasks():
+    """Publishing 20,000 messages in memory, then draining them from a full
+    inbox, never waits for anything; other tasks still run meanwhile."""
+    async def main():
+        with minq.Broker() as b:
+            async with minq.AsyncBroker(b) as ab:
+                ticks = 0
+
+                async def ticker():
+                    nonlocal ticks
+                    while True:
+                        ticks += 1
+                        await asyncio.sleep(0)
+                cons = ab.consumer("t", "c", max_in_flight=2500)
+                ticking = asyncio.ensure_future(ticker())
+                await asyncio.sleep(0)
+                before = ticks
+                for i in range(20_000):
+                    await ab.publish("t", b"%d" % i)
+                during_publish, before = ticks - before, ticks
+                for _ in range(2500):
+                    (await cons.get()).finish()
+                during_get = ticks - before
+                ticking.cancel()
+                await cons.close()
+        assert during_publish > 0 and during_get > 0
+    arun(main())
+
+
 def test_async_broker_consumer_ends_when_the_broker_closes():
     async def main():
         b = minq.Broker()
