@@ -4867,40 +4867,60 @@ def arun(coro, timeout=30):
     return asyncio.run(main())
 
 
-@pytest.fixture(params=["minq", "nsqd"])
-def nsqd_address(request, tmp_path):
-    """A TCP address served by minq, then by a real nsqd where one is built
-    (``MINQ_NSQD=/path/to/nsqd`` or ``nsqd`` on PATH)."""
-    if request.param == "minq":
-        with tcp_server() as srv:
-            yield srv.address
-        return
+def real_nsq_binary(name):
+    """A real NSQ binary, where one is built: ``MINQ_NSQD`` names nsqd (and its
+    folder nsqlookupd), else PATH; skip the test otherwise."""
     nsqd = os.environ.get("MINQ_NSQD") or shutil.which("nsqd")
-    if not nsqd:
-        pytest.skip("no real nsqd built here (set MINQ_NSQD=/path/to/nsqd)")
-    import socket
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    p = subprocess.Popen([nsqd, f"--tcp-address=127.0.0.1:{ports[0]}",
-                          f"--http-address=127.0.0.1:{ports[1]}", f"--data-path={tmp_path}",
-                          "--msg-timeout=60s"],
+    found = nsqd if name == "nsqd" else (
+        os.path.join(os.path.dirname(nsqd), name) if nsqd else shutil.which(name))
+    if not found or not os.access(found, os.X_OK):
+        pytest.skip(f"no real {name} built here (set MINQ_NSQD=/path/to/nsqd)")
+    return found
+
+
+def free_ports(n):
+    ports, held = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+        ports.append(s.getsockname()[1])
+    for s in held:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def real_nsq(name, *flags):
+    """A real nsqd or nsqlookupd on free loopback ports: yields (tcp, http) addresses."""
+    tcp, http = free_ports(2)
+    p = subprocess.Popen([real_nsq_binary(name), f"--tcp-address=127.0.0.1:{tcp}",
+                          f"--http-address=127.0.0.1:{http}", *flags],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", ports[0]), timeout=1).close()
+                socket.create_connection(("127.0.0.1", tcp), timeout=1).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "nsqd did not start"
+                assert time.monotonic() < deadline, f"{name} did not start"
                 time.sleep(0.05)
-        yield f"127.0.0.1:{ports[0]}"
+        yield f"127.0.0.1:{tcp}", f"127.0.0.1:{http}"
     finally:
         p.terminate()
         p.wait(10)
+
+
+@pytest.fixture(params=["minq", "nsqd"])
+def nsqd_address(request, tmp_path):
+    """A TCP address served by minq, then by a real nsqd where one is built."""
+    if request.param == "minq":
+        with tcp_server() as srv:
+            yield srv.address
+        return
+    with real_nsq("nsqd", f"--data-path={tmp_path}") as (tcp, _):
+        yield tcp
 
 
 def test_async_client_pipelines_a_thousand_concurrent_publishes_on_one_connection(nsqd_address):
@@ -4912,14 +4932,15 @@ def test_async_client_pipelines_a_thousand_concurrent_publishes_on_one_connectio
             await c.publish("t", b"later", defer=0.05)
             conns.add(id(c._pub_conn))
             assert len(conns) == 1                     # one connection carried them all
-            got = set()
+            got, want = set(), {b"%d" % i for i in range(1000)} | {b"m1", b"m2", b"later"}
             async with c.consumer("t", "c", max_in_flight=200) as cons:
                 while len(got) < 1003:
-                    m = await cons.get(timeout=5)
-                    assert m is not None, f"{1003 - len(got)} messages never came"
+                    # (nsqd scans a new channel's deferred messages after up to 5 s)
+                    m = await cons.get(timeout=10)
+                    assert m is not None, f"never came: {want - got}"
                     got.add(m.body)
                     m.finish()
-            assert got == {b"%d" % i for i in range(1000)} | {b"m1", b"m2", b"later"}
+            assert got == want
     arun(main())
 
 
@@ -5182,6 +5203,63 @@ def test_async_client_over_tls_snappy_and_deflate(tmp_path, layer):
         client = arun(main())
     assert client["tls"] is bool(cert)
     assert client["snappy"] is opts["snappy"] and client["deflate"] is opts["deflate"]
+
+
+@pytest.mark.parametrize("layer", ["tls+snappy", "tls+deflate"])
+def test_async_client_over_tls_snappy_and_deflate_to_a_real_nsqd(tmp_path, layer):
+    cert, key = make_cert(tmp_path)
+    with real_nsq("nsqd", f"--data-path={tmp_path}", f"--tls-cert={cert}", f"--tls-key={key}",
+                  "--tls-required=true", "--snappy=true", "--deflate=true") as (address, _):
+        async def main():
+            async with minq.AsyncClient(address, tls=client_tls_context(),
+                                        snappy="snappy" in layer,
+                                        deflate="deflate" in layer) as c:
+                await asyncio.gather(*[c.publish("t", b"body %d " % i * 50) for i in range(200)])
+                async with c.consumer("t", "c", max_in_flight=50) as cons:
+                    got = []
+                    while len(got) < 200:
+                        m = await cons.get(timeout=5)
+                        assert m is not None
+                        got.append(m.body)
+                        m.finish()
+            return sorted(got)
+        assert arun(main()) == sorted(b"body %d " % i * 50 for i in range(200))
+
+
+def test_async_consumer_reads_minq_and_nsqd_that_a_real_nsqlookupd_lists(tmp_path):
+    """A real nsqlookupd, a real nsqd and ``minq.py serve`` registered with it:
+    the consumer reads both, and drops minq's when it stops."""
+    with real_nsq("nsqlookupd") as (lookupd_tcp, lookupd_http), \
+            real_nsq("nsqd", f"--data-path={tmp_path}", f"--lookupd-tcp-address={lookupd_tcp}",
+                     "--broadcast-address=127.0.0.1") as (nsqd, _):
+        s = Served("--data-path", "", "--lookupd-tcp-address", lookupd_tcp,
+                   "--broadcast-address", "127.0.0.1", cwd=tmp_path)
+        try:
+            async def main():
+                async with minq.AsyncClient(s.address) as a, minq.AsyncClient(nsqd) as b:
+                    await a.publish("t", b"from minq")
+                    await b.publish("t", b"from nsqd")
+                async with minq.AsyncClient(None, lookupd_http_addresses=[lookupd_http],
+                                            lookupd_poll_interval=0.1) as c:
+                    async with c.consumer("t", "c", max_in_flight=10) as cons:
+                        got = set()
+                        while len(got) < 2:
+                            m = await cons.get(timeout=10)
+                            assert m is not None, got
+                            got.add(m.body)
+                            m.finish()
+                        assert got == {b"from minq", b"from nsqd"}
+                        assert cons.connections == sorted([s.address, nsqd])
+                        s.stop()
+                        for _ in range(200):
+                            if cons.connections == [nsqd]:
+                                break
+                            await asyncio.sleep(0.05)
+                        assert cons.connections == [nsqd]
+            arun(main())
+        finally:
+            if s.proc.poll() is None:
+                s.stop()
 
 
 def test_async_consumer_follows_lookupd_producers_as_they_come_and_go():
