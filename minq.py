@@ -7709,8 +7709,11 @@ class _AsyncConnection(asyncio.Protocol):
         wire = self.wire
         try:
             frames = wire.feed(data)
-        except (MinqError, ssl.SSLError, zlib.error, SnappyError) as e:
+        except (MinqError, ssl.SSLError) as e:
             self.abort(e)
+            return
+        except zlib.error as e:
+            self.abort(ProtocolError("E_PROTOCOL", f"a broken deflate stream: {e}"))
             return
         out = wire.outgoing()
         if out:
@@ -7779,6 +7782,16 @@ class _AsyncConnection(asyncio.Protocol):
             self._flush()
             self.closed = True
             self.transport.close()
+
+    async def closed_within(self, timeout: float) -> None:
+        """Close, and wait until the connection is gone: a peer that does not
+        read what is still queued for it is cut off after *timeout* seconds."""
+        self.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), timeout)
+        except asyncio.TimeoutError:
+            self.abort(ConnectionLost("the server did not take the last bytes"))
+            await self.lost
 
 
 async def _async_connect(options: "_ClientOptions", address: Any,
@@ -7870,6 +7883,8 @@ class AsyncClient(_ClientOptions):
         """The publishing connection, (re)connected with backoff within *timeout*."""
         if self._closed:
             raise BrokerClosed("the client is closed")
+        if self.address is None:
+            raise InvalidArgument("this client has no address to publish to (only lookupd)")
         if self._connecting is None:        # the first caller connects; the others wait
             self._connecting = asyncio.ensure_future(self._connect_producer())
         connecting = self._connecting
@@ -7962,8 +7977,7 @@ class AsyncClient(_ClientOptions):
             await asyncio.gather(connecting, return_exceptions=True)
         conn = self._pub_conn
         if conn is not None:
-            conn.close()
-            await conn.lost
+            await conn.closed_within(self.timeout)
 
 
 async def _async_retry(connect: Callable[[], Any], deadline: float,
@@ -8149,13 +8163,14 @@ class _AsyncRemoteConsumer(AsyncConsumer):
         tasks = list(self._tasks.values())
         if self._lookup_task is not None:
             tasks.append(self._lookup_task)
-        for conn in list(self._conns.values()):
+        conns = list(self._conns.values())
+        for conn in conns:
             conn.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for conn in list(self._conns.values()):
-            await conn.lost
+        for conn in conns:
+            await conn.closed_within(self.client.timeout)
         self._conns.clear()
         if self in self.client._consumers:
             self.client._consumers.remove(self)
@@ -8195,6 +8210,10 @@ async def _lookup_async(lookupd: str, topic: str, timeout: float) -> Optional[se
     finally:
         if writer is not None:
             writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
 
 
 # =============================================================================

@@ -5084,6 +5084,43 @@ def test_async_client_drops_a_silent_server_and_dials_again():
             conn.close()
 
 
+def test_async_client_close_is_bounded_when_the_server_reads_nothing():
+    """A server that stops reading cannot hold close() open: the bytes still
+    queued for it are dropped after *timeout*, and the waiting publishes fail."""
+    import socket
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    accepted = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            conn.recv(4096)
+            conn.sendall(struct.pack(">lL", 6, 0) + b"OK")       # then never reads again
+    t = threading.Thread(target=serve)
+    t.start()
+
+    async def main():
+        c = minq.AsyncClient(address, timeout=0.5)
+        body = b"x" * (1 << 20)
+        pubs = [asyncio.ensure_future(c.publish("t", body)) for _ in range(64)]
+        await asyncio.sleep(0.3)                        # 64 MiB queued, most of it unsent
+        started = time.monotonic()
+        await c.close()
+        assert time.monotonic() - started < 3
+        results = await asyncio.gather(*pubs, return_exceptions=True)
+        assert all(isinstance(r, minq.ConnectionLost) for r in results), results[:3]
+    try:
+        arun(main())
+    finally:
+        t.join(5)
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
 def test_async_get_cancelled_loses_no_message(server):
     async def main():
         async with minq.AsyncClient(server.address) as c:
