@@ -5610,6 +5610,7 @@ def test_async_calls_that_need_not_wait_still_take_turns_with_other_tasks():
                     (await cons.get()).finish()
                 during_get = ticks - before
                 ticking.cancel()
+                await asyncio.gather(ticking, return_exceptions=True)
                 await cons.close()
         assert during_publish > 0 and during_get > 0
     arun(main())
