@@ -143,6 +143,16 @@ def pub_finish_throughput(n: int, **options) -> float:
         return n / (time.perf_counter() - t0)
 
 
+async def finish_all(cons, n: int) -> None:
+    """Read *n* messages from an async consumer, finishing each."""
+    got = 0
+    async for msg in cons:
+        msg.finish()
+        got += 1
+        if got == n:
+            return
+
+
 def async_pub_finish_throughput(n: int) -> float:
     """publish->deliver->finish in one event loop: an AsyncBroker consumer task
     and a publishing coroutine that yields every 100 publishes."""
@@ -153,15 +163,8 @@ def async_pub_finish_throughput(n: int) -> float:
             ab = minq.AsyncBroker(b)
             cons = ab.consumer("bench", "c", max_in_flight=1000)
 
-            async def consume() -> None:
-                got = 0
-                async for m in cons:
-                    m.finish()
-                    got += 1
-                    if got == n:
-                        return
             t0 = time.perf_counter()
-            reading = asyncio.ensure_future(consume())
+            reading = asyncio.ensure_future(finish_all(cons, n))
             for i in range(n):
                 await ab.publish("bench", BODY)
                 if i % 100 == 99:
@@ -1929,21 +1932,13 @@ async def loop_lag(client, n: int, topic: str, channel: str) -> Dict[str, float]
     total = per * AIO_TASKS
     cons = client.consumer(topic, channel, max_in_flight=AIO_RDY)
 
-    async def consume() -> None:
-        got = 0
-        async for msg in cons:
-            msg.finish()
-            got += 1
-            if got == total:
-                return
-
     async def publish() -> None:
         for _ in range(per):
             await client.publish(topic, BODY)
     gc.callbacks.append(gc_timer)
     probing = asyncio.ensure_future(probe())
     t0 = loop.time()
-    reading = asyncio.ensure_future(consume())
+    reading = asyncio.ensure_future(finish_all(cons, total))
     await asyncio.gather(*(publish() for _ in range(AIO_TASKS)))
     await reading
     busy_s = loop.time() - t0

@@ -7635,7 +7635,8 @@ class AsyncBroker:
 
     def consumer(self, topic: str, channel: str, max_in_flight: int = 1, *,
                  msg_timeout: Optional[float] = None, weight: int = 1) -> AsyncConsumer:
-        """An async consumer of *topic*/*channel* (as ``Broker.consumer``)."""
+        """An async consumer of *topic*/*channel* (as ``Broker.consumer``); call it
+        from a coroutine of the loop that will read it."""
         return _AsyncLocalConsumer(self, topic, channel, max_in_flight, msg_timeout, weight)
 
     async def subscribe(self, topic: str, channel: str, handler: AsyncHandler,

@@ -5004,29 +5004,43 @@ def test_async_client_connection_refused_and_closed_client():
 
 def test_async_client_rejects_a_server_that_breaks_the_protocol():
     """A peer answering IDENTIFY with garbage gets ProtocolError, not a hang."""
-    import socket
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve():
-        conn, _ = listener.accept()
-        conn.recv(4096)
-        conn.sendall(b"\x7f\xff\xff\xff garbage")          # a frame size out of range
-        conn.recv(4096)
-        conn.close()
-    t = threading.Thread(target=serve)
-    t.start()
-
-    async def main():
-        async with minq.AsyncClient(f"127.0.0.1:{port}", timeout=2) as c:
+    async def main(address):
+        async with minq.AsyncClient(address, timeout=2) as c:
             with pytest.raises(minq.ProtocolError) as e:
                 await c.publish("t", b"x")
             assert e.value.code == "E_PROTOCOL"
+    with one_reply_server(b"\x7f\xff\xff\xff garbage") as (address, _):   # a size out of range
+        arun(main(address))
+
+
+@contextlib.contextmanager
+def one_reply_server(reply, conns=1):
+    """A fake nsqd on loopback: each of *conns* connections gets *reply* to its
+    first bytes, then silence (nothing sent, nothing read). Yields the address
+    and the accepted sockets."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    accepted = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            for _ in range(conns):
+                conn, _ = listener.accept()
+                accepted.append(conn)
+                conn.recv(4096)
+                conn.sendall(reply)
+    t = threading.Thread(target=serve)
+    t.start()
     try:
-        arun(main())
+        yield f"127.0.0.1:{listener.getsockname()[1]}", accepted
     finally:
-        t.join(5)
         listener.close()
+        t.join(5)
+        for conn in accepted:
+            conn.close()
+
+
+IDENTIFY_OK = struct.pack(">lL", 6, 0) + b"OK"
 
 
 def test_async_client_answers_heartbeats_and_keeps_its_connection():
@@ -5051,23 +5065,7 @@ def test_async_client_answers_heartbeats_and_keeps_its_connection():
 
 def test_async_client_drops_a_silent_server_and_dials_again():
     """No data for two heartbeat intervals: the peer is dead; the consumer reconnects."""
-    import socket
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    accepted = []
-
-    def serve():
-        with contextlib.suppress(OSError):
-            for _ in range(2):
-                conn, _ = listener.accept()
-                accepted.append(conn)
-                conn.recv(4096)
-                conn.sendall(struct.pack(">lL", 6, 0) + b"OK")   # IDENTIFY's OK, then silence
-    t = threading.Thread(target=serve)
-    t.start()
-
-    async def main():
+    async def main(address, accepted):
         async with minq.AsyncClient(address, heartbeat_interval=0.1) as c:
             async with c.consumer("t", "c"):
                 for _ in range(300):
@@ -5075,34 +5073,14 @@ def test_async_client_drops_a_silent_server_and_dials_again():
                         break
                     await asyncio.sleep(0.01)
         assert len(accepted) == 2                      # dropped after 0.2 s, dialled again
-    try:
-        arun(main())
-    finally:
-        t.join(5)
-        listener.close()
-        for conn in accepted:
-            conn.close()
+    with one_reply_server(IDENTIFY_OK, conns=2) as (address, accepted):
+        arun(main(address, accepted))
 
 
 def test_async_client_close_is_bounded_when_the_server_reads_nothing():
     """A server that stops reading cannot hold close() open: the bytes still
     queued for it are dropped after *timeout*, and the waiting publishes fail."""
-    import socket
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    accepted = []
-
-    def serve():
-        with contextlib.suppress(OSError):
-            conn, _ = listener.accept()
-            accepted.append(conn)
-            conn.recv(4096)
-            conn.sendall(struct.pack(">lL", 6, 0) + b"OK")       # then never reads again
-    t = threading.Thread(target=serve)
-    t.start()
-
-    async def main():
+    async def main(address):
         c = minq.AsyncClient(address, timeout=0.5)
         body = b"x" * (1 << 20)
         pubs = [asyncio.ensure_future(c.publish("t", body)) for _ in range(64)]
@@ -5112,13 +5090,8 @@ def test_async_client_close_is_bounded_when_the_server_reads_nothing():
         assert time.monotonic() - started < 3
         results = await asyncio.gather(*pubs, return_exceptions=True)
         assert all(isinstance(r, minq.ConnectionLost) for r in results), results[:3]
-    try:
-        arun(main())
-    finally:
-        t.join(5)
-        listener.close()
-        for conn in accepted:
-            conn.close()
+    with one_reply_server(IDENTIFY_OK) as (address, _):
+        arun(main(address))
 
 
 def test_async_get_cancelled_loses_no_message(server):
@@ -5217,6 +5190,21 @@ def test_async_subscription_takes_async_middleware_and_the_built_in_layers(serve
     assert order == ["before", b"x", "after", "before", "after"]
 
 
+async def round_trip(client, n=200):
+    """Publish *n* compressible bodies at once through *client*, read every one
+    back on channel "c" and finish it; the consumer stays open for a check."""
+    bodies = [b"body %d " % i * 50 for i in range(n)]
+    await asyncio.gather(*[client.publish("t", body) for body in bodies])
+    cons = client.consumer("t", "c", max_in_flight=50)
+    got = []
+    while len(got) < n:
+        m = await cons.get(timeout=5)
+        assert m is not None, f"{n - len(got)} never came"
+        got.append(m.body)
+        m.finish()
+    assert sorted(got) == sorted(bodies)
+
+
 @pytest.mark.parametrize("layer", ["tls", "snappy", "deflate", "tls+snappy", "tls+deflate"])
 def test_async_client_over_tls_snappy_and_deflate(tmp_path, layer):
     cert, key = make_cert(tmp_path) if "tls" in layer else (None, None)
@@ -5226,16 +5214,8 @@ def test_async_client_over_tls_snappy_and_deflate(tmp_path, layer):
     with tcp_server(**server_opts) as srv:
         async def main():
             async with minq.AsyncClient(srv.address, **opts) as c:
-                await asyncio.gather(*[c.publish("t", b"body %d " % i * 50) for i in range(200)])
-                async with c.consumer("t", "c", max_in_flight=50) as cons:
-                    got = []
-                    while len(got) < 200:
-                        m = await cons.get(timeout=5)
-                        assert m is not None
-                        got.append(m.body)
-                        m.finish()
-                    [client] = channel_stats(srv.broker, "t", "c")["clients"]
-            assert sorted(got) == sorted(b"body %d " % i * 50 for i in range(200))
+                await round_trip(c)
+                [client] = channel_stats(srv.broker, "t", "c")["clients"]   # still there
             return client
         client = arun(main())
     assert client["tls"] is bool(cert)
@@ -5251,16 +5231,8 @@ def test_async_client_over_tls_snappy_and_deflate_to_a_real_nsqd(tmp_path, layer
             async with minq.AsyncClient(address, tls=client_tls_context(),
                                         snappy="snappy" in layer,
                                         deflate="deflate" in layer) as c:
-                await asyncio.gather(*[c.publish("t", b"body %d " % i * 50) for i in range(200)])
-                async with c.consumer("t", "c", max_in_flight=50) as cons:
-                    got = []
-                    while len(got) < 200:
-                        m = await cons.get(timeout=5)
-                        assert m is not None
-                        got.append(m.body)
-                        m.finish()
-            return sorted(got)
-        assert arun(main()) == sorted(b"body %d " % i * 50 for i in range(200))
+                await round_trip(c)
+        arun(main())
 
 
 def test_async_consumer_reads_minq_and_nsqd_that_a_real_nsqlookupd_lists(tmp_path):
