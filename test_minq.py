@@ -5271,6 +5271,36 @@ def test_async_consumer_reads_minq_and_nsqd_that_a_real_nsqlookupd_lists(tmp_pat
                 s.stop()
 
 
+def test_async_client_sends_auth_and_maps_its_refusals(tmp_path):
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({
+        "writer": {"identity": "ingest", "authorizations": [
+            {"topic": "^orders$", "channels": [".*"], "permissions": ["publish"]}]},
+        "reader": {"identity": "billing", "authorizations": [
+            {"topic": "^orders$", "channels": ["^billing$"], "permissions": ["subscribe"]}]}}))
+    with tcp_server(authorizer=minq.Authorizer(secrets_file=str(secrets))) as srv:
+        async def main():
+            async with minq.AsyncClient(srv.address) as c:
+                with pytest.raises(minq.ProtocolError) as e:
+                    await c.publish("orders", b"x")          # no secret to give
+                assert e.value.code == "E_AUTH_FIRST"
+            async with minq.AsyncClient(srv.address, auth_secret="wrong", timeout=0.5) as c:
+                with pytest.raises(minq.ProtocolError) as e:
+                    await c.publish("orders", b"x")
+                assert e.value.code == "E_AUTH_FAILED"
+            async with minq.AsyncClient(srv.address, auth_secret="writer") as c:
+                await c.publish("orders", b"paid")
+                with pytest.raises(minq.ProtocolError) as e:
+                    await c.publish("refunds", b"x")          # a topic it may not publish to
+                assert e.value.code == "E_UNAUTHORIZED"
+                await c.publish("orders", b"and again")        # a new connection, AUTH again
+            async with minq.AsyncClient(srv.address, auth_secret="reader") as c:
+                async with c.consumer("orders", "billing", max_in_flight=2) as cons:
+                    got = {(await cons.get(timeout=5)).body for _ in range(2)}
+            return got
+        assert arun(main()) == {b"paid", b"and again"}
+
+
 def test_async_consumer_follows_lookupd_producers_as_they_come_and_go():
     """Producers appear in lookupd's answer and are read; one that goes away
     is dropped and not dialled again; max_in_flight is shared between them."""
@@ -5388,10 +5418,11 @@ def test_async_client_survives_a_durable_server_kill9_losing_nothing(tmp_path):
     assert len(acked) == 400 and acked <= got
 
 
-def test_async_client_close_leaves_nothing_behind_under_dev_mode(server):
-    """``python -X dev``: no pending task, unclosed transport or never-retrieved error."""
+def test_async_close_leaves_nothing_behind_under_dev_mode(server, tmp_path):
+    """``python -X dev``: no pending task, unclosed transport, never-retrieved
+    error or thread left, by an AsyncClient or an AsyncBroker in fsync mode."""
     script = textwrap.dedent(f"""
-        import asyncio, gc, minq
+        import asyncio, gc, threading, minq
         async def handler(msg):
             pass
         async def main():
@@ -5402,8 +5433,17 @@ def test_async_client_close_leaves_nothing_behind_under_dev_mode(server):
                 waiter = asyncio.ensure_future(cons.get())
                 await asyncio.sleep(0.1)
             assert await waiter is None                  # close ends a waiting get()
+            with minq.Broker(data_path={str(tmp_path)!r}, fsync=True) as b:
+                async with minq.AsyncBroker(b) as ab:
+                    sub = await ab.subscribe("t", "c", handler)
+                    await asyncio.gather(*[ab.publish("t", b"x") for _ in range(100)])
+                    cons = ab.consumer("t", "c2")
+                    waiter = asyncio.ensure_future(cons.get())
+                    await asyncio.sleep(0.1)
+                assert await waiter is None
             left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             assert not left, left
+            assert threading.active_count() == 1, threading.enumerate()
         asyncio.run(main(), debug=True)
         gc.collect()
         print("clean")
