@@ -4086,14 +4086,19 @@ def test_commands_sent_with_a_deflate_identify_are_inflated(server):
     assert server.broker.stats()["topics"][0]["message_count"] == 3
 
 
-def test_auth_with_secrets_file(tmp_path):
+def secrets_file(tmp_path):
+    """AUTH secrets: "pub-only" may publish to orders, "reader" read orders/billing."""
     secrets = tmp_path / "secrets.json"
     secrets.write_text(json.dumps({
         "pub-only": {"identity": "ingest", "authorizations": [
             {"topic": "^orders$", "channels": [".*"], "permissions": ["publish"]}]},
         "reader": {"identity": "billing", "authorizations": [
             {"topic": "^orders$", "channels": ["^billing$"], "permissions": ["subscribe"]}]}}))
-    with tcp_server(authorizer=minq.Authorizer(secrets_file=str(secrets))) as srv:
+    return str(secrets)
+
+
+def test_auth_with_secrets_file(tmp_path):
+    with tcp_server(authorizer=minq.Authorizer(secrets_file=secrets_file(tmp_path))) as srv:
         r = Raw(srv)
         r.cmd("IDENTIFY", b'{"feature_negotiation": true}')
         assert json.loads(r.response())["auth_required"] is True
@@ -5272,13 +5277,7 @@ def test_async_consumer_reads_minq_and_nsqd_that_a_real_nsqlookupd_lists(tmp_pat
 
 
 def test_async_client_sends_auth_and_maps_its_refusals(tmp_path):
-    secrets = tmp_path / "secrets.json"
-    secrets.write_text(json.dumps({
-        "writer": {"identity": "ingest", "authorizations": [
-            {"topic": "^orders$", "channels": [".*"], "permissions": ["publish"]}]},
-        "reader": {"identity": "billing", "authorizations": [
-            {"topic": "^orders$", "channels": ["^billing$"], "permissions": ["subscribe"]}]}}))
-    with tcp_server(authorizer=minq.Authorizer(secrets_file=str(secrets))) as srv:
+    with tcp_server(authorizer=minq.Authorizer(secrets_file=secrets_file(tmp_path))) as srv:
         async def main():
             async with minq.AsyncClient(srv.address) as c:
                 with pytest.raises(minq.ProtocolError) as e:
@@ -5288,7 +5287,7 @@ def test_async_client_sends_auth_and_maps_its_refusals(tmp_path):
                 with pytest.raises(minq.ProtocolError) as e:
                     await c.publish("orders", b"x")
                 assert e.value.code == "E_AUTH_FAILED"
-            async with minq.AsyncClient(srv.address, auth_secret="writer") as c:
+            async with minq.AsyncClient(srv.address, auth_secret="pub-only") as c:
                 await c.publish("orders", b"paid")
                 with pytest.raises(minq.ProtocolError) as e:
                     await c.publish("refunds", b"x")          # a topic it may not publish to
