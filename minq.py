@@ -5742,10 +5742,7 @@ class _HandlerPool:
         try:
             self.handler(msg)
         except Exception:
-            delay = min(self.backoff * 2 ** (msg.attempts - 1), self.max_backoff)
-            log.exception("handler failed on message %s (attempt %d); requeue in %.3gs",
-                          msg.id.decode(), msg.attempts, delay)
-            self._settle_quietly(msg, "requeue", delay)
+            _handler_failed(msg, self.backoff, self.max_backoff)
         else:
             self._settle_quietly(msg, "finish", 0.0)
 
@@ -5758,6 +5755,15 @@ class _HandlerPool:
                 msg.requeue(delay)
         except (NotInFlight, ConnectionLost):
             pass  # settled by the handler itself, timed out, or its connection is gone
+
+
+def _handler_failed(msg: Message, backoff: float, max_backoff: float) -> None:
+    """In a handler's ``except``: log, and requeue after ``backoff * 2**(attempts-1)``
+    seconds, at most *max_backoff* (threaded and async subscriptions alike)."""
+    delay = min(backoff * 2 ** (msg.attempts - 1), max_backoff)
+    log.exception("handler failed on message %s (attempt %d); requeue in %.3gs",
+                  msg.id.decode(), msg.attempts, delay)
+    _HandlerPool._settle_quietly(msg, "requeue", delay)
 
 
 class Subscription(_HandlerPool, PullConsumer):
@@ -7401,10 +7407,7 @@ class AsyncSubscription:
             try:
                 await handler(msg)
             except Exception:
-                delay = _requeue_delay(msg, self.backoff, self.max_backoff)
-                log.exception("handler failed on message %s (attempt %d); requeue in %.3gs",
-                              msg.id.decode(), msg.attempts, delay)
-                _HandlerPool._settle_quietly(msg, "requeue", delay)
+                _handler_failed(msg, self.backoff, self.max_backoff)
             else:
                 _HandlerPool._settle_quietly(msg, "finish", 0.0)
 
@@ -7428,11 +7431,6 @@ class AsyncSubscription:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-
-def _requeue_delay(msg: Message, backoff: float, max_backoff: float) -> float:
-    """A failed handler's requeue delay: doubling with each attempt, capped."""
-    return min(backoff * 2 ** (msg.attempts - 1), max_backoff)
 
 
 AsyncHandler = Callable[[Message], Any]
@@ -7557,7 +7555,7 @@ class _Committer:
                 try:
                     self.broker._sync_written(topic, written)
                     done.append((fut, None))
-                except MinqError as e:
+                except Exception as e:       # every waiter hears its outcome
                     done.append((fut, e))
             if done or stop:
                 try:
