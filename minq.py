@@ -7676,7 +7676,7 @@ class _AsyncConnection(asyncio.Protocol):
     and written at its end, in one piece.  Heartbeats are answered; with no
     data for two heartbeat intervals the connection is dropped as dead.
     ``on_frame(conn, type, data)`` gets every frame after the handshake;
-    ``lost`` is a future set (to the reason, or None) when it ends.
+    ``lost`` is a future set to why it ended (a ConnectionLost or the error seen).
     """
 
     def __init__(self, options: "_ClientOptions", host: str,
@@ -7688,7 +7688,7 @@ class _AsyncConnection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.closed = False
         self.ready: "asyncio.Future[None]" = loop.create_future()
-        self.lost: "asyncio.Future[Optional[BaseException]]" = loop.create_future()
+        self.lost: "asyncio.Future[BaseException]" = loop.create_future()   # why it ended
         self.requests: Deque[Tuple["asyncio.Future[None]", bytes]] = collections.deque()
         self.refused = False            # the server answered a command with a fatal error
         self.rdy = 0                    # the RDY last sent (consumers)
@@ -7730,12 +7730,12 @@ class _AsyncConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
-        why = self._why or (ConnectionLost(f"connection lost: {exc}") if exc else None)
+        why = self._why or ConnectionLost(f"connection lost: {exc}" if exc else
+                                          "connection closed by the peer")
         if self._watch is not None:
             self._watch.cancel()
         if not self.ready.done():
-            self.ready.set_exception(why or ConnectionLost("connection closed by the peer "
-                                                           "during the handshake"))
+            self.ready.set_exception(why)
             self.ready.exception()      # retrieved: the connector reports it
         if not self.lost.done():
             self.lost.set_result(why)
@@ -7780,6 +7780,8 @@ class _AsyncConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self._flush()
             self.closed = True
+            if self._why is None:
+                self._why = ConnectionLost("closed by this client")
             self.transport.close()
 
     async def closed_within(self, timeout: float) -> None:
